@@ -1,0 +1,25 @@
+# Every target sets up .venv (Python 3.7, TF 1.15.5, Keras 2.2.5) first when it is missing.
+PY := .venv/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
+
+.PHONY: venv demo test bench bench-full soak upstream-test clean
+
+venv:
+	@bash tools/bootstrap.sh
+
+# The main job: a legacy loop on a built-in model, unpatched and patched.
+demo: venv
+	$(PY) examples/legacy_loop.py
+
+test: venv
+	$(PY) -m pytest -q -n 2 --timeout 600 tests
+
+bench: venv
+	$(PY) -m benchmarks
+
+soak: venv
+	$(PY) benchmarks/soak.py
+
+clean:
+	rm -rf .venv benchmarks/results

@@ -1,0 +1,52 @@
+"""keras_fastpredict: fast legacy ``model.predict`` loops on Keras 2.2.5 / TensorFlow 1.15.
+
+One line, results as plain Keras gives them (within float tolerance)::
+
+    import keras_fastpredict
+    keras_fastpredict.patch()                 # or: with keras_fastpredict.patched(): ...
+
+or none: ``python -m keras_fastpredict script.py args...``.
+
+Ways in, all over one engine (a cached session callable per model):
+
+* ``patch()`` / ``unpatch()`` / ``patched()``: the fast path for ``Model.predict``,
+  ``predict_on_batch``, ``Sequential.predict_proba`` and ``predict_classes``; read-ahead for
+  loops over the rows of an array; batching of calls made from several threads at once.
+* ``@fast_predict`` / ``batching()``: deferred results, run as batches.
+* ``FastPredict()``: a Keras callback, for predictions made during ``fit``.
+
+Options (keyword arguments of ``patch``, or ``KERAS_FASTPREDICT_<NAME>`` for the runner)
+are listed with their defaults in ``keras_fastpredict.config.DEFAULTS``.
+"""
+from . import stats as _stats
+from .batching import batching, fast_predict
+from .callables import clear as clear_cache
+from .callables import exclude
+from .concurrent_batcher import PredictTimeoutError, QueueFullError
+from .config import DEFAULTS
+from .deferred import DeferredArray
+from .patching import is_patched, patch, patched, unpatch
+
+__version__ = '0.1.0'
+
+__all__ = ['patch', 'unpatch', 'patched', 'is_patched', 'fast_predict', 'batching',
+           'FastPredict', 'exclude', 'clear_cache', 'stats', 'reset_stats', 'DeferredArray',
+           'QueueFullError', 'PredictTimeoutError', 'DEFAULTS']
+
+
+def stats():
+    """Counters per model: calls, fast calls, fallbacks (with reasons), batches, mean batch
+    size, batch-size histogram, read-ahead hits and misses, queue wait and run times."""
+    return _stats.snapshot()
+
+
+def reset_stats():
+    _stats.reset()
+
+
+def __getattr__(name):
+    # The callback imports keras; keep `import keras_fastpredict` free of that cost.
+    if name == 'FastPredict':
+        from .callback import FastPredict
+        return FastPredict
+    raise AttributeError(name)

@@ -1,0 +1,322 @@
+"""The callable cache: one compiled session callable per Keras model.
+
+A ``CompiledModel`` feeds the model's inputs and fetches its outputs through
+``Session._make_callable_from_options``, built once on the model's own graph and on
+the session Keras would use, so a call adds no graph ops and skips Keras' per-call
+machinery (``get_session``'s variable scan, ``K.function``'s checks, ``predict_loop``).
+Entries are weakly keyed by the model and rebuilt when the session or the model's
+inputs and outputs change.
+"""
+import threading
+import time
+import warnings
+import weakref
+
+import numpy as np
+
+from . import stats as _stats
+from .config import settings
+
+_build_lock = threading.RLock()
+_entries = {}          # id(model) -> CompiledModel
+_excluded = set()      # id(model) of models the user excluded from batching
+
+
+class NotSupported(Exception):
+    """The fast path does not handle this model; the reason goes into the statistics."""
+
+
+def _keras():
+    from keras import backend as K
+    from keras.backend import tensorflow_backend as tfb
+    return K, tfb
+
+
+_get_default_session = None
+_tfb = None
+
+
+def _bind_tf():
+    global _get_default_session, _tfb
+    from tensorflow.python.framework import ops
+    _tfb = _keras()[1]
+    _get_default_session = ops.get_default_session
+
+
+# Layers whose output for a row never depends on the other rows of the batch at inference.
+# Anything else (Lambda, user-defined layers) is checked by verification under verify='auto'.
+def _layers_are_builtin(model):
+    from keras.engine.network import Network
+    from keras.layers import Lambda
+    for layer in model.layers:
+        if isinstance(layer, Network):
+            if not _layers_are_builtin(layer):
+                return False
+            continue
+        cls = type(layer)
+        if cls is Lambda or not cls.__module__.startswith(('keras.layers', 'keras.engine')):
+            return False
+    return True
+
+
+class CompiledModel(object):
+    """The fast path for one model on one session."""
+
+    def __init__(self, model, session):
+        K, _ = _keras()
+        self.model_ref = weakref.ref(model)
+        self.session = session
+        self.graph = session.graph
+        self.inputs_list = model.inputs
+        self.outputs_list = model.outputs
+        self.stats = _stats.for_model(model)
+        self.feed_names = list(model._feed_input_names)
+        feeds = list(model._feed_inputs)
+        self.feed_dtypes = [np.dtype(t.dtype.as_numpy_dtype) for t in feeds]
+        self.feed_shapes = [tuple(s) for s in model._feed_input_shapes]
+        self.feed_ndims = [len(s) for s in self.feed_shapes]
+        self.single_input = len(feeds) == 1
+        self.n_outputs = len(model.outputs)
+        self.output_shapes = [K.int_shape(t) for t in model.outputs]
+        self.output_dtypes = [np.dtype(t.dtype.as_numpy_dtype) for t in model.outputs]
+        # Signatures (container, per-array dtype and shape past the batch axis) that Keras'
+        # own validation accepted once; the same signature is accepted again without it.
+        self.signatures = set()
+        self.slow_signatures = set()
+        row_bytes = sum(int(np.prod(s[1:], dtype=np.int64)) * d.itemsize
+                        for s, d in zip(self.feed_shapes, self.feed_dtypes)) or 1
+        self.large_batch = int(max(32, min(settings.large_batch_max_rows,
+                                           settings.large_batch_bytes // row_bytes)))
+        # None: not yet known whether rows of this model may share a batch.
+        self.batch_safe = None if self._needs_verification(model) else True
+        self.excluded = id(model) in _excluded
+        self.batcher = None        # the concurrent batcher, made on first use
+        self.lock = threading.Lock()
+        self._pool_choice = {}     # log2(rows) -> [inline times, pool times] or bool
+        self._inline = self._make_callable(feeds, inline=True)
+        self._pool = self._make_callable(feeds, inline=False)
+        from tensorflow.python import pywrap_tensorflow
+        self._run_callable = pywrap_tensorflow.TF_SessionRunCallable
+
+    @staticmethod
+    def _needs_verification(model):
+        mode = settings.verify
+        if mode is True:
+            return True
+        if mode is False:
+            return False
+        return not _layers_are_builtin(model)
+
+    def _make_callable(self, feeds, inline):
+        from tensorflow.core.protobuf import config_pb2
+        options = config_pb2.CallableOptions()
+        options.feed.extend(t.name for t in feeds)
+        options.fetch.extend(t.name for t in self.outputs_list)
+        if inline:
+            options.run_options.inter_op_thread_pool = -1
+        return self.session._make_callable_from_options(options)
+
+    def model(self):
+        return self.model_ref()
+
+    # -- running ---------------------------------------------------------------------------
+
+    def call(self, arrays):
+        """One session run on contiguous rows; returns the list of outputs."""
+        rows = arrays[0].shape[0]
+        if rows <= settings.inline_max_rows:
+            fn = self._inline
+        else:
+            fn = self._choose(rows)
+            if fn is None:
+                return self._calibrate(rows, arrays)
+        return self._run_callable(self.session._session, fn._handle, arrays, None)
+
+    def _choose(self, rows):
+        choice = self._pool_choice.get(rows.bit_length())
+        if choice is True:
+            return self._pool
+        if choice is False:
+            return self._inline
+        return None
+
+    def _calibrate(self, rows, arrays):
+        # Large runs: the caller's thread or TF's pool, whichever this model ran faster
+        # on in its first runs of this size (about a power of two).
+        bucket = rows.bit_length()
+        times = self._pool_choice.setdefault(bucket, ([], []))
+        use_pool = len(times[1]) < len(times[0])
+        fn = self._pool if use_pool else self._inline
+        start = time.perf_counter()
+        out = self._run_callable(self.session._session, fn._handle, arrays, None)
+        times[use_pool].append(time.perf_counter() - start)
+        if len(times[1]) >= 2 and len(times[0]) >= 2:
+            self._pool_choice[bucket] = min(times[1]) < min(times[0])
+        return out
+
+    def run(self, arrays, batch_size=None):
+        """Predict all rows of ``arrays``: session runs of ``batch_size`` rows (chosen for
+        throughput when None), results in one array per output as ``Model.predict`` gives."""
+        rows = arrays[0].shape[0]
+        if batch_size is None:
+            batch_size = self.large_batch if self.batch_safe else 32
+        if rows <= batch_size:
+            return self.call(arrays)
+        outs = None
+        for start in range(0, rows, batch_size):
+            part = self.call([a[start:start + batch_size] for a in arrays])
+            if outs is None:
+                outs = [np.empty((rows,) + p.shape[1:], p.dtype) for p in part]
+            for o, p in zip(outs, part):
+                o[start:start + p.shape[0]] = p
+        return outs
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def prepare(self, x):
+        """The model's feed arrays for input ``x``, cast as Keras casts them, or None when
+        this input is not for the fast path (then the original method handles it, and
+        raises whatever Keras raises)."""
+        cls = x.__class__
+        if cls is np.ndarray:
+            if not self.single_input:
+                return None
+            key = (x.dtype, x.shape[1:])
+            arrays = [x]
+        else:
+            if cls is list or cls is tuple:
+                arrays = x
+            elif cls is dict:
+                try:
+                    arrays = [x[name] for name in self.feed_names]
+                except KeyError:
+                    return None
+            else:
+                return None
+            if len(arrays) != len(self.feed_names):
+                return None
+            key = [cls, len(x)]
+            rows = None
+            for a in arrays:
+                if a.__class__ is not np.ndarray or a.ndim == 0:
+                    return None
+                if rows is None:
+                    rows = a.shape[0]
+                elif a.shape[0] != rows:
+                    return None
+                key.append((a.dtype, a.shape[1:]))
+            key = tuple(key)
+        if key not in self.signatures:
+            if key in self.slow_signatures or not self._accept(key, x, arrays):
+                return None
+        return [a if a.dtype is dt else np.asarray(a, dtype=dt)
+                for a, dt in zip(arrays, self.feed_dtypes)]
+
+    def _accept(self, key, x, arrays):
+        model = self.model_ref()
+        if model is None:
+            return False
+        try:
+            with self.graph.as_default():
+                model._standardize_user_data(x)
+        except Exception:
+            # Not cached: every such call goes to Keras, which raises the same error.
+            return False
+        if any(a.ndim != n for a, n in zip(arrays, self.feed_ndims)):
+            self.slow_signatures.add(key)    # e.g. 1-D input that Keras expands
+            return False
+        if any(a.dtype.kind not in 'biuf' for a in arrays):
+            self.slow_signatures.add(key)    # object/str/complex: leave casting to Keras
+            return False
+        self.signatures.add(key)
+        return True
+
+
+def _unsupported_reason(model):
+    """Why the fast path must leave this model to Keras, or None."""
+    if not getattr(model, 'built', False) or not getattr(model, '_is_graph_network', False):
+        return 'not a built graph network'
+    if not model.inputs or not model.outputs:
+        return 'no inputs or outputs'
+    if model.stateful or model.state_updates:
+        return 'stateful'
+    if getattr(model, '_function_kwargs', None):
+        return 'compiled with session options'
+    if any(s[0] is not None for s in model._feed_input_shapes):
+        return 'fixed batch dimension'
+    if len(model._feed_inputs) != len(model.inputs):
+        return 'inputs fed from tensors'
+    return None
+
+
+def lookup(model):
+    """The ``CompiledModel`` for ``model`` on the session Keras would use now, or raises
+    ``NotSupported``. Cheap when nothing changed since the last call."""
+    entry = _entries.get(id(model))
+    if _tfb is None:
+        _bind_tf()
+    session = _get_default_session() or _tfb._SESSION
+    if (entry is not None and entry.session is session and session is not None
+            and model.outputs is entry.outputs_list and model.inputs is entry.inputs_list
+            and not session._closed and entry.model_ref() is model):
+        return entry
+    return _build(model, session)
+
+
+def _build(model, session):
+    reason = _unsupported_reason(model)
+    if reason is not None:
+        raise NotSupported(reason)
+    graph = model.outputs[0].graph
+    if session is not None and (session.graph is not graph or session._closed):
+        # Keras would run this model on a session of another graph: leave that to Keras.
+        raise NotSupported('model not on the session Keras uses')
+    with _build_lock:
+        entry = _entries.get(id(model))
+        if entry is not None and entry.session is session and session is not None \
+                and entry.outputs_list is model.outputs and entry.model_ref() is model:
+            return entry
+        K, _ = _keras()
+        with graph.as_default():
+            # As Keras' predict does: pick the session and initialise new variables.
+            session = K.get_session()
+        if session.graph is not graph:
+            raise NotSupported('model not on the session Keras uses')
+        entry = CompiledModel(model, session)
+        key = id(model)
+        old = _entries.get(key)
+        if old is None or old.model_ref() is not model:
+            weakref.finalize(model, _entries.pop, key, None)
+        _entries[key] = entry
+        return entry
+
+
+def exclude(model):
+    """Never batch ``model`` with other calls (it still gets the fast path)."""
+    key = id(model)
+    if key not in _excluded:
+        _excluded.add(key)
+        weakref.finalize(model, _excluded.discard, key)
+    entry = _entries.get(key)
+    if entry is not None:
+        entry.excluded = True
+
+
+def invalidate(model):
+    """Forget the entry of ``model`` (after compile, or when asked)."""
+    _entries.pop(id(model), None)
+
+
+def clear():
+    """Drop every cached callable; the next predict rebuilds what it needs."""
+    with _build_lock:
+        _entries.clear()
+
+
+def entries():
+    return list(_entries.values())
+
+
+def warn_unbatchable(entry, why):
+    warnings.warn('keras_fastpredict: model %r is not batched from now on: %s'
+                  % (entry.stats.name, why), RuntimeWarning, stacklevel=3)

@@ -1,0 +1,210 @@
+"""The concurrent batcher: predict calls from many threads at once share session runs.
+
+Semantics follow TF Serving's batching: when the model is idle a call runs at once in
+its own thread (no waiting when there is nothing to wait for); calls that arrive while
+runs are in flight queue up and form the next batch, taken by a worker thread
+(``num_batch_threads`` at most in flight per model). ``batch_timeout_micros`` lets a
+worker wait that long for a batch to fill; past ``max_enqueued_batches`` batches of
+queued rows a caller gets ``QueueFullError`` at once; a caller waits ``timeout`` seconds
+at most. A Python batcher over the cached callable is used rather than TF's
+``nondifferentiable_batch_function`` op: it adds no graph ops, fails only the callers
+whose rows fail, honours per-call time-outs, and costs nothing when only one thread calls.
+"""
+import atexit
+import collections
+import threading
+import time
+import weakref
+
+from . import engine
+from .config import settings
+
+_all = weakref.WeakSet()
+_all_lock = threading.Lock()
+_IDLE_EXIT_S = 5.0
+
+
+class QueueFullError(RuntimeError):
+    """The model's batch queue holds ``max_enqueued_batches`` batches already."""
+
+
+class PredictTimeoutError(TimeoutError):
+    """A queued predict call was not served within its time-out."""
+
+
+class Batcher(object):
+    def __init__(self, entry):
+        self.entry_ref = weakref.ref(entry)
+        self.stats = entry.stats
+        self.cond = threading.Condition(threading.Lock())
+        self.queue = collections.deque()
+        self.queued_rows = 0
+        self.running = 0
+        self.workers = 0
+        self.stopping = False
+        with _all_lock:
+            _all.add(self)
+
+    def submit(self, entry, arrays, rows, batch_size):
+        cond = self.cond
+        with cond:
+            idle = self.running < settings.num_batch_threads and not self.queue
+            if idle:
+                self.running += 1
+        if idle or rows >= settings.max_batch_size:
+            if not idle:
+                return entry.run(arrays, batch_size)      # a batch already: no queueing
+            try:
+                return entry.run(arrays, batch_size)
+            finally:
+                with cond:
+                    self.running -= 1
+                    if self.queue:
+                        cond.notify()
+        return self._enqueue(entry, arrays, rows)
+
+    def _enqueue(self, entry, arrays, rows):
+        req = engine.Request(entry, arrays, rows)
+        req.event = threading.Event()
+        limit = settings.max_enqueued_batches * settings.max_batch_size
+        with self.cond:
+            if self.queued_rows + rows > limit:
+                self.stats.rejected += 1
+                raise QueueFullError(
+                    'keras_fastpredict: queue full for model %r: %d rows already wait '
+                    '(max_enqueued_batches=%d x max_batch_size=%d)'
+                    % (self.stats.name, self.queued_rows, settings.max_enqueued_batches,
+                       settings.max_batch_size))
+            req.enqueued = time.perf_counter()
+            self.queue.append(req)
+            self.queued_rows += rows
+            if len(self.queue) > self.stats.max_queue_len:
+                self.stats.max_queue_len = len(self.queue)
+            self.stopping = False
+            if self.workers < settings.num_batch_threads:
+                self.workers += 1
+                threading.Thread(target=self._work, name='keras_fastpredict-batcher',
+                                 daemon=True).start()
+            self.cond.notify()
+        timeout = settings.timeout
+        if not req.event.wait(timeout):
+            with self.cond:
+                if req in self.queue:
+                    self.queue.remove(req)
+                    self.queued_rows -= rows
+                req.abandoned = True
+            if not req.event.is_set():
+                self.stats.timeouts += 1
+                raise PredictTimeoutError(
+                    'keras_fastpredict: predict on model %r not served within %.3f s'
+                    % (self.stats.name, timeout))
+        if req.error is not None:
+            raise req.error
+        return req.outputs
+
+    def _take(self):
+        """Wait for work and a free run slot; return the next batch, or None when this
+        worker exits (idle for a while, or stopping): then it is no longer counted."""
+        cond = self.cond
+        with cond:
+            deadline = time.monotonic() + _IDLE_EXIT_S
+            while not self.stopping and (not self.queue
+                                         or self.running >= settings.num_batch_threads):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 and not self.queue:
+                    break
+                cond.wait(max(remaining, 0.05))
+            if self.stopping or not self.queue:
+                self.workers -= 1
+                leftover = []
+                if self.stopping and not self.workers:
+                    leftover = list(self.queue)
+                    self.queue.clear()
+                    self.queued_rows = 0
+                batch = None
+            else:
+                wait_s = settings.batch_timeout_micros / 1e6
+                if wait_s > 0:
+                    end = time.monotonic() + wait_s
+                    while self.queued_rows < settings.max_batch_size and not self.stopping:
+                        remaining = end - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        cond.wait(remaining)
+                batch = []
+                rows = 0
+                while self.queue and (not batch or rows + self.queue[0].rows
+                                      <= settings.max_batch_size):
+                    req = self.queue.popleft()
+                    rows += req.rows
+                    batch.append(req)
+                self.queued_rows -= rows
+                self.running += 1
+        if batch is None:
+            for req in leftover:
+                req.error = RuntimeError('keras_fastpredict: batcher stopped before this '
+                                         'call ran')
+                req.event.set()
+        return batch
+
+    def _work(self):
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            finally:
+                with self.cond:
+                    self.running -= 1
+                    self.cond.notify_all()
+
+    def _run(self, batch):
+        now = time.perf_counter()
+        for req in batch:
+            self.stats.queue_wait_s += now - req.enqueued
+        entry = self.entry_ref()
+        try:
+            if entry is None:
+                raise RuntimeError('keras_fastpredict: model was freed')
+            engine.run_requests(entry, batch)
+        except Exception as exc:
+            for req in batch:
+                if req.outputs is None and req.error is None:
+                    req.error = exc
+        finally:
+            for req in batch:
+                req.arrays = None
+                req.event.set()
+
+    def stop(self):
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+
+def submit(entry, arrays, rows, batch_size):
+    batcher = entry.batcher
+    if batcher is None:
+        batcher = entry.batcher = Batcher(entry)
+    return batcher.submit(entry, arrays, rows, batch_size)
+
+
+def stop_all(wait=2.0):
+    """Stop every worker thread (unpatch, interpreter exit). Queued callers get an error."""
+    with _all_lock:
+        batchers = list(_all)
+    for batcher in batchers:
+        batcher.stop()
+    deadline = time.monotonic() + wait
+    for batcher in batchers:
+        while batcher.workers and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def worker_count():
+    with _all_lock:
+        return sum(b.workers for b in _all)
+
+
+atexit.register(stop_all)

@@ -1,0 +1,85 @@
+"""The one place that holds keras_fastpredict's settings and their defaults.
+
+Every option can be given to ``patch(**options)`` (or ``configure``) and, for the
+zero-change runner, as an environment variable ``KERAS_FASTPREDICT_<NAME>``.
+"""
+import os
+import threading
+
+DEFAULTS = {
+    # Read-ahead: predict the next rows of an array walked in order (plain arrays come back).
+    'readahead': True,
+    'readahead_max': 1024,
+    # Deferral: predict returns placeholders resolved in batches (opt-in: a scope, or defer=True).
+    'defer': False,
+    'max_batch_size': 1024,
+    # 'auto' checks models whose layers are not all built-in Keras layers (a Lambda, a custom
+    # layer) by comparing batched against one-by-one results before batching them.
+    'verify': 'auto',
+    'verify_rows': 4,
+    # Concurrent callers from several threads are merged into batches.
+    'concurrent': True,
+    'batch_timeout_micros': 0,
+    'max_enqueued_batches': 64,
+    'num_batch_threads': 1,
+    'timeout': None,          # seconds a concurrent caller waits at most; None waits for ever
+    # Rows per session call when the caller gave no batch_size and the model may be batched.
+    'large_batch_bytes': 4 << 20,
+    'large_batch_max_rows': 4096,
+    # Runs of at most this many rows execute in the caller's thread (measured faster there).
+    'inline_max_rows': 64,
+}
+
+_BOOL = {'1': True, 'true': True, 'yes': True, 'on': True,
+         '0': False, 'false': False, 'no': False, 'off': False}
+
+
+def _parse(name, text):
+    default = DEFAULTS[name]
+    if isinstance(default, bool):
+        return _BOOL[text.strip().lower()]
+    if name == 'verify':
+        return _BOOL.get(text.strip().lower(), text.strip())
+    if name == 'timeout':
+        return None if text.strip().lower() in ('', 'none') else float(text)
+    return type(default)(text)
+
+
+def from_environ(environ=None):
+    """Options set as KERAS_FASTPREDICT_<NAME> in the environment."""
+    environ = os.environ if environ is None else environ
+    found = {}
+    for name in DEFAULTS:
+        text = environ.get('KERAS_FASTPREDICT_' + name.upper())
+        if text is not None:
+            found[name] = _parse(name, text)
+    return found
+
+
+class Settings(object):
+    """Current settings: attribute reads on the hot path, updated as a whole under a lock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.__dict__.update(DEFAULTS)
+
+    def update(self, **options):
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise TypeError('unknown keras_fastpredict option(s): %s' % ', '.join(sorted(unknown)))
+        if 'verify' in options and options['verify'] not in (True, False, 'auto'):
+            raise ValueError("verify must be True, False or 'auto'")
+        with self._lock:
+            old = {name: getattr(self, name) for name in options}
+            self.__dict__.update(options)
+        return old
+
+    def reset(self):
+        with self._lock:
+            self.__dict__.update(DEFAULTS)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in DEFAULTS}
+
+
+settings = Settings()

@@ -1,0 +1,114 @@
+"""Dispatch: the wrappers behind the patched predict methods.
+
+Each call either takes the fast path (the cached callable, with deferral, read-ahead or
+concurrent batching on top) or goes to the original Keras method untouched. Everything
+the fast path does not handle exactly is left to Keras: unusual arguments, inputs
+Keras' own validation rejects (so the same exception is raised), stateful models.
+"""
+import threading
+
+import numpy as np
+
+from . import callables, concurrent_batcher, deferred, readahead
+from . import stats as _stats
+from .config import settings
+
+_local = threading.local()       # .keras_default: batch_size=32 came from Keras, not the user
+_ndarray = np.ndarray
+
+
+def _bind_predict(x, batch_size=None, verbose=0, steps=None, callbacks=None,
+                  max_queue_size=10, workers=1, use_multiprocessing=False):
+    return x, batch_size, verbose, steps, callbacks
+
+
+def predict(wrapped, instance, args, kwargs):
+    """Wrapper of ``Model.predict``."""
+    if len(args) == 1 and not kwargs:
+        return _predict(wrapped, instance, args, kwargs, args[0], None)
+    try:
+        x, batch_size, verbose, steps, callbacks = _bind_predict(*args, **kwargs)
+    except TypeError:
+        return wrapped(*args, **kwargs)
+    if verbose or steps is not None or callbacks is not None:
+        return _fallback(wrapped, instance, args, kwargs, 'verbose, steps or callbacks')
+    if batch_size is not None:
+        if type(batch_size) is not int or batch_size < 1:
+            return _fallback(wrapped, instance, args, kwargs, 'batch_size')
+        if batch_size == 32 and getattr(_local, 'keras_default', False):
+            batch_size = None
+    return _predict(wrapped, instance, args, kwargs, x, batch_size)
+
+
+def predict_on_batch(wrapped, instance, args, kwargs):
+    """Wrapper of ``Model.predict_on_batch``: the whole input in one run, as Keras does."""
+    if len(args) != 1 or kwargs:
+        return wrapped(*args, **kwargs)
+    return _predict(wrapped, instance, args, kwargs, args[0], 0)
+
+
+def keras_default_batch_size(wrapped, instance, args, kwargs):
+    """Wrapper of ``Sequential.predict_proba`` and ``predict_classes``: they pass their own
+    default ``batch_size=32`` to predict; when the caller gave none, predict may choose."""
+    if len(args) > 1 or 'batch_size' in kwargs:
+        return wrapped(*args, **kwargs)
+    _local.keras_default = True
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _local.keras_default = False
+
+
+def _fallback(wrapped, model, args, kwargs, reason):
+    _stats.for_model(model).fallback(reason)
+    return wrapped(*args, **kwargs)
+
+
+def _predict(wrapped, model, args, kwargs, x, batch_size):
+    """``batch_size``: None lets the fast path choose, 0 means all rows in one run."""
+    try:
+        entry = callables.lookup(model)
+    except callables.NotSupported as why:
+        return _fallback(wrapped, model, args, kwargs, str(why))
+    stats = entry.stats
+    stats.calls += 1
+    if type(x) is not _ndarray:
+        x = deferred.materialize(x)
+    arrays = entry.prepare(x)
+    if arrays is None:
+        stats.fallback('input Keras handles itself')
+        return wrapped(*args, **kwargs)
+    rows = arrays[0].shape[0]
+    if rows == 0:
+        stats.fallback('empty input')
+        return wrapped(*args, **kwargs)
+    stats.fast_calls += 1
+    outs = _route(entry, x, arrays, rows, batch_size or (rows if batch_size == 0 else None))
+    return outs[0] if entry.n_outputs == 1 else outs
+
+
+def _route(entry, x, arrays, rows, batch_size):
+    if entry.excluded or entry.batch_safe is False:
+        return entry.run(arrays, batch_size)
+    scope = deferred.current()
+    readahead_on = settings.readahead
+    if scope is not None:
+        if scope.readahead is not None:
+            readahead_on = scope.readahead
+        if rows < scope.max_batch_size and scope.wants(entry):
+            if readahead_on and rows == 1 and type(x) is _ndarray:
+                outs = readahead.serve(entry, x, settings.readahead_max)
+                if outs is not None:
+                    return outs
+            return scope.defer(entry, arrays, rows)
+    elif settings.defer:
+        scope = deferred.implicit_scope()
+        if rows < scope.max_batch_size and scope.wants(entry):
+            return scope.defer(entry, arrays, rows)
+    if readahead_on and rows == 1 and type(x) is _ndarray:
+        outs = readahead.serve(entry, x, settings.readahead_max)
+        if outs is not None:
+            return outs
+    if settings.concurrent:
+        return concurrent_batcher.submit(entry, arrays, rows, batch_size)
+    return entry.run(arrays, batch_size)

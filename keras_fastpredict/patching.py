@@ -1,0 +1,125 @@
+"""patch() and unpatch(): every entry point keras_fastpredict wraps, in one table.
+
+Wrappers are ``wrapt.FunctionWrapper`` objects of one marked subclass, so patching twice
+is a no-op and ``unpatch()`` puts back the very function objects that were there.
+Modules not yet imported are patched when they are (wrapt's post-import hooks).
+"""
+import contextlib
+import sys
+import threading
+
+import wrapt
+
+from . import callables, concurrent_batcher, dispatch, hooks, readahead
+from .config import settings
+
+# (module, class.attribute, wrapper(wrapped, instance, args, kwargs))
+ENTRY_POINTS = (
+    ('keras.engine.training', 'Model.predict', dispatch.predict),
+    ('keras.engine.training', 'Model.predict_on_batch', dispatch.predict_on_batch),
+    ('keras.engine.sequential', 'Sequential.predict_proba', dispatch.keras_default_batch_size),
+    ('keras.engine.sequential', 'Sequential.predict_classes',
+     dispatch.keras_default_batch_size),
+    # Before anything else runs or changes the graph, pending predictions are settled.
+    ('keras.engine.training', 'Model.compile', hooks.recompiled),
+    ('keras.engine.training', 'Model.fit', hooks.training),
+    ('keras.engine.training', 'Model.fit_generator', hooks.training),
+    ('keras.backend.tensorflow_backend', 'Function.__call__', hooks.keras_function),
+    ('tensorflow_core.python.client.session', 'BaseSession.run', hooks.before_graph_use),
+)
+
+_lock = threading.RLock()
+_active = False
+_hooks_registered = set()
+
+
+class _Patch(wrapt.FunctionWrapper):
+    """Marks a wrapper as ours (the idempotency marker)."""
+
+
+def _owner(module, path):
+    owner = module
+    parts = path.split('.')
+    for part in parts[:-1]:
+        owner = getattr(owner, part)
+    return owner, parts[-1]
+
+
+def _apply(module, path, wrapper):
+    owner, name = _owner(module, path)
+    current = owner.__dict__.get(name)
+    if current is None or isinstance(current, _Patch):
+        return
+    setattr(owner, name, _Patch(current, wrapper))
+
+
+def _remove(module, path):
+    owner, name = _owner(module, path)
+    current = owner.__dict__.get(name)
+    if isinstance(current, _Patch):
+        setattr(owner, name, current.__wrapped__)
+
+
+def _on_import(module):
+    # Registered once per module for the life of the process: a no-op unless patched.
+    with _lock:
+        if not _active:
+            return
+        for name, path, wrapper in ENTRY_POINTS:
+            if name == module.__name__:
+                _apply(module, path, wrapper)
+
+
+def is_patched():
+    return _active
+
+
+def patch(**options):
+    """Speed up ``Model.predict`` and its siblings (see the package docs for options).
+    A second call only updates the options."""
+    global _active
+    with _lock:
+        settings.update(**options)
+        if _active:
+            return
+        _active = True
+        for name, path, wrapper in ENTRY_POINTS:
+            module = sys.modules.get(name)
+            if module is not None:
+                _apply(module, path, wrapper)
+            elif name not in _hooks_registered:
+                _hooks_registered.add(name)
+                wrapt.register_post_import_hook(_on_import, name)
+
+
+def unpatch():
+    """Restore the original methods exactly; pending deferred results are computed first."""
+    global _active
+    with _lock:
+        if not _active:
+            return
+        hooks.graph_event()
+        for name, path, _ in ENTRY_POINTS:
+            module = sys.modules.get(name)
+            if module is not None:
+                _remove(module, path)
+        _active = False
+    concurrent_batcher.stop_all()
+    readahead.forget()
+    callables.clear()
+
+
+@contextlib.contextmanager
+def patched(**options):
+    """``with patched(): ...`` patches for the block (leaves an outer patch in place)."""
+    with _lock:
+        was_active = _active
+        old = settings.update(**options)
+        patch()
+    try:
+        yield
+    finally:
+        with _lock:
+            if not was_active:
+                unpatch()
+            settings.update(**old)

@@ -1,0 +1,106 @@
+"""Per-model counters: what was sped up, batched, or sent back to Keras, and why."""
+import collections
+import threading
+import weakref
+
+_lock = threading.Lock()
+_by_model = {}        # id(model) -> ModelStats, for live models
+_retired = collections.OrderedDict()   # name -> ModelStats of freed models, bounded
+_RETIRED_MAX = 64
+
+COUNTERS = ('calls', 'fast_calls', 'fallbacks', 'deferred', 'batches', 'batched_rows',
+            'readahead_hits', 'readahead_misses', 'readahead_rows', 'verified', 'rejected',
+            'timeouts')
+
+
+class ModelStats(object):
+    __slots__ = COUNTERS + ('name', 'fallback_reasons', 'batch_sizes', 'queue_wait_s',
+                            'exec_s', 'max_queue_len', '__weakref__')
+
+    def __init__(self, name):
+        self.name = name
+        for counter in COUNTERS:
+            setattr(self, counter, 0)
+        self.fallback_reasons = collections.Counter()
+        self.batch_sizes = collections.Counter()    # histogram by power of two
+        self.queue_wait_s = 0.0
+        self.exec_s = 0.0
+        self.max_queue_len = 0
+
+    def fallback(self, reason):
+        self.fallbacks += 1
+        self.fallback_reasons[reason] += 1
+
+    def batch(self, rows, requests):
+        self.batches += 1
+        self.batched_rows += requests
+        self.batch_sizes[1 << max(0, (requests - 1).bit_length())] += 1
+
+    def as_dict(self):
+        out = {counter: getattr(self, counter) for counter in COUNTERS}
+        out['mean_batch_size'] = (self.batched_rows / self.batches) if self.batches else 0.0
+        out['fallback_reasons'] = dict(self.fallback_reasons)
+        out['batch_size_histogram'] = dict(sorted(self.batch_sizes.items()))
+        out['mean_queue_wait_ms'] = 1e3 * self.queue_wait_s / self.batches if self.batches else 0.0
+        out['mean_exec_ms'] = 1e3 * self.exec_s / self.batches if self.batches else 0.0
+        out['max_queue_len'] = self.max_queue_len
+        return out
+
+
+def for_model(model):
+    key = id(model)
+    found = _by_model.get(key)
+    if found is not None:
+        return found
+    with _lock:
+        found = _by_model.get(key)
+        if found is None:
+            found = _by_model[key] = ModelStats(getattr(model, 'name', type(model).__name__))
+            weakref.finalize(model, _retire, key)
+    return found
+
+
+def _retire(key):
+    with _lock:
+        found = _by_model.pop(key, None)
+        if found is not None:
+            _retired[found.name] = found
+            while len(_retired) > _RETIRED_MAX:
+                _retired.popitem(last=False)
+
+
+def snapshot():
+    """Counters per model name (live models, then recently freed ones)."""
+    with _lock:
+        items = list(_retired.values()) + list(_by_model.values())
+    out = {}
+    for found in items:
+        name = found.name
+        while name in out:
+            name += "'"
+        out[name] = found.as_dict()
+    return out
+
+
+def reset():
+    with _lock:
+        for key in list(_by_model):
+            _by_model[key] = ModelStats(_by_model[key].name)
+        _retired.clear()
+
+
+def format_table(snap=None):
+    """A short human-readable report, as the runner prints it."""
+    snap = snapshot() if snap is None else snap
+    if not snap:
+        return 'keras_fastpredict: no predict calls seen'
+    lines = ['keras_fastpredict: %-20s %9s %9s %9s %9s %9s %9s' % (
+        'model', 'calls', 'fast', 'fallback', 'batches', 'mean bs', 'ra hits')]
+    for name, s in sorted(snap.items()):
+        lines.append('                   %-20s %9d %9d %9d %9d %9.1f %9d' % (
+            name[:20], s['calls'], s['fast_calls'], s['fallbacks'], s['batches'],
+            s['mean_batch_size'], s['readahead_hits']))
+        if s['fallback_reasons']:
+            lines.append('                     fallbacks: ' + ', '.join(
+                '%s x%d' % kv for kv in sorted(s['fallback_reasons'].items())))
+    return '\n'.join(lines)
