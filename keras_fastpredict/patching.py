@@ -25,7 +25,7 @@ ENTRY_POINTS = (
     ('keras.engine.training', 'Model.fit', hooks.training),
     ('keras.engine.training', 'Model.fit_generator', hooks.training),
     ('keras.backend.tensorflow_backend', 'Function.__call__', hooks.keras_function),
-    ('tensorflow_core.python.client.session', 'BaseSession.run', hooks.before_graph_use),
+    ('tensorflow.python.client.session', 'BaseSession.run', hooks.before_graph_use),
 )
 
 _lock = threading.RLock()

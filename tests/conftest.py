@@ -1,0 +1,102 @@
+import os
+import warnings
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+warnings.filterwarnings('ignore', category=FutureWarning)
+warnings.filterwarnings('ignore', category=DeprecationWarning)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+tf.compat.v1.logging.set_verbosity(tf.compat.v1.logging.ERROR)
+
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
+from keras.engine import training  # noqa: E402
+
+import keras_fastpredict as kfp  # noqa: E402
+from keras_fastpredict.config import settings  # noqa: E402
+
+# The original methods, captured before any test patches them.
+ORIGINAL = {name: training.Model.__dict__[name] for name in ('predict', 'predict_on_batch')}
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def unpatched_predict(model, x, **kwargs):
+    """Plain Keras' answer, whatever the patch state."""
+    return ORIGINAL['predict'](model, x, **kwargs)
+
+
+def assert_same(actual, expected):
+    if isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            assert_same(a, e)
+        return
+    assert isinstance(actual, np.ndarray)
+    actual = np.asarray(actual)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def raised(fn, *args, **kwargs):
+    """(exception type, message) raised by fn, or None."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the point is to compare any exception
+        return type(exc), str(exc)
+    return None
+
+
+def build_models():
+    np.random.seed(0)
+    dense = keras.models.Sequential([
+        layers.Dense(64, activation='relu', input_shape=(32,)),
+        layers.Dense(64, activation='relu'),
+        layers.Dense(10, activation='softmax')])
+    conv = keras.models.Sequential([
+        layers.Conv2D(8, 3, activation='relu', input_shape=(16, 16, 3)),
+        layers.MaxPooling2D(),
+        layers.Flatten(),
+        layers.Dense(5)])
+    lstm = keras.models.Sequential([
+        layers.LSTM(12, input_shape=(7, 4)),
+        layers.Dense(3)])
+    a = layers.Input((6,), name='a')
+    b = layers.Input((4,), name='b')
+    joined = layers.concatenate([layers.Dense(8)(a), layers.Dense(8)(b)])
+    multi_in = keras.models.Model([a, b], layers.Dense(2)(joined))
+    c = layers.Input((5,), name='c')
+    hidden = layers.Dense(16, activation='tanh')(c)
+    multi_out = keras.models.Model(c, [layers.Dense(3, name='o1')(hidden),
+                                       layers.Dense(1, name='o2')(hidden)])
+    dropout = keras.models.Sequential([
+        layers.Dense(16, input_shape=(8,)), layers.Dropout(0.5), layers.Dense(2)])
+    return {'dense': dense, 'conv': conv, 'lstm': lstm, 'multi_in': multi_in,
+            'multi_out': multi_out, 'dropout': dropout}
+
+
+def inputs_for(name, rows, seed=1):
+    rng = np.random.RandomState(seed)
+    shapes = {'dense': [(32,)], 'conv': [(16, 16, 3)], 'lstm': [(7, 4)],
+              'multi_in': [(6,), (4,)], 'multi_out': [(5,)], 'dropout': [(8,)]}[name]
+    arrays = [rng.rand(rows, *s).astype('float32') for s in shapes]
+    return arrays if len(arrays) > 1 else arrays[0]
+
+
+@pytest.fixture(scope='session')
+def models():
+    return build_models()
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    """Every test starts and ends unpatched, with default settings and fresh counters."""
+    kfp.unpatch()
+    settings.reset()
+    kfp.reset_stats()
+    yield
+    kfp.unpatch()
+    settings.reset()
+    assert training.Model.__dict__['predict'] is ORIGINAL['predict']

@@ -1,0 +1,129 @@
+"""patch()/unpatch()/patched(): idempotent, exact restore, no change to training or saving."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import keras
+import tensorflow as tf
+from keras import backend as K
+from keras import layers
+from keras.backend import tensorflow_backend
+from keras.engine import sequential, training
+
+import keras_fastpredict as kfp
+from keras_fastpredict import patching
+from conftest import ORIGINAL, assert_same, inputs_for, unpatched_predict
+
+PYTHON = sys.executable
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def originals():
+    out = {}
+    for module_name, path, _ in patching.ENTRY_POINTS:
+        module = sys.modules[module_name]
+        owner, name = patching._owner(module, path)
+        out[path] = owner.__dict__[name]
+    return out
+
+
+def test_patch_twice_unpatch_restores_identity():
+    before = originals()
+    kfp.patch()
+    kfp.patch()
+    during = originals()
+    assert all(during[p] is not before[p] for p in before)
+    assert all(during[p].__wrapped__ is before[p] for p in before)
+    kfp.unpatch()
+    kfp.unpatch()
+    assert originals() == before
+    assert training.Model.predict is ORIGINAL['predict']
+    assert sequential.Sequential.predict_classes is before['Sequential.predict_classes']
+    assert tensorflow_backend.Function.__call__ is before['Function.__call__']
+
+
+def test_patched_scope_nests_and_restores(models):
+    model = models['dense']
+    x = inputs_for('dense', 3)
+    with kfp.patched(readahead=False):
+        assert kfp.is_patched()
+        with kfp.patched(max_batch_size=7):
+            assert kfp.is_patched()
+        assert kfp.is_patched()           # the outer scope still holds
+        model.predict(x)
+    assert not kfp.is_patched()
+    assert kfp.stats()[model.name]['fast_calls'] == 1
+
+
+def test_patch_before_keras_is_imported():
+    script = textwrap.dedent('''
+        import sys
+        import keras_fastpredict
+        keras_fastpredict.patch()
+        assert 'keras' not in sys.modules
+        import numpy as np
+        import keras
+        from keras.engine.training import Model
+        assert hasattr(Model.predict, '__wrapped__')
+        m = keras.models.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+        x = np.ones((4, 3), 'float32')
+        y = m.predict(x)
+        assert keras_fastpredict.stats()[m.name]['fast_calls'] == 1
+        original = Model.predict.__wrapped__
+        keras_fastpredict.unpatch()
+        assert Model.predict is original
+        np.testing.assert_allclose(y, m.predict(x), rtol=1e-5)
+        print('ok')
+    ''')
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT)
+    out = subprocess.run([PYTHON, '-c', script], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith('ok')
+
+
+def _train(model, x, y):
+    np.random.seed(3)
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0, shuffle=False)
+    return history.history['loss'], model.evaluate(x, y, verbose=0), model.get_weights()
+
+
+def test_training_evaluation_and_saving_unchanged(tmp_path):
+    # Plain Keras training is only repeatable with one thread per op and between ops.
+    previous = K.get_session()
+    K.set_session(tf.Session(config=tf.ConfigProto(intra_op_parallelism_threads=1,
+                                                   inter_op_parallelism_threads=1)))
+    try:
+        _check_training_unchanged(tmp_path)
+    finally:
+        K.set_session(previous)
+
+
+def _check_training_unchanged(tmp_path):
+    def make(weights=None):
+        m = keras.models.Sequential([layers.Dense(8, activation='relu', input_shape=(4,)),
+                                     layers.Dense(1)])
+        m.compile('sgd', 'mse')
+        if weights is not None:
+            m.set_weights(weights)
+        return m
+
+    x = np.random.RandomState(0).rand(32, 4).astype('float32')
+    y = x.sum(axis=1, keepdims=True)
+    initial = make().get_weights()
+    plain_model = make(initial)
+    plain = _train(plain_model, x, y)
+    with kfp.patched():
+        patched_model = make(initial)
+        patched = _train(patched_model, x, y)
+        path = str(tmp_path / 'm.h5')
+        patched_model.save(path)
+        loaded = keras.models.load_model(path)
+        loaded_pred = loaded.predict(x)
+    np.testing.assert_allclose(patched[0], plain[0], rtol=1e-5)
+    np.testing.assert_allclose(patched[1], plain[1], rtol=1e-5)
+    for a, b in zip(patched[2], plain[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert_same(loaded_pred, unpatched_predict(plain_model, x))
