@@ -1,0 +1,216 @@
+"""Soak: a million patched predict calls on a small Dense model, checking memory and graph.
+
+The calls are shared between four ways in, run in rounds so that each is exercised all
+along: the plain fast path (one fresh row per call), read-ahead (walking the rows of an
+array), deferral (a ``batching()`` block per round, every result read), and four threads
+calling at once (the concurrent batcher). RSS (``VmRSS`` of /proc/self/status) is read
+after a warm-up and at the end, and the model graph's op count at the start and the end.
+Exits 1 if RSS grew more than ``--rss-tolerance-mb`` or any op was added, or if a sampled
+result differs from plain Keras.
+
+    .venv/bin/python benchmarks/soak.py [--calls 1000000] [--rss-tolerance-mb 50]
+"""
+import argparse
+import gc
+import os
+import sys
+import threading
+import time
+import warnings
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+warnings.filterwarnings('ignore')
+
+import numpy as np  # noqa: E402
+
+MODES = ('fast', 'readahead', 'batching', 'threads')
+THREADS = 4
+
+
+def rss_mb():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError('no VmRSS in /proc/self/status')
+
+
+class Soak(object):
+    def __init__(self, model, graph, session, x, expected, chunk):
+        self.model = model
+        self.graph = graph
+        self.session = session
+        self.x = x
+        self.expected = expected
+        self.chunk = chunk            # calls per mode per round
+        self.calls = {mode: 0 for mode in MODES}
+        self.mismatches = 0
+        self._pos = 0
+
+    def _check(self, out, row):
+        # A sample of results against plain Keras' answer for the same row.
+        if not np.allclose(np.asarray(out), self.expected[row:row + 1], rtol=1e-5, atol=1e-6):
+            self.mismatches += 1
+
+    def fast(self, n):
+        x, predict = self.x, self.model.predict
+        rows = len(x)
+        for i in range(n):
+            row = (self._pos + i) % rows
+            out = predict(x[row].reshape(1, -1).copy())      # fresh array: no read-ahead
+            if i % 97 == 0:
+                self._check(out, row)
+        self._pos += n
+        self.calls['fast'] += n
+
+    def readahead(self, n):
+        x, predict = self.x, self.model.predict
+        rows = len(x)
+        for i in range(n):
+            row = i % rows
+            out = predict(x[row:row + 1])
+            if i % 97 == 0:
+                self._check(out, row)
+        self.calls['readahead'] += n
+
+    def batching(self, n):
+        import keras_fastpredict as kfp
+        x, predict = self.x, self.model.predict
+        rows = len(x)
+        with kfp.batching():
+            outs = [predict(x[(self._pos + i) % rows].reshape(1, -1).copy()) for i in range(n)]
+        for i in range(0, n, 97):
+            self._check(outs[i], (self._pos + i) % rows)
+        total = sum(float(np.asarray(o)[0, 0]) for o in outs)      # every result read
+        if not np.isfinite(total):
+            self.mismatches += 1
+        self._pos += n
+        self.calls['batching'] += n
+
+    def threads(self, n):
+        per_thread = n // THREADS
+        start = threading.Barrier(THREADS)
+        errors = []
+
+        def work(k):
+            try:
+                with self.graph.as_default(), self.session.as_default():
+                    x, predict = self.x, self.model.predict
+                    rows = len(x)
+                    start.wait()
+                    for i in range(per_thread):
+                        row = (k * per_thread + i) % rows
+                        out = predict(x[row].reshape(1, -1).copy())
+                        if i % 97 == 0:
+                            self._check(out, row)
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                errors.append(exc)
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        self.calls['threads'] += per_thread * THREADS
+
+    def round(self, n):
+        for mode in MODES:
+            getattr(self, mode)(n)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--calls', type=int, default=1000000,
+                        help='patched predict calls in all (default 1000000)')
+    parser.add_argument('--warmup', type=int, default=20000,
+                        help='calls before the RSS baseline is read (default 20000)')
+    parser.add_argument('--rss-tolerance-mb', type=float, default=50.0)
+    parser.add_argument('--chunk', type=int, default=2000,
+                        help='calls per mode per round (default 2000)')
+    parser.add_argument('--features', type=int, default=16)
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+    tf.compat.v1.logging.set_verbosity(tf.compat.v1.logging.ERROR)
+    from keras import layers
+    from keras.models import Model
+    import keras_fastpredict as kfp
+
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    with graph.as_default(), session.as_default():
+        inp = layers.Input((args.features,))
+        hidden = layers.Dense(32, activation='relu')(inp)
+        model = Model(inp, layers.Dense(4)(hidden), name='soak_dense')
+        x = np.random.RandomState(0).rand(512, args.features).astype('float32')
+        expected = model.predict(x)          # plain Keras, before patching
+        kfp.patch()
+        soak = Soak(model, graph, session, x, expected, args.chunk)
+        ops_start = len(graph.get_operations())
+        rss_start = rss_mb()
+        print('soak: %d calls over %s (%d threads), model %s; start: RSS %.1f MB, %d ops'
+              % (args.calls, ', '.join(MODES), THREADS, model.name, rss_start, ops_start))
+        sys.stdout.flush()
+
+        started = time.perf_counter()
+        warm = min(args.warmup, args.calls)
+        chunk = max(THREADS, min(args.chunk, max(1, warm // len(MODES))))
+        done = 0
+        rss_warm = None
+        next_report = started + 10.0
+        while done < args.calls:
+            if rss_warm is None and done >= warm:
+                gc.collect()
+                rss_warm = rss_mb()
+                print('soak: after warm-up (%d calls): RSS %.1f MB' % (done, rss_warm))
+                chunk = args.chunk
+            n = max(THREADS, min(chunk, (args.calls - done) // len(MODES)))
+            n -= n % THREADS
+            before = sum(soak.calls.values())
+            soak.round(n)
+            done += sum(soak.calls.values()) - before
+            now = time.perf_counter()
+            if now >= next_report:
+                print('soak: %8d calls, %6.0f calls/s, RSS %.1f MB, %d ops'
+                      % (done, done / (now - started), rss_mb(), len(graph.get_operations())))
+                sys.stdout.flush()
+                next_report = now + 10.0
+        elapsed = time.perf_counter() - started
+        gc.collect()
+        if rss_warm is None:
+            rss_warm = rss_start
+        rss_end = rss_mb()
+        ops_end = len(graph.get_operations())
+        stats = kfp.stats()[model.name]
+
+    print('soak: %d calls in %.1f s (%.0f calls/s): %s'
+          % (done, elapsed, done / elapsed,
+             ', '.join('%s %d' % (m, soak.calls[m]) for m in MODES)))
+    print('soak: fast calls %d, fallbacks %d, deferred %d, batches %d (mean %.1f calls), '
+          'read-ahead hits %d' % (stats['fast_calls'], stats['fallbacks'], stats['deferred'],
+                                  stats['batches'], stats['mean_batch_size'],
+                                  stats['readahead_hits']))
+    print('soak: RSS start %.1f MB, after warm-up %.1f MB, end %.1f MB (%+.1f MB since '
+          'warm-up, tolerance %.0f MB)' % (rss_start, rss_warm, rss_end, rss_end - rss_warm,
+                                           args.rss_tolerance_mb))
+    print('soak: graph ops start %d, end %d (%+d)' % (ops_start, ops_end, ops_end - ops_start))
+    failures = []
+    if rss_end - rss_warm > args.rss_tolerance_mb:
+        failures.append('RSS grew by %.1f MB' % (rss_end - rss_warm))
+    if ops_end != ops_start:
+        failures.append('graph ops grew by %d' % (ops_end - ops_start))
+    if soak.mismatches:
+        failures.append('%d sampled results differ from plain Keras' % soak.mismatches)
+    if stats['fast_calls'] < done:
+        failures.append('only %d of %d calls took the fast path' % (stats['fast_calls'], done))
+    kfp.unpatch()
+    if failures:
+        print('soak: FAIL: ' + '; '.join(failures))
+        return 1
+    print('soak: OK')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

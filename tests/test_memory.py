@@ -1,0 +1,139 @@
+"""Memory: under the patch, a model the user drops is freed, and predict adds no graph ops.
+
+Each way a call can go (the fast path one row per call, read-ahead over an array, deferred
+results in a ``batching()`` block or with ``defer=True``, ``predict_on_batch``, four threads
+at once) is run 1000 times on a small model in a graph of its own; the graph's op count must
+not change, and after ``del model; gc.collect()`` a weak reference to the model must be dead
+and the callable cache must hold no entry for a dead model. Plain Keras, unpatched, is the
+control: the same checks hold for it, so a failure under the patch is the patch's doing.
+"""
+import gc
+import itertools
+import threading
+import weakref
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+from keras.models import Model
+
+import keras_fastpredict as kfp
+from keras_fastpredict import callables
+
+CALLS = 1000
+THREADS = 4
+MODES = ['plain', 'fast', 'readahead', 'batching', 'defer', 'predict_on_batch', 'threads']
+_names = itertools.count()
+
+
+@pytest.fixture
+def graph_session():
+    kfp.unpatch()
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    with graph.as_default(), session.as_default():
+        yield graph, session
+    kfp.unpatch()
+    session.close()
+
+
+def _small_model(mode):
+    inp = layers.Input((8,))
+    hidden = layers.Dense(16, activation='relu')(inp)
+    return Model(inp, layers.Dense(3)(hidden), name='memory_%s_%d' % (mode, next(_names)))
+
+
+def _options(mode):
+    if mode == 'defer':
+        return dict(defer=True)
+    if mode == 'fast':
+        return dict(readahead=False)
+    return {}
+
+
+def _run(mode, model, x, graph, session):
+    """CALLS predict calls of one row each, the way ``mode`` makes them; every result read."""
+    n = len(x)
+    if mode == 'readahead':
+        outs = [model.predict(x[i % n:i % n + 1]) for i in range(CALLS)]
+    elif mode == 'batching':
+        with kfp.batching():
+            outs = [model.predict(x[i % n].reshape(1, -1).copy()) for i in range(CALLS)]
+            outs = [np.asarray(o) for o in outs]
+    elif mode == 'predict_on_batch':
+        outs = [model.predict_on_batch(x[i % n:i % n + 1].copy()) for i in range(CALLS)]
+    elif mode == 'threads':
+        outs = [None] * CALLS
+        start = threading.Barrier(THREADS)
+        errors = []
+
+        def work(k):
+            try:
+                with graph.as_default(), session.as_default():
+                    start.wait()
+                    for i in range(k, CALLS, THREADS):
+                        outs[i] = model.predict(x[i % n:i % n + 1].copy())
+            except Exception as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+    else:   # plain, fast, defer: one fresh row per call (no read-ahead possible)
+        outs = [model.predict(x[i % n:i % n + 1].copy()) for i in range(CALLS)]
+    return [np.asarray(o) for o in outs]
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_no_graph_growth_and_model_freed(graph_session, mode):
+    graph, session = graph_session
+    x = np.random.RandomState(0).rand(64, 8).astype('float32')
+    model = _small_model(mode)
+    expected = model.predict(x)          # plain Keras; builds its predict function
+    if mode != 'plain':
+        kfp.patch(**_options(mode))
+    _run(mode, model, x[:4], graph, session)      # warm-up: caches, batcher, windows
+    ops_before = len(graph.get_operations())
+
+    outs = _run(mode, model, x, graph, session)
+
+    assert len(graph.get_operations()) == ops_before
+    for i, out in enumerate(outs):
+        np.testing.assert_allclose(out, expected[i % len(x)][None], rtol=1e-5, atol=1e-6)
+    if mode != 'plain':
+        found = kfp.stats()[model.name]
+        assert found['fast_calls'] >= CALLS, found
+        if mode == 'readahead':
+            assert found['readahead_hits'] > CALLS // 2, found
+        if mode in ('batching', 'defer'):
+            assert found['deferred'] >= CALLS // 2, found
+
+    ref = weakref.ref(model)
+    del model, outs
+    gc.collect()
+    assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+    assert [e for e in callables.entries() if e.model() is None] == []
+
+
+def test_models_freed_one_after_another(graph_session):
+    """Many models predicted on and dropped in turn: none stays alive, the cache stays empty
+    of them, and each new model costs its own ops only once."""
+    graph, session = graph_session
+    kfp.patch()
+    x = np.random.RandomState(1).rand(16, 8).astype('float32')
+    refs = []
+    for k in range(6):
+        model = _small_model('sequence')
+        for i in range(50):
+            model.predict(x[i % 16:i % 16 + 1])
+        with kfp.batching():
+            outs = [model.predict(x[i:i + 1].copy()) for i in range(8)]
+        np.asarray(outs[-1])
+        refs.append(weakref.ref(model))
+        del model, outs
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+    assert [e for e in callables.entries() if e.model() is None] == []
