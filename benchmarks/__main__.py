@@ -68,11 +68,12 @@ def main(argv=None):
     results = []
     for case in tqdm(selected, desc='building', leave=False):
         case.setup()
-    with tqdm(total=sum(len(c.variants) for c in selected) * repeats, unit='run',
+    warmup = not args.quick         # one untimed round first: first calls cost extra
+    with tqdm(total=sum(len(c.variants) for c in selected) * (repeats + warmup), unit='run',
               desc='benchmarks') as bar:
         for case in selected:
             bar.set_description(case.name)
-            results.append(report.run_case(case, repeats, bar, say=tqdm.write))
+            results.append(report.run_case(case, repeats, bar, say=tqdm.write, warmup=warmup))
     command = 'python -m benchmarks ' + ' '.join(argv)
     text, mismatch, error, failed = report.write(results, args.out, command.strip(), repeats,
                                                  args.quick, time.time() - started)

@@ -27,9 +27,9 @@ THREADS = (1, 4, 16)
 FULL = {
     'mlp64': dict(collect=2000, immediate=2000, autoregressive=1000, large=50000, threads=2000),
     'mlp1024': dict(collect=1000, immediate=2000, large=20000),
-    'mlp2048': dict(collect=300, threads=600),
+    'mlp2048': dict(collect=300, threads=1000),
     'cnn': dict(collect=500, immediate=500, large=5000),
-    'mobilenet': dict(collect=32, immediate=32, large=128),
+    'mobilenet': dict(collect=48, immediate=48, large=128),
     'lstm': dict(collect=1000, immediate=1000, autoregressive=500, large=10000),
     'two_io': dict(collect=1000, immediate=1000, large=20000),
 }
@@ -72,10 +72,10 @@ def collect(predict, X, n):
     return join(preds)
 
 
-def collect_batching(predict, X, n):
+def collect_batching(predict, X, n, **options):
     """The same loop inside ``keras_fastpredict.batching()``: results are deferred."""
     preds = []
-    with keras_fastpredict.batching():
+    with keras_fastpredict.batching(**options):
         for i in range(n):
             preds.append(predict(row(X, i)))
     return join(preds)
@@ -146,21 +146,26 @@ def threaded(predict, requests, threads):
 
 # -- peers ----------------------------------------------------------------------------------
 
-def keras_function(model):
+def keras_function(model, warm):
     """``K.function([model.input], [model.output])``, as forums advise."""
     from keras import backend as K
     f = K.function(model.inputs, model.outputs)
+    f(as_list(warm))                  # its session callable is made on the first call
     return lambda x: unwrap(f(as_list(x)))
 
 
-def raw_callable(model):
-    """The session callable on the model's feeds and fetches, with no Keras around it."""
+def raw_callable(model, warm, inline=False):
+    """The session callable on the model's feeds and fetches, with no Keras around it;
+    ``inline`` runs it in the caller's thread (faster for one row, see the design notes)."""
     from keras import backend as K
     from tensorflow.core.protobuf import config_pb2
     options = config_pb2.CallableOptions()
     options.feed.extend(t.name for t in model.inputs)
     options.fetch.extend(t.name for t in model.outputs)
+    if inline:
+        options.run_options.inter_op_thread_pool = -1
     fn = K.get_session()._make_callable_from_options(options)
+    fn(*as_list(warm))
     return lambda x: unwrap(fn(*as_list(x)))
 
 
@@ -196,7 +201,7 @@ class Case(object):
 
         def on_batch(x):
             return model.predict_on_batch(x)
-        kfunc, raw = keras_function(model), raw_callable(model)
+        kfunc, raw = keras_function(model, row(X, 0)), raw_callable(model, row(X, 0))
         return [
             Variant('unpatched predict', 'unpatched', lambda: collect(predict, X, n), None),
             Variant('predict_on_batch', 'peer', lambda: collect(on_batch, X, n), None),
@@ -207,12 +212,14 @@ class Case(object):
             Variant('patched', 'patched', lambda: collect(predict, X, n), {}),
             Variant('patched + batching()', 'patched',
                     lambda: collect_batching(predict, X, n), {}),
+            Variant('patched + batching(readahead=False) (deferral alone)', 'patched',
+                    lambda: collect_batching(predict, X, n, readahead=False), {}),
         ]
 
     def _immediate(self, model, X, n):
         def predict(x):
             return model.predict(x)
-        raw = raw_callable(model)
+        raw = raw_callable(model, row(X, 0))
         return [
             Variant('unpatched predict', 'unpatched', lambda: use_immediately(predict, X, n),
                     None),
@@ -229,7 +236,8 @@ class Case(object):
 
         def on_batch(x):
             return model.predict_on_batch(x)
-        kfunc, raw = keras_function(model), raw_callable(model)
+        kfunc = keras_function(model, row(X, 0))
+        raw = raw_callable(model, row(X, 0), inline=True)
         x0 = np.array(X[:1])
 
         def step(x, y):
@@ -240,7 +248,7 @@ class Case(object):
             Variant('predict_on_batch', 'peer', lambda: autoregressive(on_batch, x0, n, step),
                     None),
             Variant('K.function', 'peer', lambda: autoregressive(kfunc, x0, n, step), None),
-            Variant('raw callable, one row per call', 'limit',
+            Variant('raw callable (inline), one row per call', 'limit',
                     lambda: autoregressive(raw, x0, n, step), None),
             Variant('patched', 'patched', lambda: autoregressive(predict, x0, n, step), {}),
         ]
@@ -248,7 +256,7 @@ class Case(object):
     def _large(self, model, X, n):
         def predict(x):
             return model.predict(x)
-        raw = raw_callable(model)
+        raw = raw_callable(model, row(X, 0))
         return [
             Variant('unpatched predict(X)', 'unpatched', lambda: whole(predict, X, n), None),
             Variant('raw callable, whole array', 'limit', lambda: whole(raw, X, n), None),
@@ -265,7 +273,7 @@ class Case(object):
 
         def predict(x):
             return model.predict(x)
-        raw = raw_callable(model)
+        raw = raw_callable(model, row(X, 0))
         requests = [[np.array(a) for a in as_list(row(X, i))] for i in range(n)]
         requests = [unwrap(r) for r in requests]        # copies: no read-ahead possible
         k = self.threads

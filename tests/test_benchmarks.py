@@ -22,8 +22,8 @@ def test_quick_suite_writes_table_plots_and_checks(tmp_path):
     for variant in ('unpatched predict', 'patched + batching()', 'raw callable, whole array',
                     'patched (concurrent batcher)'):
         assert variant in text
-    # The correctness check ran on every timed run (7 + 4 variants, one repeat each).
-    assert 'Correctness: all 11 timed runs agree with unpatched predict' in text
+    # The correctness check ran on every run (8 + 4 variants, one repeat each).
+    assert 'Correctness: all 12 runs agree with unpatched predict' in text
     assert '## Targets' in text and ('PASS' in text or 'FAIL' in text)
     assert (out / 'mlp64.png').stat().st_size > 1000
     assert (out / 'threads.png').exists()
@@ -37,3 +37,22 @@ def test_check_reports_a_mismatch():
     assert 'output 0' in check(ref, [ref[0] * 1.001])
     assert 'shape' in check(ref, [ref[0][0]])
     assert '2 outputs' in check(ref, [ref[0], ref[0]])
+
+
+def test_a_mismatching_variant_is_reported_and_recorded():
+    from types import SimpleNamespace
+    from benchmarks.cases import Variant
+    from benchmarks.report import run_case
+    ones = np.ones((4, 2), dtype='float32')
+    case = SimpleNamespace(
+        name='fake/collect', rows=4, threads=None, model_name='fake',
+        model=SimpleNamespace(name='fake'), warm=lambda: None,
+        variants=[Variant('unpatched predict', 'unpatched', lambda: ones, None),
+                  Variant('raw callable, whole array', 'limit', lambda: ones, None),
+                  Variant('wrong', 'peer', lambda: ones * 1.01, None)])
+    said = []
+    result = run_case(case, repeats=2, say=said.append)
+    assert len(result.get('wrong').mismatches) == 2
+    assert result.get('raw callable, whole array').mismatches == []
+    assert result.get('wrong').checks == 2 and len(result.get('wrong').times) == 2
+    assert any('MISMATCH in fake/collect / wrong' in s for s in said)
