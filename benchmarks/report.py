@@ -376,7 +376,8 @@ def write(results, out_dir, command, repeats, quick, seconds):
         'on the whole array at once (one row per call, run inline, in the autoregressive '
         'loop, where nothing can be batched); a practical limit, not a bound: time / limit '
         'below 1 means the variant beat it. Loops: collect = '
-        '`preds.append(model.predict(X[i][None]))` then concatenate; immediate = `np.argmax(model.predict(X[i:i+1]))` per row; '
+        '`preds.append(model.predict(X[i][None]))` then concatenate; immediate = '
+        '`np.argmax(model.predict(X[i:i+1]))` per row; '
         'autoregressive = next input from the last output; large = one `model.predict(X)`; '
         'threads-N = N threads, one row per call.', '',
         table(results), '',
