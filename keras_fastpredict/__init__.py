@@ -18,7 +18,7 @@ Ways in, all over one engine (a cached session callable per model):
 Options (keyword arguments of ``patch``, or ``KERAS_FASTPREDICT_<NAME>`` for the runner)
 are listed with their defaults in ``keras_fastpredict.config.DEFAULTS``.
 """
-from . import stats as _stats
+from . import counters as _stats
 from .batching import batching, fast_predict
 from .callables import clear as clear_cache
 from .callables import exclude

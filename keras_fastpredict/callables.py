@@ -14,7 +14,7 @@ import weakref
 
 import numpy as np
 
-from . import stats as _stats
+from . import counters as _stats
 from .config import settings
 
 _build_lock = threading.RLock()
@@ -232,6 +232,11 @@ class CompiledModel(object):
         return True
 
 
+def keras_session():
+    """The session Keras' own predict would use now (initialising new variables)."""
+    return _keras()[0].get_session()
+
+
 def _unsupported_reason(model):
     """Why the fast path must leave this model to Keras, or None."""
     if not getattr(model, 'built', False) or not getattr(model, '_is_graph_network', False):
@@ -276,10 +281,8 @@ def _build(model, session):
         if entry is not None and entry.session is session and session is not None \
                 and entry.outputs_list is model.outputs and entry.model_ref() is model:
             return entry
-        K, _ = _keras()
         with graph.as_default():
-            # As Keras' predict does: pick the session and initialise new variables.
-            session = K.get_session()
+            session = keras_session()
         if session.graph is not graph:
             raise NotSupported('model not on the session Keras uses')
         entry = CompiledModel(model, session)

@@ -51,9 +51,7 @@ class Batcher(object):
             idle = self.running < settings.num_batch_threads and not self.queue
             if idle:
                 self.running += 1
-        if idle or rows >= settings.max_batch_size:
-            if not idle:
-                return entry.run(arrays, batch_size)      # a batch already: no queueing
+        if idle:
             try:
                 return entry.run(arrays, batch_size)
             finally:
@@ -68,7 +66,7 @@ class Batcher(object):
         req.event = threading.Event()
         limit = settings.max_enqueued_batches * settings.max_batch_size
         with self.cond:
-            if self.queued_rows + rows > limit:
+            if self.queue and self.queued_rows + rows > limit:
                 self.stats.rejected += 1
                 raise QueueFullError(
                     'keras_fastpredict: queue full for model %r: %d rows already wait '
@@ -163,6 +161,7 @@ class Batcher(object):
         now = time.perf_counter()
         for req in batch:
             self.stats.queue_wait_s += now - req.enqueued
+        self.stats.queued += len(batch)
         entry = self.entry_ref()
         try:
             if entry is None:

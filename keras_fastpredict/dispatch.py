@@ -10,9 +10,10 @@ import threading
 import numpy as np
 
 from . import callables, concurrent_batcher, deferred, readahead
-from . import stats as _stats
+from . import counters as _stats
 from .config import settings
 
+_graph_lock = threading.RLock()   # Keras' lazy predict-function build is not thread-safe
 _local = threading.local()       # .keras_default: batch_size=32 came from Keras, not the user
 _ndarray = np.ndarray
 
@@ -61,6 +62,21 @@ def keras_default_batch_size(wrapped, instance, args, kwargs):
 
 def _fallback(wrapped, model, args, kwargs, reason):
     _stats.for_model(model).fallback(reason)
+    outputs = getattr(model, 'outputs', None)
+    if outputs:
+        # Keras builds its predict function in the thread's default graph, which in a new
+        # thread is another, empty graph (keras#2397): run it on the model's own graph.
+        # Building it is not thread-safe either (keras#6124): build it once, under a lock.
+        graph = outputs[0].graph
+        # So is the variable initialisation Keras' get_session does on first use.
+        if getattr(model, 'predict_function', None) is None and hasattr(
+                model, '_make_predict_function'):
+            with _graph_lock, graph.as_default():
+                if getattr(model, 'predict_function', None) is None:
+                    callables.keras_session()
+                    model._make_predict_function()
+        with graph.as_default():
+            return wrapped(*args, **kwargs)
     return wrapped(*args, **kwargs)
 
 
@@ -91,20 +107,15 @@ def _route(entry, x, arrays, rows, batch_size):
     if entry.excluded or entry.batch_safe is False:
         return entry.run(arrays, batch_size)
     scope = deferred.current()
+    if scope is None and settings.defer:
+        scope = deferred.implicit_scope()
     readahead_on = settings.readahead
     if scope is not None:
+        if rows < scope.max_batch_size and scope.wants(entry):
+            return scope.defer(entry, arrays, rows)
         if scope.readahead is not None:
             readahead_on = scope.readahead
-        if rows < scope.max_batch_size and scope.wants(entry):
-            if readahead_on and rows == 1 and type(x) is _ndarray:
-                outs = readahead.serve(entry, x, settings.readahead_max)
-                if outs is not None:
-                    return outs
-            return scope.defer(entry, arrays, rows)
-    elif settings.defer:
-        scope = deferred.implicit_scope()
-        if rows < scope.max_batch_size and scope.wants(entry):
-            return scope.defer(entry, arrays, rows)
+    # Not deferred (no scope, or each value is read at once): read ahead over an array.
     if readahead_on and rows == 1 and type(x) is _ndarray:
         outs = readahead.serve(entry, x, settings.readahead_max)
         if outs is not None:

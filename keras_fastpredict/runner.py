@@ -10,7 +10,7 @@ import runpy
 import sys
 
 from . import config, patching
-from . import stats as _stats
+from . import counters as _stats
 
 
 def _parser():

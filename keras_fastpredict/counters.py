@@ -8,9 +8,11 @@ _by_model = {}        # id(model) -> ModelStats, for live models
 _retired = collections.OrderedDict()   # name -> ModelStats of freed models, bounded
 _RETIRED_MAX = 64
 
-COUNTERS = ('calls', 'fast_calls', 'fallbacks', 'deferred', 'batches', 'batched_rows',
-            'readahead_hits', 'readahead_misses', 'readahead_rows', 'verified', 'rejected',
-            'timeouts')
+# Counters are plain integers bumped without a lock: under heavy thread contention a few
+# increments may be lost (they are statistics, not accounting).
+COUNTERS = ('calls', 'fast_calls', 'fallbacks', 'deferred', 'batches', 'batched_calls',
+            'batched_rows', 'queued', 'readahead_hits', 'readahead_misses', 'readahead_rows',
+            'verified', 'rejected', 'timeouts')
 
 
 class ModelStats(object):
@@ -19,6 +21,9 @@ class ModelStats(object):
 
     def __init__(self, name):
         self.name = name
+        self.clear()
+
+    def clear(self):
         for counter in COUNTERS:
             setattr(self, counter, 0)
         self.fallback_reasons = collections.Counter()
@@ -31,17 +36,20 @@ class ModelStats(object):
         self.fallbacks += 1
         self.fallback_reasons[reason] += 1
 
-    def batch(self, rows, requests):
+    def batch(self, rows, calls):
+        """One session run serving ``calls`` predict calls with ``rows`` rows in all."""
         self.batches += 1
-        self.batched_rows += requests
-        self.batch_sizes[1 << max(0, (requests - 1).bit_length())] += 1
+        self.batched_calls += calls
+        self.batched_rows += rows
+        self.batch_sizes[1 << max(0, (calls - 1).bit_length())] += 1
 
     def as_dict(self):
         out = {counter: getattr(self, counter) for counter in COUNTERS}
-        out['mean_batch_size'] = (self.batched_rows / self.batches) if self.batches else 0.0
+        # Calls per session run (a read-ahead window counts each of its rows as a call).
+        out['mean_batch_size'] = (self.batched_calls / self.batches) if self.batches else 0.0
         out['fallback_reasons'] = dict(self.fallback_reasons)
         out['batch_size_histogram'] = dict(sorted(self.batch_sizes.items()))
-        out['mean_queue_wait_ms'] = 1e3 * self.queue_wait_s / self.batches if self.batches else 0.0
+        out['mean_queue_wait_ms'] = 1e3 * self.queue_wait_s / self.queued if self.queued else 0.0
         out['mean_exec_ms'] = 1e3 * self.exec_s / self.batches if self.batches else 0.0
         out['max_queue_len'] = self.max_queue_len
         return out
@@ -83,9 +91,10 @@ def snapshot():
 
 
 def reset():
+    # In place: cached entries and batchers hold these objects.
     with _lock:
-        for key in list(_by_model):
-            _by_model[key] = ModelStats(_by_model[key].name)
+        for found in _by_model.values():
+            found.clear()
         _retired.clear()
 
 

@@ -1,0 +1,78 @@
+"""FastPredict callback: predictions made during fit are fast, batched, and see the weights
+of the step they were made in."""
+import numpy as np
+import pytest
+import keras
+from keras import layers
+from keras.callbacks import Callback
+
+import keras_fastpredict as kfp
+from keras_fastpredict import DeferredArray
+from conftest import assert_same, unpatched_predict
+
+
+class Probe(Callback):
+    """A user's callback that predicts a few rows after every batch (a common pattern)."""
+
+    def __init__(self, x):
+        super(Probe, self).__init__()
+        self.x = x
+        self.seen = []
+        self.expected = []
+
+    def on_batch_end(self, batch, logs=None):
+        for i in range(len(self.x)):
+            self.seen.append(self.model.predict(self.x[i:i + 1]))
+        self.expected.append(unpatched_predict(self.model, self.x))
+
+
+def make():
+    model = keras.models.Sequential([layers.Dense(6, activation='relu', input_shape=(4,)),
+                                     layers.Dense(2)])
+    model.compile('sgd', 'mse')
+    return model
+
+
+def test_predictions_in_callbacks_are_batched_and_see_their_step():
+    model = make()
+    rng = np.random.RandomState(0)
+    x, y = rng.rand(64, 4).astype('float32'), rng.rand(64, 2).astype('float32')
+    probe = Probe(rng.rand(5, 4).astype('float32'))
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[kfp.FastPredict(), probe])
+    assert not kfp.is_patched()
+    assert len(probe.seen) == 8 * 5
+    assert type(probe.seen[0]) is DeferredArray
+    for step, expected in enumerate(probe.expected):
+        got = np.concatenate(probe.seen[step * 5:step * 5 + 5])
+        assert_same(got, expected)
+    s = kfp.stats()[model.name]
+    assert s['batches'] == 8 and s['mean_batch_size'] == 5
+
+
+class Boom(Callback):
+    def on_batch_end(self, batch, logs=None):
+        self.model.predict(np.zeros((1, 4), 'float32'))
+        raise RuntimeError('boom')
+
+
+def test_scope_closed_when_fit_raises():
+    model = make()
+    callback = kfp.FastPredict()          # created before fit: fit itself is wrapped
+    with pytest.raises(RuntimeError):
+        model.fit(np.zeros((8, 4)), np.zeros((8, 2)), verbose=0, callbacks=[callback, Boom()])
+    assert not kfp.is_patched()
+    assert type(model.predict(np.zeros((1, 4), 'float32'))) is np.ndarray
+
+
+def test_callback_made_inside_the_fit_call_still_gives_right_results():
+    # `model.fit` is looked up before its arguments are evaluated, so here Keras' own fit
+    # runs and cannot tell the callback it raised: the scope stays open until the next
+    # training starts, but results stay right.
+    model = make()
+    x = np.random.RandomState(0).rand(3, 4).astype('float32')
+    with pytest.raises(RuntimeError):
+        model.fit(np.zeros((8, 4)), np.zeros((8, 2)), verbose=0,
+                  callbacks=[kfp.FastPredict(), Boom()])
+    assert_same(np.asarray(model.predict(x)), unpatched_predict(model, x))
+    model.fit(np.zeros((8, 4)), np.zeros((8, 2)), verbose=0, callbacks=[kfp.FastPredict()])
+    assert type(model.predict(x)) is np.ndarray

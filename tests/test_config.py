@@ -1,0 +1,28 @@
+"""Settings: one table of defaults, keyword options, KERAS_FASTPREDICT_* variables."""
+import pytest
+
+import keras_fastpredict as kfp
+from keras_fastpredict import config
+from keras_fastpredict.config import settings
+
+
+def test_environment_variables_are_parsed():
+    env = {'KERAS_FASTPREDICT_READAHEAD': 'off', 'KERAS_FASTPREDICT_MAX_BATCH_SIZE': '256',
+           'KERAS_FASTPREDICT_VERIFY': 'true', 'KERAS_FASTPREDICT_TIMEOUT': '2.5',
+           'KERAS_FASTPREDICT_UNRELATED': 'x'}
+    assert config.from_environ(env) == {'readahead': False, 'max_batch_size': 256,
+                                        'verify': True, 'timeout': 2.5}
+
+
+def test_unknown_or_invalid_options_are_refused():
+    with pytest.raises(TypeError, match='bogus'):
+        kfp.patch(bogus=1)
+    with pytest.raises(ValueError):
+        kfp.patch(verify='sometimes')
+    assert not kfp.is_patched()
+
+
+def test_patched_restores_previous_options():
+    with kfp.patched(max_batch_size=5):
+        assert settings.max_batch_size == 5
+    assert settings.max_batch_size == config.DEFAULTS['max_batch_size']

@@ -1,0 +1,291 @@
+"""Deferred results inside batching scopes: the loop cannot tell them from plain Keras."""
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import keras
+from keras import backend as K
+from keras import layers
+
+import keras_fastpredict as kfp
+from keras_fastpredict import DeferredArray
+from conftest import assert_same, inputs_for, unpatched_predict
+
+
+def loop_stats(model):
+    return kfp.stats()[model.name]
+
+
+def test_deferred_value_behaves_as_ndarray(models):
+    model = models['dense']
+    x = inputs_for('dense', 3)
+    expected = unpatched_predict(model, x[:1])
+    with kfp.batching(readahead=False):
+        y = model.predict(x[:1])
+        assert type(y) is DeferredArray
+        assert loop_stats(model)['batches'] == 0          # nothing ran yet
+        assert isinstance(y, np.ndarray)
+        assert y.shape == (1, 10) and y.dtype == np.float32 and len(y) == 1 and y.ndim == 2
+        row = y[0]
+        assert type(row) is DeferredArray and row.shape == (10,)
+        assert loop_stats(model)['batches'] == 0
+        np.testing.assert_allclose(row, expected[0], rtol=1e-5)     # reading runs the batch
+        assert loop_stats(model)['batches'] == 1
+        np.testing.assert_allclose(y * 2 + 1, expected * 2 + 1, rtol=1e-5)
+        np.testing.assert_allclose(1 - y, 1 - expected, rtol=1e-5)
+        assert float(y[0, 3]) == pytest.approx(float(expected[0, 3]), rel=1e-5)
+        assert np.argmax(y) == np.argmax(expected)
+        assert str(y) == str(np.asarray(y)) and repr(y) == repr(np.asarray(y))
+        assert (y > 0).all()
+        restored = pickle.loads(pickle.dumps(y))
+        assert type(restored) is np.ndarray
+        np.testing.assert_allclose(restored, expected, rtol=1e-5)
+        assert type(copy.deepcopy(y)) is np.ndarray
+        z = model.predict(x[1:2])
+        z += 1                                              # in place, as on an ndarray
+        np.testing.assert_allclose(z, unpatched_predict(model, x[1:2]) + 1, rtol=1e-5)
+
+
+def test_concatenate_many_deferred(models):
+    model = models['dense']
+    x = inputs_for('dense', 500)
+    with kfp.batching(readahead=False):
+        preds = [model.predict(x[i:i + 1]) for i in range(500)]
+        assert loop_stats(model)['batches'] == 0
+        stacked = np.vstack(preds)
+        together = np.concatenate(preds)
+    assert_same(together, unpatched_predict(model, x))
+    assert_same(stacked, together)
+    assert loop_stats(model)['batches'] == 1
+    assert loop_stats(model)['mean_batch_size'] == 500
+
+
+@pytest.mark.parametrize('name', ['dense', 'conv', 'lstm', 'multi_in', 'multi_out'])
+def test_collect_then_use(models, name):
+    model = models[name]
+    x = inputs_for(name, 60)
+    rows = [([a[i:i + 1] for a in x] if isinstance(x, list) else x[i:i + 1]) for i in range(60)]
+    expected = [unpatched_predict(model, r) for r in rows]
+
+    @kfp.fast_predict(max_batch_size=16, readahead=False)
+    def loop():
+        return [model.predict(r) for r in rows]
+
+    got = loop()
+    for g, e in zip(got, expected):
+        if isinstance(e, list):
+            assert all(type(a) is np.ndarray for a in g)
+        else:
+            assert type(g) is np.ndarray
+        assert_same(g, e)
+    assert loop_stats(model)['batches'] >= 4
+    assert loop_stats(model)['mean_batch_size'] > 10
+
+
+def test_index_then_collect_and_argmax(models):
+    model = models['dense']
+    x = inputs_for('dense', 100)
+    expected = unpatched_predict(model, x)
+
+    @kfp.fast_predict
+    def loop():
+        firsts = [model.predict(x[i:i + 1].copy())[0] for i in range(100)]
+        return firsts
+
+    got = loop()
+    assert all(type(g) is np.ndarray and g.shape == (10,) for g in got)
+    assert_same(np.stack(got), expected)
+    assert loop_stats(model)['mean_batch_size'] == 100
+
+    with kfp.batching(readahead=False):
+        labels = [int(np.argmax(model.predict(x[i:i + 1].copy()))) for i in range(100)]
+    assert labels == list(np.argmax(expected, axis=1))
+
+
+def test_reused_input_buffer_is_copied(models):
+    model = models['dense']
+    x = inputs_for('dense', 30)
+    buffer = np.empty((1, 32), 'float32')
+    with kfp.batching():
+        preds = []
+        for i in range(30):
+            buffer[0] = x[i]
+            preds.append(model.predict(buffer))
+    assert_same(np.concatenate(preds), unpatched_predict(model, x))
+
+
+def test_autoregressive_loop(models):
+    model = keras.models.Sequential([layers.Dense(16, activation='tanh', input_shape=(8,)),
+                                     layers.Dense(8, activation='tanh')])
+    start = np.random.RandomState(0).rand(1, 8).astype('float32')
+    x, expected = start, []
+    for _ in range(50):
+        x = unpatched_predict(model, x)
+        expected.append(x)
+    with kfp.batching():
+        x, got = start, []
+        for _ in range(50):
+            x = model.predict(x)
+            got.append(x)
+    assert_same(np.concatenate(got), np.concatenate(expected))
+    assert loop_stats(model)['mean_batch_size'] == 1      # nothing could be batched
+
+
+def test_train_on_batch_interleaved_sees_weights_of_its_time():
+    model = keras.models.Sequential([layers.Dense(4, input_shape=(3,))])
+    model.compile('sgd', 'mse')
+    rng = np.random.RandomState(0)
+    xs = rng.rand(10, 1, 3).astype('float32')
+    ys = rng.rand(10, 1, 4).astype('float32')
+    initial = model.get_weights()
+    expected = []
+    for x, y in zip(xs, ys):
+        expected.append(unpatched_predict(model, x))
+        model.train_on_batch(x, y)
+    model.set_weights(initial)
+    with kfp.batching():
+        got = []
+        for x, y in zip(xs, ys):
+            got.append(model.predict(x))
+            model.train_on_batch(x, y)
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+
+
+def test_set_weights_flushes_first(models):
+    model = keras.models.Sequential([layers.Dense(2, input_shape=(3,))])
+    x = np.ones((1, 3), 'float32')
+    before = unpatched_predict(model, x)
+    with kfp.batching():
+        y = model.predict(x)
+        model.set_weights([w * 0 for w in model.get_weights()])
+        z = model.predict(x)
+    assert_same(y, before)
+    assert_same(z, np.zeros((1, 2), 'float32'))
+
+
+def test_two_models_in_one_loop(models):
+    a, b = models['dense'], models['multi_out']
+    xa, xb = inputs_for('dense', 40), inputs_for('multi_out', 40)
+    with kfp.batching(readahead=False):
+        pa, pb = [], []
+        for i in range(40):
+            pa.append(a.predict(xa[i:i + 1]))
+            pb.append(b.predict(xb[i:i + 1]))
+    assert_same(np.concatenate(pa), unpatched_predict(a, xa))
+    expected_b = unpatched_predict(b, xb)
+    for k in range(2):
+        assert_same(np.concatenate([p[k] for p in pb]), expected_b[k])
+    assert loop_stats(a)['mean_batch_size'] == 40
+    assert loop_stats(b)['mean_batch_size'] == 40
+
+
+def test_stateful_model_never_batched():
+    model = keras.models.Sequential([
+        layers.LSTM(4, stateful=True, batch_input_shape=(1, 3, 2)), layers.Dense(1)])
+    xs = np.random.RandomState(1).rand(8, 1, 3, 2).astype('float32')
+    expected = [unpatched_predict(model, x) for x in xs]
+    model.reset_states()
+    with kfp.batching():
+        got = [model.predict(x) for x in xs]
+    for g, e in zip(got, expected):
+        assert type(g) is np.ndarray
+        assert_same(g, e)
+    assert loop_stats(model)['batches'] == 0 and loop_stats(model)['fallbacks'] == 8
+
+
+def test_batch_dependent_lambda_is_verified_and_not_batched():
+    inp = layers.Input((4,))
+    centred = layers.Lambda(lambda t: t - K.mean(t, axis=0, keepdims=True))(inp)
+    model = keras.models.Model(inp, layers.Dense(2)(centred))
+    x = np.random.RandomState(2).rand(20, 4).astype('float32')
+    expected = [unpatched_predict(model, x[i:i + 1]) for i in range(20)]
+    with pytest.warns(RuntimeWarning, match='not batched'):
+        with kfp.batching():
+            got = [model.predict(x[i:i + 1].copy()) for i in range(20)]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert loop_stats(model)['mean_batch_size'] == 1
+    # The verdict holds for the model from then on: read-ahead and large arrays too.
+    with kfp.patched():
+        assert_same(model.predict(x[3:4]), expected[3])
+        assert_same(model.predict(x), unpatched_predict(model, x))
+
+
+def test_lambda_that_is_row_wise_is_verified_then_batched():
+    inp = layers.Input((4,))
+    model = keras.models.Model(inp, layers.Dense(2)(layers.Lambda(lambda t: t * 2)(inp)))
+    x = np.random.RandomState(2).rand(20, 4).astype('float32')
+    with kfp.batching():
+        got = [model.predict(x[i:i + 1].copy()) for i in range(20)]
+    assert_same(np.concatenate(got), unpatched_predict(model, x))
+    assert loop_stats(model)['verified'] == 1
+    assert loop_stats(model)['mean_batch_size'] == 20
+
+
+def test_bad_input_raises_at_call_site_and_others_resolve(models):
+    model = models['dense']
+    x = inputs_for('dense', 10)
+    with kfp.batching():
+        good = [model.predict(x[i:i + 1].copy()) for i in range(5)]
+        with pytest.raises(ValueError, match='to have shape'):
+            model.predict(np.zeros((1, 31)))
+        good += [model.predict(x[i:i + 1].copy()) for i in range(5, 10)]
+    assert_same(np.concatenate(good), unpatched_predict(model, x))
+
+
+def test_exception_in_loop_leaves_values_usable(models):
+    model = models['dense']
+    x = inputs_for('dense', 10)
+    kept = []
+
+    @kfp.fast_predict
+    def loop():
+        for i in range(10):
+            kept.append(model.predict(x[i:i + 1].copy()))
+            if i == 6:
+                raise KeyError('boom')
+
+    with pytest.raises(KeyError):
+        loop()
+    assert_same(np.concatenate(kept), unpatched_predict(model, x[:7]))
+    assert not kfp.is_patched()
+
+
+def test_generator_function_batches_while_running(models):
+    model = models['dense']
+    x = inputs_for('dense', 40)
+
+    @kfp.fast_predict
+    def gen():
+        for i in range(40):
+            yield model.predict(x[i:i + 1].copy())
+
+    out = list(gen())
+    assert_same(np.concatenate(out), unpatched_predict(model, x))
+
+
+def test_nested_scopes_and_models_filter(models):
+    a, b = models['dense'], models['multi_out']
+    xa, xb = inputs_for('dense', 5), inputs_for('multi_out', 5)
+    with kfp.batching(models=[a], readahead=False):
+        ya = a.predict(xa[:1])
+        yb = b.predict(xb[:1])
+        assert type(ya) is DeferredArray
+        assert type(yb[0]) is np.ndarray
+        with kfp.batching(readahead=False):
+            inner = b.predict(xb[1:2])
+            assert type(inner[0]) is DeferredArray
+        assert type(inner[0].__wrapped__) is np.ndarray      # resolved on leaving
+    assert_same(ya, unpatched_predict(a, xa[:1]))
+
+
+def test_defer_option_without_scope(models):
+    model = models['dense']
+    x = inputs_for('dense', 20)
+    with kfp.patched(defer=True, readahead=False):
+        preds = [model.predict(x[i:i + 1]) for i in range(20)]
+        assert type(preds[0]) is DeferredArray
+        assert_same(np.concatenate(preds), unpatched_predict(model, x))
+    assert loop_stats(model)['mean_batch_size'] == 20

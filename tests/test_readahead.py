@@ -1,0 +1,96 @@
+"""Read-ahead over the rows of one array: plain arrays back, equal to Keras, safe on change."""
+import numpy as np
+import pytest
+import keras
+from keras import layers
+
+import keras_fastpredict as kfp
+from conftest import assert_same, inputs_for, unpatched_predict
+
+
+def ra(model):
+    s = kfp.stats()[model.name]
+    return s['readahead_hits'], s['readahead_misses']
+
+
+@pytest.mark.parametrize('view', ['slice', 'none_axis', 'expand_dims', 'reversed', 'strided'])
+def test_use_immediately_over_rows(models, view):
+    model = models['dense']
+    x = inputs_for('dense', 400)
+    take = {
+        'slice': lambda i: x[i:i + 1],
+        'none_axis': lambda i: x[i][None],
+        'expand_dims': lambda i: np.expand_dims(x[i], 0),
+        'reversed': lambda i: x[399 - i:400 - i],
+        'strided': lambda i: x[2 * (i % 200):2 * (i % 200) + 1],
+    }[view]
+    expected = [unpatched_predict(model, take(i)) for i in range(400)]
+    with kfp.patched():
+        got = [model.predict(take(i)) for i in range(400)]
+    for g, e in zip(got, expected):
+        assert type(g) is np.ndarray
+        assert_same(g, e)
+    hits, _ = ra(model)
+    assert hits > 300
+
+
+def test_rows_changed_after_prediction_are_recomputed(models):
+    model = models['dense']
+    x = inputs_for('dense', 100)
+    with kfp.patched():
+        got = []
+        for i in range(99):
+            y = model.predict(x[i:i + 1])
+            got.append(y)
+            x[i + 1] += y[0, :1]            # next input depends on this output
+    expected_x = inputs_for('dense', 100)
+    ref = []
+    for i in range(99):
+        y = unpatched_predict(model, expected_x[i:i + 1])
+        ref.append(y)
+        expected_x[i + 1] += y[0, :1]
+    assert_same(np.concatenate(got), np.concatenate(ref))
+    assert ra(model)[1] >= 1
+
+
+def test_weights_changed_between_calls(models):
+    model = keras.models.Sequential([layers.Dense(3, input_shape=(4,))])
+    x = np.random.RandomState(0).rand(50, 4).astype('float32')
+    with kfp.patched():
+        got = []
+        for i in range(50):
+            got.append(model.predict(x[i:i + 1]))
+            if i == 20:
+                model.set_weights([w + 1 for w in model.get_weights()])
+    later = unpatched_predict(model, x[21:])
+    assert_same(np.concatenate(got[21:]), later)
+    assert ra(model)[0] > 20
+
+
+def test_random_access_is_not_read_ahead(models):
+    model = models['dense']
+    x = inputs_for('dense', 300)
+    order = np.random.RandomState(0).permutation(300)
+    with kfp.patched():
+        got = [model.predict(x[i:i + 1]) for i in order]
+    assert_same(np.concatenate(got), unpatched_predict(model, x[order]))
+    assert kfp.stats()[model.name]['readahead_rows'] < 50
+
+
+def test_readahead_off(models):
+    model = models['dense']
+    x = inputs_for('dense', 50)
+    with kfp.patched(readahead=False):
+        [model.predict(x[i:i + 1]) for i in range(50)]
+    assert ra(model) == (0, 0)
+
+
+def test_loop_ending_early_and_new_array(models):
+    model = models['dense']
+    x = inputs_for('dense', 100)
+    x2 = inputs_for('dense', 100, seed=5)
+    with kfp.patched():
+        first = [model.predict(x[i:i + 1]) for i in range(30)]
+        second = [model.predict(x2[i:i + 1]) for i in range(100)]
+    assert_same(np.concatenate(first), unpatched_predict(model, x[:30]))
+    assert_same(np.concatenate(second), unpatched_predict(model, x2))
