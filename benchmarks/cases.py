@@ -72,10 +72,10 @@ def collect(predict, X, n):
     return join(preds)
 
 
-def collect_batching(predict, X, n, **options):
+def collect_batching(predict, X, n):
     """The same loop inside ``keras_fastpredict.batching()``: results are deferred."""
     preds = []
-    with keras_fastpredict.batching(**options):
+    with keras_fastpredict.batching():
         for i in range(n):
             preds.append(predict(row(X, i)))
     return join(preds)
@@ -212,8 +212,6 @@ class Case(object):
             Variant('patched', 'patched', lambda: collect(predict, X, n), {}),
             Variant('patched + batching()', 'patched',
                     lambda: collect_batching(predict, X, n), {}),
-            Variant('patched + batching(readahead=False) (deferral alone)', 'patched',
-                    lambda: collect_batching(predict, X, n, readahead=False), {}),
         ]
 
     def _immediate(self, model, X, n):

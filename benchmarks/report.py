@@ -11,9 +11,6 @@ import keras_fastpredict
 
 from .cases import Timed, as_list
 
-COUNTERS = ('calls', 'fast_calls', 'fallbacks', 'deferred', 'batches', 'batched_rows',
-            'readahead_hits', 'readahead_misses', 'readahead_rows')
-
 RTOL, ATOL = 1e-5, 1e-6
 # Comparisons whose bar is "not slower than" / "at least as fast as" allow this much
 # measurement noise (the ratio is printed either way). Multiplier targets (12x...) allow none.
@@ -76,21 +73,20 @@ def check(reference, outputs):
 
 
 def _stats_delta(before, after):
-    """The counters of one run, as after minus before. (Not reset_stats(): in
-    keras_fastpredict 0.1.0 it detaches the counters of models whose callable is already
-    built, so their calls count nowhere.)"""
+    """The counters of one run: ``after`` minus ``before`` (snapshots of stats())."""
     if after is None:
         return None
     before = before or {}
     delta = dict(after)
-    for key in COUNTERS:
-        delta[key] = after[key] - before.get(key, 0)
+    for key, value in after.items():
+        if type(value) is int:
+            delta[key] = value - before.get(key, 0)
     reasons = before.get('fallback_reasons', {})
     delta['fallback_reasons'] = {r: n - reasons.get(r, 0)
                                  for r, n in after['fallback_reasons'].items()
                                  if n > reasons.get(r, 0)}
-    delta['mean_batch_size'] = (delta['batched_rows'] / delta['batches']
-                                if delta['batches'] else 0.0)
+    calls = delta.get('batched_calls', delta['batched_rows'])     # calls served per run
+    delta['mean_batch_size'] = calls / delta['batches'] if delta['batches'] else 0.0
     return delta
 
 
