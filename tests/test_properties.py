@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis.errors import InvalidArgument
 from keras import backend as K
 from keras import layers
 from keras.engine import training
@@ -208,7 +209,10 @@ def _read(out):
 
 
 def _assert_same_outcome(got, want, case):
-    event('plain Keras: %s' % (want[0] if want[0] == 'value' else want[1].__name__))
+    try:   # shown by --hypothesis-show-statistics
+        event('plain Keras: %s' % (want[0] if want[0] == 'value' else want[1].__name__))
+    except InvalidArgument:
+        pass   # not inside a hypothesis test
     assert got[0] == want[0], '%s: patched %r, plain Keras %r' % (case, got, want)
     if want[0] == 'raised':
         assert got[1:] == want[1:], case
@@ -297,7 +301,7 @@ def _case_input(pool, case):
     return model, x
 
 
-@settings(max_examples=int(os.environ.get("KFP_PROP_EXAMPLES", 160)), **SETTINGS)
+@settings(max_examples=int(os.environ.get("KFP_PROP_EXAMPLES", 120)), **SETTINGS)
 @given(case=cases, batch_size=st.one_of(st.none(), st.integers(1, 70)))
 def test_predict_matches_plain_keras(pool, case, batch_size):
     model, x = _case_input(pool, case)
@@ -307,7 +311,7 @@ def test_predict_matches_plain_keras(pool, case, batch_size):
     _assert_same_outcome(got, want, repr((case, batch_size)))
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=80, **SETTINGS)
 @given(case=cases)
 def test_predict_on_batch_matches_plain_keras(pool, case):
     model, x = _case_input(pool, case)
@@ -355,3 +359,22 @@ def test_row_by_row_loop_matches_plain_keras(pool, model_name, rows, dtype, cont
         _assert_same_outcome(('value', g), w, 'row %d of %r' % (i, (model_name, rows, dtype,
                                                                     container, corruption,
                                                                     mode)))
+
+
+def test_every_bad_input_of_every_model(pool):
+    """Each kind of input (well-formed, NaN, inf and every bad one) for each model, both
+    methods, containers and modes taken in turn: not left to the luck of the draw."""
+    i = 0
+    for name in MODEL_NAMES:
+        model = pool.models[name]
+        for corruption in sorted(set(CORRUPTIONS)):
+            for method in ('predict', 'predict_on_batch'):
+                container = CONTAINERS[i % len(CONTAINERS)]
+                mode = MODES[(i // len(CONTAINERS)) % len(MODES)]
+                rows = (0, 1, 7, 65)[i % 4]
+                i += 1
+                x = _inputs(model, rows, DTYPES[i % len(DTYPES)], container, corruption, i)
+                want = _call_plain(pool, method, model, x, {})
+                got = _call_patched(pool, mode, method, model, x, {})
+                _assert_same_outcome(got, want, repr((name, corruption, method, container,
+                                                      mode, rows)))

@@ -13,13 +13,14 @@ outcome of every test to ``results.json`` there, and each process that runs test
 keras_fastpredict counters (summed over every model it saw) to ``stats-<worker>.json``, so
 the script can show that the fast path really ran.
 """
-import importlib
 import json
 import os
 
+import pytest
+
 MODES = {'plain': None, 'patch': {}, 'defer': {'defer': True}}
 
-_tracked = []
+_totals = {}
 _outcomes = {}
 
 
@@ -42,32 +43,21 @@ def _check_keras(rootdir):
     return where
 
 
-def _track_stats():
-    # Count every model's counters for the whole session: keras_fastpredict's own snapshot
-    # keeps only live models and a bounded set of freed ones by name (names repeat after
-    # K.clear_session()), so keep a reference to each ModelStats as it is created.
-    stats = importlib.import_module('keras_fastpredict.stats')
-
-    class TrackedModelStats(stats.ModelStats):
-        def __init__(self, name):
-            super(TrackedModelStats, self).__init__(name)
-            _tracked.append(self)
-
-    stats.ModelStats = TrackedModelStats
-
-
-def _totals():
-    stats = importlib.import_module('keras_fastpredict.stats')
-    totals = {name: 0 for name in stats.COUNTERS}
-    reasons = {}
-    for found in _tracked:
-        for name in stats.COUNTERS:
-            totals[name] += getattr(found, name)
-        for reason, n in found.fallback_reasons.items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    totals['models'] = len(_tracked)
-    totals['fallback_reasons'] = reasons
-    return totals
+def _add_counters():
+    # keras_fastpredict.stats() holds the live models and a bounded number of freed ones (by
+    # name, and names repeat after K.clear_session()): read it after each test and start
+    # the next from zero, so the session totals are (at worst a lower bound of) the sum.
+    import keras_fastpredict
+    for found in keras_fastpredict.stats().values():
+        _totals['models'] = _totals.get('models', 0) + 1
+        for name, value in found.items():
+            if name == 'fallback_reasons':
+                reasons = _totals.setdefault('fallback_reasons', {})
+                for reason, n in value.items():
+                    reasons[reason] = reasons.get(reason, 0) + n
+            elif type(value) is int and name != 'max_queue_len':
+                _totals[name] = _totals.get(name, 0) + value
+    keras_fastpredict.reset_stats()
 
 
 def pytest_configure(config):
@@ -78,7 +68,6 @@ def pytest_configure(config):
     options = MODES[mode]
     if options is not None:
         import keras_fastpredict
-        _track_stats()
         keras_fastpredict.patch(**options)
 
 
@@ -91,13 +80,21 @@ def pytest_report_header(config):
     return line
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if item.config._kfp_mode != 'plain':
+        _add_counters()
+
+
 def pytest_runtest_logreport(report):
     # In the controller under xdist (workers' reports arrive there), else in the one process.
-    # Flaky's reruns report again: the last call decides; a failed setup/teardown is an error.
+    # Flaky's reruns report again: the last call decides.
     if report.when == 'call':
         _outcomes[report.nodeid] = 'skipped' if report.skipped else report.outcome
     elif report.failed:
-        _outcomes[report.nodeid] = 'error'
+        # A failed setup or teardown is an error; a worker that crashed reports '???'.
+        _outcomes[report.nodeid] = 'error' if report.when in ('setup', 'teardown') else 'failed'
     elif report.when == 'setup' and report.skipped:
         _outcomes[report.nodeid] = 'skipped'
 
@@ -122,7 +119,7 @@ def pytest_sessionfinish(session, exitstatus):
     if config._kfp_mode == 'plain':
         return
     import keras_fastpredict
-    data = _totals()
+    data = dict(_totals)
     data['mode'] = config._kfp_mode
     data['patched_at_end'] = keras_fastpredict.is_patched()
     data['pid'] = os.getpid()
