@@ -21,5 +21,9 @@ bench: venv
 soak: venv
 	$(PY) benchmarks/soak.py
 
+# Keras 2.2.5's own test suite (from its sdist) plainly, patched and with defer=True.
+upstream-test: venv
+	bash tools/upstream_tests.sh
+
 clean:
 	rm -rf .venv benchmarks/results
