@@ -180,7 +180,6 @@ class Case(object):
         self.name = '%s/%s' % (model_name, loop if threads is None else 'threads-%d' % threads)
         self.model = None
         self.variants = None
-        self.reference = None
 
     def setup(self):
         """Build the model, data and variants (keras_fastpredict must be unpatched)."""
