@@ -7,6 +7,7 @@ machinery (``get_session``'s variable scan, ``K.function``'s checks, ``predict_l
 Entries are weakly keyed by the model and rebuilt when the session or the model's
 inputs and outputs change.
 """
+import atexit
 import threading
 import time
 import warnings
@@ -79,6 +80,8 @@ class CompiledModel(object):
         self.n_outputs = len(model.outputs)
         self.output_shapes = [K.int_shape(t) for t in model.outputs]
         self.output_dtypes = [np.dtype(t.dtype.as_numpy_dtype) for t in model.outputs]
+        # Per output: the shape of one row when static, else None (deferred results use it).
+        self.row_shapes = [None if None in s[1:] else tuple(s[1:]) for s in self.output_shapes]
         # Signatures (container, per-array dtype and shape past the batch axis) that Keras'
         # own validation accepted once; the same signature is accepted again without it.
         self.signatures = set()
@@ -181,8 +184,13 @@ class CompiledModel(object):
         if cls is np.ndarray:
             if not self.single_input:
                 return None
-            key = (x.dtype, x.shape[1:])
-            arrays = [x]
+            dtype = x.dtype
+            key = (dtype, x.shape[1:])
+            if key not in self.signatures:
+                if key in self.slow_signatures or not self._accept(key, x, [x]):
+                    return None
+            feed_dtype = self.feed_dtypes[0]
+            return [x if dtype is feed_dtype else np.asarray(x, dtype=feed_dtype)]
         else:
             if cls is list or cls is tuple:
                 arrays = x
@@ -303,6 +311,14 @@ def exclude(model):
     entry = _entries.get(key)
     if entry is not None:
         entry.excluded = True
+
+
+def clear_at_exit():
+    # Release the TF callables while TF is still whole (their __del__ needs it).
+    _entries.clear()
+
+
+atexit.register(clear_at_exit)
 
 
 def invalidate(model):

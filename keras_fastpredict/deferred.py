@@ -27,6 +27,16 @@ class DeferredArray(wrapt.ObjectProxy):
     def __repr__(self):
         return repr(self.__wrapped__)
 
+    # numpy looks these up when converting; defined here they skip a failed attribute
+    # lookup on the proxy (np.concatenate of many results is a common next step).
+    @property
+    def __array_struct__(self):
+        return resolve(self).__array_struct__
+
+    @property
+    def __array_interface__(self):
+        return resolve(self).__array_interface__
+
     def __reduce_ex__(self, protocol):
         return resolve(self).__reduce_ex__(protocol)
 
@@ -68,11 +78,12 @@ def _shape_after(shape, key):
 
 
 class _Pending(object):
-    """What a DeferredArray wraps until its request has run."""
-    __slots__ = ('request', 'output', 'keys', '_shape', 'dtype')
+    """What a DeferredArray wraps until its batch has run."""
+    __slots__ = ('batch', 'call', 'output', 'keys', '_shape', 'dtype')
 
-    def __init__(self, request, output, keys, shape, dtype):
-        self.request = request
+    def __init__(self, batch, call, output, keys, shape, dtype):
+        self.batch = batch
+        self.call = call
         self.output = output
         self.keys = keys
         self._shape = shape       # None where the model's output shape is not static
@@ -83,12 +94,13 @@ class _Pending(object):
         return np.ndarray
 
     def _value(self):
-        req = self.request
-        if req.outputs is None and req.error is None:
-            req.scope_ref().flush()
-        if req.error is not None:
-            raise req.error
-        value = req.outputs[self.output]
+        batch = self.batch
+        if batch.results is None:
+            batch.scope.flush()
+        result = batch.results[self.call]
+        if isinstance(result, Exception):
+            raise result
+        value = result[self.output]
         for key in self.keys:
             value = value[key]
         return value
@@ -112,12 +124,11 @@ class _Pending(object):
     def __getitem__(self, key):
         if self._shape is not None and _simple_key(key):
             shape = _shape_after(self._shape, key)
-            if shape:
-                proxy = DeferredArray(_Pending(self.request, self.output, self.keys + (key,),
-                                               shape, self.dtype))
-                if self.request.outputs is None and self.request.error is None:
-                    self.request.proxies.append(proxy)
-                    return proxy
+            if shape and self.batch.results is None:
+                proxy = DeferredArray(_Pending(self.batch, self.call, self.output,
+                                               self.keys + (key,), shape, self.dtype))
+                self.batch.derived.append(proxy)
+                return proxy
         return self._value()[key]
 
     def __getattr__(self, name):
@@ -164,6 +175,22 @@ for _name in ('lt le eq ne gt ge neg pos abs invert float int index complex bool
 _Pending.__repr__ = _forward('__repr__')
 
 
+class _Batch(object):
+    """One model's deferred calls in a scope: their rows, copied into one input buffer."""
+    __slots__ = ('scope', 'entry', 'buffers', 'n', 'pieces', 'proxies', 'derived',
+                 'results')
+
+    def __init__(self, scope, entry, buffers):
+        self.scope = scope
+        self.entry = entry
+        self.buffers = buffers
+        self.n = 0
+        self.pieces = []          # (start, stop) rows of each call
+        self.proxies = []         # per call: its proxy, or list of proxies (several outputs)
+        self.derived = []         # proxies made by indexing a pending one
+        self.results = None       # per call: list of outputs, or the call's exception
+
+
 class Scope(object):
     """Pending predict calls of one thread, run together when any result is needed."""
 
@@ -171,75 +198,94 @@ class Scope(object):
         self.max_batch_size = max_batch_size or settings.max_batch_size
         self.model_ids = None if models is None else {id(m) for m in models}
         self.readahead = readahead
-        self.pending = []
-        self.rows = 0
         self.lock = threading.RLock()
+        self._open = {}           # entry -> _Batch being filled
+        self._spare = {}          # entry -> input buffers to reuse
         # Per model: how many flushes in a row ran a lone call because its value was read
         # at once (a use-immediately loop); past a limit deferral only adds cost.
         self._lone_flushes = {}
-        self._reading = False
 
     def wants(self, entry):
-        if self.model_ids is not None and entry.model_ref is not None:
+        if self.model_ids is not None:
             model = entry.model_ref()
             if model is None or id(model) not in self.model_ids:
                 return False
-        return self._lone_flushes.get(id(entry), 0) < 16
+        return self._lone_flushes.get(entry, 0) < 16
 
     def defer(self, entry, arrays, rows):
-        # Copy now: loops often refill one input buffer for the next call.
-        arrays = [np.array(a) for a in arrays]
-        req = engine.Request(entry, arrays, rows)
-        req.scope_ref = weakref.ref(self)
-        req.proxies = []
-        proxies = []
-        for i, (shape, dtype) in enumerate(zip(entry.output_shapes, entry.output_dtypes)):
-            static = None if None in shape[1:] else (rows,) + tuple(shape[1:])
-            proxy = DeferredArray(_Pending(req, i, (), static, dtype))
-            req.proxies.append(proxy)
-            proxies.append(proxy)
-        entry.stats.deferred += 1
         with self.lock:
-            if not self.pending:
-                with _scopes_lock:
-                    _scopes.add(self)
-            self.pending.append(req)
-            self.rows += rows
-            full = self.rows >= self.max_batch_size
-        if full:
-            self.flush(lone_read=False)
-        return proxies
+            batch = self._open.get(entry)
+            if batch is not None and batch.n + rows > len(batch.buffers[0]):
+                self._run(batch, lone_read=False)
+                batch = None
+            if batch is None:
+                batch = self._new_batch(entry, rows)
+            start = batch.n
+            stop = batch.n = start + rows
+            # A copy now: loops often refill one input buffer for the next call.
+            for buf, a in zip(batch.buffers, arrays):
+                buf[start:stop] = a
+            call = len(batch.pieces)
+            batch.pieces.append((start, stop))
+            if entry.n_outputs == 1:
+                row = entry.row_shapes[0]
+                proxy = DeferredArray(_Pending(batch, call, 0, (), None if row is None else (rows,) + row,
+                                               entry.output_dtypes[0]))
+                batch.proxies.append(proxy)
+                result = [proxy]
+            else:
+                result = [DeferredArray(_Pending(batch, call, i, (), None if row is None else (rows,) + row,
+                                                 dtype))
+                          for i, (row, dtype) in enumerate(zip(entry.row_shapes,
+                                                               entry.output_dtypes))]
+                batch.proxies.append(result)
+            entry.stats.deferred += 1
+            if stop >= self.max_batch_size:
+                self._run(batch, lone_read=False)
+        return result
 
-    def flush(self, lone_read=True):
-        with self.lock:
-            requests, self.pending = self.pending, []
-            self.rows = 0
-            if not requests:
-                return
+    def _new_batch(self, entry, rows):
+        capacity = max(rows, min(self.max_batch_size, entry.large_batch))
+        buffers = self._spare.pop(entry, None)
+        if buffers is None or len(buffers[0]) < capacity:
+            buffers = [np.empty((capacity,) + shape[1:], dtype) for shape, dtype in
+                       zip(entry.feed_shapes, entry.feed_dtypes)]
+        batch = self._open[entry] = _Batch(self, entry, buffers)
+        if len(self._open) == 1:
+            with _scopes_lock:
+                _scopes.add(self)
+        return batch
+
+    def _run(self, batch, lone_read):
+        entry = batch.entry
+        del self._open[entry]
+        if not self._open:
             with _scopes_lock:
                 _scopes.discard(self)
-            by_entry = {}
-            for req in requests:
-                by_entry.setdefault(id(req.entry), []).append(req)
-            for group in by_entry.values():
-                entry = group[0].entry
-                if lone_read and len(group) == 1:
-                    self._lone_flushes[id(entry)] = self._lone_flushes.get(id(entry), 0) + 1
-                else:
-                    self._lone_flushes[id(entry)] = 0
-                try:
-                    engine.run_requests(entry, group)
-                except Exception as exc:      # e.g. verification itself failed
-                    for req in group:
-                        if req.outputs is None:
-                            req.error = exc
-            for req in requests:
-                _settle(req)
+        n_calls = len(batch.pieces)
+        if lone_read and n_calls == 1:
+            self._lone_flushes[entry] = self._lone_flushes.get(entry, 0) + 1
+        else:
+            self._lone_flushes[entry] = 0
+        arrays = [buf[:batch.n] for buf in batch.buffers]
+        try:
+            results = engine.run_merged(entry, arrays, batch.pieces)
+        except Exception as exc:      # e.g. verification itself failed
+            results = [exc] * n_calls
+        batch.results = results
+        self._spare[entry] = batch.buffers
+        batch.buffers = None
+        _settle(batch)
+
+    def flush(self, lone_read=True):
+        """Run every pending call of this scope."""
+        with self.lock:
+            for batch in list(self._open.values()):
+                self._run(batch, lone_read)
 
     # Context-manager use: push on this thread's stack; leaving runs what is pending.
     def activate(self):
-        stack = _stack()
-        stack.append(self)
+        _stack().append(self)
 
     def deactivate(self):
         stack = _stack()
@@ -255,19 +301,25 @@ class Scope(object):
     def __exit__(self, *exc):
         self.deactivate()
         self.flush(lone_read=False)
+        self._spare.clear()
         return False
 
 
-def _settle(req):
-    """Point the request's proxies at their real arrays; on error they keep raising it."""
-    proxies, req.proxies = req.proxies, None
-    if req.error is not None:
-        return
-    for proxy in proxies:
+def _settle(batch):
+    """Point the proxies at their real arrays; a failed call's proxies keep raising."""
+    for proxy, result in zip(batch.proxies, batch.results):
+        if isinstance(result, Exception):
+            continue
+        if type(proxy) is list:
+            for p, value in zip(proxy, result):
+                p.__wrapped__ = value
+        else:
+            proxy.__wrapped__ = result[0]
+    for proxy in batch.derived:
         pending = proxy.__wrapped__
-        if type(pending) is _Pending:
+        if not isinstance(batch.results[pending.call], Exception):
             proxy.__wrapped__ = pending._value()
-    req.arrays = None
+    batch.proxies = batch.derived = None
 
 
 def _stack():

@@ -1,7 +1,7 @@
 """The batching engine: runs many predict calls of one model as few session runs.
 
-Every way in (deferred results, read-ahead, concurrent threads) hands its calls here as
-``Request`` objects; each gets back exactly its own rows, or its own exception.
+Every way in (deferred results, read-ahead, concurrent threads) hands its calls here;
+each gets back exactly its own rows, or its own exception.
 """
 import time
 
@@ -13,8 +13,8 @@ from .config import settings
 
 class Request(object):
     """One caller's predict call: its feed arrays, then its outputs or its error."""
-    __slots__ = ('entry', 'arrays', 'rows', 'outputs', 'error', 'event', 'proxies',
-                 'enqueued', 'abandoned', 'scope_ref', '__weakref__')
+    __slots__ = ('entry', 'arrays', 'rows', 'outputs', 'error', 'event', 'enqueued',
+                 'abandoned', '__weakref__')
 
     def __init__(self, entry, arrays, rows):
         self.entry = entry
@@ -23,7 +23,6 @@ class Request(object):
         self.outputs = None
         self.error = None
         self.event = None
-        self.proxies = None
         self.enqueued = 0.0
         self.abandoned = False
 
@@ -48,46 +47,53 @@ def verify(entry, arrays, outputs, pieces):
     return True
 
 
-def run_requests(entry, requests):
-    """Fill ``outputs`` or ``error`` of each request, batching them where the model allows."""
+def run_merged(entry, arrays, pieces):
+    """Run the rows of several calls as one batch. ``pieces`` holds each call's (start,
+    stop) rows in ``arrays``; returns, per call, its list of outputs or its exception."""
     stats = entry.stats
-    if len(requests) == 1 or entry.batch_safe is False or entry.excluded:
-        for req in requests:
-            _run_alone(entry, req)
-        return
     start_time = time.perf_counter()
-    if len(entry.feed_names) == 1:
-        merged = [np.concatenate([r.arrays[0] for r in requests])]
-    else:
-        merged = [np.concatenate([r.arrays[i] for r in requests])
-                  for i in range(len(entry.feed_names))]
+    if len(pieces) == 1 or entry.batch_safe is False or entry.excluded:
+        return [_alone(entry, arrays, lo, hi) for lo, hi in pieces]
     try:
-        outs = entry.run(merged, batch_size=max(entry.large_batch, settings.max_batch_size))
+        outs = entry.run(arrays, batch_size=max(entry.large_batch, settings.max_batch_size))
     except Exception:
-        # Isolate the failure: only the callers whose own rows fail get an error.
-        for req in requests:
-            _run_alone(entry, req)
-        return
+        # Isolate the failure: only the calls whose own rows fail get an error.
+        return [_alone(entry, arrays, lo, hi) for lo, hi in pieces]
+    if entry.batch_safe is None and not verify(entry, arrays, outs, pieces):
+        return [_alone(entry, arrays, lo, hi) for lo, hi in pieces]
+    stats.batch(pieces[-1][1], len(pieces))
+    stats.exec_s += time.perf_counter() - start_time
+    if len(outs) == 1:
+        out = outs[0]
+        return [[out[lo:hi]] for lo, hi in pieces]
+    return [[o[lo:hi] for o in outs] for lo, hi in pieces]
+
+
+def _alone(entry, arrays, lo, hi):
+    start_time = time.perf_counter()
+    try:
+        result = entry.run([a[lo:hi] for a in arrays])
+    except Exception as exc:
+        result = exc
+    entry.stats.batch(hi - lo, 1)
+    entry.stats.exec_s += time.perf_counter() - start_time
+    return result
+
+
+def run_requests(entry, requests):
+    """Fill ``outputs`` or ``error`` of each request (calls from several threads)."""
     pieces = []
     offset = 0
     for req in requests:
         pieces.append((offset, offset + req.rows))
         offset += req.rows
-    if entry.batch_safe is None and not verify(entry, merged, outs, pieces):
-        for req in requests:
-            _run_alone(entry, req)
-        return
-    stats.batch(offset, len(requests))
-    stats.exec_s += time.perf_counter() - start_time
-    for req, (lo, hi) in zip(requests, pieces):
-        req.outputs = [o[lo:hi] for o in outs]
-
-
-def _run_alone(entry, req):
-    start_time = time.perf_counter()
-    try:
-        req.outputs = entry.run(req.arrays)
-    except Exception as exc:
-        req.error = exc
-    entry.stats.batch(req.rows, 1)
-    entry.stats.exec_s += time.perf_counter() - start_time
+    n_feeds = len(entry.feed_names)
+    if len(requests) == 1:
+        merged = requests[0].arrays
+    else:
+        merged = [np.concatenate([r.arrays[i] for r in requests]) for i in range(n_feeds)]
+    for req, result in zip(requests, run_merged(entry, merged, pieces)):
+        if isinstance(result, Exception):
+            req.error = result
+        else:
+            req.outputs = result
