@@ -22,6 +22,9 @@ from .config import settings
 _all = weakref.WeakSet()
 _all_lock = threading.Lock()
 _IDLE_EXIT_S = 5.0
+_WINDOW = 256              # calls per timing window
+_WINDOW_MAX_S = 1.0
+_EXPLOIT_WINDOWS = 16
 
 
 class QueueFullError(RuntimeError):
@@ -42,15 +45,51 @@ class Batcher(object):
         self.running = 0
         self.workers = 0
         self.stopping = False
+        # Queueing costs thread hand-offs; for a small model under light concurrency plain
+        # concurrent runs are faster. Windows of calls are timed in each mode and the
+        # faster one is used, probing both again now and then.
+        self.direct = False
+        self._phase = 0
+        self._rates = [0.0, 0.0]          # calls per second: [batching, direct]
+        self._window_calls = 0
+        self._window_start = time.perf_counter()
         with _all_lock:
             _all.add(self)
+
+    def _tick(self):
+        """Count a call (under the lock); switch modes at window ends."""
+        self._window_calls += 1
+        if self._window_calls < _WINDOW:
+            return
+        now = time.perf_counter()
+        elapsed = now - self._window_start
+        rate = self._window_calls / elapsed
+        self._window_calls = 0
+        self._window_start = now
+        if elapsed > _WINDOW_MAX_S:                  # calls too sparse to compare modes
+            self._phase, self.direct = 0, False
+        elif self._phase == 0:
+            self._rates[0] = rate
+            self._phase, self.direct = 1, True
+        elif self._phase == 1:
+            self._rates[1] = rate
+            self._phase, self.direct = 2, self._rates[1] > self._rates[0]
+        else:
+            self._phase += 1
+            if self._phase > 1 + _EXPLOIT_WINDOWS:
+                self._phase, self.direct = 0, False
 
     def submit(self, entry, arrays, rows, batch_size):
         cond = self.cond
         with cond:
+            self._tick()
             idle = self.running < settings.num_batch_threads and not self.queue
             if idle:
                 self.running += 1
+            elif self.direct:
+                idle = None
+        if idle is None:
+            return entry.run(arrays, batch_size)
         if idle:
             try:
                 return entry.run(arrays, batch_size)
@@ -63,7 +102,9 @@ class Batcher(object):
 
     def _enqueue(self, entry, arrays, rows):
         req = engine.Request(entry, arrays, rows)
-        req.event = threading.Event()
+        # A held lock as the "done" signal: cheaper than an Event; the worker releases it.
+        req.event = threading.Lock()
+        req.event.acquire()
         limit = settings.max_enqueued_batches * settings.max_batch_size
         with self.cond:
             if self.queue and self.queued_rows + rows > limit:
@@ -85,13 +126,14 @@ class Batcher(object):
                                  daemon=True).start()
             self.cond.notify()
         timeout = settings.timeout
-        if not req.event.wait(timeout):
+        if not req.event.acquire(True, -1 if timeout is None else timeout):
             with self.cond:
                 if req in self.queue:
                     self.queue.remove(req)
                     self.queued_rows -= rows
                 req.abandoned = True
-            if not req.event.is_set():
+                served = req.outputs is not None or req.error is not None
+            if not served:
                 self.stats.timeouts += 1
                 raise PredictTimeoutError(
                     'keras_fastpredict: predict on model %r not served within %.3f s'
@@ -142,7 +184,7 @@ class Batcher(object):
             for req in leftover:
                 req.error = RuntimeError('keras_fastpredict: batcher stopped before this '
                                          'call ran')
-                req.event.set()
+                req.event.release()
         return batch
 
     def _work(self):
@@ -172,9 +214,10 @@ class Batcher(object):
                 if req.outputs is None and req.error is None:
                     req.error = exc
         finally:
-            for req in batch:
-                req.arrays = None
-                req.event.set()
+            with self.cond:
+                for req in batch:
+                    req.arrays = None
+                    req.event.release()
 
     def stop(self):
         with self.cond:
