@@ -21,6 +21,7 @@ from .config import settings
 _build_lock = threading.RLock()
 _entries = {}          # id(model) -> CompiledModel
 _excluded = set()      # id(model) of models the user excluded from batching
+_CALIBRATION_RUNS = 3
 
 
 class NotSupported(Exception):
@@ -86,7 +87,10 @@ class CompiledModel(object):
         # own validation accepted once; the same signature is accepted again without it.
         self.signatures = set()
         self.slow_signatures = set()
-        row_bytes = sum(int(np.prod(s[1:], dtype=np.int64)) * d.itemsize
+        # Inputs with a None dimension past the batch axis (variable-length sequences):
+        # rows of different calls may not stack, so they are not deferred or read ahead.
+        self.fixed_rows = all(None not in s[1:] for s in self.feed_shapes)
+        row_bytes = sum(int(np.prod([n or 64 for n in s[1:]], dtype=np.int64)) * d.itemsize
                         for s, d in zip(self.feed_shapes, self.feed_dtypes)) or 1
         self.large_batch = int(max(32, min(settings.large_batch_max_rows,
                                            settings.large_batch_bytes // row_bytes)))
@@ -95,7 +99,7 @@ class CompiledModel(object):
         self.excluded = id(model) in _excluded
         self.batcher = None        # the concurrent batcher, made on first use
         self.lock = threading.Lock()
-        self._pool_choice = {}     # log2(rows) -> [inline times, pool times] or bool
+        self._pool_choice = {}     # log2(rows) -> ([inline times], [pool times]), then bool
         self._inline = self._make_callable(feeds, inline=True)
         self._pool = self._make_callable(feeds, inline=False)
         from tensorflow.python import pywrap_tensorflow
@@ -124,50 +128,49 @@ class CompiledModel(object):
 
     # -- running ---------------------------------------------------------------------------
 
-    def call(self, arrays):
-        """One session run on contiguous rows; returns the list of outputs."""
-        rows = arrays[0].shape[0]
-        if rows <= settings.inline_max_rows:
-            fn = self._inline
+    def call(self, arrays, pool=False):
+        """One session run; returns the list of outputs. ``pool``: run on TF's inter-op
+        pool (for calls made while others run), else wherever this model ran faster."""
+        if pool:
+            fn = self._pool
         else:
-            fn = self._choose(rows)
-            if fn is None:
-                return self._calibrate(rows, arrays)
+            choice = self._pool_choice.get(arrays[0].shape[0].bit_length())
+            if choice is True:
+                fn = self._pool
+            elif choice is False:
+                fn = self._inline
+            else:
+                return self._calibrate(arrays)
         return self._run_callable(self.session._session, fn._handle, arrays, None)
 
-    def _choose(self, rows):
-        choice = self._pool_choice.get(rows.bit_length())
-        if choice is True:
-            return self._pool
-        if choice is False:
-            return self._inline
-        return None
-
-    def _calibrate(self, rows, arrays):
-        # Large runs: the caller's thread or TF's pool, whichever this model ran faster
-        # on in its first runs of this size (about a power of two).
-        bucket = rows.bit_length()
+    def _calibrate(self, arrays):
+        # The caller's thread is faster for small models (no hand-off to TF's pool), the
+        # pool for some larger ones (MobileNet, even one row at a time): for each size
+        # (about a power of two), the first runs alternate and the faster way is kept.
+        bucket = arrays[0].shape[0].bit_length()
         times = self._pool_choice.setdefault(bucket, ([], []))
+        if type(times) is not tuple:
+            return self.call(arrays)
         use_pool = len(times[1]) < len(times[0])
         fn = self._pool if use_pool else self._inline
         start = time.perf_counter()
         out = self._run_callable(self.session._session, fn._handle, arrays, None)
         times[use_pool].append(time.perf_counter() - start)
-        if len(times[1]) >= 2 and len(times[0]) >= 2:
+        if len(times[1]) >= _CALIBRATION_RUNS and len(times[0]) >= _CALIBRATION_RUNS:
             self._pool_choice[bucket] = min(times[1]) < min(times[0])
         return out
 
-    def run(self, arrays, batch_size=None):
+    def run(self, arrays, batch_size=None, pool=False):
         """Predict all rows of ``arrays``: session runs of ``batch_size`` rows (chosen for
         throughput when None), results in one array per output as ``Model.predict`` gives."""
         rows = arrays[0].shape[0]
         if batch_size is None:
             batch_size = self.large_batch if self.batch_safe else 32
         if rows <= batch_size:
-            return self.call(arrays)
+            return self.call(arrays, pool)
         outs = None
         for start in range(0, rows, batch_size):
-            part = self.call([a[start:start + batch_size] for a in arrays])
+            part = self.call([a[start:start + batch_size] for a in arrays], pool)
             if outs is None:
                 outs = [np.empty((rows,) + p.shape[1:], p.dtype) for p in part]
             for o, p in zip(outs, part):
@@ -259,6 +262,9 @@ def _unsupported_reason(model):
         return 'fixed batch dimension'
     if len(model._feed_inputs) != len(model.inputs):
         return 'inputs fed from tensors'
+    K = _keras()[0]
+    if any(K.is_sparse(t) for t in model._feed_inputs):
+        return 'sparse input'
     return None
 
 

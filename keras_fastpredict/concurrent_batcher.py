@@ -89,7 +89,8 @@ class Batcher(object):
             elif self.direct:
                 idle = None
         if idle is None:
-            return entry.run(arrays, batch_size)
+            # Alongside other runs: TF's pool, not one more thread competing for the cores.
+            return entry.run(arrays, batch_size, pool=True)
         if idle:
             try:
                 return entry.run(arrays, batch_size)

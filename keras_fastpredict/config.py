@@ -26,8 +26,6 @@ DEFAULTS = {
     # Rows per session call when the caller gave no batch_size and the model may be batched.
     'large_batch_bytes': 4 << 20,
     'large_batch_max_rows': 4096,
-    # Runs of at most this many rows execute in the caller's thread (measured faster there).
-    'inline_max_rows': 64,
 }
 
 _BOOL = {'1': True, 'true': True, 'yes': True, 'on': True,

@@ -210,7 +210,7 @@ class Scope(object):
             model = entry.model_ref()
             if model is None or id(model) not in self.model_ids:
                 return False
-        return self._lone_flushes.get(entry, 0) < 16
+        return entry.fixed_rows and self._lone_flushes.get(entry, 0) < 16
 
     def defer(self, entry, arrays, rows):
         with self.lock:
@@ -305,6 +305,14 @@ class Scope(object):
         return False
 
 
+def _repoint(proxy, value):
+    # The proxy keeps its _Pending alive: a settle can happen inside an operation on the
+    # proxy (wrapt hands numpy the wrapped object as a borrowed reference), which must
+    # not free the object numpy is still using.
+    proxy._self_pending = proxy.__wrapped__
+    proxy.__wrapped__ = value
+
+
 def _settle(batch):
     """Point the proxies at their real arrays; a failed call's proxies keep raising."""
     for proxy, result in zip(batch.proxies, batch.results):
@@ -312,13 +320,13 @@ def _settle(batch):
             continue
         if type(proxy) is list:
             for p, value in zip(proxy, result):
-                p.__wrapped__ = value
+                _repoint(p, value)
         else:
-            proxy.__wrapped__ = result[0]
+            _repoint(proxy, result[0])
     for proxy in batch.derived:
         pending = proxy.__wrapped__
         if not isinstance(batch.results[pending.call], Exception):
-            proxy.__wrapped__ = pending._value()
+            _repoint(proxy, pending._value())
     batch.proxies = batch.derived = None
 
 

@@ -90,6 +90,12 @@ def run_requests(entry, requests):
     n_feeds = len(entry.feed_names)
     if len(requests) == 1:
         merged = requests[0].arrays
+    elif not entry.fixed_rows and len({tuple(a.shape[1:] for a in r.arrays)
+                                       for r in requests}) > 1:
+        # Variable-length inputs of different lengths do not stack: run them apart.
+        for req in requests:
+            run_requests(entry, [req])
+        return
     else:
         merged = [np.concatenate([r.arrays[i] for r in requests]) for i in range(n_feeds)]
     for req, result in zip(requests, run_merged(entry, merged, pieces)):

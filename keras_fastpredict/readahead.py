@@ -46,7 +46,7 @@ def serve(entry, x, limit):
     """Outputs for the one-row input ``x`` from a read-ahead window, or None (then the
     caller predicts it alone). ``limit`` caps the window size for this scope."""
     base = x.base
-    if base is None or type(base) is not np.ndarray:
+    if base is None or type(base) is not np.ndarray or not entry.fixed_rows:
         return None
     ptr = x.__array_interface__['data'][0]
     windows = _windows()

@@ -381,8 +381,7 @@ def test_every_bad_input_of_every_model(pool):
 
 
 # -- Found by running Keras' own test suite under the patch (tools/upstream_tests.sh) ---------
-# Each is a keras_fastpredict bug, marked strict xfail so that the fix turns it into a
-# failure to remove the mark from.
+# Each was a keras_fastpredict bug the upstream suite found; kept as regression tests.
 
 def _variable_length_models():
     models = {}
@@ -394,10 +393,6 @@ def _variable_length_models():
     return models
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    'keras_fastpredict bug: CompiledModel.__init__ sizes a row with np.prod(feed_shape[1:]), '
-    'which raises TypeError when an input has a None dimension (variable-length sequences); '
-    'upstream test_dense, test_reshape, test_merge_*, test_*rnn_cell* fail the same way'))
 @settings(max_examples=30, **SETTINGS)
 @given(which=st.sampled_from(['var_lstm', 'var_conv1d_2out']), rows=st.integers(1, 40),
        steps=st.integers(2, 12), seed=st.integers(0, 2 ** 31 - 1), mode=st.sampled_from(MODES))
@@ -414,10 +409,6 @@ def test_variable_length_inputs_match_plain_keras(pool, which, rows, steps, seed
     _assert_same_outcome(('value', got), want, repr((which, rows, steps, mode)))
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "keras_fastpredict bug: a model with a sparse input (Input(sparse=True)) is not left to "
-    "Keras: CompiledModel._make_callable asks the SparseTensor feed for .name, AttributeError "
-    "(upstream test_training.py::test_sparse_placeholder_fit)"))
 def test_sparse_input_model_matches_plain_keras(pool):
     import scipy.sparse
     with pool.scope():
@@ -453,12 +444,6 @@ print('arithmetic ok')
 '''
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "keras_fastpredict bug: 'resolved_result - pending_result' under defer=True crashes "
-    "the interpreter (RecursionError, then SIGSEGV): wrapt's C binary operator passes the "
-    "proxy's wrapped _Pending to numpy as a borrowed reference; resolving the batch "
-    "repoints the proxy (_settle) and frees the _Pending while numpy still uses it "
-    "(upstream test_sequential_model.py::test_sequential_update_disabling)"))
 def test_arithmetic_between_deferred_results_in_a_fresh_process():
     # In a child process: the bug takes the interpreter down.
     import subprocess
