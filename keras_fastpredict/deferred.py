@@ -6,6 +6,7 @@ proxy is pointed at the real array, so later uses cost what a plain proxy costs.
 A ``Scope`` (one per ``batching()`` block or ``@fast_predict`` call) collects the pending
 requests of its thread and runs them together.
 """
+import collections
 import threading
 import weakref
 
@@ -19,6 +20,7 @@ _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush
 _scopes_lock = threading.Lock()
 _ZERO = bytearray(1)
+_retired = collections.deque(maxlen=16)    # recently replaced _Pending objects, see _settle
 
 
 class DeferredArray(wrapt.ObjectProxy):
@@ -305,28 +307,28 @@ class Scope(object):
         return False
 
 
-def _repoint(proxy, value):
-    # The proxy keeps its _Pending alive: a settle can happen inside an operation on the
-    # proxy (wrapt hands numpy the wrapped object as a borrowed reference), which must
-    # not free the object numpy is still using.
-    proxy._self_pending = proxy.__wrapped__
-    proxy.__wrapped__ = value
-
-
 def _settle(batch):
     """Point the proxies at their real arrays; a failed call's proxies keep raising."""
+    # A settle can happen inside an operation on a proxy: wrapt hands numpy the wrapped
+    # _Pending as a borrowed reference. The replaced _Pending objects stay alive for the
+    # next few settles, longer than any one operation (it touches two proxies at most).
+    retired = []
     for proxy, result in zip(batch.proxies, batch.results):
         if isinstance(result, Exception):
             continue
         if type(proxy) is list:
             for p, value in zip(proxy, result):
-                _repoint(p, value)
+                retired.append(p.__wrapped__)
+                p.__wrapped__ = value
         else:
-            _repoint(proxy, result[0])
+            retired.append(proxy.__wrapped__)
+            proxy.__wrapped__ = result[0]
     for proxy in batch.derived:
         pending = proxy.__wrapped__
         if not isinstance(batch.results[pending.call], Exception):
-            _repoint(proxy, pending._value())
+            retired.append(pending)
+            proxy.__wrapped__ = pending._value()
+    _retired.append(retired)
     batch.proxies = batch.derived = None
 
 
