@@ -24,7 +24,7 @@ _all_lock = threading.Lock()
 _IDLE_EXIT_S = 5.0
 _WINDOW = 256              # calls per timing window
 _WINDOW_MAX_S = 1.0
-_EXPLOIT_WINDOWS = 16
+_EXPLOIT_WINDOWS = 8
 
 
 class QueueFullError(RuntimeError):
@@ -68,16 +68,19 @@ class Batcher(object):
         self._window_start = now
         if elapsed > _WINDOW_MAX_S:                  # calls too sparse to compare modes
             self._phase, self.direct = 0, False
-        elif self._phase == 0:
-            self._rates[0] = rate
-            self._phase, self.direct = 1, True
+        elif self._phase == 0:                       # warm-up window: not measured
+            self._phase = 1
         elif self._phase == 1:
+            self._rates[0] = rate
+            self._phase, self.direct = 2, True
+        elif self._phase == 2:
             self._rates[1] = rate
-            self._phase, self.direct = 2, self._rates[1] > self._rates[0]
+            # Batching has the benefit of the doubt: it is what helps large models.
+            self._phase, self.direct = 3, self._rates[1] > 1.1 * self._rates[0]
         else:
             self._phase += 1
-            if self._phase > 1 + _EXPLOIT_WINDOWS:
-                self._phase, self.direct = 0, False
+            if self._phase > 2 + _EXPLOIT_WINDOWS:
+                self._phase, self.direct = 1, False
 
     def submit(self, entry, arrays, rows, batch_size):
         cond = self.cond
