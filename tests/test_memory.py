@@ -3,13 +3,15 @@
 Each way a call can go (the fast path one row per call, read-ahead over an array, deferred
 results in a ``batching()`` block or with ``defer=True``, ``predict_on_batch``, four threads
 at once) is run 1000 times on a small model in a graph of its own; the graph's op count must
-not change, and after ``del model; gc.collect()`` a weak reference to the model must be dead
-and the callable cache must hold no entry for a dead model. Plain Keras, unpatched, is the
+not change, and after ``del model; gc.collect()`` a weak reference to the model must be dead,
+the callable cache must hold no entry for a dead model, and the model's cached callable
+itself (which holds the session and graph) must be freed too. Plain Keras, unpatched, is the
 control: the same checks hold for it, so a failure under the patch is the patch's doing.
 """
 import gc
 import itertools
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -19,11 +21,23 @@ from keras import layers
 from keras.models import Model
 
 import keras_fastpredict as kfp
-from keras_fastpredict import callables
+from keras_fastpredict import callables, concurrent_batcher
 
 CALLS = 1000
 THREADS = 4
-MODES = ['plain', 'fast', 'readahead', 'batching', 'defer', 'predict_on_batch', 'threads']
+# keras_fastpredict bug: deferral keeps the cached callable of a dropped model (and so its
+# tf.Session and graph) alive: a Scope keys _lone_flushes and _spare by the CompiledModel, the
+# implicit scope of defer=True lives as long as its thread, and the module's _retired ring
+# of replaced _Pending objects holds their _Batch (entry and scope) for a while after.
+# Under defer=True the leak is one session and graph per model ever deferred on the thread;
+# found as a hang of Keras' test_training.py::test_warnings under defer=True (a child forked
+# by fit_generator's enqueuer thread releases the main thread's thread-locals after fork and
+# runs Session.__del__, which deadlocks in the child).
+RETAINED_BY_DEFERRAL = pytest.mark.xfail(strict=True, reason=(
+    'keras_fastpredict bug: deferral scopes (and the _retired ring) hold the CompiledModel '
+    'of a dropped model, with its session and graph'))
+MODES = ['plain', 'fast', 'readahead', pytest.param('batching', marks=RETAINED_BY_DEFERRAL),
+         pytest.param('defer', marks=RETAINED_BY_DEFERRAL), 'predict_on_batch', 'threads']
 _names = itertools.count()
 
 
@@ -112,19 +126,42 @@ def test_no_graph_growth_and_model_freed(graph_session, mode):
             assert found['deferred'] >= CALLS // 2, found
 
     ref = weakref.ref(model)
+    entry_refs = _entry_refs(model)
+    if mode != 'plain':
+        assert entry_refs, 'no cached callable for the model'
     del model, outs
     gc.collect()
     assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
     assert [e for e in callables.entries() if e.model() is None] == []
+    if mode == 'threads':
+        # The batcher's idle worker may hold its last batch (and so the entry) until it
+        # exits, after a few idle seconds: wait for that, then the entry must be gone.
+        deadline = time.monotonic() + 15
+        while concurrent_batcher.worker_count() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert concurrent_batcher.worker_count() == 0
+        gc.collect()
+    # The cached callable (and with it the session and graph it holds) goes with the model.
+    alive = [r() for r in entry_refs if r() is not None]
+    assert not alive, _referrers(alive[0])
 
 
+def _entry_refs(model):
+    return [weakref.ref(e) for e in callables.entries() if e.model() is model]
+
+
+def _referrers(obj):
+    return ['%s.%s' % (type(r).__module__, type(r).__name__) for r in gc.get_referrers(obj)]
+
+
+@RETAINED_BY_DEFERRAL
 def test_models_freed_one_after_another(graph_session):
     """Many models predicted on and dropped in turn: none stays alive, the cache stays empty
     of them, and each new model costs its own ops only once."""
     graph, session = graph_session
     kfp.patch()
     x = np.random.RandomState(1).rand(16, 8).astype('float32')
-    refs = []
+    refs, entry_refs = [], []
     for k in range(6):
         model = _small_model('sequence')
         for i in range(50):
@@ -133,7 +170,10 @@ def test_models_freed_one_after_another(graph_session):
             outs = [model.predict(x[i:i + 1].copy()) for i in range(8)]
         np.asarray(outs[-1])
         refs.append(weakref.ref(model))
+        entry_refs += _entry_refs(model)
         del model, outs
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
     assert [e for e in callables.entries() if e.model() is None] == []
+    assert len(entry_refs) == len(refs)
+    assert [r() for r in entry_refs] == [None] * len(entry_refs)

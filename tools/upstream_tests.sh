@@ -7,7 +7,8 @@
 # Environment: KFP_UPSTREAM_CACHE (where the sdist and its tests/ go; default
 # ${XDG_CACHE_HOME:-$HOME/.cache}/keras_fastpredict/upstream), WORKERS (xdist workers, 2),
 # MODES (runs, "plain patch defer"; the first is the reference), TESTS (paths under the
-# sdist, default the engine, sequential-model and layers tests), PYTEST_ARGS (extra).
+# sdist, default the engine, sequential-model and layers tests), TEST_TIMEOUT (seconds per
+# test, 300), PYTEST_ARGS (extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd -P)
@@ -21,6 +22,7 @@ CACHE=${KFP_UPSTREAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keras_fastpredict/up
 WORKERS=${WORKERS:-2}
 MODES=${MODES:-plain patch defer}
 TESTS=${TESTS:-tests/keras/engine tests/keras/test_sequential_model.py tests/keras/layers}
+TEST_TIMEOUT=${TEST_TIMEOUT:-300}   # seconds per test (pytest-timeout): a hang fails its test
 KNOWN=$REPO/tests/upstream/known_differences.txt
 
 mkdir -p "$CACHE"
@@ -65,7 +67,7 @@ for mode in $MODES; do
         KFP_UPSTREAM_MODE=$mode KFP_UPSTREAM_OUT="$OUT/$mode" \
         "$PY" -m pytest -n "$WORKERS" -p no:cacheprovider -p kfp_plugin --rootdir "$ROOT" \
         -W ignore::DeprecationWarning -W ignore::FutureWarning -W ignore::UserWarning \
-        -r fE --tb=short ${PYTEST_ARGS:-} $TESTS) > "$OUT/$mode.log" 2>&1
+        --timeout "$TEST_TIMEOUT" -r fE --tb=short ${PYTEST_ARGS:-} $TESTS) > "$OUT/$mode.log" 2>&1
     rc=$?
     set -e
     echo "exit status $rc, $(( $(date +%s) - start )) s; log: $OUT/$mode.log"
