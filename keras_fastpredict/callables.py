@@ -100,6 +100,7 @@ class CompiledModel(object):
         self.batcher = None        # the concurrent batcher, made on first use
         self.lock = threading.Lock()
         self._pool_choice = {}     # log2(rows) -> ([inline times], [pool times]), then bool
+        self.one_row_s = None      # the fastest run of one row seen while calibrating
         self._inline = self._make_callable(feeds, inline=True)
         self._pool = self._make_callable(feeds, inline=False)
         from tensorflow.python import pywrap_tensorflow
@@ -158,6 +159,8 @@ class CompiledModel(object):
         times[use_pool].append(time.perf_counter() - start)
         if len(times[1]) >= _CALIBRATION_RUNS and len(times[0]) >= _CALIBRATION_RUNS:
             self._pool_choice[bucket] = min(times[1]) < min(times[0])
+            if bucket == 1:
+                self.one_row_s = min(times[0] + times[1])
         return out
 
     def run(self, arrays, batch_size=None, pool=False):

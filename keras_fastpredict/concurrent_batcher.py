@@ -9,6 +9,8 @@ queued rows a caller gets ``QueueFullError`` at once; a caller waits ``timeout``
 at most. A Python batcher over the cached callable is used rather than TF's
 ``nondifferentiable_batch_function`` op: it adds no graph ops, fails only the callers
 whose rows fail, honours per-call time-outs, and costs nothing when only one thread calls.
+Queueing only pays where one run of one row costs more than a thread hand-off: models
+faster than that (measured once per model) run each call directly instead.
 """
 import atexit
 import collections
@@ -22,9 +24,7 @@ from .config import settings
 _all = weakref.WeakSet()
 _all_lock = threading.Lock()
 _IDLE_EXIT_S = 5.0
-_WINDOW = 256              # calls per timing window
-_WINDOW_MAX_S = 1.0
-_EXPLOIT_WINDOWS = 8
+_QUEUE_COST_S = 50e-6
 
 
 class QueueFullError(RuntimeError):
@@ -39,69 +39,30 @@ class Batcher(object):
     def __init__(self, entry):
         self.entry_ref = weakref.ref(entry)
         self.stats = entry.stats
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.queue = collections.deque()
         self.queued_rows = 0
         self.running = 0
         self.workers = 0
         self.stopping = False
-        # Queueing costs thread hand-offs; for a small model under light concurrency plain
-        # concurrent runs are faster. Windows of calls are timed in each mode and the
-        # faster one is used, probing both again now and then.
-        self.direct = False
-        self._phase = 0
-        self._rates = [0.0, 0.0]          # calls per second: [batching, direct]
-        self._window_calls = 0
-        self._window_start = time.perf_counter()
         with _all_lock:
             _all.add(self)
 
-    def _tick(self):
-        """Count a call (under the lock); switch modes at window ends."""
-        self._window_calls += 1
-        if self._window_calls < _WINDOW:
-            return
-        now = time.perf_counter()
-        elapsed = now - self._window_start
-        rate = self._window_calls / elapsed
-        self._window_calls = 0
-        self._window_start = now
-        if elapsed > _WINDOW_MAX_S:                  # calls too sparse to compare modes
-            self._phase, self.direct = 0, False
-        elif self._phase == 0:                       # warm-up window: not measured
-            self._phase = 1
-        elif self._phase == 1:
-            self._rates[0] = rate
-            self._phase, self.direct = 2, True
-        elif self._phase == 2:
-            self._rates[1] = rate
-            # Batching has the benefit of the doubt: it is what helps large models.
-            self._phase, self.direct = 3, self._rates[1] > 1.1 * self._rates[0]
-        else:
-            self._phase += 1
-            if self._phase > 2 + _EXPLOIT_WINDOWS:
-                self._phase, self.direct = 1, False
-
     def submit(self, entry, arrays, rows, batch_size):
-        cond = self.cond
-        with cond:
-            self._tick()
+        lock = self.lock
+        with lock:
             idle = self.running < settings.num_batch_threads and not self.queue
             if idle:
                 self.running += 1
-            elif self.direct:
-                idle = None
-        if idle is None:
-            # Alongside other runs: TF's pool, not one more thread competing for the cores.
-            return entry.run(arrays, batch_size, pool=True)
         if idle:
             try:
                 return entry.run(arrays, batch_size)
             finally:
-                with cond:
+                with lock:
                     self.running -= 1
                     if self.queue:
-                        cond.notify()
+                        self.cond.notify()
         return self._enqueue(entry, arrays, rows)
 
     def _enqueue(self, entry, arrays, rows):
@@ -230,6 +191,11 @@ class Batcher(object):
 
 
 def submit(entry, arrays, rows, batch_size):
+    # Queueing costs each call some tens of microseconds of thread hand-offs: worth it
+    # only where one run of one row costs more (a large model), else calls run directly.
+    one_row_s = entry.one_row_s
+    if one_row_s is not None and one_row_s < _QUEUE_COST_S:
+        return entry.run(arrays, batch_size)
     batcher = entry.batcher
     if batcher is None:
         batcher = entry.batcher = Batcher(entry)

@@ -202,7 +202,9 @@ class Scope(object):
         self.readahead = readahead
         self.lock = threading.RLock()
         self._open = {}           # entry -> _Batch being filled
-        self._spare = {}          # entry -> input buffers to reuse
+        # Keyed by id(entry), never by the entry: a dropped model's entry (with its
+        # session) must not be kept alive by a long-lived scope.
+        self._spare = {}          # id(entry) -> (weakref to entry, input buffers to reuse)
         # Per model: how many flushes in a row ran a lone call because its value was read
         # at once (a use-immediately loop); past a limit deferral only adds cost.
         self._lone_flushes = {}
@@ -212,7 +214,7 @@ class Scope(object):
             model = entry.model_ref()
             if model is None or id(model) not in self.model_ids:
                 return False
-        return entry.fixed_rows and self._lone_flushes.get(entry, 0) < 16
+        return entry.fixed_rows and self._lone_flushes.get(id(entry), 0) < 16
 
     def defer(self, entry, arrays, rows):
         with self.lock:
@@ -248,8 +250,8 @@ class Scope(object):
 
     def _new_batch(self, entry, rows):
         capacity = max(rows, min(self.max_batch_size, entry.large_batch))
-        buffers = self._spare.pop(entry, None)
-        if buffers is None or len(buffers[0]) < capacity:
+        ref, buffers = self._spare.pop(id(entry), (None, None))
+        if buffers is None or ref() is not entry or len(buffers[0]) < capacity:
             buffers = [np.empty((capacity,) + shape[1:], dtype) for shape, dtype in
                        zip(entry.feed_shapes, entry.feed_dtypes)]
         batch = self._open[entry] = _Batch(self, entry, buffers)
@@ -265,18 +267,22 @@ class Scope(object):
             with _scopes_lock:
                 _scopes.discard(self)
         n_calls = len(batch.pieces)
+        key = id(entry)
         if lone_read and n_calls == 1:
-            self._lone_flushes[entry] = self._lone_flushes.get(entry, 0) + 1
+            self._lone_flushes[key] = self._lone_flushes.get(key, 0) + 1
         else:
-            self._lone_flushes[entry] = 0
+            self._lone_flushes[key] = 0
         arrays = [buf[:batch.n] for buf in batch.buffers]
         try:
             results = engine.run_merged(entry, arrays, batch.pieces)
         except Exception as exc:      # e.g. verification itself failed
             results = [exc] * n_calls
         batch.results = results
-        self._spare[entry] = batch.buffers
-        batch.buffers = None
+        self._spare[key] = (weakref.ref(entry), batch.buffers)
+        if len(self._spare) > 8:
+            for stale in [k for k, (ref, _) in self._spare.items() if ref() is None]:
+                del self._spare[stale]
+        batch.buffers = batch.entry = batch.scope = None    # results are all it needs now
         _settle(batch)
 
     def flush(self, lone_read=True):

@@ -9,14 +9,18 @@ import keras
 from keras import layers
 
 import keras_fastpredict as kfp
-from keras_fastpredict import concurrent_batcher
+from keras_fastpredict import callables, concurrent_batcher
 from conftest import assert_same, unpatched_predict
 
 
 def gated_model(gate, fail_negative=False):
     """A model whose run waits for ``gate`` (so calls can be made to queue up) and, if
-    asked, fails for any batch holding a negative input (a failure tied to one caller)."""
+    asked, fails for any batch holding a negative input (a failure tied to one caller).
+    ``gate.entered`` is set once a run is waiting at the gate."""
+    gate.entered = threading.Event()
+
     def step(t):
+        gate.entered.set()
         gate.wait(30)
         if fail_negative and (t < 0).any():
             raise ValueError('negative input')
@@ -32,6 +36,23 @@ def run_threads(n, target):
     for t in threads:
         t.start()
     return threads
+
+
+def hold_then_queue(model, gate, work, n, queued):
+    """work(0) runs and holds the model at the gate; work(1..n-1) start and ``queued`` of
+    them wait in the batcher's queue; then the gate opens and all finish."""
+    first = run_threads(1, work)
+    assert gate.entered.wait(30)
+    rest = [threading.Thread(target=work, args=(i,)) for i in range(1, n)]
+    for t in rest:
+        t.start()
+    batcher = callables.lookup(model).batcher
+    deadline = time.monotonic() + 30
+    while len(batcher.queue) < queued and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(batcher.queue) == queued
+    gate.set()
+    join(first + rest)
 
 
 def join(threads):
@@ -83,14 +104,7 @@ def test_concurrent_calls_form_batches_and_bad_input_fails_alone():
             failures[i] = exc
 
     with kfp.patched(readahead=False, verify=False):
-        first = run_threads(1, work)                  # runs at once and holds the model
-        time.sleep(0.3)
-        rest = [threading.Thread(target=work, args=(i,)) for i in range(1, 9)]
-        for t in rest:
-            t.start()
-        time.sleep(0.5)
-        gate.set()
-        join(first + rest)
+        hold_then_queue(model, gate, work, 9, queued=7)     # the bad input never queues
     assert list(failures) == [8] and isinstance(failures[8], ValueError)
     for i in range(8):
         assert_same(results[i], expected[i:i + 1])
@@ -113,14 +127,7 @@ def test_failed_batch_is_retried_so_only_the_culprit_fails():
             failures[i] = exc
 
     with kfp.patched(readahead=False, verify=False):
-        first = run_threads(1, work)
-        time.sleep(0.3)
-        rest = [threading.Thread(target=work, args=(i,)) for i in range(1, 6)]
-        for t in rest:
-            t.start()
-        time.sleep(0.5)
-        gate.set()
-        join(first + rest)
+        hold_then_queue(model, gate, work, 6, queued=5)
         assert list(failures) == [3]
         assert 'negative input' in str(failures[3])
         # The batcher keeps serving after a failure.
@@ -141,18 +148,20 @@ def test_queue_full_and_timeout():
             outcome[key] = exc
 
     with kfp.patched(readahead=False, verify=False, max_batch_size=1,
-                     max_enqueued_batches=1, timeout=0.5):
+                     max_enqueued_batches=1, timeout=2.0):
         holder = threading.Thread(target=call, args=('holder',))
         holder.start()
-        time.sleep(0.3)
+        assert gate.entered.wait(30)
         queued = threading.Thread(target=call, args=('queued',))
         queued.start()
-        time.sleep(0.1)
+        batcher = callables.lookup(model).batcher
+        while not batcher.queue:
+            time.sleep(0.005)
         started = time.monotonic()
         with pytest.raises(kfp.QueueFullError, match='queue full'):
             model.predict(x.copy())
-        assert time.monotonic() - started < 0.2       # at once, not after waiting
-        queued.join(5)
+        assert time.monotonic() - started < 1.0       # at once, not after the time-out
+        queued.join(10)
         assert isinstance(outcome['queued'], kfp.PredictTimeoutError)
         gate.set()
         holder.join(5)

@@ -25,19 +25,11 @@ from keras_fastpredict import callables, concurrent_batcher
 
 CALLS = 1000
 THREADS = 4
-# keras_fastpredict bug: deferral keeps the cached callable of a dropped model (and so its
-# tf.Session and graph) alive: a Scope keys _lone_flushes and _spare by the CompiledModel, the
-# implicit scope of defer=True lives as long as its thread, and the module's _retired ring
-# of replaced _Pending objects holds their _Batch (entry and scope) for a while after.
-# Under defer=True the leak is one session and graph per model ever deferred on the thread;
-# found as a hang of Keras' test_training.py::test_warnings under defer=True (a child forked
-# by fit_generator's enqueuer thread releases the main thread's thread-locals after fork and
-# runs Session.__del__, which deadlocks in the child).
-RETAINED_BY_DEFERRAL = pytest.mark.xfail(strict=True, reason=(
-    'keras_fastpredict bug: deferral scopes (and the _retired ring) hold the CompiledModel '
-    'of a dropped model, with its session and graph'))
-MODES = ['plain', 'fast', 'readahead', pytest.param('batching', marks=RETAINED_BY_DEFERRAL),
-         pytest.param('defer', marks=RETAINED_BY_DEFERRAL), 'predict_on_batch', 'threads']
+# Deferral once kept the cached callable of a dropped model (and its session and graph)
+# alive: scopes keyed state by the CompiledModel, and the _retired ring's _Pending objects
+# held their _Batch (entry and scope). Found as a hang of Keras' own
+# test_training.py::test_warnings under defer=True; these modes guard the fix.
+MODES = ['plain', 'fast', 'readahead', 'batching', 'defer', 'predict_on_batch', 'threads']
 _names = itertools.count()
 
 
@@ -154,7 +146,6 @@ def _referrers(obj):
     return ['%s.%s' % (type(r).__module__, type(r).__name__) for r in gc.get_referrers(obj)]
 
 
-@RETAINED_BY_DEFERRAL
 def test_models_freed_one_after_another(graph_session):
     """Many models predicted on and dropped in turn: none stays alive, the cache stays empty
     of them, and each new model costs its own ops only once."""
