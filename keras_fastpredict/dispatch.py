@@ -110,16 +110,16 @@ def _route(entry, x, arrays, rows, batch_size):
     if scope is None and settings.defer:
         scope = deferred.implicit_scope()
     readahead_on = settings.readahead
-    if scope is not None:
-        if rows < scope.max_batch_size and scope.wants(entry):
-            return scope.defer(entry, arrays, rows)
-        if scope.readahead is not None:
-            readahead_on = scope.readahead
-    # Not deferred (no scope, or each value is read at once): read ahead over an array.
+    if scope is not None and scope.readahead is not None:
+        readahead_on = scope.readahead
+    # Read-ahead first: where a loop walks an array it batches as well as deferral does,
+    # and gives back plain arrays.
     if readahead_on and rows == 1 and type(x) is _ndarray:
         outs = readahead.serve(entry, x, settings.readahead_max)
         if outs is not None:
             return outs
+    if scope is not None and rows < scope.max_batch_size and scope.wants(entry):
+        return scope.defer(entry, arrays, rows)
     if settings.concurrent:
         return concurrent_batcher.submit(entry, arrays, rows, batch_size)
     return entry.run(arrays, batch_size)

@@ -22,7 +22,7 @@ class Probe(Callback):
 
     def on_batch_end(self, batch, logs=None):
         for i in range(len(self.x)):
-            self.seen.append(self.model.predict(self.x[i:i + 1]))
+            self.seen.append(self.model.predict(self.x[i:i + 1].copy()))
         self.expected.append(unpatched_predict(self.model, self.x))
 
 
