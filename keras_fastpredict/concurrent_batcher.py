@@ -45,6 +45,8 @@ class Batcher(object):
         self.queued_rows = 0
         self.running = 0
         self.workers = 0
+        self.idle_workers = 0     # workers waiting for work: only they need a notify
+
         self.stopping = False
         with _all_lock:
             _all.add(self)
@@ -61,7 +63,7 @@ class Batcher(object):
             finally:
                 with lock:
                     self.running -= 1
-                    if self.queue:
+                    if self.queue and self.idle_workers:
                         self.cond.notify()
         return self._enqueue(entry, arrays, rows)
 
@@ -89,7 +91,8 @@ class Batcher(object):
                 self.workers += 1
                 threading.Thread(target=self._work, name='keras_fastpredict-batcher',
                                  daemon=True).start()
-            self.cond.notify()
+            elif self.idle_workers:
+                self.cond.notify()
         timeout = settings.timeout
         if not req.event.acquire(True, -1 if timeout is None else timeout):
             with self.cond:
@@ -118,7 +121,11 @@ class Batcher(object):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 and not self.queue:
                     break
-                cond.wait(max(remaining, 0.05))
+                self.idle_workers += 1
+                try:
+                    cond.wait(max(remaining, 0.05))
+                finally:
+                    self.idle_workers -= 1
             if self.stopping or not self.queue:
                 self.workers -= 1
                 leftover = []
