@@ -129,6 +129,8 @@ def main(argv=None):
     parser.add_argument('--chunk', type=int, default=2000,
                         help='calls per mode per round (default 2000)')
     parser.add_argument('--features', type=int, default=16)
+    parser.add_argument('--report-every', type=float, default=2.0,
+                        help='seconds between progress lines (default 2)')
     args = parser.parse_args(argv)
 
     import tensorflow as tf
@@ -158,7 +160,7 @@ def main(argv=None):
         chunk = max(THREADS, min(args.chunk, max(1, warm // len(MODES))))
         done = 0
         rss_warm = None
-        next_report = started + 10.0
+        next_report = started + args.report_every
         while done < args.calls:
             if rss_warm is None and done >= warm:
                 gc.collect()
@@ -175,7 +177,7 @@ def main(argv=None):
                 print('soak: %8d calls, %6.0f calls/s, RSS %.1f MB, %d ops'
                       % (done, done / (now - started), rss_mb(), len(graph.get_operations())))
                 sys.stdout.flush()
-                next_report = now + 10.0
+                next_report = now + args.report_every
         elapsed = time.perf_counter() - started
         gc.collect()
         if rss_warm is None:
