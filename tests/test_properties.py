@@ -18,7 +18,6 @@ import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from hypothesis.errors import InvalidArgument
-from keras import backend as K
 from keras import layers
 from keras.engine import training
 from keras.models import Model
@@ -110,11 +109,6 @@ CORRUPTIONS = ['none', 'none', 'none', 'nan', 'inf', 'rank_up', 'rank_down', 'fe
 
 def _input_shapes(model):
     return [tuple(s[1:]) for s in model._feed_input_shapes]
-
-
-def _int_input(model):
-    return model.name.startswith('embedding') or any(
-        t.dtype.is_integer for t in model.inputs)
 
 
 def _inputs(model, rows, dtype, container, corruption, seed, scale=1.0):
@@ -445,7 +439,7 @@ print('arithmetic ok')
 
 
 def test_arithmetic_between_deferred_results_in_a_fresh_process():
-    # In a child process: the bug takes the interpreter down.
+    # In a child process: the bug took the interpreter down (SIGSEGV).
     import subprocess
     import sys
     done = subprocess.run([sys.executable, '-c', _ARITHMETIC], stdout=subprocess.PIPE,
