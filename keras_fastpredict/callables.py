@@ -100,7 +100,9 @@ class CompiledModel(object):
         self.batcher = None        # the concurrent batcher, made on first use
         self.lock = threading.Lock()
         self._pool_choice = {}     # log2(rows) -> ([inline times], [pool times]), then bool
-        self.one_row_s = None      # the fastest run of one row seen while calibrating
+        # The fastest session run timed so far (of any size): a model that ran that fast
+        # once is too quick to gain from queueing concurrent calls.
+        self.fastest_run_s = float('inf')
         self._inline = self._make_callable(feeds, inline=True)
         self._pool = self._make_callable(feeds, inline=False)
         from tensorflow.python import pywrap_tensorflow
@@ -156,11 +158,12 @@ class CompiledModel(object):
         fn = self._pool if use_pool else self._inline
         start = time.perf_counter()
         out = self._run_callable(self.session._session, fn._handle, arrays, None)
-        times[use_pool].append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        times[use_pool].append(elapsed)
+        if elapsed < self.fastest_run_s:
+            self.fastest_run_s = elapsed
         if len(times[1]) >= _CALIBRATION_RUNS and len(times[0]) >= _CALIBRATION_RUNS:
             self._pool_choice[bucket] = min(times[1]) < min(times[0])
-            if bucket == 1:
-                self.one_row_s = min(times[0] + times[1])
         return out
 
     def run(self, arrays, batch_size=None, pool=False):

@@ -199,9 +199,8 @@ class Batcher(object):
 
 def submit(entry, arrays, rows, batch_size):
     # Queueing costs each call some tens of microseconds of thread hand-offs: worth it
-    # only where one run of one row costs more (a large model), else calls run directly.
-    one_row_s = entry.one_row_s
-    if one_row_s is not None and one_row_s < _QUEUE_COST_S:
+    # only where a run costs more (a large model), else calls run directly.
+    if entry.fastest_run_s < _QUEUE_COST_S:
         return entry.run(arrays, batch_size)
     batcher = entry.batcher
     if batcher is None:
