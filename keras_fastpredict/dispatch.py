@@ -61,7 +61,9 @@ def keras_default_batch_size(wrapped, instance, args, kwargs):
 
 
 def _fallback(wrapped, model, args, kwargs, reason):
-    _stats.for_model(model).fallback(reason)
+    stats = _stats.for_model(model)
+    stats.calls += 1
+    stats.fallback(reason)
     outputs = getattr(model, 'outputs', None)
     if outputs:
         # Keras builds its predict function in the thread's default graph, which in a new
@@ -86,18 +88,16 @@ def _predict(wrapped, model, args, kwargs, x, batch_size):
         entry = callables.lookup(model)
     except callables.NotSupported as why:
         return _fallback(wrapped, model, args, kwargs, str(why))
-    stats = entry.stats
-    stats.calls += 1
     if type(x) is not _ndarray:
         x = deferred.materialize(x)
     arrays = entry.prepare(x)
     if arrays is None:
-        stats.fallback('input Keras handles itself')
-        return wrapped(*args, **kwargs)
+        return _fallback(wrapped, model, args, kwargs, 'input Keras handles itself')
     rows = arrays[0].shape[0]
     if rows == 0:
-        stats.fallback('empty input')
-        return wrapped(*args, **kwargs)
+        return _fallback(wrapped, model, args, kwargs, 'empty input')
+    stats = entry.stats
+    stats.calls += 1
     stats.fast_calls += 1
     outs = _route(entry, x, arrays, rows, batch_size or (rows if batch_size == 0 else None))
     return outs[0] if entry.n_outputs == 1 else outs
