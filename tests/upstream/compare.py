@@ -83,8 +83,8 @@ def main(argv):
         print()
         print('== %s vs %s' % (mode, reference_mode))
         totals, reasons = load_stats(out, mode)
-        print('keras_fastpredict counters: models with counters %d, predict calls %d, fast %d, fallbacks %d, '
-              'deferred %d, batches %d, read-ahead hits %d, verified %d'
+        print('keras_fastpredict counters: models with counters %d, predict calls %d, '
+              'fast %d, fallbacks %d, deferred %d, batches %d, read-ahead hits %d, verified %d'
               % tuple(totals.get(k, 0) for k in ('models', 'calls', 'fast_calls', 'fallbacks',
                                                   'deferred', 'batches', 'readahead_hits',
                                                   'verified')))
