@@ -167,6 +167,7 @@ class Batcher(object):
             try:
                 self._run(batch)
             finally:
+                batch = None
                 with self.cond:
                     self.running -= 1
                     self.cond.notify_all()
@@ -188,7 +189,8 @@ class Batcher(object):
         finally:
             with self.cond:
                 for req in batch:
-                    req.arrays = None
+                    # Nothing of the model may stay referenced by an idle worker.
+                    req.arrays = req.entry = None
                     req.event.release()
 
     def stop(self):

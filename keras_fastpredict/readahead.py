@@ -12,7 +12,6 @@ import weakref
 import numpy as np
 
 from . import engine, hooks
-from .config import settings
 
 _local = threading.local()      # .windows: id(entry) -> _Window, per thread
 _FIRST_WINDOW = 8

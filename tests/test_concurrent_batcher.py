@@ -1,6 +1,8 @@
 """Many threads, one model: batches of concurrent calls, each caller gets its own rows."""
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -202,3 +204,22 @@ def test_stateful_model_calls_are_never_merged():
     assert not errors
     s = kfp.stats()[model.name]
     assert s['fallbacks'] == 20 and s['batches'] == 0
+
+
+def test_idle_worker_keeps_nothing_of_a_dropped_model():
+    gate = threading.Event()
+    model = gated_model(gate)
+    x = np.random.RandomState(0).rand(4, 4).astype('float32')
+    held = [model]
+
+    def work(i):
+        held[0].predict(x[i:i + 1].copy())
+
+    with kfp.patched(readahead=False, verify=False):
+        hold_then_queue(model, gate, work, 4, queued=3)
+        assert concurrent_batcher.worker_count() == 1      # idle now, waiting for work
+        refs = [weakref.ref(model), weakref.ref(callables.lookup(model))]
+        del model, held[:]
+        gc.collect()
+        assert [r() for r in refs] == [None, None]
+        assert concurrent_batcher.worker_count() == 1
