@@ -12,6 +12,7 @@ the slow part); hypothesis draws a model from that pool and an input to feed it.
 """
 import contextlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -202,6 +203,14 @@ def _read(out):
     return np.asarray(out)
 
 
+def _unfed(message):
+    # With several inputs left unfed (x=None), TF names whichever placeholder its executor
+    # meets first: plain Keras alone gives either name for the same call.
+    return re.sub(r"^You must feed a value for placeholder tensor '[^']*' with dtype \w+ "
+                  r"and shape \S+\n.*", 'You must feed a value for placeholder tensor ...',
+                  message, flags=re.S)
+
+
 def _assert_same_outcome(got, want, case):
     try:   # shown by --hypothesis-show-statistics
         event('plain Keras: %s' % (want[0] if want[0] == 'value' else want[1].__name__))
@@ -209,7 +218,7 @@ def _assert_same_outcome(got, want, case):
         pass   # not inside a hypothesis test
     assert got[0] == want[0], '%s: patched %r, plain Keras %r' % (case, got, want)
     if want[0] == 'raised':
-        assert got[1:] == want[1:], case
+        assert (got[1], _unfed(got[2])) == (want[1], _unfed(want[2])), case
         return
     got, want = got[1], want[1]
     if isinstance(want, list):
