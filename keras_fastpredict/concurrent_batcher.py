@@ -99,7 +99,6 @@ class Batcher(object):
                 if req in self.queue:
                     self.queue.remove(req)
                     self.queued_rows -= rows
-                req.abandoned = True
                 served = req.outputs is not None or req.error is not None
             if not served:
                 self.stats.timeouts += 1

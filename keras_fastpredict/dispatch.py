@@ -113,9 +113,15 @@ def _route(entry, x, arrays, rows, batch_size):
     if scope is not None and scope.readahead is not None:
         readahead_on = scope.readahead
     # Read-ahead first: where a loop walks an array it batches as well as deferral does,
-    # and gives back plain arrays.
-    if readahead_on and rows == 1 and type(x) is _ndarray:
-        outs = readahead.serve(entry, x, settings.readahead_max)
+    # and gives back plain arrays. It looks at the caller's arrays, before any cast.
+    if readahead_on and rows == 1:
+        if type(x) is _ndarray:
+            outs = readahead.serve(entry, [x], settings.readahead_max)
+        elif type(x) is dict:
+            outs = readahead.serve(entry, [x[name] for name in entry.feed_names],
+                                   settings.readahead_max)
+        else:
+            outs = readahead.serve(entry, x, settings.readahead_max)
         if outs is not None:
             return outs
     if scope is not None and rows < scope.max_batch_size and scope.wants(entry):

@@ -13,8 +13,7 @@ from .config import settings
 
 class Request(object):
     """One caller's predict call: its feed arrays, then its outputs or its error."""
-    __slots__ = ('entry', 'arrays', 'rows', 'outputs', 'error', 'event', 'enqueued',
-                 'abandoned', '__weakref__')
+    __slots__ = ('entry', 'arrays', 'rows', 'outputs', 'error', 'event', 'enqueued')
 
     def __init__(self, entry, arrays, rows):
         self.entry = entry
@@ -24,7 +23,6 @@ class Request(object):
         self.error = None
         self.event = None
         self.enqueued = 0.0
-        self.abandoned = False
 
 
 def verify(entry, arrays, outputs, pieces):

@@ -1,10 +1,11 @@
-"""Read-ahead: when calls walk the rows of one array in order, predict the next rows too.
+"""Read-ahead: when calls walk the rows of arrays in order, predict the next rows too.
 
 A one-row input that is a view into a larger array (``X[i:i+1]``, ``X[i][None]``,
-``np.expand_dims(X[i], 0)``) reveals that array and where the row sits in it. After two
-steps of the same stride, the next rows are predicted in one run (a window that doubles
-while it is used up and halves on a miss), and later calls are served from it when their
-input's bytes equal the row that was predicted. Results are plain numpy arrays.
+``np.expand_dims(X[i], 0)``) reveals that array and where the row sits in it; a model with
+several inputs gets one such view per input. After two steps of the same strides, the next
+rows are predicted in one run (a window that doubles while it is used up and halves on a
+miss), and later calls are served from it when their inputs' bytes equal the rows that
+were predicted. Results are plain numpy arrays.
 """
 import threading
 import weakref
@@ -18,18 +19,19 @@ _FIRST_WINDOW = 8
 
 
 class _Window(object):
-    __slots__ = ('entry_ref', 'base_ref', 'last_ptr', 'step', 'start_ptr', 'n', 'pos',
+    """Per model and thread; one element per model input in the list fields."""
+    __slots__ = ('entry_ref', 'base_refs', 'last_ptrs', 'steps', 'start_ptrs', 'n', 'pos',
                  'inputs', 'outputs', 'next_size', 'generation')
 
-    def __init__(self, entry, base, ptr):
+    def __init__(self, entry, bases, ptrs):
         self.entry_ref = weakref.ref(entry)
-        self.base_ref = weakref.ref(base)
-        self.last_ptr = ptr
-        self.step = 0
+        self.base_refs = [weakref.ref(b) for b in bases]
+        self.last_ptrs = ptrs
+        self.steps = None
         self.n = 0                  # rows in the current window (0: none)
         self.pos = 0                # the window row the next call is expected to ask for
-        self.start_ptr = 0
-        self.inputs = None
+        self.start_ptrs = None
+        self.inputs = None          # per input: the rows predicted, as they were then
         self.outputs = None
         self.next_size = _FIRST_WINDOW
         self.generation = -1
@@ -42,49 +44,77 @@ def _windows():
     return found
 
 
-def serve(entry, x, limit):
-    """Outputs for the one-row input ``x`` from a read-ahead window, or None (then the
-    caller predicts it alone). ``limit`` caps the window size."""
+def _same_rows(xs, inputs, j):
+    return all(x.tobytes() == rows[j].tobytes() for x, rows in zip(xs, inputs))
+
+
+def serve(entry, xs, limit):
+    """Outputs for the one-row inputs ``xs`` (one array per model input) from a read-ahead
+    window, or None (then the caller predicts them alone). ``limit`` caps the window."""
     windows = _windows()
     w = windows.get(id(entry))
     if w is not None and w.n and w.generation == hooks.state.generation:
-        # The usual case: the window's next row. Its bytes decide, not where x lives:
-        # equal input bytes give equal outputs.
+        # The usual case: the window's next row. Its bytes decide, not where the input
+        # lives: equal input bytes give equal outputs.
         j = w.pos
-        if x.tobytes() == w.inputs[j].tobytes() and w.entry_ref() is entry:
+        inputs = w.inputs
+        if len(xs) == 1:
+            same = xs[0].tobytes() == inputs[0][j].tobytes()
+        else:
+            same = _same_rows(xs, inputs, j)
+        if same and w.entry_ref() is entry:
             return _hit(entry, w, j, limit)
-    base = x.base
-    if base is None or type(base) is not np.ndarray or not entry.fixed_rows:
+    if not entry.fixed_rows:
         return None
-    ptr = x.__array_interface__['data'][0]
-    if w is None or w.entry_ref() is not entry or w.base_ref() is not base:
+    bases = []
+    for x in xs:
+        base = x.base
+        if base is None or type(base) is not np.ndarray:
+            return None
+        bases.append(base)
+    ptrs = [x.__array_interface__['data'][0] for x in xs]
+    if (w is None or w.entry_ref() is not entry
+            or any(ref() is not b for ref, b in zip(w.base_refs, bases))):
         if w is None and len(windows) > 64:
             windows.clear()
-        windows[id(entry)] = _Window(entry, base, ptr)
+        windows[id(entry)] = _Window(entry, bases, ptrs)
         return None
-    step = ptr - w.last_ptr
-    w.last_ptr = ptr
+    if w.last_ptrs is None:         # after hits: where the last served rows were
+        w.last_ptrs = [start + (w.pos - 1) * step
+                       for start, step in zip(w.start_ptrs, w.steps)]
+    steps = [p - last for p, last in zip(ptrs, w.last_ptrs)]
+    w.last_ptrs = ptrs
     if w.n:
         if w.generation == hooks.state.generation:
-            j, rem = divmod(ptr - w.start_ptr, w.step)
-            if rem == 0 and 0 <= j < w.n and x.tobytes() == w.inputs[j].tobytes():
+            j = _row_in_window(w, ptrs)
+            if j is not None and _same_rows(xs, w.inputs, j):
                 return _hit(entry, w, j, limit)      # rows skipped within the window
-            # A jump, or the row changed since it was predicted.
+            # A jump, or a row changed since it was predicted.
             entry.stats.readahead_misses += 1
-            w.next_size //= 2               # below 2: no more windows over this array
+            w.next_size //= 2               # below 2: no more windows over these arrays
         w.n = 0                             # weights may have changed, or a miss
-        w.step = step
+        w.steps = steps
         return None
-    if step == 0 or step != w.step or w.next_size < 2:
-        w.step = step
+    if 0 in steps or steps != w.steps or w.next_size < 2:
+        w.steps = steps
         return None
-    return _open(entry, w, x, base, ptr, min(w.next_size, limit))
+    return _open(entry, w, xs, bases, ptrs, min(w.next_size, limit))
+
+
+def _row_in_window(w, ptrs):
+    j = None
+    for ptr, start, step in zip(ptrs, w.start_ptrs, w.steps):
+        k, rem = divmod(ptr - start, step)
+        if rem or not 0 <= k < w.n or (j is not None and k != j):
+            return None
+        j = k
+    return j
 
 
 def _hit(entry, w, j, limit):
     entry.stats.readahead_hits += 1
     w.pos = j + 1
-    w.last_ptr = w.start_ptr + j * w.step
+    w.last_ptrs = None              # known again from the next miss on
     if j + 1 == w.n:
         w.n = 0
         w.next_size = min(2 * w.next_size, limit)
@@ -94,31 +124,40 @@ def _hit(entry, w, j, limit):
     return [o[j:j + 1] for o in outputs]
 
 
-def _open(entry, w, x, base, ptr, size):
-    """Predict ``size`` rows from ``x`` on, stepping ``w.step`` bytes through ``base``."""
+def _rows_ahead(x, base, ptr, step, size):
+    """A view of up to ``size`` rows from ``x`` on, ``step`` bytes apart within ``base``."""
     if not (base.flags.c_contiguous or base.flags.f_contiguous) or min(x.strides[1:] or (0,)) < 0:
         return None
-    step = w.step
     offset = ptr - base.__array_interface__['data'][0]
     extent = x.itemsize + sum((n - 1) * s for n, s in zip(x.shape[1:], x.strides[1:]))
+    if offset < 0 or offset + extent > base.nbytes:
+        return None
     if step > 0:
         fit = (base.nbytes - extent - offset) // step + 1
     else:
         fit = offset // -step + 1
     size = min(size, fit)
-    if size < 2 or offset < 0 or offset + extent > base.nbytes:
-        return None
-    rows = np.ndarray((size,) + x.shape[1:], x.dtype, buffer=base, offset=offset,
+    return np.ndarray((size,) + x.shape[1:], x.dtype, buffer=base, offset=offset,
                       strides=(step,) + x.strides[1:])
-    inputs = np.array(rows)           # the bytes later calls are compared with
-    feed = np.asarray(inputs, dtype=entry.feed_dtypes[0])
-    outputs = entry.run([feed], batch_size=size)
+
+
+def _open(entry, w, xs, bases, ptrs, size):
+    """Predict ``size`` rows from ``xs`` on, each input stepping through its array."""
+    views = [_rows_ahead(x, b, p, s, size) for x, b, p, s in zip(xs, bases, ptrs, w.steps)]
+    if any(v is None for v in views):
+        return None
+    size = min(len(v) for v in views)
+    if size < 2:
+        return None
+    inputs = [np.array(v[:size]) for v in views]     # the bytes later calls are compared with
+    feeds = [np.asarray(a, dtype=dt) for a, dt in zip(inputs, entry.feed_dtypes)]
+    outputs = entry.run(feeds, batch_size=size)
     if entry.batch_safe is None and not engine.verify(
-            entry, [feed], outputs, [(i, i + 1) for i in range(size)]):
+            entry, feeds, outputs, [(i, i + 1) for i in range(size)]):
         return None
     entry.stats.readahead_rows += size
     entry.stats.batch(size, size)
-    w.start_ptr = ptr
+    w.start_ptrs = ptrs
     w.n = size
     w.pos = 1
     w.inputs = inputs

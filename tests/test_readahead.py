@@ -94,3 +94,23 @@ def test_loop_ending_early_and_new_array(models):
         second = [model.predict(x2[i:i + 1]) for i in range(100)]
     assert_same(np.concatenate(first), unpatched_predict(model, x[:30]))
     assert_same(np.concatenate(second), unpatched_predict(model, x2))
+
+
+@pytest.mark.parametrize('container', ['list', 'dict'])
+def test_multi_input_rows_read_ahead(models, container):
+    model = models['multi_in']
+    a, b = inputs_for('multi_in', 300)
+    take = {
+        'list': lambda i: [a[i:i + 1], b[i:i + 1]],
+        'dict': lambda i: {'a': a[i:i + 1], 'b': b[i:i + 1]},
+    }[container]
+    with kfp.patched():
+        got = []
+        for i in range(300):
+            if i == 101:
+                b[101] += 1               # one input changed after its row was predicted
+            got.append(model.predict(take(i)))
+    assert all(type(g) is np.ndarray for g in got)
+    assert_same(np.concatenate(got), unpatched_predict(model, [a, b]))
+    hits, misses = ra(model)
+    assert hits > 250 and misses >= 1
