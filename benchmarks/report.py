@@ -117,11 +117,11 @@ def run_case(case, repeats, progress=None, say=print, warmup=False):
                 _enter(variant)
                 if variant.patch is not None:
                     case.warm()
-                before = keras_fastpredict.stats().get(case.model.name)
+                before = keras_fastpredict.stats(case.model)
                 start = time.perf_counter()
                 out = variant.run()
                 elapsed = time.perf_counter() - start
-                after = keras_fastpredict.stats().get(case.model.name)
+                after = keras_fastpredict.stats(case.model)
                 if variant.patch is not None:
                     vr.stats = _stats_delta(before, after)
             except Exception as exc:

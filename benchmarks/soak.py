@@ -184,7 +184,7 @@ def main(argv=None):
             rss_warm = rss_start
         rss_end = rss_mb()
         ops_end = len(graph.get_operations())
-        stats = kfp.stats()[model.name]
+        stats = kfp.stats(model)
 
     print('soak: %d calls in %.1f s (%.0f calls/s): %s'
           % (done, elapsed, done / elapsed,

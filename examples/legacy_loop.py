@@ -67,7 +67,7 @@ def main(argv=None):
         fast, t_fast = timed(legacy_loop, model, data)
         deferred_fn = keras_fastpredict.fast_predict(legacy_loop)
         batched, t_batched = timed(deferred_fn, model, data)
-        stats = keras_fastpredict.stats()[model.name]
+        stats = keras_fastpredict.stats(model)
 
     per_call = 1e6 / args.rows
     diff = max(np.abs(fast - plain).max(), np.abs(batched - plain).max())

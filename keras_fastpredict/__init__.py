@@ -34,9 +34,14 @@ __all__ = ['patch', 'unpatch', 'patched', 'is_patched', 'fast_predict', 'batchin
            'QueueFullError', 'PredictTimeoutError', 'DEFAULTS']
 
 
-def stats():
+def stats(model=None):
     """Counters per model: calls, fast calls, fallbacks (with reasons), batches, mean batch
-    size, batch-size histogram, read-ahead hits and misses, queue wait and run times."""
+    size, batch-size histogram, read-ahead hits and misses, queue wait and run times.
+
+    ``stats()`` maps model names to counters (a name shared by several live models gets
+    ``'`` marks); ``stats(model)`` gives that model's counters."""
+    if model is not None:
+        return _stats.for_model(model).as_dict()
     return _stats.snapshot()
 
 

@@ -20,7 +20,7 @@ _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush
 _scopes_lock = threading.Lock()
 _ZERO = bytearray(1)
-_retired = collections.deque(maxlen=16)    # recently replaced _Pending objects, see _settle
+_retired = collections.deque(maxlen=4)     # _Pending objects replaced by recent flushes
 
 
 class DeferredArray(wrapt.ObjectProxy):
@@ -220,7 +220,7 @@ class Scope(object):
         with self.lock:
             batch = self._open.get(entry)
             if batch is not None and batch.n + rows > len(batch.buffers[0]):
-                self._run(batch, lone_read=False)
+                _retired.append(self._run(batch, lone_read=False))
                 batch = None
             if batch is None:
                 batch = self._new_batch(entry, rows)
@@ -245,7 +245,7 @@ class Scope(object):
                 batch.proxies.append(result)
             entry.stats.deferred += 1
             if stop >= self.max_batch_size:
-                self._run(batch, lone_read=False)
+                _retired.append(self._run(batch, lone_read=False))
         return result
 
     def _new_batch(self, entry, rows):
@@ -283,13 +283,16 @@ class Scope(object):
             for stale in [k for k, (ref, _) in self._spare.items() if ref() is None]:
                 del self._spare[stale]
         batch.buffers = batch.entry = batch.scope = None    # results are all it needs now
-        _settle(batch)
+        return _settle(batch)
 
     def flush(self, lone_read=True):
         """Run every pending call of this scope."""
         with self.lock:
+            retired = []
             for batch in list(self._open.values()):
-                self._run(batch, lone_read)
+                retired += self._run(batch, lone_read)
+            if retired:
+                _retired.append(retired)
 
     # Context-manager use: push on this thread's stack; leaving runs what is pending.
     def activate(self):
@@ -316,8 +319,9 @@ class Scope(object):
 def _settle(batch):
     """Point the proxies at their real arrays; a failed call's proxies keep raising."""
     # A settle can happen inside an operation on a proxy: wrapt hands numpy the wrapped
-    # _Pending as a borrowed reference. The replaced _Pending objects stay alive for the
-    # next few settles, longer than any one operation (it touches two proxies at most).
+    # _Pending as a borrowed reference, and numpy may still use it. The replaced objects
+    # are returned to be kept (in _retired) for the next few flushes, longer than any one
+    # operation lasts (it touches two proxies, so two flushes, at most).
     retired = []
     for proxy, result in zip(batch.proxies, batch.results):
         if isinstance(result, Exception):
@@ -334,8 +338,8 @@ def _settle(batch):
         if not isinstance(batch.results[pending.call], Exception):
             retired.append(pending)
             proxy.__wrapped__ = pending._value()
-    _retired.append(retired)
     batch.proxies = batch.derived = None
+    return retired
 
 
 def _stack():

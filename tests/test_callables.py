@@ -96,4 +96,4 @@ def test_exclude_keeps_fast_path_without_batching(models):
         callables._excluded.discard(id(model))
         callables.invalidate(model)
     assert_same(np.concatenate(got), unpatched_predict(model, x))
-    assert kfp.stats()[model.name]['batches'] == 0
+    assert kfp.stats(model)['batches'] == 0

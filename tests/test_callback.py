@@ -45,7 +45,7 @@ def test_predictions_in_callbacks_are_batched_and_see_their_step():
     for step, expected in enumerate(probe.expected):
         got = np.concatenate(probe.seen[step * 5:step * 5 + 5])
         assert_same(got, expected)
-    s = kfp.stats()[model.name]
+    s = kfp.stats(model)
     assert s['batches'] == 8 and s['mean_batch_size'] == 5
 
 

@@ -85,7 +85,7 @@ def test_sixteen_threads_get_their_own_rows():
     assert not errors
     for t in range(n_threads):
         assert_same(np.concatenate(got[t]), expected[t])
-    s = kfp.stats()[model.name]
+    s = kfp.stats(model)
     assert s['fast_calls'] == n_threads * calls
 
 
@@ -110,7 +110,7 @@ def test_concurrent_calls_form_batches_and_bad_input_fails_alone():
     assert list(failures) == [8] and isinstance(failures[8], ValueError)
     for i in range(8):
         assert_same(results[i], expected[i:i + 1])
-    s = kfp.stats()[model.name]
+    s = kfp.stats(model)
     assert s['batch_size_histogram'].get(8, 0) == 1     # the 7 queued calls ran together
     assert s['max_queue_len'] == 7
 
@@ -168,7 +168,7 @@ def test_queue_full_and_timeout():
         gate.set()
         holder.join(5)
     assert isinstance(outcome['holder'], np.ndarray)
-    s = kfp.stats()[model.name]
+    s = kfp.stats(model)
     assert s['rejected'] == 1 and s['timeouts'] == 1
 
 
@@ -202,7 +202,7 @@ def test_stateful_model_calls_are_never_merged():
     with kfp.patched():
         join(run_threads(4, work))        # plain Keras would fail in these threads
     assert not errors
-    s = kfp.stats()[model.name]
+    s = kfp.stats(model)
     assert s['fallbacks'] == 20 and s['batches'] == 0
 
 

@@ -14,7 +14,7 @@ from conftest import assert_same, inputs_for, unpatched_predict
 
 
 def loop_stats(model):
-    return kfp.stats()[model.name]
+    return kfp.stats(model)
 
 
 def test_deferred_value_behaves_as_ndarray(models):

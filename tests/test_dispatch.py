@@ -27,7 +27,7 @@ def test_single_rows_equal_keras(models, name):
     got = [model.predict(rows_of(x, i, i + 1)) for i in range(40)]
     for g, e in zip(got, expected):
         assert_same(g, e)
-    assert kfp.stats()[model.name]['fast_calls'] == 40
+    assert kfp.stats(model)['fast_calls'] == 40
 
 
 @pytest.mark.parametrize('name', MODEL_NAMES)
@@ -41,7 +41,7 @@ def test_large_arrays_equal_keras(models, name, batch_size):
         got_on_batch = model.predict_on_batch(rows_of(x, 0, 100))
     assert_same(got, expected)
     assert_same(got_on_batch, ORIGINAL['predict_on_batch'](model, rows_of(x, 0, 100)))
-    assert kfp.stats()[model.name]['fallbacks'] == 0
+    assert kfp.stats(model)['fallbacks'] == 0
 
 
 def test_dict_and_list_inputs(models):
@@ -78,7 +78,7 @@ def test_sequential_siblings(models):
         assert_same(model.predict_proba(x), expected_proba)
         np.testing.assert_array_equal(model.predict_classes(x), expected_classes)
         np.testing.assert_array_equal(model.predict_classes(x, batch_size=5), expected_classes)
-    assert kfp.stats()[model.name]['fast_calls'] == 3
+    assert kfp.stats(model)['fast_calls'] == 3
 
 
 BAD_INPUTS = {
@@ -150,7 +150,7 @@ def test_unusual_arguments_go_to_keras(models):
         assert raised(model.predict, x, nonsense=1) == raised(unpatched_predict, model, x,
                                                                nonsense=1)
         assert raised(model.predict) == raised(ORIGINAL['predict'], model)
-    reasons = kfp.stats()[model.name]['fallback_reasons']
+    reasons = kfp.stats(model)['fallback_reasons']
     assert reasons['verbose, steps or callbacks'] == 2
     assert reasons['batch_size'] == 1
 
@@ -168,8 +168,8 @@ def test_stateful_and_fixed_batch_models_are_left_to_keras():
         assert_same(fixed.predict(xf), unpatched_predict(fixed, xf))
     for g, e in zip(got, expected):
         assert_same(g, e)
-    assert kfp.stats()[stateful.name]['fallback_reasons'] == {'stateful': 6}
-    assert kfp.stats()[fixed.name]['fallback_reasons'] == {'fixed batch dimension': 1}
+    assert kfp.stats(stateful)['fallback_reasons'] == {'stateful': 6}
+    assert kfp.stats(fixed)['fallback_reasons'] == {'fixed batch dimension': 1}
 
 
 def test_unbuilt_model_goes_to_keras():
@@ -179,7 +179,7 @@ def test_unbuilt_model_goes_to_keras():
         first = model.predict(x)          # Keras builds the model on this call
         second = model.predict(x)         # then the fast path serves it
     assert_same(second, first)
-    assert kfp.stats()[model.name]['fast_calls'] == 1
+    assert kfp.stats(model)['fast_calls'] == 1
 
 
 def test_learning_phase_is_inference(models):

@@ -109,7 +109,7 @@ def test_no_graph_growth_and_model_freed(graph_session, mode):
     for i, out in enumerate(outs):
         np.testing.assert_allclose(out, expected[i % len(x)][None], rtol=1e-5, atol=1e-6)
     if mode != 'plain':
-        found = kfp.stats()[model.name]
+        found = kfp.stats(model)
         assert found['fast_calls'] >= CALLS, found
         if mode == 'readahead':
             assert found['readahead_hits'] > CALLS // 2, found

@@ -52,7 +52,7 @@ def test_patched_scope_nests_and_restores(models):
         assert kfp.is_patched()           # the outer scope still holds
         model.predict(x)
     assert not kfp.is_patched()
-    assert kfp.stats()[model.name]['fast_calls'] == 1
+    assert kfp.stats(model)['fast_calls'] == 1
 
 
 def test_patch_before_keras_is_imported():
@@ -68,7 +68,7 @@ def test_patch_before_keras_is_imported():
         m = keras.models.Sequential([keras.layers.Dense(2, input_shape=(3,))])
         x = np.ones((4, 3), 'float32')
         y = m.predict(x)
-        assert keras_fastpredict.stats()[m.name]['fast_calls'] == 1
+        assert keras_fastpredict.stats(m)['fast_calls'] == 1
         original = Model.predict.__wrapped__
         keras_fastpredict.unpatch()
         assert Model.predict is original

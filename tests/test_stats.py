@@ -12,10 +12,10 @@ def test_reset_keeps_counting(models):
     with kfp.patched():
         model.predict(x)
         kfp.reset_stats()
-        assert kfp.stats()[model.name]['calls'] == 0
+        assert kfp.stats(model)['calls'] == 0
         model.predict(x)
         model.predict(x)
-    assert kfp.stats()[model.name]['calls'] == 2
+    assert kfp.stats(model)['calls'] == 2
 
 
 def test_batch_counters_and_report(models):
@@ -24,8 +24,30 @@ def test_batch_counters_and_report(models):
     with kfp.batching(readahead=False):
         preds = [model.predict(x[i:i + 1]) for i in range(64)]
     np.concatenate(preds)
-    s = kfp.stats()[model.name]
+    s = kfp.stats(model)
     assert (s['batches'], s['batched_calls'], s['batched_rows']) == (1, 64, 64)
     assert s['batch_size_histogram'] == {64: 1}
     report = stats.format_table()
     assert model.name in report and '64' in report
+
+
+def test_models_sharing_a_name_are_counted_apart():
+    import keras
+    import tensorflow as tf
+    x = np.ones((1, 3), 'float32')
+    made = []
+    for _ in range(2):
+        graph = tf.Graph()
+        with graph.as_default(), tf.Session(graph=graph).as_default():
+            model = keras.models.Sequential([keras.layers.Dense(2, input_shape=(3,))],
+                                            name='same_name')
+            made.append((graph, model))
+    with kfp.patched():
+        for k, (graph, model) in enumerate(made):
+            with graph.as_default(), tf.Session(graph=graph).as_default() as session:
+                session.run(tf.global_variables_initializer())
+                for _ in range(k + 1):
+                    model.predict(x)
+    assert [kfp.stats(m)['calls'] for _, m in made] == [1, 2]
+    assert sorted(k for k in kfp.stats() if k.startswith('same_name')) == [
+        'same_name', "same_name'"]
