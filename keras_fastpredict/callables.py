@@ -98,7 +98,6 @@ class CompiledModel(object):
         self.batch_safe = None if self._needs_verification(model) else True
         self.excluded = id(model) in _excluded
         self.batcher = None        # the concurrent batcher, made on first use
-        self.lock = threading.Lock()
         self._pool_choice = {}     # log2(rows) -> ([inline times], [pool times]), then bool
         # The fastest session run timed so far (of any size): a model that ran that fast
         # once is too quick to gain from queueing concurrent calls.
@@ -115,7 +114,9 @@ class CompiledModel(object):
             return True
         if mode is False:
             return False
-        return not _layers_are_builtin(model)
+        # Learning phase fixed to 1 (K.set_learning_phase(1)): BatchNormalization then
+        # normalises over the batch, so even built-in layers are checked.
+        return _keras()[0].learning_phase() == 1 or not _layers_are_builtin(model)
 
     def _make_callable(self, feeds, inline):
         from tensorflow.core.protobuf import config_pb2
@@ -303,9 +304,9 @@ def _build(model, session):
             return entry
         with graph.as_default():
             session = keras_session()
-        if session.graph is not graph:
-            raise NotSupported('model not on the session Keras uses')
-        entry = CompiledModel(model, session)
+            if session.graph is not graph:
+                raise NotSupported('model not on the session Keras uses')
+            entry = CompiledModel(model, session)
         key = id(model)
         old = _entries.get(key)
         if old is None or old.model_ref() is not model:

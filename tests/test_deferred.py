@@ -289,3 +289,21 @@ def test_defer_option_without_scope(models):
         assert type(preds[0]) is DeferredArray
         assert_same(np.concatenate(preds), unpatched_predict(model, x))
     assert loop_stats(model)['mean_batch_size'] == 20
+
+
+def test_learning_phase_fixed_to_training_is_never_batched():
+    import keras.backend as K
+    import tensorflow as tf
+    graph = tf.Graph()
+    with graph.as_default(), tf.Session(graph=graph).as_default():
+        K.set_learning_phase(1)
+        model = keras.models.Sequential([layers.BatchNormalization(input_shape=(3,)),
+                                         layers.Dense(2)])
+        x = np.random.RandomState(0).rand(12, 3).astype('float32')
+        expected = [unpatched_predict(model, x[i:i + 2]) for i in range(0, 12, 2)]
+        with pytest.warns(RuntimeWarning, match='not batched'):
+            with kfp.batching():
+                got = [model.predict(x[i:i + 2].copy()) for i in range(0, 12, 2)]
+        for g, e in zip(got, expected):
+            assert_same(g, e)
+        assert kfp.stats(model)['mean_batch_size'] == 1
