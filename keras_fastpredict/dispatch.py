@@ -82,6 +82,19 @@ def _fallback(wrapped, model, args, kwargs, reason):
     return wrapped(*args, **kwargs)
 
 
+def _plain_arrays(x):
+    """Deferred results resolved, and memory-mapped arrays (datasets too big to load, as
+    Keras treats them) viewed as plain ndarrays, in lists, tuples and dicts too."""
+    kind = type(x)
+    if kind is np.memmap:
+        return x.view(_ndarray)
+    if kind is list or kind is tuple:
+        return kind(_plain_arrays(v) for v in x)
+    if kind is dict:
+        return {k: _plain_arrays(v) for k, v in x.items()}
+    return deferred.resolve(x)
+
+
 def _predict(wrapped, model, args, kwargs, x, batch_size):
     """``batch_size``: None lets the fast path choose, 0 means all rows in one run."""
     try:
@@ -89,7 +102,7 @@ def _predict(wrapped, model, args, kwargs, x, batch_size):
     except callables.NotSupported as why:
         return _fallback(wrapped, model, args, kwargs, str(why))
     if type(x) is not _ndarray:
-        x = deferred.materialize(x)
+        x = _plain_arrays(x)
     arrays = entry.prepare(x)
     if arrays is None:
         return _fallback(wrapped, model, args, kwargs, 'input Keras handles itself')

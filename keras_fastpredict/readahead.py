@@ -69,8 +69,10 @@ def serve(entry, xs, limit):
     bases = []
     for x in xs:
         base = x.base
-        if base is None or type(base) is not np.ndarray:
+        if not isinstance(base, np.ndarray):         # None, or another buffer
             return None
+        while isinstance(base.base, np.ndarray):      # views of views (a memmap's rows)
+            base = base.base
         bases.append(base)
     ptrs = [x.__array_interface__['data'][0] for x in xs]
     if (w is None or w.entry_ref() is not entry

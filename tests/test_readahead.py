@@ -114,3 +114,18 @@ def test_multi_input_rows_read_ahead(models, container):
     assert_same(np.concatenate(got), unpatched_predict(model, [a, b]))
     hits, misses = ra(model)
     assert hits > 250 and misses >= 1, sorted(kfp.stats(model).items())
+
+
+def test_memory_mapped_dataset(models, tmp_path):
+    model = models['dense']
+    path = str(tmp_path / 'rows.dat')
+    data = np.memmap(path, dtype='float32', mode='w+', shape=(200, 32))
+    data[:] = inputs_for('dense', 200)
+    data.flush()
+    data = np.memmap(path, dtype='float32', mode='r', shape=(200, 32))
+    expected = unpatched_predict(model, np.asarray(data))
+    with kfp.patched():
+        got = [model.predict(data[i:i + 1]) for i in range(200)]
+    assert_same(np.concatenate(got), expected)
+    s = kfp.stats(model)
+    assert s['fallbacks'] == 0 and s['readahead_hits'] > 150
