@@ -306,7 +306,10 @@ def _build(model, session):
             session = keras_session()
             if session.graph is not graph:
                 raise NotSupported('model not on the session Keras uses')
-            entry = CompiledModel(model, session)
+            try:
+                entry = CompiledModel(model, session)
+            except Exception as exc:  # e.g. an output that is also an input
+                raise NotSupported('no callable: %s' % str(exc).split('\n')[0])
         key = id(model)
         old = _entries.get(key)
         if old is None or old.model_ref() is not model:

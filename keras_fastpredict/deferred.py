@@ -8,7 +8,6 @@ requests of its thread and runs them together.
 """
 import collections
 import threading
-import weakref
 
 import numpy as np
 import wrapt
@@ -202,11 +201,9 @@ class Scope(object):
         self.readahead = readahead
         self.lock = threading.RLock()
         self._open = {}           # entry -> _Batch being filled
-        # Keyed by id(entry), never by the entry: a dropped model's entry (with its
-        # session) must not be kept alive by a long-lived scope.
-        self._spare = {}          # id(entry) -> (weakref to entry, input buffers to reuse)
-        # Per model: how many flushes in a row ran a lone call because its value was read
-        # at once (a use-immediately loop); past a limit deferral only adds cost.
+        # Per model, by id(entry) so that a long-lived scope keeps no dropped model's entry
+        # (and session) alive: how many flushes in a row ran a lone call because its value
+        # was read at once (a use-immediately loop); past a limit deferral only adds cost.
         self._lone_flushes = {}
 
     def wants(self, entry):
@@ -233,13 +230,14 @@ class Scope(object):
             batch.pieces.append((start, stop))
             if entry.n_outputs == 1:
                 row = entry.row_shapes[0]
-                proxy = DeferredArray(_Pending(batch, call, 0, (), None if row is None else (rows,) + row,
+                shape = None if row is None else (rows,) + row
+                proxy = DeferredArray(_Pending(batch, call, 0, (), shape,
                                                entry.output_dtypes[0]))
                 batch.proxies.append(proxy)
                 result = [proxy]
             else:
-                result = [DeferredArray(_Pending(batch, call, i, (), None if row is None else (rows,) + row,
-                                                 dtype))
+                result = [DeferredArray(_Pending(batch, call, i, (),
+                                                 None if row is None else (rows,) + row, dtype))
                           for i, (row, dtype) in enumerate(zip(entry.row_shapes,
                                                                entry.output_dtypes))]
                 batch.proxies.append(result)
@@ -250,10 +248,8 @@ class Scope(object):
 
     def _new_batch(self, entry, rows):
         capacity = max(rows, min(self.max_batch_size, entry.large_batch))
-        ref, buffers = self._spare.pop(id(entry), (None, None))
-        if buffers is None or ref() is not entry or len(buffers[0]) < capacity:
-            buffers = [np.empty((capacity,) + shape[1:], dtype) for shape, dtype in
-                       zip(entry.feed_shapes, entry.feed_dtypes)]
+        buffers = [np.empty((capacity,) + shape[1:], dtype) for shape, dtype in
+                   zip(entry.feed_shapes, entry.feed_dtypes)]
         batch = self._open[entry] = _Batch(self, entry, buffers)
         if len(self._open) == 1:
             with _scopes_lock:
@@ -278,10 +274,6 @@ class Scope(object):
         except Exception as exc:      # e.g. verification itself failed
             results = [exc] * n_calls
         batch.results = results
-        self._spare[key] = (weakref.ref(entry), batch.buffers)
-        if len(self._spare) > 8:
-            for stale in [k for k, (ref, _) in self._spare.items() if ref() is None]:
-                del self._spare[stale]
         batch.buffers = batch.entry = batch.scope = None    # results are all it needs now
         return _settle(batch)
 
@@ -312,7 +304,6 @@ class Scope(object):
     def __exit__(self, *exc):
         self.deactivate()
         self.flush(lone_read=False)
-        self._spare.clear()
         return False
 
 

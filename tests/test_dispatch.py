@@ -257,3 +257,15 @@ def test_outputs_are_independent_writable_arrays(models):
         b = model.predict(x[1:2])
     a[:] = 0
     assert a.flags.writeable and np.all(b != 0)
+
+
+def test_model_whose_output_is_its_input_is_left_to_keras():
+    inp = layers.Input((4,))
+    model = keras.models.Model(inp, inp)
+    x = np.ones((2, 4), 'float32')
+    expected = raised(unpatched_predict, model, x)
+    with kfp.patched():
+        assert raised(model.predict, x) == expected
+    (reason, count), = kfp.stats(model)['fallback_reasons'].items()
+    assert reason.startswith('no callable:') and 'both fed and fetched' in reason
+    assert count == 1
