@@ -1,4 +1,4 @@
-"""stats(): counters per model that keep counting across reset_stats()."""
+"""counters (stats()): per-model counters that keep counting across reset_stats()."""
 import numpy as np
 
 import keras_fastpredict as kfp
