@@ -129,7 +129,9 @@ def _route(entry, x, arrays, rows, batch_size):
     # and gives back plain arrays. It looks at the caller's arrays, before any cast.
     if readahead_on and rows == 1:
         if type(x) is _ndarray:
-            outs = readahead.serve(entry, [x], settings.readahead_max)
+            # A row that is no view of a larger array cannot be read ahead.
+            outs = None if x.base is None else readahead.serve(entry, [x],
+                                                               settings.readahead_max)
         elif type(x) is dict:
             outs = readahead.serve(entry, [x[name] for name in entry.feed_names],
                                    settings.readahead_max)
