@@ -97,3 +97,47 @@ def test_exclude_keeps_fast_path_without_batching(models):
         callables.invalidate(model)
     assert_same(np.concatenate(got), unpatched_predict(model, x))
     assert kfp.stats(model)['batches'] == 0
+
+
+def test_clear_session_follows_keras_in_a_fresh_process():
+    # K.clear_session() resets the default graph for the whole process: run it apart.
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent('''
+        import numpy as np, keras
+        from keras import backend as K
+        from keras.engine.training import Model
+        import keras_fastpredict as kfp
+        def make():
+            return keras.models.Sequential([keras.layers.Dense(3, input_shape=(4,))])
+        def outcome(fn, *args):
+            try:
+                return ('value', fn(*args))
+            except Exception as exc:
+                return ('raised', type(exc), str(exc))
+        x = np.ones((2, 4), 'float32')
+        kfp.patch()
+        old = make()
+        old.predict(x)
+        K.clear_session()
+        new = make()
+        np.testing.assert_allclose(new.predict(x), Model.predict.__wrapped__(new, x), rtol=1e-5)
+        assert kfp.stats(new)['fast_calls'] == 1
+        got = outcome(old.predict, x)
+        kfp.unpatch()
+        want = outcome(old.predict, x)
+        # Whatever Keras does with a model from before clear_session, the patch does too.
+        assert got[0] == want[0], (got, want)
+        if want[0] == 'raised':
+            assert got[1:] == want[1:], (got, want)
+        else:
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+        print('ok')
+    ''')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=root)
+    done = subprocess.run([sys.executable, '-c', script], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith('ok'), done.stderr[-3000:]
