@@ -201,29 +201,28 @@ class CompiledModel(object):
                     return None
             feed_dtype = self.feed_dtypes[0]
             return [x if dtype is feed_dtype else np.asarray(x, dtype=feed_dtype)]
+        if cls is list or cls is tuple:
+            arrays = x
+        elif cls is dict:
+            try:
+                arrays = [x[name] for name in self.feed_names]
+            except KeyError:
+                return None
         else:
-            if cls is list or cls is tuple:
-                arrays = x
-            elif cls is dict:
-                try:
-                    arrays = [x[name] for name in self.feed_names]
-                except KeyError:
-                    return None
-            else:
+            return None
+        if len(arrays) != len(self.feed_names):
+            return None
+        key = [cls, len(x)]
+        rows = None
+        for a in arrays:
+            if a.__class__ is not np.ndarray or a.ndim == 0:
                 return None
-            if len(arrays) != len(self.feed_names):
+            if rows is None:
+                rows = a.shape[0]
+            elif a.shape[0] != rows:
                 return None
-            key = [cls, len(x)]
-            rows = None
-            for a in arrays:
-                if a.__class__ is not np.ndarray or a.ndim == 0:
-                    return None
-                if rows is None:
-                    rows = a.shape[0]
-                elif a.shape[0] != rows:
-                    return None
-                key.append((a.dtype, a.shape[1:]))
-            key = tuple(key)
+            key.append((a.dtype, a.shape[1:]))
+        key = tuple(key)
         if key not in self.signatures:
             if key in self.slow_signatures or not self._accept(key, x, arrays):
                 return None

@@ -347,12 +347,18 @@ def current():
 
 
 def flush_all():
-    if not _scopes:
+    """Run every scope's pending calls (before the graph is used). Called on every
+    Session.run, so it returns at once when nothing is pending."""
+    if not _scopes or getattr(_local, 'flushing_all', False):
         return
-    with _scopes_lock:
-        scopes = list(_scopes)
-    for scope in scopes:
-        scope.flush(lone_read=False)
+    _local.flushing_all = True
+    try:
+        with _scopes_lock:
+            scopes = list(_scopes)
+        for scope in scopes:
+            scope.flush(lone_read=False)
+    finally:
+        _local.flushing_all = False
 
 
 hooks._flush_all = flush_all

@@ -4,8 +4,6 @@ Deferred predictions are computed first (so none sees weights from a later train
 or ``set_weights``), and read-ahead windows are dropped (their rows were predicted with
 the weights of their time). ``generation`` counts such events for read-ahead.
 """
-import threading
-
 from . import callables
 
 
@@ -14,18 +12,13 @@ class _State(object):
 
 
 state = _State()
-_local = threading.local()
 _flush_all = None          # set by deferred: resolves every scope's pending requests
 
 
 def graph_event():
     state.generation += 1
-    if _flush_all is not None and not getattr(_local, 'busy', False):
-        _local.busy = True
-        try:
-            _flush_all()
-        finally:
-            _local.busy = False
+    if _flush_all is not None:
+        _flush_all()
 
 
 def before_graph_use(wrapped, instance, args, kwargs):
