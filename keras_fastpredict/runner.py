@@ -1,22 +1,39 @@
-"""The zero-change runner: ``python -m keras_fastpredict [options] script.py [args...]``.
+"""The zero-change runner: ``python -m keras_fastpredict [options] script.py [args...]``
+(or ``-m module [args...]``, or the ``keras-fastpredict`` console script).
 
-Patches, then runs the script as ``__main__`` with its own ``sys.argv``, the way
-``python -m cProfile`` does. The script's exit code and exceptions pass through.
+Patches, then runs the script or module as ``__main__`` the way ``python`` itself would:
+
+* Only the options before the script path (or before ``-m module``) are the runner's;
+  everything after it is the script's ``sys.argv[1:]``, untouched (``--``, ``-q``, even
+  ``--stats``). A ``--`` before the script ends the runner's options.
+* ``sys.path[0]``, the runner's own entry, is replaced as python sets it: the real folder
+  of the script (symlinks resolved), the script itself for a folder or zip file holding a
+  ``__main__.py``, the working directory for ``-m``.
+* The script's exit code and exceptions pass through; a missing script or module fails
+  with python's message and exit code (2 and 1).
+
 Options may also come from ``KERAS_FASTPREDICT_*`` environment variables.
 """
 import argparse
 import os
 import runpy
 import sys
+import zipfile
 
 from . import config, patching
 from . import counters as _stats
+
+# The runner's options that take a value (``--opt value``; ``--opt=value`` also works).
+_VALUED = ('--max-batch-size', '--verify')
 
 
 def _parser():
     p = argparse.ArgumentParser(
         prog='python -m keras_fastpredict',
-        description='Run a Python script with Keras predict calls sped up (no code changes).')
+        usage='%(prog)s [options] (script.py | -m module) [args...]',
+        description='Run a Python script or module with Keras predict calls sped up (no code '
+                    'changes). Options after the script or module are its own.',
+        allow_abbrev=False)
     p.add_argument('--stats', action='store_true',
                    help='print what was sped up, batched or left to Keras when the script ends')
     p.add_argument('--defer', action='store_true',
@@ -27,10 +44,30 @@ def _parser():
                    help='do not merge calls made from several threads at once')
     p.add_argument('--max-batch-size', type=int)
     p.add_argument('--verify', choices=['auto', 'true', 'false'])
-    p.add_argument('-m', dest='module', help='run a library module as a script')
-    p.add_argument('script', nargs='?', help='the script to run')
-    p.add_argument('args', nargs=argparse.REMAINDER, help='its arguments')
     return p
+
+
+def split_argv(argv):
+    """(the runner's options, module or None, script or None, the script's arguments).
+
+    The runner's options end at the first argument that is not one (the script), at
+    ``-m module`` / ``-mmodule``, or at ``--`` (the script follows it)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == '--':
+            rest = argv[i + 1:]
+            return argv[:i], None, (rest[0] if rest else None), rest[1:]
+        if arg.startswith('-m') and not arg.startswith('--'):
+            if arg != '-m':
+                return argv[:i], arg[2:], None, argv[i + 1:]
+            if i + 1 == len(argv):
+                return argv[:i + 1], None, None, []      # argparse: "expected one argument"
+            return argv[:i], argv[i + 1], None, argv[i + 2:]
+        if arg == '-' or not arg.startswith('-'):
+            return argv[:i], None, arg, argv[i + 1:]
+        i += 2 if arg in _VALUED else 1
+    return argv, None, None, []
 
 
 def options_from(ns):
@@ -48,22 +85,52 @@ def options_from(ns):
     return options
 
 
+def _fail(message, code):
+    sys.stderr.write('%s: %s\n' % (sys.executable, message))
+    return code
+
+
+def _is_zip(path):
+    return os.path.isfile(path) and zipfile.is_zipfile(path)
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of ``python -m keras_fastpredict`` and ``keras-fastpredict``. Like the
+    interpreter, it sets ``sys.argv`` and ``sys.path[0]`` for the script it runs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
-    ns = parser.parse_args(argv)
-    if not ns.script and not ns.module:
+    own, module, script, args = split_argv(argv)
+    if own and own[-1] == '-m':
+        parser.error('argument -m: expected one argument')
+    ns = parser.parse_args(own)
+    if script == '-':
+        parser.error('reading the script from standard input is not supported')
+    if script is None and module is None:
         parser.error('a script (or -m module) to run is required')
     show_stats = ns.stats or os.environ.get('KERAS_FASTPREDICT_STATS', '') not in ('', '0')
+    if module is not None:
+        # python -m: the working directory, then the module is looked up there (runpy's
+        # private lookup, as python's own -m uses it: the error is its message, no traceback).
+        sys.argv = ['-m'] + args
+        sys.path[0] = os.getcwd()
+        try:
+            runpy._get_module_details(module, runpy._Error)
+        except runpy._Error as e:
+            return _fail(e, 1)
+    else:
+        if not os.path.exists(script):
+            return _fail("can't open file %r: [Errno 2] No such file or directory" % script, 2)
+        sys.argv = [script] + args
+        if os.path.isdir(script) or _is_zip(script):
+            del sys.path[0]         # run_path puts the folder or zip at sys.path[0]
+        else:
+            sys.path[0] = os.path.dirname(os.path.realpath(script))
     patching.patch(**options_from(ns))
     try:
-        if ns.module:
-            sys.argv = [ns.module] + ([ns.script] if ns.script else []) + ns.args
-            runpy.run_module(ns.module, run_name='__main__', alter_sys=True)
+        if module is not None:
+            runpy.run_module(module, run_name='__main__', alter_sys=True)
         else:
-            sys.argv = [ns.script] + ns.args
-            sys.path.insert(0, os.path.dirname(os.path.abspath(ns.script)))
-            runpy.run_path(ns.script, run_name='__main__')
+            runpy.run_path(script, run_name='__main__')
     finally:
         if show_stats:
             sys.stderr.write(_stats.format_table() + '\n')

@@ -1,10 +1,21 @@
-"""python -m keras_fastpredict script.py args...: patched, argv, exit code and errors pass through."""
+"""python -m keras_fastpredict script.py args...: patched, and otherwise as ``python`` runs it.
+
+The runner takes only its own options (those before the script or ``-m module``); the rest
+passes through untouched. Each test compares against plain ``python script.py ...`` or
+``python -m mod ...`` in a subprocess: sys.argv, sys.path (sys.path[0] is the script's real
+folder, or the working directory for -m), __name__, exit code, errors.
+"""
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), 'keras-fastpredict')
+RUNNER = [sys.executable, '-m', 'keras_fastpredict']
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -23,14 +34,69 @@ SCRIPT = textwrap.dedent('''
     sys.exit(int(sys.argv[1]) if sys.argv[1:] else 0)
 ''')
 
+# What the interpreter shows a script or module; no keras import, so it stays fast.
+PROBE = textwrap.dedent('''
+    import json, os, sys
+    from keras_fastpredict.config import settings
+    seen = {'argv': sys.argv, 'path': sys.path, 'name': __name__,
+            'file': os.path.realpath(__file__), 'main': sys.modules['__main__'].__name__,
+            'patched': 'keras_fastpredict.patching' in sys.modules
+                       and sys.modules['keras_fastpredict.patching'].is_patched(),
+            'defer': settings.defer, 'max_batch_size': settings.max_batch_size}
+    sys.stdout.write('PROBE' + json.dumps(seen) + '\\n')
+    sys.stdout.flush()
+    code = os.environ.get('PROBE_EXIT')
+    if code == 'raise':
+        raise KeyError('from the probe')
+    sys.exit(int(code or 0))
+''')
+
+
+def env(**extra):
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT, **extra)
+
+
+def call(cmd, cwd=None, **extra):
+    return subprocess.run(cmd, cwd=cwd, env=env(**extra), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+
+
+def probed(out):
+    lines = [line for line in out.stdout.splitlines() if line.startswith('PROBE')]
+    assert len(lines) == 1, (out.stdout, out.stderr[-3000:])
+    return json.loads(lines[0][len('PROBE'):])
+
+
+def same_as_python(python_args, runner_args, cwd, **extra):
+    """Runs ``python *python_args`` and the runner with ``*runner_args``; returns both
+    probes after checking that what the interpreter shows is the same."""
+    plain = call([sys.executable] + python_args, cwd=cwd, **extra)
+    fast = call(RUNNER + runner_args, cwd=cwd, **extra)
+    want, got = probed(plain), probed(fast)
+    for key in ('argv', 'path', 'name', 'file', 'main'):
+        assert got[key] == want[key], (key, got[key], want[key])
+    assert fast.returncode == plain.returncode, (fast.stderr[-3000:], plain.stderr[-3000:])
+    assert not want['patched'] and got['patched']
+    return want, got, plain, fast
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """tmp/work (the working directory, with a module) and tmp/code/probe.py (the script),
+    reached from work as ../code/probe.py and through a symlink link/p.py."""
+    (tmp_path / 'work').mkdir()
+    (tmp_path / 'code').mkdir()
+    (tmp_path / 'code' / 'probe.py').write_text(PROBE)
+    (tmp_path / 'work' / 'probemod.py').write_text(PROBE)
+    (tmp_path / 'work' / 'link').mkdir()
+    os.symlink(str(tmp_path / 'code' / 'probe.py'), str(tmp_path / 'work' / 'link' / 'p.py'))
+    return tmp_path
+
 
 def run(tmp_path, *args):
     script = tmp_path / 'legacy.py'
     script.write_text(SCRIPT)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, '-m', 'keras_fastpredict', '--stats', str(script)]
-                          + list(args), env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    return call(RUNNER + ['--stats', str(script)] + list(args))
 
 
 def test_runs_script_patched_with_its_argv_and_exit_code(tmp_path):
@@ -47,8 +113,94 @@ def test_script_exception_passes_through(tmp_path):
 
 
 def test_runner_needs_a_script():
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, '-m', 'keras_fastpredict'], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         universal_newlines=True, timeout=120)
+    out = call(RUNNER)
     assert out.returncode == 2 and 'script' in out.stderr
+
+
+@pytest.mark.parametrize('script', ['../code/probe.py', 'link/p.py', 'ABS'])
+def test_script_sees_what_python_shows_it(tree, script):
+    # sys.path[0] is the real folder of the script (through the symlink too), replacing
+    # the runner's own entry; the rest of sys.path is python's.
+    if script == 'ABS':
+        script = str(tree / 'code' / 'probe.py')
+    args = [script, '--', '-q', '--stats', '--defer', '-m', 'x', '--max-batch-size', '3']
+    want, got, _, fast = same_as_python(args, ['--max-batch-size', '5', '--stats'] + args,
+                                        cwd=str(tree / 'work'), PROBE_EXIT='4')
+    assert got['path'][0] == os.path.realpath(str(tree / 'code'))
+    assert got['argv'] == args and fast.returncode == 4
+    # Options after the script are the script's: only those before it reach the runner.
+    assert got['max_batch_size'] == 5 and got['defer'] is False
+    assert 'keras_fastpredict:' in fast.stderr          # --stats before the script
+
+
+def test_options_after_the_script_are_not_the_runners(tree):
+    args = ['../code/probe.py', '--stats', '--defer']
+    want, got, _, fast = same_as_python(args, args, cwd=str(tree / 'work'))
+    assert got['argv'] == args and got['defer'] is False
+    assert 'keras_fastpredict:' not in fast.stderr
+
+
+def test_double_dash_ends_the_runners_options(tree):
+    same_as_python(['../code/probe.py', 'a'], ['--defer', '--', '../code/probe.py', 'a'],
+                   cwd=str(tree / 'work'))
+
+
+def test_module_sees_what_python_shows_it(tree):
+    # python -m puts the working directory at sys.path[0].
+    args = ['-q', '--', '--stats', 'x', '-m', 'y']
+    for runner_args in (['-m', 'probemod'] + args, ['--defer', '-mprobemod'] + args):
+        want, got, _, fast = same_as_python(['-m', 'probemod'] + args, runner_args,
+                                            cwd=str(tree / 'work'), PROBE_EXIT='3')
+        assert got['path'][0] == os.path.realpath(str(tree / 'work'))
+        assert got['argv'][1:] == args and got['name'] == '__main__'
+        assert fast.returncode == 3
+
+
+def test_directory_with_main_sees_what_python_shows_it(tree):
+    (tree / 'work' / 'app').mkdir()
+    (tree / 'work' / 'app' / '__main__.py').write_text(PROBE)
+    want, got, _, _ = same_as_python(['app', '-q'], ['app', '-q'], cwd=str(tree / 'work'))
+    assert got['path'][0] == 'app'
+
+
+def test_exceptions_and_exit_codes_pass_through(tree):
+    for code in ('0', '1', '7', 'raise'):
+        _, _, plain, fast = same_as_python(['../code/probe.py'], ['../code/probe.py'],
+                                           cwd=str(tree / 'work'), PROBE_EXIT=code)
+        assert (code == 'raise') == ("KeyError: 'from the probe'" in fast.stderr)
+
+
+def test_missing_script_or_module_fails_as_python_does(tree):
+    for args in (['nonexistent.py'], ['-m', 'nonexistent_module_kfp']):
+        plain = call([sys.executable] + args, cwd=str(tree))
+        fast = call(RUNNER + args, cwd=str(tree))
+        assert fast.returncode == plain.returncode, fast.stderr
+        message = plain.stderr.strip().split(': ', 1)[1]
+        assert message in fast.stderr and 'Traceback' not in fast.stderr
+
+
+def test_pytest_as_a_module_with_its_own_options(tree):
+    # The case from the issue: `-q` belongs to pytest, not to the runner.
+    (tree / 'work' / 'test_inside.py').write_text(textwrap.dedent('''
+        import os
+        import keras_fastpredict
+        def test_patched():
+            assert keras_fastpredict.is_patched() == (os.environ['EXPECT'] == 'patched')
+    '''))
+    args = ['-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'no:xdist', 'test_inside.py']
+    for cmd, expect in (([sys.executable], 'plain'), (RUNNER, 'patched')):
+        out = call(cmd + args, cwd=str(tree / 'work'), EXPECT=expect)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert '1 passed' in out.stdout and 'test session starts' not in out.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(CONSOLE_SCRIPT), reason='console script not installed')
+def test_console_script_sees_what_python_shows_it(tree):
+    for python_args, runner_args in ((['../code/probe.py', '-q'], ['../code/probe.py', '-q']),
+                                     (['-m', 'probemod', '-q'], ['-m', 'probemod', '-q'])):
+        plain = call([sys.executable] + python_args, cwd=str(tree / 'work'))
+        fast = call([CONSOLE_SCRIPT, '--defer'] + runner_args, cwd=str(tree / 'work'))
+        want, got = probed(plain), probed(fast)
+        for key in ('argv', 'path', 'name', 'file', 'main'):
+            assert got[key] == want[key], (key, got[key], want[key])
+        assert got['patched'] and got['defer'] is True
