@@ -28,6 +28,13 @@ class DeferredArray(wrapt.ObjectProxy):
     def __repr__(self):
         return repr(self.__wrapped__)
 
+    # wrapt's C proxy fills only the mapping slot for [], so PySequence_Check() is false
+    # for it. numpy 1.18 (discover_dimensions) then takes a list element for a scalar
+    # before looking at its __array_struct__: np.array([proxies]) gave a 1-d array (or
+    # float(proxy) failed). Defined in Python, __getitem__ also fills the sequence slot.
+    def __getitem__(self, key):
+        return self.__wrapped__[key]
+
     # numpy looks these up when converting; defined here they skip a failed attribute
     # lookup on the proxy (np.concatenate of many results is a common next step).
     @property
