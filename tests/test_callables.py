@@ -141,3 +141,95 @@ def test_clear_session_follows_keras_in_a_fresh_process():
     done = subprocess.run([sys.executable, '-c', script], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith('ok'), done.stderr[-3000:]
+
+
+SCENARIOS = '''
+import sys, threading
+import numpy as np, tensorflow as tf, keras
+from keras import backend as K
+import keras_fastpredict as kfp
+PATCHED = sys.argv[1] == 'patched'
+if PATCHED:
+    kfp.patch()
+x = np.arange(8, dtype='float32').reshape(2, 4) / 8
+
+
+def make(*units):
+    return keras.models.Sequential(
+        [keras.layers.Dense(u, kernel_initializer='ones', bias_initializer='zeros',
+                            **({'input_shape': (4,)} if i == 0 else {}))
+         for i, u in enumerate(units or (3,))])
+
+
+def show(label, fn, *args):
+    try:
+        y = fn(*args)
+        print(label, 'value', np.shape(y), np.round(np.asarray(y), 4).tolist())
+    except Exception as exc:
+        print(label, 'raised', type(exc).__name__, str(exc).split('\\n')[0])
+
+
+# Ops the first calls add: plain Keras never creates the learning-phase placeholder for a
+# model that does not use it (item 24).
+graph = tf.get_default_graph()
+counted = make(5)
+before = len(graph.get_operations())
+for i in range(20):
+    counted.predict(x[:1])
+print('ops added', len(graph.get_operations()) - before,
+      'learning phase', any('keras_learning_phase' in op.name for op in graph.get_operations()))
+
+# Outputs changed after the first predict: Keras keeps its predict function (item 18).
+seq = make(4, 2)
+show('before pop', seq.predict, x)
+seq.pop()
+show('after pop', seq.predict, x)
+seq.add(keras.layers.Dense(3))
+show('after add', seq.predict, x)
+
+# A temporary patch ends, then a new thread predicts (item 9).
+g = tf.Graph()
+with g.as_default():
+    sess = tf.Session()
+    K.set_session(sess)
+    in_g = make()
+    if PATCHED:
+        with kfp.patched():
+            show('in graph', in_g.predict, x)
+    else:
+        show('in graph', in_g.predict, x)
+out = []
+t = threading.Thread(target=lambda: out.append(in_g.predict(x)))
+t.start(); t.join()
+show('new thread', lambda: out[0])
+K.clear_session()
+
+# A model of another graph predicted first, then the default graph's (item 12).
+mine = make()
+other = tf.Graph()
+with other.as_default():
+    theirs = make()
+show('other graph first', theirs.predict, x)
+show('default graph', mine.predict, x)
+K.clear_session()
+show('stale after clear_session', mine.predict, x)
+'''
+
+
+def test_scenarios_match_plain_keras_in_fresh_processes():
+    """Items 9, 12, 18, 24: each scenario leaves Keras' global state as plain Keras does,
+    so plain and patched runs are compared in separate fresh processes."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=root)
+    lines = {}
+    for mode in ('plain', 'patched'):
+        done = subprocess.run([sys.executable, '-c', SCENARIOS, mode], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines[mode] = [ln for ln in done.stdout.splitlines() if ln.strip()]
+    assert len(lines['plain']) == 9
+    assert lines['patched'] == lines['plain']

@@ -129,3 +129,67 @@ def test_memory_mapped_dataset(models, tmp_path):
     assert_same(np.concatenate(got), expected)
     s = kfp.stats(model)
     assert s['fallbacks'] == 0 and s['readahead_hits'] > 150
+
+
+def test_results_are_the_callers_own_arrays(models):
+    """Issue 9 item 5: editing one result must not change a later call's result."""
+    model = models['dense']
+    x = inputs_for('dense', 40)
+    expected = [unpatched_predict(model, x[i:i + 1]) for i in range(40)]
+    expected_again = unpatched_predict(model, x[3:4])
+    kfp.patch()
+    got = []
+    for i in range(40):
+        y = model.predict(x[i:i + 1])
+        got.append(y.copy())
+        y[y < 0.5] = 0                       # the caller edits its result in place
+    assert_same(np.concatenate(got), np.concatenate(expected))
+    assert_same(model.predict(x[3:4]), expected_again)
+    assert kfp.stats(model)['readahead_hits'] > 0
+
+
+def test_a_bad_row_ahead_fails_only_its_own_call():
+    """Issue 9 item 8: an Embedding index out of range in row 12 fails row 12 alone."""
+    model = keras.models.Sequential([layers.Embedding(50, 4, input_length=3),
+                                     layers.Flatten(), layers.Dense(2)])
+    X = np.random.RandomState(0).randint(0, 50, (30, 3)).astype('int32')
+    X[12, 1] = 99
+
+    def outcomes(predict):
+        found = []
+        for i in range(30):
+            try:
+                found.append(predict(X[i:i + 1]))
+            except Exception as exc:  # noqa: BLE001 - compare whatever plain Keras raises
+                found.append((type(exc), str(exc)))
+        return found
+
+    expected = outcomes(lambda x: unpatched_predict(model, x))
+    kfp.patch()
+    got = outcomes(model.predict)
+    for g, e in zip(got, expected):
+        if isinstance(e, tuple):
+            assert g == e
+        else:
+            assert_same(g, e)
+    assert isinstance(expected[12], tuple) and not isinstance(expected[11], tuple)
+    assert kfp.stats(model)['readahead_hits'] > 0
+
+
+def test_windows_are_bounded_in_bytes():
+    """Issue 9 item 17: a wide decoder's rows are large; windows hold at most
+    readahead_bytes of inputs and outputs, whatever the row count."""
+    model = keras.models.Sequential([layers.Dense(32768, input_shape=(16,))])
+    X = np.random.RandomState(1).rand(120, 16).astype('float32')
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(120)]
+    kfp.patch(readahead_bytes=1 << 20)
+    got = [model.predict(X[i:i + 1]) for i in range(120)]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    stats = kfp.stats(model)
+    assert stats['readahead_hits'] > 0
+    row_bytes = (16 + 32768) * 4
+    largest_window = stats['readahead_rows'] and max(stats['batch_size_histogram'])
+    assert 2 <= largest_window
+    # The histogram is by powers of two: the largest window is below twice the bound.
+    assert largest_window < 2 * ((1 << 20) // row_bytes)
