@@ -63,7 +63,7 @@ def resolve(value):
     if type(value) is DeferredArray:
         inner = value.__wrapped__
         if type(inner) is _Pending:
-            return inner._value()
+            return inner._kfp_value()
         return inner
     return value
 
@@ -86,64 +86,93 @@ def _shape_after(shape, key):
 
 
 class _Pending(object):
-    """What a DeferredArray wraps until its batch has run."""
-    __slots__ = ('batch', 'call', 'output', 'keys', '_shape', 'dtype')
+    """What a DeferredArray wraps until its batch has run.
+
+    Its own names start with ``_kfp_`` so that none hides an ndarray attribute (the proxy
+    forwards every attribute here; ``hasattr(y, 'keys')`` must stay False).
+    """
+    __slots__ = ('_kfp_batch', '_kfp_call', '_kfp_output', '_kfp_keys', '_kfp_shape',
+                 '_kfp_dtype', '_kfp_array')
 
     def __init__(self, batch, call, output, keys, shape, dtype):
-        self.batch = batch
-        self.call = call
-        self.output = output
-        self.keys = keys
-        self._shape = shape       # None where the model's output shape is not static
-        self.dtype = dtype
+        _set = object.__setattr__          # self.x = ... would go to the real array
+        _set(self, '_kfp_batch', batch)
+        _set(self, '_kfp_call', call)
+        _set(self, '_kfp_output', output)
+        _set(self, '_kfp_keys', keys)
+        _set(self, '_kfp_shape', shape)    # None where the output shape is not static
+        _set(self, '_kfp_dtype', dtype)
+        _set(self, '_kfp_array', None)     # the real array, once known
 
     @property
     def __class__(self):
         return np.ndarray
 
-    def _value(self):
-        batch = self.batch
-        if batch.results is None:
-            batch.scope.flush()
-        result = batch.results[self.call]
-        if isinstance(result, Exception):
-            raise result
-        value = result[self.output]
-        for key in self.keys:
-            value = value[key]
-        return value
+    def _kfp_value(self):
+        if self._kfp_array is None:
+            batch = self._kfp_batch
+            if batch.results is None:
+                batch.scope.flush()         # may set _kfp_array (_settle)
+            if self._kfp_array is None:
+                result = batch.results[self._kfp_call]
+                if isinstance(result, Exception):
+                    raise result
+                value = result[self._kfp_output]
+                for key in self._kfp_keys:
+                    value = value[key]
+                # Kept: indexing makes a new view each time, and attributes set through
+                # the proxy (y.shape = ...) must land on the array it ends up wrapping.
+                object.__setattr__(self, '_kfp_array', value)
+        return self._kfp_array
+
+    # Setting an attribute (y.shape = ..., y.dtype = ...) acts on the real array.
+    def __setattr__(self, name, value):
+        setattr(self._kfp_value(), name, value)
+
+    def __delattr__(self, name):
+        delattr(self._kfp_value(), name)
 
     # Known without running the batch.
     @property
+    def dtype(self):
+        return self._kfp_dtype
+
+    @property
     def shape(self):
-        return self._shape if self._shape is not None else self._value().shape
+        return self._kfp_shape if self._kfp_shape is not None else self._kfp_value().shape
 
     @property
     def ndim(self):
-        return len(self._shape) if self._shape is not None else self._value().ndim
+        shape = self._kfp_shape
+        return len(shape) if shape is not None else self._kfp_value().ndim
 
     @property
     def size(self):
-        return int(np.prod(self._shape)) if self._shape is not None else self._value().size
+        shape = self._kfp_shape
+        return int(np.prod(shape)) if shape is not None else self._kfp_value().size
 
     def __len__(self):
-        return self._shape[0] if self._shape is not None else len(self._value())
+        shape = self._kfp_shape
+        return shape[0] if shape is not None else len(self._kfp_value())
 
     def __getitem__(self, key):
-        if self._shape is not None and _simple_key(key):
-            shape = _shape_after(self._shape, key)
-            if shape and self.batch.results is None:
-                proxy = DeferredArray(_Pending(self.batch, self.call, self.output,
-                                               self.keys + (key,), shape, self.dtype))
-                self.batch.derived.append(proxy)
+        shape = self._kfp_shape
+        batch = self._kfp_batch
+        if shape is not None and _simple_key(key):
+            shape = _shape_after(shape, key)
+            if shape and batch.results is None:
+                proxy = DeferredArray(_Pending(batch, self._kfp_call, self._kfp_output,
+                                               self._kfp_keys + (key,), shape,
+                                               self._kfp_dtype))
+                batch.derived.append(proxy)
                 return proxy
-        return self._value()[key]
+        return self._kfp_value()[key]
 
     def __getattr__(self, name):
-        return getattr(self._value(), name)
+        return getattr(self._kfp_value(), name)
 
     def __iter__(self):
-        return iter(self._value())
+        return iter(self._kfp_value())
 
     def __hash__(self):
         raise TypeError("unhashable type: 'numpy.ndarray'")
@@ -157,14 +186,14 @@ def _simple_key(key):
 
 def _forward(name):
     def method(self, *args):
-        return getattr(self._value(), name)(*args)
+        return getattr(self._kfp_value(), name)(*args)
     method.__name__ = name
     return method
 
 
 def _forward_inplace(name):
     def method(self, other):
-        value = self._value()
+        value = self._kfp_value()
         getattr(value, name)(other)
         return value
     method.__name__ = name
@@ -333,9 +362,9 @@ def _settle(batch):
             proxy.__wrapped__ = result[0]
     for proxy in batch.derived:
         pending = proxy.__wrapped__
-        if not isinstance(batch.results[pending.call], Exception):
+        if not isinstance(batch.results[pending._kfp_call], Exception):
             retired.append(pending)
-            proxy.__wrapped__ = pending._value()
+            proxy.__wrapped__ = pending._kfp_value()
     batch.proxies = batch.derived = None
     return retired
 
