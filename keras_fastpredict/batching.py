@@ -48,22 +48,31 @@ def fast_predict(func=None, max_batch_size=None, models=None, readahead=None):
     if inspect.isgeneratorfunction(func):
         @functools.wraps(func)
         def generator_wrapper(*args, **kwargs):
+            # As ``yield from func(...)`` (PEP 380: send, throw and close reach the inner
+            # generator), with deferral on only while the inner generator runs.
             with _patched_if_needed():
                 scope = deferred.Scope(**options)
                 gen = func(*args, **kwargs)
+                sent = thrown = None
                 try:
-                    value = None
                     while True:
-                        # Defer only while the generator runs, not while it is suspended.
                         scope.activate()
                         try:
-                            item = gen.send(value)
+                            item = gen.send(sent) if thrown is None else gen.throw(*thrown)
+                        except StopIteration as stop:
+                            result = stop.value
+                            break
                         finally:
                             scope.deactivate()
-                        value = yield item
-                except StopIteration as stop:
+                        sent = thrown = None
+                        try:
+                            sent = yield item
+                        except GeneratorExit:
+                            raise                   # the finally below closes gen
+                        except BaseException as exc:
+                            thrown = type(exc), exc, exc.__traceback__
                     scope.flush(lone_read=False)
-                    return deferred.materialize(stop.value)
+                    return deferred.materialize(result)
                 finally:
                     gen.close()
                     scope.flush(lone_read=False)
