@@ -455,3 +455,40 @@ def test_pending_result_shadows_no_attribute(models):
                      'ndim', 'size', 'T', 'base', 'flags', 'items'):
             assert hasattr(y, name) == hasattr(plain, name), name
             assert hasattr(row, name) == hasattr(plain[0], name), name
+
+
+def _shapes_claimed(y):
+    return y.shape, y.ndim, y.size, len(y), len(y[0]), y[0].shape
+
+
+def test_pending_shape_is_the_real_one_when_keras_declares_a_wrong_one():
+    # Keras' declared output_shape (4,) is wrong: the Lambda gives 8 columns. The shape a
+    # pending result claims must be the real one. Depends on callables.py taking
+    # row_shapes from TF's static shapes (another change); may fail until that lands.
+    inp = layers.Input((4,))
+    model = keras.models.Model(
+        inp, layers.Lambda(lambda t: K.concatenate([t, t]), output_shape=(4,))(inp))
+    x = np.random.RandomState(3).rand(3, 4).astype('float32')
+    plain = unpatched_predict(model, x[:2])
+    with kfp.batching(readahead=False):
+        y = model.predict(x[:2].copy())
+        assert type(y) is DeferredArray
+        assert _shapes_claimed(y) == _shapes_claimed(plain)
+        assert_same(np.asarray(y), plain)
+
+
+def test_pending_shape_unknown_to_tf_runs_the_batch():
+    # TF cannot know how many columns boolean_mask keeps (row_shapes is None): the proxy
+    # must run the batch to answer, never guess.
+    import tensorflow as tf
+    inp = layers.Input((4,))
+    keep = lambda t: tf.boolean_mask(t, tf.constant([True, False, True, True]), axis=1)
+    model = keras.models.Model(inp, layers.Lambda(keep, output_shape=(4,))(inp))
+    x = np.random.RandomState(4).rand(3, 4).astype('float32')
+    plain = unpatched_predict(model, x[:2])
+    with kfp.batching(readahead=False):
+        y = model.predict(x[:2].copy())
+        assert type(y) is DeferredArray and kfp.stats(model)['batches'] == 0
+        assert _shapes_claimed(y) == _shapes_claimed(plain)
+        assert kfp.stats(model)['batches'] == 1
+        assert_same(np.asarray(y), plain)
