@@ -4,28 +4,45 @@ A ``CompiledModel`` feeds the model's inputs and fetches its outputs through
 ``Session._make_callable_from_options``, built once on the model's own graph and on
 the session Keras would use, so a call adds no graph ops and skips Keras' per-call
 machinery (``get_session``'s variable scan, ``K.function``'s checks, ``predict_loop``).
-Entries are weakly keyed by the model and rebuilt when the session or the model's
-inputs and outputs change.
+It feeds and fetches what Keras' own ``predict_function`` does (built when Keras would
+build it, so a model whose outputs changed later keeps serving what plain Keras serves).
+Entries are weakly keyed by the model and rebuilt when the session or the predict function
+changes; a model the fast path leaves to Keras gets a cached ``Refusal``, so the way to
+Keras costs one lookup.
 """
 import atexit
 import threading
 import time
-import warnings
 import weakref
 
 import numpy as np
 
+from . import batch_safety
 from . import counters as _stats
 from .config import settings
 
-_build_lock = threading.RLock()
+_build_lock = threading.RLock()   # also guards Keras' lazy predict-function build (keras#6124)
 _entries = {}          # id(model) -> CompiledModel
 _excluded = set()      # id(model) of models the user excluded from batching
 _CALIBRATION_RUNS = 3
 
 
-class NotSupported(Exception):
-    """The fast path does not handle this model; the reason goes into the statistics."""
+class RowsDiffer(Exception):
+    """A run returned outputs whose row count is not the input's: Keras' own predict loop
+    must serve this model."""
+
+
+class Refusal(object):
+    """A model left to Keras on this session, and why (decided once)."""
+    __slots__ = ('reason', 'session', 'function', 'model_ref', 'stats')
+    refused = True
+
+    def __init__(self, model, session, reason):
+        self.reason = reason
+        self.session = session
+        self.function = model.__dict__.get('predict_function')
+        self.model_ref = weakref.ref(model)
+        self.stats = _stats.for_model(model)
 
 
 def _keras():
@@ -45,44 +62,29 @@ def _bind_tf():
     _get_default_session = ops.get_default_session
 
 
-# Layers whose output for a row never depends on the other rows of the batch at inference.
-# Anything else (Lambda, user-defined layers) is checked by verification under verify='auto'.
-def _layers_are_builtin(model):
-    from keras.engine.network import Network
-    from keras.layers import Lambda
-    for layer in model.layers:
-        if isinstance(layer, Network):
-            if not _layers_are_builtin(layer):
-                return False
-            continue
-        cls = type(layer)
-        if cls is Lambda or not cls.__module__.startswith(('keras.layers', 'keras.engine')):
-            return False
-    return True
-
-
 class CompiledModel(object):
     """The fast path for one model on one session."""
 
-    def __init__(self, model, session):
-        K, _ = _keras()
+    refused = False
+
+    def __init__(self, model, session, feeds, fetches):
         self.model_ref = weakref.ref(model)
         self.session = session
         self.graph = session.graph
-        self.inputs_list = model.inputs
-        self.outputs_list = model.outputs
+        self.function = model.predict_function
+        self.outputs_list = fetches
         self.stats = _stats.for_model(model)
         self.feed_names = list(model._feed_input_names)
-        feeds = list(model._feed_inputs)
         self.feed_dtypes = [np.dtype(t.dtype.as_numpy_dtype) for t in feeds]
         self.feed_shapes = [tuple(s) for s in model._feed_input_shapes]
         self.feed_ndims = [len(s) for s in self.feed_shapes]
         self.single_input = len(feeds) == 1
-        self.n_outputs = len(model.outputs)
-        self.output_shapes = [K.int_shape(t) for t in model.outputs]
-        self.output_dtypes = [np.dtype(t.dtype.as_numpy_dtype) for t in model.outputs]
-        # Per output: the shape of one row when static, else None (deferred results use it).
-        self.row_shapes = [None if None in s[1:] else tuple(s[1:]) for s in self.output_shapes]
+        self.n_outputs = len(fetches)
+        self.output_dtypes = [np.dtype(t.dtype.as_numpy_dtype) for t in fetches]
+        # Per output: the shape of one row when TF knows it statically, else None. TF's
+        # shapes, not Keras' declared ones (a Lambda's output_shape can be wrong).
+        self.row_shapes = [None if t.shape.ndims is None or not t.shape[1:].is_fully_defined()
+                           else tuple(t.shape[1:].as_list()) for t in fetches]
         # Signatures (container, per-array dtype and shape past the batch axis) that Keras'
         # own validation accepted once; the same signature is accepted again without it.
         self.signatures = set()
@@ -90,12 +92,17 @@ class CompiledModel(object):
         # Inputs with a None dimension past the batch axis (variable-length sequences):
         # rows of different calls may not stack, so they are not deferred or read ahead.
         self.fixed_rows = all(None not in s[1:] for s in self.feed_shapes)
-        row_bytes = sum(int(np.prod([n or 64 for n in s[1:]], dtype=np.int64)) * d.itemsize
-                        for s, d in zip(self.feed_shapes, self.feed_dtypes)) or 1
+        in_bytes = sum(int(np.prod([n or 64 for n in s[1:]], dtype=np.int64)) * d.itemsize
+                       for s, d in zip(self.feed_shapes, self.feed_dtypes)) or 1
+        self.row_bytes = in_bytes + sum(
+            int(np.prod([n or 64 for n in (r or (64,))], dtype=np.int64)) * d.itemsize
+            for r, d in zip(self.row_shapes, self.output_dtypes))
         self.large_batch = int(max(32, min(settings.large_batch_max_rows,
-                                           settings.large_batch_bytes // row_bytes)))
-        # None: not yet known whether rows of this model may share a batch.
-        self.batch_safe = None if self._needs_verification(model) else True
+                                           settings.large_batch_bytes // in_bytes)))
+        # True: rows of several calls may share a run; False: never (each call runs as
+        # plain Keras batches it); None: not yet known, verified on distinct rows first.
+        self.batch_safe, self.batching_reason = _batch_safety(session, feeds, fetches)
+        self.verification = None   # the verifier's state while batch_safe is None
         self.excluded = id(model) in _excluded
         self.batcher = None        # the concurrent batcher, made on first use
         self._pool_choice = {}     # log2(rows) -> ([inline times], [pool times]), then bool
@@ -106,17 +113,6 @@ class CompiledModel(object):
         self._pool = self._make_callable(feeds, inline=False)
         from tensorflow.python import pywrap_tensorflow
         self._run_callable = pywrap_tensorflow.TF_SessionRunCallable
-
-    @staticmethod
-    def _needs_verification(model):
-        mode = settings.verify
-        if mode is True:
-            return True
-        if mode is False:
-            return False
-        # Learning phase fixed to 1 (K.set_learning_phase(1)): BatchNormalization then
-        # normalises over the batch, so even built-in layers are checked.
-        return _keras()[0].learning_phase() == 1 or not _layers_are_builtin(model)
 
     def _make_callable(self, feeds, inline):
         from tensorflow.core.protobuf import config_pb2
@@ -171,13 +167,19 @@ class CompiledModel(object):
         """Predict all rows of ``arrays``: session runs of ``batch_size`` rows (chosen for
         throughput when None), results in one array per output as ``Model.predict`` gives."""
         rows = arrays[0].shape[0]
+        checked = self.batch_safe is not True
         if batch_size is None:
             batch_size = self.large_batch if self.batch_safe else 32
         if rows <= batch_size:
-            return self.call(arrays, pool)
+            outs = self.call(arrays, pool)
+            if checked and any(o.shape[:1] != (rows,) for o in outs):
+                raise RowsDiffer()
+            return outs
         outs = None
         for start in range(0, rows, batch_size):
             part = self.call([a[start:start + batch_size] for a in arrays], pool)
+            if checked and any(p.shape[:1] != (min(batch_size, rows - start),) for p in part):
+                raise RowsDiffer()
             if outs is None:
                 outs = [np.empty((rows,) + p.shape[1:], p.dtype) for p in part]
             for o, p in zip(outs, part):
@@ -250,7 +252,9 @@ class CompiledModel(object):
 
 
 def keras_session():
-    """The session Keras' own predict would use now (initialising new variables)."""
+    """The session Keras' own predict would use now, made and initialised as Keras does,
+    in the caller's graph context (never in the model's: that would bind Keras' global
+    session to another graph)."""
     return _keras()[0].get_session()
 
 
@@ -274,47 +278,99 @@ def _unsupported_reason(model):
     return None
 
 
+def ensure_predict_function(model, graph):
+    """Build Keras' predict function as Keras' first predict would, once, under a lock
+    (Keras' lazy build is not thread-safe, keras#6124), on the model's graph (a first call
+    from a thread whose default graph is another fails in Keras, keras#2397)."""
+    if model.__dict__.get('predict_function') is None:
+        with _build_lock, graph.as_default():
+            model._make_predict_function()
+    return model.predict_function
+
+
+def current_session():
+    """The session Keras would use now, or None where it would make one (no side effect)."""
+    if _tfb is None:
+        _bind_tf()
+    return _get_default_session() or _tfb._SESSION
+
+
 def lookup(model):
-    """The ``CompiledModel`` for ``model`` on the session Keras would use now, or raises
-    ``NotSupported``. Cheap when nothing changed since the last call."""
+    """The ``CompiledModel`` for ``model`` on the session Keras would use now, or a
+    ``Refusal``. Cheap when nothing changed since the last call."""
     entry = _entries.get(id(model))
     if _tfb is None:
         _bind_tf()
     session = _get_default_session() or _tfb._SESSION
     if (entry is not None and entry.session is session and session is not None
-            and model.outputs is entry.outputs_list and model.inputs is entry.inputs_list
+            and entry.function is model.__dict__.get('predict_function')
             and not session._closed and entry.model_ref() is model):
         return entry
-    return _build(model, session)
+    return _build(model)
 
 
-def _build(model, session):
-    reason = _unsupported_reason(model)
-    if reason is not None:
-        raise NotSupported(reason)
-    graph = model.outputs[0].graph
-    if session is not None and (session.graph is not graph or session._closed):
-        # Keras would run this model on a session of another graph: leave that to Keras.
-        raise NotSupported('model not on the session Keras uses')
+def _build(model):
     with _build_lock:
-        entry = _entries.get(id(model))
-        if entry is not None and entry.session is session and session is not None \
-                and entry.outputs_list is model.outputs and entry.model_ref() is model:
-            return entry
-        with graph.as_default():
-            session = keras_session()
-            if session.graph is not graph:
-                raise NotSupported('model not on the session Keras uses')
-            try:
-                entry = CompiledModel(model, session)
-            except Exception as exc:  # e.g. an output that is also an input
-                raise NotSupported('no callable: %s' % str(exc).split('\n')[0])
-        key = id(model)
-        old = _entries.get(key)
-        if old is None or old.model_ref() is not model:
-            weakref.finalize(model, _entries.pop, key, None)
-        _entries[key] = entry
-        return entry
+        # As Keras' predict does first: the session, made in the caller's graph context
+        # if there is none yet, with new variables initialised.
+        session = keras_session()
+        reason = _unsupported_reason(model)
+        if reason is None and (session.graph is not model.outputs[0].graph or session._closed):
+            reason = 'model not on the session Keras uses'
+        if reason is not None:
+            return _store(model, Refusal(model, session, reason))
+        function = ensure_predict_function(model, session.graph)
+        lp = _tfb._GRAPH_LEARNING_PHASES.get(session.graph)
+        feeds = [t for t in function.inputs if t is not lp]
+        if len(feeds) != len(model._feed_inputs) or has_updates(function):
+            return _store(model, Refusal(model, session, 'predict function with other '
+                                         'inputs or with state updates'))
+        try:
+            entry = CompiledModel(model, session, feeds, list(function.outputs))
+        except Exception as exc:  # e.g. an output that is also an input
+            return _store(model, Refusal(model, session, 'no callable: %s'
+                                         % str(exc).split('\n')[0]))
+        return _store(model, entry)
+
+
+def has_updates(function):
+    """Whether a Keras backend function runs update ops (its ``updates_op`` is a group
+    made under ``control_dependencies(outputs)``: the outputs alone are no updates)."""
+    outputs = {t.op for t in function.outputs}
+    return any(op not in outputs for op in function.updates_op.control_inputs)
+
+
+def _store(model, entry):
+    key = id(model)
+    old = _entries.get(key)
+    if old is None or old.model_ref() is not model:
+        weakref.finalize(model, _entries.pop, key, None)
+    _entries[key] = entry
+    return entry
+
+
+def refuse(model, reason):
+    """Leave ``model`` to Keras from now on (on this session)."""
+    entry = _entries.get(id(model))
+    if entry is not None and not entry.refused:
+        _store(model, Refusal(model, entry.session, reason))
+
+
+def _batch_safety(session, feeds, fetches):
+    """(batch_safe, reason) from the graph, and the ``verify`` option."""
+    from tensorflow.python.client import session as tf_session
+    run = tf_session.BaseSession.run
+    run = getattr(run, '__wrapped__', run)      # ours when patched: no hooks for this
+
+    def run_shapes(tensor, feed_dict):
+        return run(session, tensor, feed_dict)
+
+    verdict, reason = batch_safety.analyse(session.graph, feeds, fetches, run_shapes)
+    if verdict == batch_safety.UNSAFE:
+        return False, reason
+    if settings.verify is True or (verdict == batch_safety.UNKNOWN and settings.verify == 'auto'):
+        return None, reason or 'checked on distinct rows before batching'
+    return True, reason
 
 
 def exclude(model):
@@ -348,9 +404,5 @@ def clear():
 
 
 def entries():
-    return list(_entries.values())
+    return [e for e in list(_entries.values()) if not e.refused]
 
-
-def warn_unbatchable(entry, why):
-    warnings.warn('keras_fastpredict: model %r is not batched from now on: %s'
-                  % (entry.stats.name, why), RuntimeWarning, stacklevel=3)

@@ -1,19 +1,19 @@
 """Dispatch: the wrappers behind the patched predict methods.
 
 Each call either takes the fast path (the cached callable, with deferral, read-ahead or
-concurrent batching on top) or goes to the original Keras method untouched. Everything
-the fast path does not handle exactly is left to Keras: unusual arguments, inputs
-Keras' own validation rejects (so the same exception is raised), stateful models.
+concurrent batching on top for models whose rows are independent) or goes to the original
+Keras method untouched. Everything the fast path does not handle exactly is left to
+Keras: unusual arguments, inputs Keras' own validation rejects (so the same exception is
+raised), stateful models, outputs whose rows are not the input's rows.
 """
 import threading
 
 import numpy as np
 
-from . import callables, concurrent_batcher, deferred, readahead
+from . import callables, concurrent_batcher, deferred, readahead, verification
 from . import counters as _stats
 from .config import settings
 
-_graph_lock = threading.RLock()   # Keras' lazy predict-function build is not thread-safe
 _local = threading.local()       # .keras_default: batch_size=32 came from Keras, not the user
 _ndarray = np.ndarray
 
@@ -65,21 +65,21 @@ def _fallback(wrapped, model, args, kwargs, reason):
     stats.calls += 1
     stats.fallback(reason)
     outputs = getattr(model, 'outputs', None)
-    if outputs:
-        # Keras builds its predict function in the thread's default graph, which in a new
-        # thread is another, empty graph (keras#2397): run it on the model's own graph.
-        # Building it is not thread-safe either (keras#6124): build it once, under a lock.
-        graph = outputs[0].graph
-        # So is the variable initialisation Keras' get_session does on first use.
-        if getattr(model, 'predict_function', None) is None and hasattr(
-                model, '_make_predict_function'):
-            with _graph_lock, graph.as_default():
-                if getattr(model, 'predict_function', None) is None:
-                    callables.keras_session()
-                    model._make_predict_function()
-        with graph.as_default():
-            return wrapped(*args, **kwargs)
-    return wrapped(*args, **kwargs)
+    if not outputs:
+        return wrapped(*args, **kwargs)
+    # Any thread can predict: Keras builds its predict function in the thread's default
+    # graph, which in a new thread may be another (keras#2397), and not thread-safely
+    # (keras#6124); so it is built once under a lock and Keras runs on the model's graph.
+    # Only where Keras' session is on the model's graph: elsewhere plain Keras fails, and
+    # so must this call, in the same way.
+    graph = outputs[0].graph
+    session = callables.current_session()
+    if session is None or session.graph is not graph:
+        return wrapped(*args, **kwargs)
+    if getattr(model, 'built', False):
+        callables.ensure_predict_function(model, graph)
+    with graph.as_default():
+        return wrapped(*args, **kwargs)
 
 
 def _plain_arrays(x):
@@ -97,10 +97,9 @@ def _plain_arrays(x):
 
 def _predict(wrapped, model, args, kwargs, x, batch_size):
     """``batch_size``: None lets the fast path choose, 0 means all rows in one run."""
-    try:
-        entry = callables.lookup(model)
-    except callables.NotSupported as why:
-        return _fallback(wrapped, model, args, kwargs, str(why))
+    entry = callables.lookup(model)
+    if entry.refused:
+        return _fallback(wrapped, model, args, kwargs, entry.reason)
     if type(x) is not _ndarray:
         x = _plain_arrays(x)
     arrays = entry.prepare(x)
@@ -112,13 +111,25 @@ def _predict(wrapped, model, args, kwargs, x, batch_size):
     stats = entry.stats
     stats.calls += 1
     stats.fast_calls += 1
-    outs = _route(entry, x, arrays, rows, batch_size or (rows if batch_size == 0 else None))
+    try:
+        outs = _route(entry, x, arrays, rows, batch_size or (rows if batch_size == 0 else None))
+    except callables.RowsDiffer:
+        # Keras' predict loop pads or broadcasts such outputs its own way: leave it to it.
+        callables.refuse(model, 'outputs without one row per input row')
+        stats.fast_calls -= 1
+        stats.calls -= 1
+        return _fallback(wrapped, model, args, kwargs, 'outputs without one row per input row')
     return outs[0] if entry.n_outputs == 1 else outs
 
 
 def _route(entry, x, arrays, rows, batch_size):
-    if entry.excluded or entry.batch_safe is False:
-        return entry.run(arrays, batch_size)
+    safe = entry.batch_safe
+    if safe is not True or entry.excluded:
+        # Unbatched, as Keras runs it; a model not yet verified learns from the call.
+        outs = entry.run(arrays, batch_size)
+        if safe is None:
+            verification.observe(entry, arrays, outs)
+        return outs
     scope = deferred.current()
     if scope is None and settings.defer:
         scope = deferred.implicit_scope()
