@@ -8,10 +8,10 @@ import time
 import numpy as np
 
 import keras_fastpredict
+from keras_fastpredict.verification import ATOL, RTOL, scaled_difference, within_tolerance
 
 from .cases import Timed, as_list
 
-RTOL, ATOL = 1e-5, 1e-6
 # Comparisons whose bar is "not slower than" / "at least as fast as" allow this much
 # measurement noise (the ratio is printed either way). Multiplier targets (12x...) allow none.
 NOISE = 0.05
@@ -26,13 +26,15 @@ class VariantResult(object):
         self.errors = []
         self.mismatches = []
         self.checks = 0
+        self.largest_difference = 0.0   # scaled: of the row's largest magnitude
 
     def median(self):
         return float(np.median(self.times)) if self.times else None
 
     def as_dict(self):
         return {k: getattr(self, k) for k in ('name', 'role', 'patch', 'times', 'stats',
-                                              'errors', 'mismatches', 'checks')}
+                                              'errors', 'mismatches', 'checks',
+                                              'largest_difference')}
 
 
 class CaseResult(object):
@@ -57,7 +59,8 @@ class CaseResult(object):
 # -- measuring ----------------------------------------------------------------------------
 
 def check(reference, outputs):
-    """None when ``outputs`` agree with ``reference`` within rtol/atol, else why not."""
+    """None when ``outputs`` agree with ``reference`` within the promised tolerance (per
+    row, RTOL of the row's largest magnitude plus ATOL), else why not."""
     outputs = as_list(outputs)
     if len(outputs) != len(reference):
         return '%d outputs, expected %d' % (len(outputs), len(reference))
@@ -65,10 +68,9 @@ def check(reference, outputs):
         got = np.asarray(got)
         if got.shape != want.shape:
             return 'output %d: shape %s, expected %s' % (i, got.shape, want.shape)
-        try:
-            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
-        except AssertionError as exc:
-            return 'output %d: %s' % (i, str(exc).strip())
+        if not within_tolerance(got, want):
+            return 'output %d: largest difference %.3g of its row\'s magnitude' % (
+                i, scaled_difference(got, want))
     return None
 
 
@@ -138,6 +140,9 @@ def run_case(case, repeats, progress=None, say=print, warmup=False):
                     vr.latencies.extend(out.latencies)
                 vr.times.append(elapsed / case.rows)
             vr.checks += 1
+            vr.largest_difference = max(vr.largest_difference, max(
+                scaled_difference(np.asarray(g), w)
+                for g, w in zip(as_list(_outputs(out)), reference)))
             why = check(reference, _outputs(out))
             if why is not None:
                 vr.mismatches.append(why)
@@ -354,12 +359,14 @@ def write(results, out_dir, command, repeats, quick, seconds):
     mismatches = [(r.name, v.name, m) for r in results for v in r.variants for m in v.mismatches]
     errors = [(r.name, v.name, e) for r in results for v in r.variants for e in v.errors]
     target_lines = [line for _, line in targets(results)]
+    largest = max([v.largest_difference for r in results for v in r.variants] or [0.0])
+    promise = ('per row, |patched - plain| <= %g x the row\'s largest magnitude + %g; '
+               'largest difference seen: %.3g of the row\'s magnitude' % (RTOL, ATOL, largest))
     if mismatches:
-        verdict = ('**%d of %d runs DISAGREE with unpatched predict** (rtol %g, atol %g)'
-                   % (len(mismatches), checks, RTOL, ATOL))
+        verdict = ('**%d of %d runs DISAGREE with unpatched predict** (%s)'
+                   % (len(mismatches), checks, promise))
     else:
-        verdict = ('all %d runs agree with unpatched predict (rtol %g, atol %g)'
-                   % (checks, RTOL, ATOL))
+        verdict = 'all %d runs agree with unpatched predict (%s)' % (checks, promise)
     text = '\n'.join([
         '# keras_fastpredict benchmarks', '',
         'Command: `%s`  ' % command,

@@ -27,6 +27,26 @@ _lock = threading.Lock()
 
 def within_tolerance(actual, expected, rtol=RTOL, atol=ATOL):
     """True when ``actual`` equals ``expected`` within the promised tolerance."""
+    parts = _rows_apart(actual, expected)
+    if parts is None or parts is True or parts is False:
+        return bool(parts)
+    diff, scale = parts
+    return bool((diff <= rtol * scale + atol).all())
+
+
+def scaled_difference(actual, expected):
+    """The largest ``|actual - expected|`` over the largest magnitude in its row of
+    ``expected`` (0 for equal arrays, inf where shapes, non-finite values or non-float
+    values differ): what the benchmarks report against the promised RTOL."""
+    parts = _rows_apart(actual, expected)
+    if parts is None or parts is True or parts is False:
+        return 0.0 if parts else float('inf')
+    diff, scale = parts
+    return float((diff / np.maximum(scale, np.finfo(np.float64).tiny)).max(initial=0.0))
+
+
+def _rows_apart(actual, expected):
+    """Per-element |a - e| and per-row scale, or a verdict (bool) where that is moot."""
     a = np.asarray(actual)
     e = np.asarray(expected)
     if a.shape != e.shape:
@@ -41,8 +61,7 @@ def within_tolerance(actual, expected, rtol=RTOL, atol=ATOL):
         return False
     e = np.where(finite, e, 0).astype(np.float64)
     a = np.where(finite, a, 0).astype(np.float64)
-    scale = np.abs(e).max(axis=1, keepdims=True)
-    return bool((np.abs(a - e) <= rtol * scale + atol).all())
+    return np.abs(a - e), np.abs(e).max(axis=1, keepdims=True)
 
 
 class _Samples(object):
