@@ -20,6 +20,8 @@ _scopes = set()                     # scopes with pending work, for hooks to flu
 _scopes_lock = threading.Lock()
 _ZERO = bytearray(1)
 _retired = collections.deque(maxlen=4)     # _Pending objects replaced by recent flushes
+# Points a proxy at another object, past DeferredArray.__setattr__ (and faster).
+_set_wrapped = wrapt.ObjectProxy.__dict__['__wrapped__'].__set__
 
 
 class DeferredArray(wrapt.ObjectProxy):
@@ -34,6 +36,22 @@ class DeferredArray(wrapt.ObjectProxy):
     # float(proxy) failed). Defined in Python, __getitem__ also fills the sequence slot.
     def __getitem__(self, key):
         return self.__wrapped__[key]
+
+    # Setting an attribute (y.shape = ..., y.dtype = ...) acts on the real array, as on an
+    # ndarray: the batch runs first. (Here, not on _Pending: its __init__ stays cheap.)
+    def __setattr__(self, name, value):
+        if name == '__wrapped__':
+            _set_wrapped(self, value)
+        else:
+            resolve(self)               # runs the batch: self now wraps the real array
+            setattr(self.__wrapped__, name, value)
+
+    def __delattr__(self, name):
+        if name == '__wrapped__':
+            wrapt.ObjectProxy.__delattr__(self, name)
+        else:
+            resolve(self)
+            delattr(self.__wrapped__, name)
 
     # numpy looks these up when converting; defined here they skip a failed attribute
     # lookup on the proxy (np.concatenate of many results is a common next step).
@@ -92,45 +110,31 @@ class _Pending(object):
     forwards every attribute here; ``hasattr(y, 'keys')`` must stay False).
     """
     __slots__ = ('_kfp_batch', '_kfp_call', '_kfp_output', '_kfp_keys', '_kfp_shape',
-                 '_kfp_dtype', '_kfp_array')
+                 '_kfp_dtype')
 
     def __init__(self, batch, call, output, keys, shape, dtype):
-        _set = object.__setattr__          # self.x = ... would go to the real array
-        _set(self, '_kfp_batch', batch)
-        _set(self, '_kfp_call', call)
-        _set(self, '_kfp_output', output)
-        _set(self, '_kfp_keys', keys)
-        _set(self, '_kfp_shape', shape)    # None where the output shape is not static
-        _set(self, '_kfp_dtype', dtype)
-        _set(self, '_kfp_array', None)     # the real array, once known
+        self._kfp_batch = batch
+        self._kfp_call = call
+        self._kfp_output = output
+        self._kfp_keys = keys
+        self._kfp_shape = shape       # None where the output shape is not static
+        self._kfp_dtype = dtype
 
     @property
     def __class__(self):
         return np.ndarray
 
     def _kfp_value(self):
-        if self._kfp_array is None:
-            batch = self._kfp_batch
-            if batch.results is None:
-                batch.scope.flush()         # may set _kfp_array (_settle)
-            if self._kfp_array is None:
-                result = batch.results[self._kfp_call]
-                if isinstance(result, Exception):
-                    raise result
-                value = result[self._kfp_output]
-                for key in self._kfp_keys:
-                    value = value[key]
-                # Kept: indexing makes a new view each time, and attributes set through
-                # the proxy (y.shape = ...) must land on the array it ends up wrapping.
-                object.__setattr__(self, '_kfp_array', value)
-        return self._kfp_array
-
-    # Setting an attribute (y.shape = ..., y.dtype = ...) acts on the real array.
-    def __setattr__(self, name, value):
-        setattr(self._kfp_value(), name, value)
-
-    def __delattr__(self, name):
-        delattr(self._kfp_value(), name)
+        batch = self._kfp_batch
+        if batch.results is None:
+            batch.scope.flush()
+        result = batch.results[self._kfp_call]
+        if isinstance(result, Exception):
+            raise result
+        value = result[self._kfp_output]
+        for key in self._kfp_keys:
+            value = value[key]
+        return value
 
     # Known without running the batch.
     @property
@@ -356,15 +360,15 @@ def _settle(batch):
         if type(proxy) is list:
             for p, value in zip(proxy, result):
                 retired.append(p.__wrapped__)
-                p.__wrapped__ = value
+                _set_wrapped(p, value)
         else:
             retired.append(proxy.__wrapped__)
-            proxy.__wrapped__ = result[0]
+            _set_wrapped(proxy, result[0])
     for proxy in batch.derived:
         pending = proxy.__wrapped__
         if not isinstance(batch.results[pending._kfp_call], Exception):
             retired.append(pending)
-            proxy.__wrapped__ = pending._kfp_value()
+            _set_wrapped(proxy, pending._kfp_value())
     batch.proxies = batch.derived = None
     return retired
 
