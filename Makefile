@@ -12,7 +12,8 @@ venv:
 demo: venv
 	$(PY) examples/legacy_loop.py
 
-# The test command (CI runs exactly this): Keras' own suite plainly and patched, then ours.
+# The test command (CI runs exactly this): Keras' and keras-rl's own suites plainly, patched
+# and deferred, then ours.
 test: venv
 	bash tools/upstream_tests.sh
 	$(PY) -m pytest -q -n 2 --timeout 600 tests
@@ -23,9 +24,10 @@ bench: venv
 soak: venv
 	$(PY) benchmarks/soak.py
 
-# Keras 2.2.5's own test suite (from its sdist) plainly, patched and with defer=True.
+# Keras 2.2.5's and keras-rl 0.4.2's own test suites (from their sdists) plainly, patched and
+# with defer=True; `make upstream-test SUITES=rl` (or keras) runs one.
 upstream-test: venv
-	bash tools/upstream_tests.sh
+	bash tools/upstream_tests.sh $(SUITES)
 
 clean:
 	rm -rf .venv benchmarks/results
