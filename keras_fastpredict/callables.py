@@ -27,11 +27,6 @@ _excluded = set()      # id(model) of models the user excluded from batching
 _CALIBRATION_RUNS = 3
 
 
-class RowsDiffer(Exception):
-    """A run returned outputs whose row count is not the input's: Keras' own predict loop
-    must serve this model."""
-
-
 class Refusal(object):
     """A model left to Keras on this session, and why (decided once)."""
     __slots__ = ('reason', 'session', 'function', 'model_ref', 'stats')
@@ -67,7 +62,7 @@ class CompiledModel(object):
 
     refused = False
 
-    def __init__(self, model, session, feeds, fetches):
+    def __init__(self, model, session, feeds, fetches, updates=None):
         self.model_ref = weakref.ref(model)
         self.session = session
         self.graph = session.graph
@@ -101,7 +96,20 @@ class CompiledModel(object):
                                            settings.large_batch_bytes // in_bytes)))
         # True: rows of several calls may share a run; False: never (each call runs as
         # plain Keras batches it); None: not yet known, verified on distinct rows first.
-        self.batch_safe, self.batching_reason = _batch_safety(session, feeds, fetches)
+        # Keras' batch size where its first layer fixes one (Keras' own rule), and its
+        # check that a stateful model's rows divide into whole batches.
+        self.static_batch = _static_batch_size(model)
+        self.stateful = bool(model.stateful)
+        # State updates (stateful RNNs) run in the same session run, as Keras' predict
+        # function runs them. Such models, and inputs of a fixed batch size, are never
+        # merged with other calls or read ahead.
+        self.updates = updates
+        if updates is not None or self.stateful:
+            self.batch_safe, self.batching_reason = False, 'stateful'
+        elif self.static_batch is not None or any(s[0] is not None for s in self.feed_shapes):
+            self.batch_safe, self.batching_reason = False, 'fixed batch size'
+        else:
+            self.batch_safe, self.batching_reason = _batch_safety(session, feeds, fetches)
         self.verification = None   # the verifier's state while batch_safe is None
         self.excluded = id(model) in _excluded
         self.batcher = None        # the concurrent batcher, made on first use
@@ -119,6 +127,8 @@ class CompiledModel(object):
         options = config_pb2.CallableOptions()
         options.feed.extend(t.name for t in feeds)
         options.fetch.extend(t.name for t in self.outputs_list)
+        if self.updates is not None:
+            options.target.append(self.updates.name)
         if inline:
             options.run_options.inter_op_thread_pool = -1
         return self.session._make_callable_from_options(options)
@@ -163,28 +173,23 @@ class CompiledModel(object):
             self._pool_choice[bucket] = min(times[1]) < min(times[0])
         return out
 
-    def run(self, arrays, batch_size=None, pool=False):
+    def run(self, arrays, batch_size=None, pool=False, on_batch=False):
         """Predict all rows of ``arrays``: session runs of ``batch_size`` rows (chosen for
-        throughput when None), results in one array per output as ``Model.predict`` gives."""
+        throughput when None), results in one array per output as ``Model.predict`` gives
+        them; ``on_batch``: one run, outputs as they come (``predict_on_batch``)."""
         rows = arrays[0].shape[0]
-        checked = self.batch_safe is not True
+        if on_batch:
+            return self.call(arrays, pool)
         if batch_size is None:
             batch_size = self.large_batch if self.batch_safe else 32
         if rows <= batch_size:
             outs = self.call(arrays, pool)
-            if checked and any(o.shape[:1] != (rows,) for o in outs):
-                raise RowsDiffer()
-            return outs
-        outs = None
-        for start in range(0, rows, batch_size):
-            part = self.call([a[start:start + batch_size] for a in arrays], pool)
-            if checked and any(p.shape[:1] != (min(batch_size, rows - start),) for p in part):
-                raise RowsDiffer()
-            if outs is None:
-                outs = [np.empty((rows,) + p.shape[1:], p.dtype) for p in part]
-            for o, p in zip(outs, part):
-                o[start:start + p.shape[0]] = p
-        return outs
+            if self.batch_safe is True or all(o.shape[:1] == (rows,) for o in outs):
+                return outs
+            return _keras_assembled([outs], [(0, rows)], rows)
+        spans = [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
+        parts = [self.call([a[lo:hi] for a in arrays], pool) for lo, hi in spans]
+        return _keras_assembled(parts, spans, rows)
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -251,6 +256,17 @@ class CompiledModel(object):
         return True
 
 
+def _keras_assembled(parts, spans, rows):
+    """Outputs put together as Keras' predict loop does: zeros of the first run's row
+    shape, each run assigned to its rows (so outputs whose row count is not the input's
+    broadcast, or raise, exactly as in plain Keras)."""
+    outs = [np.zeros((rows,) + p.shape[1:], p.dtype) for p in parts[0]]
+    for part, (lo, hi) in zip(parts, spans):
+        for o, p in zip(outs, part):
+            o[lo:hi] = p
+    return outs
+
+
 def keras_session():
     """The session Keras' own predict would use now, made and initialised as Keras does,
     in the caller's graph context (never in the model's: that would bind Keras' global
@@ -264,12 +280,8 @@ def _unsupported_reason(model):
         return 'not a built graph network'
     if not model.inputs or not model.outputs:
         return 'no inputs or outputs'
-    if model.stateful or model.state_updates:
-        return 'stateful'
     if getattr(model, '_function_kwargs', None):
         return 'compiled with session options'
-    if any(s[0] is not None for s in model._feed_input_shapes):
-        return 'fixed batch dimension'
     if len(model._feed_inputs) != len(model.inputs):
         return 'inputs fed from tensors'
     K = _keras()[0]
@@ -322,15 +334,24 @@ def _build(model):
         function = ensure_predict_function(model, session.graph)
         lp = _tfb._GRAPH_LEARNING_PHASES.get(session.graph)
         feeds = [t for t in function.inputs if t is not lp]
-        if len(feeds) != len(model._feed_inputs) or has_updates(function):
-            return _store(model, Refusal(model, session, 'predict function with other '
-                                         'inputs or with state updates'))
+        if len(feeds) != len(model._feed_inputs):
+            return _store(model, Refusal(model, session, 'predict function with other inputs'))
         try:
-            entry = CompiledModel(model, session, feeds, list(function.outputs))
+            entry = CompiledModel(model, session, feeds, list(function.outputs),
+                                  function.updates_op if has_updates(function) else None)
         except Exception as exc:  # e.g. an output that is also an input
             return _store(model, Refusal(model, session, 'no callable: %s'
                                          % str(exc).split('\n')[0]))
         return _store(model, entry)
+
+
+def _static_batch_size(model):
+    """The batch size Keras' predict imposes: its first layer's, if fixed (Keras 2.2.5
+    ``_validate_or_infer_batch_size``)."""
+    from keras.engine.network import Network
+    from keras.engine.training_utils import get_static_batch_size
+    layers = Network.layers.fget(model)
+    return get_static_batch_size(layers[0]) if layers else None
 
 
 def has_updates(function):
@@ -347,13 +368,6 @@ def _store(model, entry):
         weakref.finalize(model, _entries.pop, key, None)
     _entries[key] = entry
     return entry
-
-
-def refuse(model, reason):
-    """Leave ``model`` to Keras from now on (on this session)."""
-    entry = _entries.get(id(model))
-    if entry is not None and not entry.refused:
-        _store(model, Refusal(model, entry.session, reason))
 
 
 def _batch_safety(session, feeds, fetches):

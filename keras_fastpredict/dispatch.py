@@ -78,8 +78,15 @@ def _fallback(wrapped, model, args, kwargs, reason):
         return wrapped(*args, **kwargs)
     if getattr(model, 'built', False):
         callables.ensure_predict_function(model, graph)
+    if _default_graph() is graph:
+        return wrapped(*args, **kwargs)
     with graph.as_default():
         return wrapped(*args, **kwargs)
+
+
+def _default_graph():
+    from tensorflow.python.framework import ops
+    return ops.get_default_graph()
 
 
 def _plain_arrays(x):
@@ -108,25 +115,42 @@ def _predict(wrapped, model, args, kwargs, x, batch_size):
     rows = arrays[0].shape[0]
     if rows == 0:
         return _fallback(wrapped, model, args, kwargs, 'empty input')
+    if entry.static_batch is not None or entry.stateful:
+        batch_size = _keras_batch_size(entry, rows, batch_size)
+        if batch_size is None:
+            return _fallback(wrapped, model, args, kwargs, 'Keras raises for this batch size')
     stats = entry.stats
     stats.calls += 1
     stats.fast_calls += 1
-    try:
-        outs = _route(entry, x, arrays, rows, batch_size or (rows if batch_size == 0 else None))
-    except callables.RowsDiffer:
-        # Keras' predict loop pads or broadcasts such outputs its own way: leave it to it.
-        callables.refuse(model, 'outputs without one row per input row')
-        stats.fast_calls -= 1
-        stats.calls -= 1
-        return _fallback(wrapped, model, args, kwargs, 'outputs without one row per input row')
+    outs = _route(entry, x, arrays, rows, batch_size)
     return outs[0] if entry.n_outputs == 1 else outs
 
 
+def _keras_batch_size(entry, rows, batch_size):
+    """The batch size Keras' predict runs a fixed-batch or stateful model in (0 for
+    predict_on_batch: all rows), or None where Keras raises instead (Keras 2.2.5
+    ``_validate_or_infer_batch_size`` and ``predict``)."""
+    if batch_size == 0:
+        return 0
+    if batch_size is None and getattr(_local, 'keras_default', False):
+        batch_size = 32              # predict_classes/predict_proba pass it to Keras
+    static = entry.static_batch
+    if static is not None:
+        if batch_size is not None and batch_size != static:
+            return None
+        batch_size = static
+    batch_size = batch_size or 32
+    if entry.stateful and rows > batch_size and rows % batch_size:
+        return None
+    return batch_size
+
+
 def _route(entry, x, arrays, rows, batch_size):
+    """``batch_size``: None lets the fast path choose, 0 is ``predict_on_batch``."""
     safe = entry.batch_safe
     if safe is not True or entry.excluded:
         # Unbatched, as Keras runs it; a model not yet verified learns from the call.
-        outs = entry.run(arrays, batch_size)
+        outs = entry.run(arrays, batch_size, on_batch=batch_size == 0)
         if safe is None:
             verification.observe(entry, arrays, outs)
         return outs
@@ -152,6 +176,7 @@ def _route(entry, x, arrays, rows, batch_size):
             return outs
     if scope is not None and rows < scope.max_batch_size and scope.wants(entry):
         return scope.defer(entry, arrays, rows)
+    batch_size = batch_size or (rows if batch_size == 0 else None)
     if settings.concurrent:
         return concurrent_batcher.submit(entry, arrays, rows, batch_size)
     return entry.run(arrays, batch_size)

@@ -155,7 +155,7 @@ def test_unusual_arguments_go_to_keras(models):
     assert reasons['batch_size'] == 1
 
 
-def test_stateful_and_fixed_batch_models_are_left_to_keras():
+def test_stateful_and_fixed_batch_models_take_the_fast_path_unmerged():
     stateful = keras.models.Sequential([
         layers.LSTM(4, stateful=True, batch_input_shape=(1, 3, 2)), layers.Dense(1)])
     fixed = keras.models.Sequential([layers.Dense(3, batch_input_shape=(4, 5))])
@@ -168,8 +168,9 @@ def test_stateful_and_fixed_batch_models_are_left_to_keras():
         assert_same(fixed.predict(xf), unpatched_predict(fixed, xf))
     for g, e in zip(got, expected):
         assert_same(g, e)
-    assert kfp.stats(stateful)['fallback_reasons'] == {'stateful': 6}
-    assert kfp.stats(fixed)['fallback_reasons'] == {'fixed batch dimension': 1}
+    assert kfp.stats(stateful)['fast_calls'] == 6 and kfp.stats(stateful)['fallbacks'] == 0
+    assert kfp.stats(fixed)['fast_calls'] == 1 and kfp.stats(fixed)['fallbacks'] == 0
+    assert kfp.stats(stateful)['batches'] == kfp.stats(fixed)['batches'] == 0
 
 
 def test_unbuilt_model_goes_to_keras():
