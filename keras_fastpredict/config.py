@@ -10,11 +10,14 @@ DEFAULTS = {
     # Read-ahead: predict the next rows of an array walked in order (plain arrays come back).
     'readahead': True,
     'readahead_max': 1024,
+    'readahead_bytes': 2 << 20,   # inputs and outputs a read-ahead window holds at most
     # Deferral: predict returns placeholders resolved in batches (opt-in: a scope, or defer=True).
     'defer': False,
     'max_batch_size': 1024,
-    # 'auto' checks models whose layers are not all built-in Keras layers (a Lambda, a custom
-    # layer) by comparing batched against one-by-one results before batching them.
+    # Batch safety is read from the graph. 'auto' verifies what the graph cannot settle
+    # (batched against one-by-one results on distinct rows) before batching it; True
+    # verifies every model; False batches what the graph cannot settle unverified.
+    # Models whose graph mixes rows are never batched.
     'verify': 'auto',
     'verify_rows': 4,
     # Concurrent callers from several threads are merged into batches.

@@ -4,15 +4,18 @@ A one-row input that is a view into a larger array (``X[i:i+1]``, ``X[i][None]``
 ``np.expand_dims(X[i], 0)``) reveals that array and where the row sits in it; a model with
 several inputs gets one such view per input. After two steps of the same strides, the next
 rows are predicted in one run (a window that doubles while it is used up and halves on a
-miss), and later calls are served from it when their inputs' bytes equal the rows that
-were predicted. Results are plain numpy arrays.
+miss, holding at most ``readahead_bytes`` of inputs and outputs), and later calls are
+served from it when their inputs' bytes equal the rows that were predicted. Each result is
+a fresh array of the caller's own. If the window's run fails (a bad row ahead), the call is
+served alone: only the bad row's own call raises.
 """
 import threading
 import weakref
 
 import numpy as np
 
-from . import engine, hooks
+from . import hooks
+from .config import settings
 
 _local = threading.local()      # .windows: id(entry) -> _Window, per thread
 _FIRST_WINDOW = 8
@@ -122,8 +125,8 @@ def _hit(entry, w, j, limit):
         w.next_size = min(2 * w.next_size, limit)
     outputs = w.outputs
     if len(outputs) == 1:
-        return [outputs[0][j:j + 1]]
-    return [o[j:j + 1] for o in outputs]
+        return [outputs[0][j:j + 1].copy()]
+    return [o[j:j + 1].copy() for o in outputs]
 
 
 def _rows_ahead(x, base, ptr, step, size):
@@ -145,6 +148,8 @@ def _rows_ahead(x, base, ptr, step, size):
 
 def _open(entry, w, xs, bases, ptrs, size):
     """Predict ``size`` rows from ``xs`` on, each input stepping through its array."""
+    # Memory is bounded in bytes, not rows: a wide decoder's rows are large.
+    size = min(size, settings.readahead_bytes // entry.row_bytes)
     views = [_rows_ahead(x, b, p, s, size) for x, b, p, s in zip(xs, bases, ptrs, w.steps)]
     if any(v is None for v in views):
         return None
@@ -153,9 +158,12 @@ def _open(entry, w, xs, bases, ptrs, size):
         return None
     inputs = [np.array(v[:size]) for v in views]     # the bytes later calls are compared with
     feeds = [np.asarray(a, dtype=dt) for a, dt in zip(inputs, entry.feed_dtypes)]
-    outputs = entry.run(feeds, batch_size=size)
-    if entry.batch_safe is None and not engine.verify(
-            entry, feeds, outputs, [(i, i + 1) for i in range(size)]):
+    try:
+        outputs = entry.run(feeds, batch_size=size)
+    except Exception:
+        # A row ahead is bad: serve this call alone (it raises only if its own row is bad)
+        # and read ahead less.
+        w.next_size //= 2
         return None
     entry.stats.readahead_rows += size
     entry.stats.batch(size, size)
@@ -165,7 +173,7 @@ def _open(entry, w, xs, bases, ptrs, size):
     w.inputs = inputs
     w.outputs = outputs
     w.generation = hooks.state.generation
-    return [o[0:1] for o in outputs]
+    return [o[0:1].copy() for o in outputs]
 
 
 def forget():
