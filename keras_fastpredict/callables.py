@@ -111,6 +111,7 @@ class CompiledModel(object):
         else:
             self.batch_safe, self.batching_reason = _batch_safety(session, feeds, fetches)
         self.verification = None   # the verifier's state while batch_safe is None
+        self.warned = False        # told the user once that this model is not batched
         self.excluded = id(model) in _excluded
         self.batcher = None        # the concurrent batcher, made on first use
         self._pool_choice = {}     # log2(rows) -> ([inline times], [pool times]), then bool

@@ -7,6 +7,7 @@ Keras: unusual arguments, inputs Keras' own validation rejects (so the same exce
 raised), stateful models, outputs whose rows are not the input's rows.
 """
 import threading
+import warnings
 
 import numpy as np
 
@@ -126,6 +127,13 @@ def _predict(wrapped, model, args, kwargs, x, batch_size):
     return outs[0] if entry.n_outputs == 1 else outs
 
 
+def _warn_not_batched(entry):
+    # Once per model: batching was asked for, and this model's calls run one by one.
+    entry.warned = True
+    warnings.warn('keras_fastpredict: model %r is not batched: %s'
+                  % (entry.stats.name, entry.batching_reason), RuntimeWarning, stacklevel=5)
+
+
 def _keras_batch_size(entry, rows, batch_size):
     """The batch size Keras' predict runs a fixed-batch or stateful model in (0 for
     predict_on_batch: all rows), or None where Keras raises instead (Keras 2.2.5
@@ -149,6 +157,8 @@ def _route(entry, x, arrays, rows, batch_size):
     """``batch_size``: None lets the fast path choose, 0 is ``predict_on_batch``."""
     safe = entry.batch_safe
     if safe is not True or entry.excluded:
+        if safe is False and not entry.warned and (settings.defer or deferred.current()):
+            _warn_not_batched(entry)
         # Unbatched, as Keras runs it; a model not yet verified learns from the call.
         outs = entry.run(arrays, batch_size, on_batch=batch_size == 0)
         if safe is None:
