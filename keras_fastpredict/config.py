@@ -20,6 +20,11 @@ DEFAULTS = {
     # Models whose graph mixes rows are never batched.
     'verify': 'auto',
     'verify_rows': 4,
+    # An inference graph per model with recurrent layers: the layers applied again with
+    # the recurrent loops unrolled (up to this many time steps), used once its outputs
+    # equal the model's own on the first calls.
+    'inference_graph': True,
+    'unroll_max_steps': 100,
     # Concurrent callers from several threads are merged into batches.
     'concurrent': True,
     'batch_timeout_micros': 0,

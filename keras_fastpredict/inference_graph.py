@@ -1,0 +1,100 @@
+"""An inference graph per model: the model's own layers applied once more to new inputs,
+with recurrent layers unrolled and the learning phase fixed to inference.
+
+A recurrent layer runs a ``tf.while_loop`` whose per-step machinery dominates a small
+model's run (LSTM(128) over 40 steps: 1257 µs as built, 804 µs unrolled, outputs equal
+bit for bit). Unrolling needs a static number of time steps. The new ops share the
+model's variables, so every weight change is seen. Calling a Keras model on new inputs
+also registers nodes on its layers (``layer.output`` would then raise "multiple inbound
+nodes"); they are removed again, so the model looks to its user exactly as before.
+The caller checks the graph's outputs against the model's own on the first calls before
+using it.
+"""
+import threading
+
+_lock = threading.Lock()
+
+
+def _layers(layer, found, wrapper=None):
+    """Every layer reachable from ``layer`` -> the wrapper it runs inside (or None)."""
+    if id(layer) in found:
+        return
+    found[id(layer)] = (layer, wrapper)
+    from keras.engine.base_layer import Layer
+    for sub in getattr(layer, 'layers', None) or []:
+        _layers(sub, found)
+    for name in ('layer', 'forward_layer', 'backward_layer'):
+        sub = getattr(layer, name, None)
+        if isinstance(sub, Layer):
+            _layers(sub, found, layer)
+
+
+def _time_steps(layer, wrapper):
+    """A recurrent layer's static number of steps, or None. Wrappers call their inner
+    layer without registering nodes: its input shape follows from theirs."""
+    from keras.layers import TimeDistributed
+    owner = wrapper if wrapper is not None else layer
+    nodes = owner._inbound_nodes
+    if len(nodes) != 1 or not nodes[0].input_shapes:
+        return None
+    shape = nodes[0].input_shapes[0]       # the sequence (initial states may follow)
+    if isinstance(wrapper, TimeDistributed):
+        shape = shape[:1] + shape[2:]
+    return shape[1] if len(shape) >= 3 else None
+
+
+def unrollable(model, max_steps):
+    """The recurrent layers worth unrolling, or a reason why there are none."""
+    from keras.layers import RNN
+    found = {}
+    _layers(model, found)
+    rnns = [(layer, wrapper) for layer, wrapper in found.values()
+            if isinstance(layer, RNN) and not layer.unroll]
+    if not rnns:
+        return None, 'no recurrent layer to unroll'
+    for layer, wrapper in rnns:
+        if layer.stateful:
+            return None, 'stateful recurrent layer'
+        steps = _time_steps(layer, wrapper)
+        if steps is None or steps > max_steps:
+            return None, 'time steps not static or above %d' % max_steps
+    return ([layer for layer, _ in rnns], {k: v[0] for k, v in found.items()}), None
+
+
+def build(model, feeds, max_steps):
+    """``(inputs, outputs, ops_added)`` of the inference graph, or ``(None, reason)``."""
+    found, reason = unrollable(model, max_steps)
+    if found is None:
+        return None, reason
+    rnns, layers = found
+    from keras import layers as keras_layers
+    from keras.backend import tensorflow_backend as tfb
+    graph = feeds[0].graph
+    before = len(graph.get_operations())
+    nodes = {key: (len(l._inbound_nodes), len(l._outbound_nodes)) for key, l in layers.items()}
+    with _lock, graph.as_default():
+        inputs = [keras_layers.Input(batch_shape=tuple(t.shape.as_list()),
+                                     dtype=t.dtype.base_dtype.name) for t in feeds]
+        phases = tfb._GRAPH_LEARNING_PHASES
+        had_phase = graph in phases
+        old_phase = phases.get(graph)
+        phases[graph] = 0               # in_train_phase picks the inference branch
+        for layer in rnns:
+            layer.unroll = True
+        try:
+            outputs = model(inputs if len(inputs) > 1 else inputs[0])
+        except Exception as exc:       # a layer that cannot be applied again: don't use it
+            return None, 'could not apply the layers again: %s' % str(exc).split('\n')[0]
+        finally:
+            for layer in rnns:
+                layer.unroll = False
+            if had_phase:
+                phases[graph] = old_phase
+            else:
+                del phases[graph]
+            for key, layer in layers.items():
+                inbound, outbound = nodes[key]
+                del layer._inbound_nodes[inbound:]
+                del layer._outbound_nodes[outbound:]
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    return (inputs, outputs, len(graph.get_operations()) - before), None

@@ -1,0 +1,127 @@
+"""The inference graph (issue 10, item 4): recurrent layers unrolled, learning phase fixed
+to inference, shared variables; used only after it agreed with the model's own graph.
+Every result is compared with plain Keras on the same model."""
+import numpy as np
+import pytest
+import keras
+from keras import layers as L
+
+import keras_fastpredict as kfp
+from keras_fastpredict import callables
+from conftest import ORIGINAL, assert_same, unpatched_predict
+
+
+def rand(*shape, seed=0):
+    return np.random.RandomState(seed).rand(*shape).astype('float32')
+
+
+def loop_against_plain(model, X, calls=12):
+    """One-row calls (fresh arrays: no read-ahead) and a predict(X), plain then patched."""
+    rows = [np.array(X[i:i + 1]) if isinstance(X, np.ndarray)
+            else [np.array(a[i:i + 1]) for a in X] for i in range(calls)]
+    expected = [unpatched_predict(model, r) for r in rows] + [unpatched_predict(model, X)]
+    kfp.patch()
+    got = [model.predict(r) for r in rows] + [model.predict(X)]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    return callables.lookup(model)
+
+
+RECURRENT = {
+    'lstm': lambda: L.LSTM(6, input_shape=(7, 4)),
+    'gru_sequences': lambda: L.GRU(5, return_sequences=True, input_shape=(7, 4)),
+    'simple_rnn_backwards': lambda: L.SimpleRNN(5, go_backwards=True, input_shape=(7, 4)),
+    'bidirectional': lambda: L.Bidirectional(L.LSTM(3, return_sequences=True),
+                                             input_shape=(7, 4)),
+    'time_distributed': lambda: L.TimeDistributed(L.GRU(3), input_shape=(5, 7, 4)),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(RECURRENT))
+def test_each_recurrent_layer_equals_plain_and_is_unrolled(kind):
+    model = keras.models.Sequential([RECURRENT[kind](), L.Dropout(0.5),
+                                     L.BatchNormalization(), L.Dense(2)])
+    X = rand(40, 5, 7, 4) if kind == 'time_distributed' else rand(40, 7, 4)
+    entry = loop_against_plain(model, X)
+    assert entry.inference_graph == 'used'
+    assert entry.inference_graph_ops > 0
+    assert entry.batch_safe is True          # the unrolled graph settles it
+    # The model still looks to its user as before (no extra inbound nodes).
+    assert model.layers[0].output is not None and len(model.layers[0]._inbound_nodes) == 1
+
+
+def test_masking_and_several_inputs():
+    tokens = L.Input((6,))
+    embedded = L.Embedding(20, 4, mask_zero=True)(tokens)
+    extra = L.Input((3,))
+    hidden = L.LSTM(5)(embedded)
+    model = keras.models.Model([tokens, extra],
+                               L.Dense(2)(L.concatenate([hidden, L.Dense(3)(extra)])))
+    T = np.random.RandomState(1).randint(0, 20, (40, 6)).astype('int32')
+    T[:, 4:] = 0                                      # padded, masked steps
+    entry = loop_against_plain(model, [T, rand(40, 3)])
+    assert entry.inference_graph == 'used'
+
+
+def test_weights_changed_between_calls_are_seen():
+    model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    X = rand(10, 7, 4)
+    kfp.patch()
+    for i in range(4):
+        model.predict(X[i:i + 1].copy())
+    assert callables.lookup(model).inference_graph == 'used'
+    for step in range(3):
+        weights = [w * 0.9 + 0.01 * step for w in model.get_weights()]
+        model.set_weights(weights)
+        got = model.predict(X[:1].copy())
+        kfp.unpatch()
+        assert_same(got, unpatched_predict(model, X[:1]))
+        kfp.patch()
+
+
+class CountsCalls(L.Layer):
+    """Scales by how often the layer was applied: a second application differs."""
+    applied = 0
+
+    def call(self, inputs):
+        CountsCalls.applied += 1
+        return inputs * float(CountsCalls.applied)
+
+
+def test_an_inference_graph_that_disagrees_is_not_used():
+    CountsCalls.applied = 0
+    model = keras.models.Sequential([L.LSTM(4, input_shape=(5, 3)), CountsCalls()])
+    entry = loop_against_plain(model, rand(20, 5, 3))
+    assert entry.inference_graph.startswith('not used')
+
+
+def test_option_turns_it_off_and_stateful_models_keep_their_graph():
+    model = keras.models.Sequential([L.LSTM(4, input_shape=(5, 3))])
+    kfp.patch(inference_graph=False)
+    model.predict(rand(1, 5, 3))
+    assert callables.lookup(model).inference_graph == 'off'
+    kfp.unpatch()
+    stateful = keras.models.Sequential([L.LSTM(4, stateful=True, batch_input_shape=(1, 5, 3))])
+    X = rand(8, 1, 5, 3)
+    expected = [unpatched_predict(stateful, x) for x in X]
+    stateful.reset_states()
+    kfp.patch()
+    got = [stateful.predict(x) for x in X]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert callables.lookup(stateful).inference_graph == 'off'
+
+
+def test_no_graph_ops_after_the_first_calls():
+    model = keras.models.Sequential([L.GRU(4, input_shape=(5, 3)), L.Dense(2)])
+    X = rand(30, 5, 3)
+    graph = model.outputs[0].graph
+    kfp.patch()
+    for i in range(5):
+        model.predict(X[i:i + 1].copy())
+    ops = len(graph.get_operations())
+    for i in range(30):
+        model.predict(X[i:i + 1])
+        model.predict_on_batch(X[:4])
+    assert len(graph.get_operations()) == ops
+    assert_same(model.predict_on_batch(X[:4]), ORIGINAL['predict_on_batch'](model, X[:4]))
