@@ -6,6 +6,8 @@ the reference for the correctness check), peers a user could write by hand, the 
 The loops call ``predict(x)``, a stand-in bound to ``model.predict`` at call time, so the
 patched variants go through the patched method exactly as a legacy script does.
 """
+import contextlib
+import io
 import threading
 import time
 from collections import namedtuple
@@ -32,8 +34,15 @@ FULL = {
     'mobilenet': dict(collect=48, immediate=48, large=128),
     'lstm': dict(collect=1000, immediate=1000, autoregressive=500, large=10000),
     'two_io': dict(collect=1000, immediate=1000, large=20000),
+    # Issue 10: recurrent loops, stateful models, and what Keras serves (fallbacks).
+    'char_rnn': dict(autoregressive=300),
+    'seq2seq': dict(autoregressive=300),
+    'stateful_lstm': dict(stateful=1000),
+    'subclassed': dict(fallback=1000),
+    'mlp64_verbose': dict(fallback=500),
 }
-QUICK_ROWS = dict(collect=48, immediate=48, autoregressive=32, large=2000, threads=64)
+QUICK_ROWS = dict(collect=48, immediate=48, autoregressive=32, large=2000, threads=64,
+                  stateful=32, fallback=32)
 QUICK_MOBILENET = dict(collect=4, immediate=4, large=8)
 
 
@@ -235,7 +244,7 @@ class Case(object):
             return model.predict_on_batch(x)
         kfunc = keras_function(model, row(X, 0))
         raw = raw_callable(model, row(X, 0), inline=True)
-        x0 = np.array(X[:1])
+        x0 = [np.array(a[:1]) for a in X] if isinstance(X, list) else np.array(X[:1])
 
         def step(x, y):
             return models.next_input(self.model_name, x, y)
@@ -248,6 +257,32 @@ class Case(object):
             Variant('raw callable (inline), one row per call', 'limit',
                     lambda: autoregressive(raw, x0, n, step), None),
             Variant('patched', 'patched', lambda: autoregressive(predict, x0, n, step), {}),
+        ]
+
+    def _stateful(self, model, X, n):
+        """One step per call through a sequence; the state starts from zero each run."""
+        def steps():
+            model.reset_states()
+            return [model.predict(X[i:i + 1]) for i in range(n)]
+        return [
+            Variant('unpatched predict', 'unpatched', lambda: join(steps()), None),
+            Variant('patched', 'patched', lambda: join(steps()), {}),
+        ]
+
+    def _fallback(self, model, X, n):
+        """Calls Keras serves itself: what the patch costs on the way there."""
+        verbose = self.model_name.endswith('_verbose')
+
+        def predict(x):
+            if not verbose:
+                return model.predict(x)
+            with contextlib.redirect_stdout(io.StringIO()):     # the progress bar
+                return model.predict(x, verbose=1)
+        return [
+            Variant('unpatched predict', 'unpatched', lambda: use_immediately(predict, X, n),
+                    None),
+            Variant('patched (left to Keras)', 'patched', lambda: use_immediately(predict, X, n),
+                    {}),
         ]
 
     def _large(self, model, X, n):

@@ -48,13 +48,15 @@ def _keras():
 
 _get_default_session = None
 _tfb = None
+default_graph = None
 
 
 def _bind_tf():
-    global _get_default_session, _tfb
+    global _get_default_session, _tfb, default_graph
     from tensorflow.python.framework import ops
     _tfb = _keras()[1]
     _get_default_session = ops.get_default_session
+    default_graph = ops.get_default_graph
 
 
 class CompiledModel(object):
@@ -130,15 +132,21 @@ class CompiledModel(object):
             self._prepare_candidate(model, feeds)
 
     def _prepare_candidate(self, model, feeds):
-        built, why = inference_graph.build(model, feeds, settings.unroll_max_steps)
-        if built is None:
-            self.inference_graph = 'not used: ' + why
+        built = inference_graph.get(model, feeds, settings.unroll_max_steps)
+        if built.reason is not None:
+            self.inference_graph = 'not used: ' + built.reason
             return
-        inputs, outputs, self.inference_graph_ops = built
-        self._candidate = [self._make_callable(inputs, outputs, inline=True),
-                           self._make_callable(inputs, outputs, inline=False),
-                           inputs, outputs, 0]
-        self.inference_graph = 'checking'
+        if built.verdict is False:
+            self.inference_graph = 'not used: its outputs differed from the model\'s'
+            return
+        self.inference_graph_ops = built.ops
+        candidate = [self._make_callable(built.inputs, built.outputs, inline=True),
+                     self._make_callable(built.inputs, built.outputs, inline=False), built, 0]
+        if built.verdict:
+            self._adopt(candidate)      # checked under an earlier patch
+        else:
+            self._candidate = candidate
+            self.inference_graph = 'checking'
 
     def _check_candidate(self, arrays, pool):
         """Run the model's own graph (its outputs are returned) and the inference graph;
@@ -156,20 +164,26 @@ class CompiledModel(object):
             same = False
         if not same:
             self._candidate = None
+            candidate[2].verdict = False
             self.inference_graph = 'not used: its outputs differed from the model\'s'
             return outs
-        candidate[4] += 1
-        if candidate[4] >= 3:
-            self._candidate = None
-            self._inline, self._pool = candidate[0], candidate[1]
-            self._pool_choice = {}          # timings of the other graph do not carry over
-            self.fastest_run_s = float('inf')
-            self.inference_graph = 'used'
-            if self.batch_safe is None:     # the unrolled graph may settle it
-                safe, reason = _batch_safety(self.session, candidate[2], candidate[3])
-                if safe is not None:
-                    self.batch_safe, self.batching_reason = safe, reason
+        candidate[3] += 1
+        if candidate[3] >= 3:
+            candidate[2].verdict = True
+            self._adopt(candidate)
         return outs
+
+    def _adopt(self, candidate):
+        self._candidate = None
+        self._inline, self._pool = candidate[0], candidate[1]
+        self._pool_choice = {}          # timings of the other graph do not carry over
+        self.fastest_run_s = float('inf')
+        self.inference_graph = 'used'
+        if self.batch_safe is None:     # the unrolled graph may settle it
+            built = candidate[2]
+            safe, reason = _batch_safety(self.session, built.inputs, built.outputs)
+            if safe is not None:
+                self.batch_safe, self.batching_reason = safe, reason
 
     def _make_callable(self, feeds, fetches, inline):
         from tensorflow.core.protobuf import config_pb2

@@ -79,15 +79,11 @@ def _fallback(wrapped, model, args, kwargs, reason):
         return wrapped(*args, **kwargs)
     if getattr(model, 'built', False):
         callables.ensure_predict_function(model, graph)
-    if _default_graph() is graph:
+    if callables.default_graph() is graph:
         return wrapped(*args, **kwargs)
     with graph.as_default():
         return wrapped(*args, **kwargs)
 
-
-def _default_graph():
-    from tensorflow.python.framework import ops
-    return ops.get_default_graph()
 
 
 def _plain_arrays(x):

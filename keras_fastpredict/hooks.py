@@ -44,10 +44,13 @@ def training(wrapped, instance, args, kwargs):
 
 def keras_function(wrapped, instance, args, kwargs):
     """Keras functions (train, test, predict, K.function): a predict function that updates
-    no state changes no weights, so a stateless fallback model leaves read-ahead alone."""
-    updates = getattr(instance, 'updates_op', None)
-    if (getattr(instance, 'name', None) != 'predict_function' or updates is None
-            or updates.control_inputs):
+    no state changes no weights, so a stateless fallback model leaves read-ahead alone.
+    Decided once per function: this runs on every call Keras serves itself."""
+    quiet = instance.__dict__.get('_kfp_quiet')
+    if quiet is None:
+        quiet = instance._kfp_quiet = (getattr(instance, 'name', None) == 'predict_function'
+                                       and not callables.has_updates(instance))
+    if not quiet:
         graph_event()
     return wrapped(*args, **kwargs)
 

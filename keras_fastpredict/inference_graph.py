@@ -11,8 +11,21 @@ The caller checks the graph's outputs against the model's own on the first calls
 using it.
 """
 import threading
+import weakref
 
 _lock = threading.Lock()
+# Per model, for the model's life: (inputs, outputs, ops added) or a reason, and whether
+# the graph was checked equal. Built once: patch()/unpatch() cycles (and @fast_predict
+# calls) must not add ops again.
+_built = weakref.WeakKeyDictionary()
+
+
+class Built(object):
+    __slots__ = ('inputs', 'outputs', 'ops', 'reason', 'verdict')
+
+    def __init__(self, inputs=None, outputs=None, ops=0, reason=None):
+        self.inputs, self.outputs, self.ops, self.reason = inputs, outputs, ops, reason
+        self.verdict = None        # None: not yet checked; True: equal; False: differed
 
 
 def _layers(layer, found, wrapper=None):
@@ -61,18 +74,29 @@ def unrollable(model, max_steps):
     return ([layer for layer, _ in rnns], {k: v[0] for k, v in found.items()}), None
 
 
-def build(model, feeds, max_steps):
-    """``(inputs, outputs, ops_added)`` of the inference graph, or ``(None, reason)``."""
+def get(model, feeds, max_steps):
+    """The model's ``Built`` inference graph (``.reason`` says why there is none), made
+    on first use."""
+    built = _built.get(model)
+    if built is None:
+        with _lock:
+            built = _built.get(model)
+            if built is None:
+                built = _built[model] = _build(model, feeds, max_steps)
+    return built
+
+
+def _build(model, feeds, max_steps):
     found, reason = unrollable(model, max_steps)
     if found is None:
-        return None, reason
+        return Built(reason=reason)
     rnns, layers = found
     from keras import layers as keras_layers
     from keras.backend import tensorflow_backend as tfb
     graph = feeds[0].graph
     before = len(graph.get_operations())
     nodes = {key: (len(l._inbound_nodes), len(l._outbound_nodes)) for key, l in layers.items()}
-    with _lock, graph.as_default():
+    with graph.as_default():
         inputs = [keras_layers.Input(batch_shape=tuple(t.shape.as_list()),
                                      dtype=t.dtype.base_dtype.name) for t in feeds]
         phases = tfb._GRAPH_LEARNING_PHASES
@@ -84,7 +108,8 @@ def build(model, feeds, max_steps):
         try:
             outputs = model(inputs if len(inputs) > 1 else inputs[0])
         except Exception as exc:       # a layer that cannot be applied again: don't use it
-            return None, 'could not apply the layers again: %s' % str(exc).split('\n')[0]
+            return Built(reason='could not apply the layers again: %s'
+                         % str(exc).split('\n')[0])
         finally:
             for layer in rnns:
                 layer.unroll = False
@@ -97,4 +122,4 @@ def build(model, feeds, max_steps):
                 del layer._inbound_nodes[inbound:]
                 del layer._outbound_nodes[outbound:]
     outputs = outputs if isinstance(outputs, list) else [outputs]
-    return (inputs, outputs, len(graph.get_operations()) - before), None
+    return Built(inputs, outputs, len(graph.get_operations()) - before)

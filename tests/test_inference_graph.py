@@ -125,3 +125,27 @@ def test_no_graph_ops_after_the_first_calls():
         model.predict_on_batch(X[:4])
     assert len(graph.get_operations()) == ops
     assert_same(model.predict_on_batch(X[:4]), ORIGINAL['predict_on_batch'](model, X[:4]))
+
+
+def test_built_once_per_model_across_patches():
+    """@fast_predict patches for each call when nothing else did: the inference graph
+    must not be built again each time (no graph growth)."""
+    model = keras.models.Sequential([L.LSTM(4, input_shape=(5, 3)), L.Dense(2)])
+    X = rand(12, 5, 3)
+    graph = model.outputs[0].graph
+
+    @kfp.fast_predict
+    def score(rows):
+        return [model.predict(r[None]) for r in rows]
+
+    first = score(X[:6])
+    ops = len(graph.get_operations())
+    for _ in range(5):
+        again = score(X[:6])
+    assert len(graph.get_operations()) == ops
+    for a, f in zip(again, first):
+        assert_same(a, f)
+    assert_same(np.concatenate(again), unpatched_predict(model, X[:6]))
+    kfp.patch()
+    model.predict(X[:1].copy())
+    assert callables.lookup(model).inference_graph == 'used'     # checked once already
