@@ -1,0 +1,273 @@
+"""Every process of the job: children patched by the runner, their counters, and forks.
+
+* ``child_environ()``: what the runner adds to the environment so that every Python
+  process it starts (spawned, forked-then-exec'd, started by a JVM or a process manager)
+  patches itself: the bootstrap folder first on ``PYTHONPATH``, options as
+  ``KERAS_FASTPREDICT_*``.
+* ``start_in_child()``: what the bootstrap ``sitecustomize`` calls when ``keras`` (or this
+  package) is imported in such a process: ``patch()`` with those options and, with
+  ``KERAS_FASTPREDICT_STATS``, a report of this process' counters.
+* Reports: to stderr with the pid (``KERAS_FASTPREDICT_STATS=1``) and as JSON, one file
+  per pid, in ``KERAS_FASTPREDICT_STATS_DIR``. Written at interpreter exit, at
+  ``os._exit`` (forked pool workers, Spark's workers), on a default-handled ``SIGTERM``
+  (``Pool.terminate()``, ``with Pool(...)``) and, through the bootstrap, after each Spark
+  task (Spark kills idle Python workers without any exit code running).
+* Forks: TensorFlow 1.15 does not work in a process forked after a session was created
+  in its parent (any session run there, plain Keras' ``predict`` included, waits for
+  ever on thread pools that were not forked). In such a child the patched predict
+  methods raise ``ForkedAfterSessionError`` at once instead. A child forked before any
+  session (a pre-fork server loading its model after the fork) is patched as usual.
+"""
+import atexit
+import json
+import os
+import signal
+import sys
+import threading
+
+import wrapt
+
+from . import config
+from . import counters as _stats
+
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bootstrap')
+STATS_ENV = 'KERAS_FASTPREDICT_STATS'
+STATS_DIR_ENV = 'KERAS_FASTPREDICT_STATS_DIR'
+STATS_FILE = 'keras_fastpredict-stats-%d.json'
+
+# The predict methods guarded in a child forked after a session (patching's table names).
+_PREDICT_PATHS = ('Model.predict', 'Model.predict_on_batch', 'Sequential.predict_proba',
+                  'Sequential.predict_classes')
+
+
+class ForkedAfterSessionError(RuntimeError):
+    """predict in a process forked after TensorFlow created a session in its parent."""
+
+
+class _State(object):
+    started = False            # start_in_child() ran
+    runner = False             # this process is the runner's own (it prints its table)
+    reporting = False          # reports installed
+    session_created = False    # a TensorFlow session was created in this process
+    forked_from = None         # parent pid, in a child forked after a session
+
+
+state = _State()
+_report_lock = threading.Lock()
+_real_exit = os._exit
+
+
+# --- the environment children inherit -------------------------------------------------
+
+def _text(value):
+    if value is True or value is False:
+        return '1' if value else '0'
+    if value is None:
+        return 'none'
+    return str(value)
+
+
+def child_environ(options, stats=False, environ=None):
+    """The variables (a new dict) that make every Python process started with them patch
+    itself with ``options``; ``stats`` asks each one for a report."""
+    environ = dict(os.environ if environ is None else environ)
+    paths = [p for p in environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+    paths = [BOOTSTRAP_DIR] + [p for p in paths if os.path.abspath(p) != BOOTSTRAP_DIR]
+    environ['PYTHONPATH'] = os.pathsep.join(paths)
+    for name, value in options.items():
+        environ['KERAS_FASTPREDICT_' + name.upper()] = _text(value)
+    if stats:
+        environ[STATS_ENV] = '1'
+    return environ
+
+
+def stats_wanted(environ=None):
+    environ = os.environ if environ is None else environ
+    return (environ.get(STATS_ENV, '') not in ('', '0')) or bool(environ.get(STATS_DIR_ENV))
+
+
+# --- start-up in a child ----------------------------------------------------------------
+
+def start_in_child():
+    """Patch this process with the ``KERAS_FASTPREDICT_*`` options (once); reports too
+    when asked. Called by the bootstrap ``sitecustomize`` on the first ``import keras``."""
+    if state.started:
+        return
+    state.started = True
+    from . import patching
+    patching.patch(**config.from_environ())
+    if stats_wanted():
+        install_reports()
+
+
+def mark_runner():
+    """The runner's own process: it prints its own table; reports only write the file."""
+    state.runner = True
+
+
+# --- reports ------------------------------------------------------------------------------
+
+def _write(fd, text):
+    # os.write, not sys.stderr: in a forked child another thread of the parent may have
+    # held the stream's lock at the fork.
+    data = text.encode('utf-8', 'replace')
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def report(when='exit'):
+    """This process' counters: a table on stderr (not for the runner's own process, nor
+    when no predict call was seen) and the JSON file in ``KERAS_FASTPREDICT_STATS_DIR``."""
+    if not _report_lock.acquire(False):
+        return
+    try:
+        snap = _stats.snapshot()
+        folder = os.environ.get(STATS_DIR_ENV)
+        if folder:
+            record = {'pid': os.getpid(), 'ppid': os.getppid(), 'argv': list(sys.argv),
+                      'when': when, 'runner': state.runner, 'models': snap}
+            path = os.path.join(folder, STATS_FILE % os.getpid())
+            try:
+                tmp = path + '.tmp'
+                with open(tmp, 'w') as f:
+                    json.dump(record, f)
+                os.replace(tmp, path)
+            except OSError:
+                pass                         # the folder is gone: the job is over
+        if snap and not state.runner and os.environ.get(STATS_ENV, '') not in ('', '0'):
+            table = _stats.format_table(snap).replace(
+                'keras_fastpredict:', 'keras_fastpredict [pid %d]:' % os.getpid(), 1)
+            try:
+                _write(2, table + '\n')
+            except OSError:
+                pass
+    finally:
+        _report_lock.release()
+
+
+def _exit_reporting(code):
+    report('os._exit')
+    _real_exit(code)
+
+
+def _on_sigterm(signum, frame):
+    report('SIGTERM')
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _install_sigterm():
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):            # not the main thread
+        pass
+
+
+def install_reports():
+    """Report this process' counters whenever it may end (see the module docs)."""
+    if state.reporting:
+        return
+    state.reporting = True
+    atexit.register(report)
+    os._exit = _exit_reporting
+    _install_sigterm()
+
+
+def collect(folder, exclude_pid=None):
+    """The JSON reports in ``folder`` (one per process), pid order."""
+    found = []
+    for name in sorted(os.listdir(folder)):
+        if not (name.startswith('keras_fastpredict-stats-') and name.endswith('.json')):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if record.get('pid') != exclude_pid:
+            found.append(record)
+    return sorted(found, key=lambda r: r['pid'])
+
+
+def totals(records):
+    """Calls, fast calls and fallbacks summed over processes' reports."""
+    out = {'processes': 0, 'calls': 0, 'fast_calls': 0, 'fallbacks': 0, 'batches': 0}
+    for record in records:
+        models = record.get('models') or {}
+        if models:
+            out['processes'] += 1
+        for counters in models.values():
+            for key in ('calls', 'fast_calls', 'fallbacks', 'batches'):
+                out[key] += counters.get(key, 0)
+    return out
+
+
+# --- forks --------------------------------------------------------------------------------
+
+def _note_session(wrapped, instance, args, kwargs):
+    state.session_created = True
+    return wrapped(*args, **kwargs)
+
+
+def _watch_sessions(module):
+    wrapt.wrap_function_wrapper(module, 'BaseSession.__init__', _note_session)
+
+
+def _session_before_fork():
+    if state.session_created:
+        return True
+    backend = sys.modules.get('keras.backend.tensorflow_backend')
+    return getattr(backend, '_SESSION', None) is not None
+
+
+def _refuse(wrapped, instance, args, kwargs):
+    raise ForkedAfterSessionError(
+        'keras_fastpredict: process %d was forked from process %d after TensorFlow had '
+        'created a session there. TensorFlow 1.15 does not work in such a child: any '
+        'session run, plain Keras predict included, would wait for ever. Load the model '
+        'after the fork (gunicorn without --preload, a Pool initializer), or start '
+        "processes with the 'spawn' method." % (os.getpid(), state.forked_from))
+
+
+def _guard(module):
+    from . import patching
+    for name, path, _ in patching.ENTRY_POINTS:
+        if name != module.__name__ or path not in _PREDICT_PATHS:
+            continue
+        owner, attr = patching._owner(module, path)
+        current = owner.__dict__.get(attr)
+        if isinstance(current, patching._Patch):
+            # Still one of patching's wrappers, so unpatch() restores the original.
+            setattr(owner, attr, patching._Patch(current.__wrapped__, _refuse))
+
+
+def _after_fork_in_child():
+    global _report_lock
+    _report_lock = threading.Lock()      # a parent thread may have held it at the fork
+    state.runner = False
+    _stats.forget_parent()               # this process reports its own calls only
+    patching = sys.modules.get('keras_fastpredict.patching')
+    patched = patching is not None and patching.is_patched()
+    if patched and stats_wanted():
+        install_reports()
+    if not _session_before_fork():
+        return
+    state.forked_from = os.getppid()
+    if not patched:
+        return
+    for name in ('keras.engine.training', 'keras.engine.sequential'):
+        module = sys.modules.get(name)
+        if module is not None:
+            _guard(module)
+        else:
+            wrapt.register_post_import_hook(_guard, name)
+
+
+def forked_after_session():
+    """Whether this process was forked after its parent created a TensorFlow session."""
+    return state.forked_from is not None
+
+
+wrapt.register_post_import_hook(_watch_sessions, 'tensorflow.python.client.session')
+os.register_at_fork(after_in_child=_after_fork_in_child)
