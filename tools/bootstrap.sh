@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-test,bench,examples}
+EXTRAS=${EXTRAS:-test,bench,examples,spark}
 
 find_python37() {
     local candidates=()
