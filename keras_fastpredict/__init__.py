@@ -26,12 +26,13 @@ from .concurrent_batcher import PredictTimeoutError, QueueFullError
 from .config import DEFAULTS
 from .deferred import DeferredArray
 from .patching import is_patched, patch, patched, unpatch
+from .processes import ForkedAfterSessionError   # also guards forks after a session
 
 __version__ = '0.1.0'
 
 __all__ = ['patch', 'unpatch', 'patched', 'is_patched', 'fast_predict', 'batching',
            'FastPredict', 'exclude', 'clear_cache', 'stats', 'reset_stats', 'DeferredArray',
-           'QueueFullError', 'PredictTimeoutError', 'DEFAULTS']
+           'QueueFullError', 'PredictTimeoutError', 'ForkedAfterSessionError', 'DEFAULTS']
 
 
 def stats(model=None):

@@ -98,6 +98,13 @@ def reset():
         _retired.clear()
 
 
+def forget_parent():
+    """In a forked child: a fresh lock, and counters for this process' own calls only."""
+    global _lock
+    _lock = threading.Lock()
+    reset()
+
+
 def format_table(snap=None):
     """A short human-readable report, as the runner prints it."""
     snap = snapshot() if snap is None else snap

@@ -12,15 +12,19 @@ Patches, then runs the script or module as ``__main__`` the way ``python`` itsel
 * The script's exit code and exceptions pass through; a missing script or module fails
   with python's message and exit code (2 and 1).
 
-Options may also come from ``KERAS_FASTPREDICT_*`` environment variables.
+Options may also come from ``KERAS_FASTPREDICT_*`` environment variables. Every Python
+process the script starts is patched too (``keras_fastpredict.processes``): the runner
+puts the bootstrap folder first on ``PYTHONPATH`` and its options in ``KERAS_FASTPREDICT_*``.
 """
 import argparse
 import os
 import runpy
+import shutil
 import sys
+import tempfile
 import zipfile
 
-from . import config, patching
+from . import config, patching, processes
 from . import counters as _stats
 
 # The runner's options that take a value (``--opt value``; ``--opt=value`` also works).
@@ -125,7 +129,9 @@ def main(argv=None):
             del sys.path[0]         # run_path puts the folder or zip at sys.path[0]
         else:
             sys.path[0] = os.path.dirname(os.path.realpath(script))
-    patching.patch(**options_from(ns))
+    options = options_from(ns)
+    stats_dir = _for_children(options, show_stats)
+    patching.patch(**options)
     try:
         if module is not None:
             runpy.run_module(module, run_name='__main__', alter_sys=True)
@@ -133,8 +139,34 @@ def main(argv=None):
             runpy.run_path(script, run_name='__main__')
     finally:
         if show_stats:
-            sys.stderr.write(_stats.format_table() + '\n')
+            sys.stderr.write(_stats.format_table() + '\n' + _children_line())
+        if stats_dir:
+            shutil.rmtree(stats_dir, ignore_errors=True)
     return 0
+
+
+def _for_children(options, show_stats):
+    """Every Python process the script starts patches itself (``processes``); with stats,
+    each reports into a folder (a temporary one, returned, unless the user gave one)."""
+    processes.mark_runner()
+    made = None
+    if show_stats and not os.environ.get(processes.STATS_DIR_ENV):
+        made = os.environ[processes.STATS_DIR_ENV] = tempfile.mkdtemp(
+            prefix='keras_fastpredict-stats-')
+    os.environ.update(processes.child_environ(options, stats=show_stats))
+    return made
+
+
+def _children_line():
+    folder = os.environ.get(processes.STATS_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        return ''
+    found = processes.totals(processes.collect(folder, exclude_pid=os.getpid()))
+    if not found['processes']:
+        return ''
+    return ('keras_fastpredict: other processes of the job: %(processes)d predicted, '
+            '%(calls)d calls, %(fast_calls)d fast, %(fallbacks)d fallbacks, '
+            '%(batches)d batches (per process above, with its pid)\n' % found)
 
 
 if __name__ == '__main__':
