@@ -72,7 +72,11 @@ def _retire(key):
     with _lock:
         found = _by_model.pop(key, None)
         if found is not None:
-            _retired[found.name] = found
+            # Models loaded twice from one file share a name: keep both counters.
+            name = found.name
+            while name in _retired:
+                name += "'"
+            _retired[name] = found
             while len(_retired) > _RETIRED_MAX:
                 _retired.popitem(last=False)
 
