@@ -1,0 +1,267 @@
+"""Every process of the job (keras_fastpredict.processes): worker pools in both start
+methods, ProcessPoolExecutor, a pre-fork server, a fork after predicting, and Spark
+executors, each run plainly and under the runner alone, with the same outputs and the
+children's fast calls counted from their per-process reports.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import keras_fastpredict
+from keras_fastpredict import processes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = [sys.executable, '-m', 'keras_fastpredict']
+EXAMPLE = os.path.join(ROOT, 'examples', 'spark_scoring.py')
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith('KERAS_FASTPREDICT_') and k != 'PYTHONPATH'}
+    env.update(TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT, PYTHONWARNINGS='ignore', **extra)
+    return env
+
+
+def call(cmd, timeout=240, **extra):
+    out = subprocess.run(cmd, cwd=ROOT, env=clean_env(**extra), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return out
+
+
+def results(out):
+    lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+    assert len(lines) == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[0][len('RESULT '):])
+
+
+def child_reports(folder, main_pid):
+    return [r for r in processes.collect(str(folder)) if r['pid'] != main_pid]
+
+
+# One script, every way of starting workers; each worker loads the model itself (after
+# its fork, or in its spawned interpreter) and predicts one row per call.
+POOLS = textwrap.dedent('''
+    import concurrent.futures, json, multiprocessing as mp, os, sys
+    import numpy as np
+
+    def score(args):
+        path, rows = args
+        from keras.engine.training import Model
+        from keras.models import load_model
+        import keras_fastpredict
+        model = load_model(path, compile=False)
+        ys = [model.predict(np.expand_dims(row, 0)) for row in np.asarray(rows, 'float32')]
+        plain = Model.predict
+        plain = getattr(plain, '__wrapped__', plain)(model, np.asarray(rows, 'float32'))
+        return (os.getpid(), keras_fastpredict.is_patched(),
+                np.concatenate(ys).tolist(), plain.tolist())
+
+    def prefork(path, chunks):
+        """A gunicorn-style pre-fork server: keras imported by the master, the model
+        loaded by each worker after the fork; answers go back through a pipe."""
+        import keras  # noqa: F401  (the master imports it, creates no session)
+        answers = []
+        for rows in chunks:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                os.write(w, json.dumps(score((path, rows))).encode())
+                os._exit(0)
+            os.close(w)
+            with os.fdopen(r) as f:
+                answers.append(json.loads(f.read()))
+            os.waitpid(pid, 0)
+        return answers
+
+    if __name__ == '__main__':
+        path = sys.argv[1]
+        rng = np.random.RandomState(0)
+        chunks = [rng.rand(6, 16).astype('float32').tolist() for _ in range(4)]
+        out = {'prefork': prefork(path, chunks[:2])}
+        for method in ('fork', 'spawn'):
+            with mp.get_context(method).Pool(2) as pool:
+                out['pool-' + method] = pool.map(score, [(path, c) for c in chunks])
+        with concurrent.futures.ProcessPoolExecutor(2) as ex:
+            out['executor'] = list(ex.map(score, [(path, c) for c in chunks]))
+        print('RESULT ' + json.dumps({'pid': os.getpid(), 'out': out}))
+''')
+
+
+@pytest.fixture(scope='module')
+def model_path(tmp_path_factory):
+    """The example's model, saved by a plain process (this one's Keras session is the
+    other tests')."""
+    path = str(tmp_path_factory.mktemp('model') / 'model.h5')
+    call([sys.executable, '-c', 'import sys; sys.path.insert(0, "examples"); '
+          'import spark_scoring; spark_scoring.make_model(sys.argv[1])', path])
+    return path
+
+
+def test_pools_and_prefork_workers_patched_by_the_runner_alone(tmp_path, model_path):
+    script = tmp_path / 'pools.py'
+    script.write_text(POOLS)
+    plain = results(call([sys.executable, str(script), model_path]))
+    folder = tmp_path / 'stats'
+    folder.mkdir()
+    fast_out = call(RUNNER + [str(script), model_path], KERAS_FASTPREDICT_STATS_DIR=str(folder))
+    fast = results(fast_out)
+    for kind, answers in plain['out'].items():
+        got = fast['out'][kind]
+        assert len(got) == len(answers)
+        for (_, patched_plain, ys_plain, _), (pid, patched, ys, reference) in zip(answers, got):
+            assert not patched_plain and patched, kind
+            np.testing.assert_allclose(ys, ys_plain, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(ys, reference, rtol=1e-5, atol=1e-6)
+    # Every worker's calls took the fast path, each worker counting its own calls only.
+    reports = child_reports(folder, fast['pid'])
+    workers = {pid for answers in fast['out'].values() for pid, _, _, _ in answers}
+    assert workers <= {r['pid'] for r in reports}, (workers, reports)
+    total = processes.totals(reports)
+    calls = sum(len(a[2]) for answers in fast['out'].values() for a in answers)
+    assert total['calls'] == total['fast_calls'] == calls and total['fallbacks'] == 0, [
+        (r['pid'], r['when'], [m['calls'] for m in r['models'].values()]) for r in reports]
+
+
+FORK_AFTER_PREDICT = textwrap.dedent('''
+    import os, signal, sys, time
+    import numpy as np
+    import keras
+    import keras_fastpredict
+    model = keras.models.Sequential([keras.layers.Dense(3, input_shape=(4,))])
+    x = np.ones((1, 4), 'float32')
+    model.predict(x)
+    start = time.time()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(int(sys.argv[1]))          # plain Keras waits for ever here
+        try:
+            model.predict(x)
+            print('CHILD predicted', flush=True)
+        except keras_fastpredict.ForkedAfterSessionError as e:
+            print('CHILD error', e, flush=True)
+        keras_fastpredict.unpatch()
+        from keras.engine.training import Model
+        print('CHILD unpatched', not hasattr(Model.__dict__['predict'], '__wrapped__'),
+              flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    signalled = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    print('PARENT signal %d after %.1f s' % (signalled, time.time() - start), flush=True)
+''')
+
+
+def test_fork_after_predicting_raises_where_plain_keras_hangs(tmp_path):
+    script = tmp_path / 'fork_after.py'
+    script.write_text(FORK_AFTER_PREDICT)
+    # Plain Keras: the child's predict never returns (killed by its alarm).
+    plain = call([sys.executable, str(script), '3'])
+    assert 'PARENT signal 14' in plain.stdout and 'CHILD' not in plain.stdout, plain.stdout
+    # Under the runner: a clear error at once, and unpatch() still restores Keras.
+    fast = call(RUNNER + [str(script), '30'])
+    assert 'CHILD error keras_fastpredict: process' in fast.stdout, fast.stdout
+    assert 'after TensorFlow had created a session' in fast.stdout
+    assert 'CHILD unpatched True' in fast.stdout and 'PARENT signal 0' in fast.stdout
+
+
+def test_child_environ_puts_the_bootstrap_first_once():
+    env = processes.child_environ({'defer': True, 'timeout': None, 'max_batch_size': 8},
+                                  stats=True, environ={'PYTHONPATH': '/a:%s:/b'
+                                                       % processes.BOOTSTRAP_DIR})
+    assert env['PYTHONPATH'].split(os.pathsep) == [processes.BOOTSTRAP_DIR, '/a', '/b']
+    assert env['KERAS_FASTPREDICT_DEFER'] == '1' and env['KERAS_FASTPREDICT_STATS'] == '1'
+    from keras_fastpredict import config
+    assert config.from_environ(env) == {'defer': True, 'timeout': None, 'max_batch_size': 8}
+
+
+# --- Spark ------------------------------------------------------------------------------
+# pyspark comes with the project's `spark` extra (tools/bootstrap.sh installs it) and Java
+# is on CI: a missing one fails these tests, it does not skip them.
+
+SPARK_ROWS = 400
+
+
+@pytest.fixture(scope='module')
+def spark():
+    import pyspark  # noqa: F401  (ImportError here: the spark extra is not installed)
+    sys.path.insert(0, os.path.join(ROOT, 'examples'))
+    try:
+        import spark_scoring
+    finally:
+        sys.path.pop(0)
+    os.environ['PYSPARK_PYTHON'] = sys.executable
+    session = spark_scoring.session('local[2]', 'keras_fastpredict tests')
+    session.sparkContext.addPyFile(EXAMPLE)        # the executors import it by name
+    yield session, spark_scoring
+    session.stop()
+
+
+def _job(spark, model_path, environment, fast_predict=False):
+    """One scoring job on the shared session; its Python workers get ``environment``
+    (Spark starts a separate worker daemon for each environment)."""
+    session, example = spark
+    sc = session.sparkContext
+    saved = dict(sc.environment)
+    sc.environment.clear()
+    sc.environment.update(environment)
+    try:
+        scored, _ = example.score(session, model_path, example.feature_rows(SPARK_ROWS), 2,
+                                  fast_predict=fast_predict)
+    finally:
+        sc.environment.clear()
+        sc.environment.update(saved)
+    return scored
+
+
+@pytest.fixture(scope='module')
+def plain_scores(spark, model_path):
+    return _job(spark, model_path, {})
+
+
+def _executor_env(folder, **options):
+    """What the runner hands to executors (``spark.executorEnv.*`` on a cluster)."""
+    env = processes.child_environ(options, environ={})
+    env['KERAS_FASTPREDICT_STATS_DIR'] = str(folder)
+    return env
+
+
+def test_spark_executors_patched_same_scores_fast_calls_counted(spark, model_path, tmp_path,
+                                                               plain_scores):
+    plain = plain_scores
+    folder = tmp_path / 'stats'
+    folder.mkdir()
+    fast = _job(spark, model_path, _executor_env(folder))
+    assert fast.shape == (SPARK_ROWS, 2) and (fast[:, 0] == plain[:, 0]).all()
+    np.testing.assert_allclose(fast[:, 1], plain[:, 1], rtol=1e-5, atol=1e-6)
+    total = processes.totals(child_reports(folder, os.getpid()))
+    assert total['calls'] == total['fast_calls'] == SPARK_ROWS and total['batches'] == 0
+
+
+def test_spark_fast_predict_batches_each_partition(spark, model_path, tmp_path, plain_scores):
+    plain = plain_scores
+    folder = tmp_path / 'stats'
+    folder.mkdir()
+    batched = _job(spark, model_path, _executor_env(folder), fast_predict=True)
+    np.testing.assert_allclose(batched, plain, rtol=1e-5, atol=1e-6)
+    total = processes.totals(child_reports(folder, os.getpid()))
+    assert total['fast_calls'] == SPARK_ROWS
+    assert 1 <= total['batches'] <= 4, total      # 2 partitions, not one batch per row
+
+
+def test_spark_example_under_the_runner(model_path, tmp_path, plain_scores):
+    # The example as a user runs it, its executors patched by the runner alone,
+    # against the same job run plainly on the shared session.
+    plain = plain_scores
+    out = tmp_path / 'scores.npy'
+    proc = call(RUNNER + ['--stats', EXAMPLE, '--rows', str(SPARK_ROWS), '--partitions', '2',
+                          '--model', model_path, '--out', str(out)], timeout=300)
+    np.testing.assert_allclose(np.load(str(out)), plain, rtol=1e-5, atol=1e-6)
+    assert 'other processes of the job: ' in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.split('other processes of the job: ')[1].splitlines()[0]
+    assert '%d calls, %d fast, 0 fallbacks' % (SPARK_ROWS, SPARK_ROWS) in line, line
