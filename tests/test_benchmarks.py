@@ -56,3 +56,17 @@ def test_a_mismatching_variant_is_reported_and_recorded():
     assert result.get('raw callable, whole array').mismatches == []
     assert result.get('wrong').checks == 2 and len(result.get('wrong').times) == 2
     assert any('MISMATCH in fake/collect / wrong' in s for s in said)
+
+
+def test_processes_quick_pool_plain_against_runner(tmp_path):
+    # benchmarks.processes end to end on its cheap case (the Spark case runs the same
+    # example that tests/test_processes.py runs).
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.processes', '--quick', '--cases', 'pool',
+         '--out', str(tmp_path)],
+        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / 'processes.md').read_text()
+    assert '| Pool(4) fork, 800 rows, predict per row | runner |' in text
+    assert 'all patched runs agree with the plain run' in text
