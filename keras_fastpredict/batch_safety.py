@@ -16,12 +16,14 @@ feeds and the fetches and tracks, per tensor, which axis holds the batch rows:
 Only the branch that inference takes is judged: ``BatchNormalization`` reads its moving
 statistics at inference, and the batch moments behind its learning-phase switch are dead.
 The verdict is ``'safe'`` (every output is ``('rows', 0, 1)``), ``'unsafe'`` (a row-mixing op,
-or an output whose rows are not the input rows) or ``'unknown'`` (then callers verify on
-distinct rows before batching, or never batch).
+or an output whose rows are not the input rows), ``'stateful ops'`` (a live op with side
+effects, such as a random draw: never batched, and never run more often than plain Keras
+runs it) or ``'unknown'`` (then callers verify on distinct rows before batching).
 """
 import numpy as np
 
 SAFE, UNSAFE, UNKNOWN = 'safe', 'unsafe', 'unknown'
+STATEFUL = 'stateful ops'   # unsafe, and no run beyond the calls' own may be made
 FREE = ('free',)
 SHAPE = ('shape',)
 DEAD = ('dead',)
@@ -49,6 +51,21 @@ _PER_EXAMPLE = frozenset('''
 '''.split())
 _REDUCTIONS = frozenset('All Any EuclideanNorm Max Mean Min Prod Sum'.split())
 _SHAPE_OF = frozenset('Shape ShapeN Size Rank'.split())
+# Stateful ops that only read variables or hold per-run state (TensorArrays). Any other
+# stateful op (a random draw, a counter's assign_add) gives results that depend on how
+# many runs are made: such a model is never batched, and no extra run may be made.
+_HARMLESS_STATEFUL = frozenset('''
+    VariableV2 Variable VarHandleOp ReadVariableOp VarIsInitializedOp IsVariableInitialized
+    TensorArrayV3 TensorArrayReadV3 TensorArrayWriteV3 TensorArrayScatterV3
+    TensorArrayGatherV3 TensorArraySizeV3 TensorArrayConcatV3 TensorArraySplitV3
+    TensorArrayCloseV3 TensorArrayGradV3 Placeholder PlaceholderWithDefault
+'''.split())
+# Ops taking a ref input that only pass it on or read it (any other, such as Assign or
+# AssignAdd, writes a variable: TF 1.15 does not mark those as stateful).
+_REF_READERS = frozenset('''
+    RefSwitch RefMerge RefIdentity RefEnter RefExit RefNextIteration RefSelect
+    IsVariableInitialized
+'''.split())
 _WHILE_OPS = frozenset('Enter Exit NextIteration LoopCond RefEnter RefExit RefNextIteration'
                        .split())
 
@@ -66,6 +83,7 @@ class _Analysis(object):
         self.values = {}
         self.first_cross = None
         self.first_unknown = None
+        self.stateful_op = None     # the first live op with side effects, if any
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -135,6 +153,9 @@ class _Analysis(object):
         return self.verdict()
 
     def verdict(self):
+        if self.stateful_op is not None:
+            return STATEFUL, ('op %s has side effects (a random draw, an update): its results '
+                              'depend on how many runs are made' % self.stateful_op)
         outs = [self.value(t) for t in self.fetches]
         if all(v == _rows(0) for v in outs):
             return SAFE, None
@@ -157,11 +178,22 @@ class _Analysis(object):
             live = [v for v in ins if v != DEAD]
             if not live:
                 return [DEAD] * n
+            crosses = [v for v in live if v[0] == 'cross']
             first = live[0]
-            out = first if all(v == first for v in live) else self.unknown(op, 'branches differ')
+            if crosses:                 # a branch that may run mixes rows
+                out = crosses[0]
+            elif all(v == first for v in live):
+                out = first
+            else:
+                out = self.unknown(op, 'branches differ')
             return [out, FREE]
         if DEAD in ins:
             return [DEAD] * n
+        if (op.op_def.is_stateful and kind not in _HARMLESS_STATEFUL) or (
+                kind not in _REF_READERS and any(a.is_ref for a in op.op_def.input_arg)):
+            if self.stateful_op is None:
+                self.stateful_op = '%s (%s)' % (op.name, kind)
+            return [self.cross(op, 'has side effects')] * n
         if kind == 'Switch':
             return self.switch(op, ins)
         if kind in _WHILE_OPS or self._in_while(op):

@@ -51,12 +51,17 @@ _tfb = None
 default_graph = None
 
 
+class OpError(Exception):
+    """Stands for TF's OpError until TensorFlow is bound."""
+
+
 def _bind_tf():
-    global _get_default_session, _tfb, default_graph
-    from tensorflow.python.framework import ops
+    global _get_default_session, _tfb, default_graph, OpError
+    from tensorflow.python.framework import errors, ops
     _tfb = _keras()[1]
     _get_default_session = ops.get_default_session
     default_graph = ops.get_default_graph
+    OpError = errors.OpError
 
 
 class CompiledModel(object):
@@ -106,12 +111,22 @@ class CompiledModel(object):
         # function runs them. Such models, and inputs of a fixed batch size, are never
         # merged with other calls or read ahead.
         self.updates = updates
+        self.target = model.predict_function.updates_op
+        verdict = None
         if updates is not None or self.stateful:
             self.batch_safe, self.batching_reason = False, 'stateful'
-        elif self.static_batch is not None or any(s[0] is not None for s in self.feed_shapes):
-            self.batch_safe, self.batching_reason = False, 'fixed batch size'
         else:
-            self.batch_safe, self.batching_reason = _batch_safety(session, feeds, fetches)
+            self.batch_safe, self.batching_reason, verdict = _batch_safety(session, feeds,
+                                                                           fetches)
+            if self.static_batch is not None or any(s[0] is not None for s in self.feed_shapes):
+                self.batch_safe, self.batching_reason = False, 'fixed batch size'
+        # A live op with side effects (a random draw): each call must be exactly one run,
+        # as in plain Keras, so no graph may be checked against another by running both.
+        side_effects = verdict == batch_safety.STATEFUL
+        # Where a failed run changed nothing, Keras' own method can take the call over and
+        # raise exactly its own error (TF names, say, another uninitialised variable first
+        # when the same graph runs in another thread).
+        self.rerun_on_error = updates is None and not side_effects
         self.verification = None   # the verifier's state while batch_safe is None
         self.warned = False        # told the user once that this model is not batched
         self.excluded = id(model) in _excluded
@@ -128,7 +143,7 @@ class CompiledModel(object):
         self._candidate = None
         self.inference_graph = 'off'
         self.inference_graph_ops = 0
-        if settings.inference_graph and updates is None:
+        if settings.inference_graph and updates is None and not side_effects:
             self._prepare_candidate(model, feeds)
 
     def _prepare_candidate(self, model, feeds):
@@ -140,8 +155,9 @@ class CompiledModel(object):
             self.inference_graph = 'not used: its outputs differed from the model\'s'
             return
         self.inference_graph_ops = built.ops
-        candidate = [self._make_callable(built.inputs, built.outputs, inline=True),
-                     self._make_callable(built.inputs, built.outputs, inline=False), built, 0]
+        candidate = [self._make_callable(built.inputs, built.outputs, True, target=False),
+                     self._make_callable(built.inputs, built.outputs, False, target=False),
+                     built, 0]
         if built.verdict:
             self._adopt(candidate)      # checked under an earlier patch
         else:
@@ -181,17 +197,19 @@ class CompiledModel(object):
         self.inference_graph = 'used'
         if self.batch_safe is None:     # the unrolled graph may settle it
             built = candidate[2]
-            safe, reason = _batch_safety(self.session, built.inputs, built.outputs)
+            safe, reason, _ = _batch_safety(self.session, built.inputs, built.outputs)
             if safe is not None:
                 self.batch_safe, self.batching_reason = safe, reason
 
-    def _make_callable(self, feeds, fetches, inline):
+    def _make_callable(self, feeds, fetches, inline, target=True):
         from tensorflow.core.protobuf import config_pb2
         options = config_pb2.CallableOptions()
         options.feed.extend(t.name for t in feeds)
         options.fetch.extend(t.name for t in fetches)
-        if self.updates is not None:
-            options.target.append(self.updates.name)
+        if target:
+            # What Keras' own callable runs: its updates (state updates of a stateful
+            # model; else a no-op), so TF runs, and fails, exactly as it does for Keras.
+            options.target.append(self.target.name)
         if inline:
             options.run_options.inter_op_thread_pool = -1
         return self.session._make_callable_from_options(options)
@@ -436,7 +454,7 @@ def _store(model, entry):
 
 
 def _batch_safety(session, feeds, fetches):
-    """(batch_safe, reason) from the graph, and the ``verify`` option."""
+    """(batch_safe, reason, verdict) from the graph and the ``verify`` option."""
     from tensorflow.python.client import session as tf_session
     run = tf_session.BaseSession.run
     run = getattr(run, '__wrapped__', run)      # ours when patched: no hooks for this
@@ -445,11 +463,11 @@ def _batch_safety(session, feeds, fetches):
         return run(session, tensor, feed_dict)
 
     verdict, reason = batch_safety.analyse(session.graph, feeds, fetches, run_shapes)
-    if verdict == batch_safety.UNSAFE:
-        return False, reason
+    if verdict in (batch_safety.UNSAFE, batch_safety.STATEFUL):
+        return False, reason, verdict
     if settings.verify is True or (verdict == batch_safety.UNKNOWN and settings.verify == 'auto'):
-        return None, reason or 'checked on distinct rows before batching'
-    return True, reason
+        return None, reason or 'checked on distinct rows before batching', verdict
+    return True, reason, verdict
 
 
 def exclude(model):

@@ -119,7 +119,14 @@ def _predict(wrapped, model, args, kwargs, x, batch_size):
     stats = entry.stats
     stats.calls += 1
     stats.fast_calls += 1
-    outs = _route(entry, x, arrays, rows, batch_size)
+    try:
+        outs = _route(entry, x, arrays, rows, batch_size)
+    except callables.OpError:        # TensorFlow's run failed (not our own errors)
+        if not entry.rerun_on_error:
+            raise
+        stats.fast_calls -= 1
+        stats.calls -= 1
+        return _fallback(wrapped, model, args, kwargs, 'the run failed: Keras raises')
     return outs[0] if entry.n_outputs == 1 else outs
 
 

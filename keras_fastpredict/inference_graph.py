@@ -4,9 +4,10 @@ with recurrent layers unrolled and the learning phase fixed to inference.
 A recurrent layer runs a ``tf.while_loop`` whose per-step machinery dominates a small
 model's run (LSTM(128) over 40 steps: 1257 µs as built, 804 µs unrolled, outputs equal
 bit for bit). Unrolling needs a static number of time steps. The new ops share the
-model's variables, so every weight change is seen. Calling a Keras model on new inputs
-also registers nodes on its layers (``layer.output`` would then raise "multiple inbound
-nodes"); they are removed again, so the model looks to its user exactly as before.
+model's variables, so every weight change is seen; they are built on plain placeholders
+under the name scope ``keras_fastpredict_inference``, so Keras' layer nodes and automatic
+names stay exactly as plain Keras has them (the graph does hold the extra ops: their
+count is in ``stats()``).
 The caller checks the graph's outputs against the model's own on the first calls before
 using it.
 """
@@ -91,14 +92,16 @@ def _build(model, feeds, max_steps):
     if found is None:
         return Built(reason=reason)
     rnns, layers = found
-    from keras import layers as keras_layers
+    import tensorflow as tf
     from keras.backend import tensorflow_backend as tfb
     graph = feeds[0].graph
     before = len(graph.get_operations())
     nodes = {key: (len(l._inbound_nodes), len(l._outbound_nodes)) for key, l in layers.items()}
-    with graph.as_default():
-        inputs = [keras_layers.Input(batch_shape=tuple(t.shape.as_list()),
-                                     dtype=t.dtype.base_dtype.name) for t in feeds]
+    # Plain placeholders, under a name scope of its own: Keras' name counters (input_1,
+    # input_2...) and the user's op names stay as plain Keras leaves them, and Keras adds
+    # no nodes for tensors without Keras history.
+    with graph.as_default(), tf.name_scope('keras_fastpredict_inference'):
+        inputs = [tf.placeholder(t.dtype.base_dtype, t.shape, name='input') for t in feeds]
         phases = tfb._GRAPH_LEARNING_PHASES
         had_phase = graph in phases
         old_phase = phases.get(graph)
@@ -117,7 +120,7 @@ def _build(model, feeds, max_steps):
                 phases[graph] = old_phase
             else:
                 del phases[graph]
-            for key, layer in layers.items():
+            for key, layer in layers.items():     # in case a layer registered one anyway
                 inbound, outbound = nodes[key]
                 del layer._inbound_nodes[inbound:]
                 del layer._outbound_nodes[outbound:]

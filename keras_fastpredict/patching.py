@@ -26,6 +26,9 @@ ENTRY_POINTS = (
     ('keras.engine.training', 'Model.fit_generator', hooks.training),
     ('keras.backend.tensorflow_backend', 'Function.__call__', hooks.keras_function),
     ('tensorflow.python.client.session', 'BaseSession.run', hooks.before_graph_use),
+    # What Session.make_callable's functions run (they may assign variables too).
+    ('tensorflow.python.client.session', 'BaseSession._call_tf_sessionrun',
+     hooks.before_graph_use),
 )
 
 _lock = threading.RLock()

@@ -1,11 +1,13 @@
 """Verification: batching a model the graph could not settle, only after checking it.
 
 Until then its calls run unbatched, exactly as Keras runs them. From those calls the
-verifier keeps rows that differ from each other (equal rows would hide an op that mixes
-rows, such as subtracting the batch mean) with their outputs; once it has
-``settings.verify_rows`` of them it runs them as one batch and compares. A call of many
-rows is checked at once: some of its distinct rows are run alone and compared with the
-batched result. Rows from before a weight change are dropped.
+verifier keeps rows that differ from each other in every input position (equal rows
+would hide an op that mixes rows, such as subtracting the batch mean) with their outputs;
+once it has enough it runs them as one batch and compares. A call of many rows is checked
+at once: a sample of its rows is run alone and compared with the batched result. Rows
+from before a weight change are dropped. This is a check on a sample: the graph analysis
+decides every model it can, and verification covers only what it cannot (while loops,
+py_func, unmodelled ops).
 
 The tolerance is the one the project promises for every patched result: per row of each
 output, ``|patched - plain| <= RTOL * max|plain row| + ATOL`` (float outputs; others
@@ -64,14 +66,52 @@ def _rows_apart(actual, expected):
     return np.abs(a - e), np.abs(e).max(axis=1, keepdims=True)
 
 
+# Rows that differ from each other are not enough: an op may mix rows through one input
+# position only (dividing by the batch's largest first feature), so the sample must vary
+# in every input position. Rows are kept only when they add variation (a few suffice);
+# after this many distinct rows, positions that never varied are taken as constant in the
+# data. Until then the model stays unbatched.
+_SEEN_ENOUGH = 256
+_MAX_KEPT = 32
+
+
 class _Samples(object):
-    __slots__ = ('generation', 'keys', 'inputs', 'outputs')
+    """Distinct one-row inputs (one array per feed), chosen to vary in every position."""
+    __slots__ = ('generation', 'keys', 'inputs', 'outputs', 'constant', 'seen')
 
     def __init__(self):
         self.generation = hooks.state.generation
         self.keys = set()
         self.inputs = []       # per sample: list of one-row arrays, one per feed
-        self.outputs = []      # per sample: list of one-row outputs
+        self.outputs = []      # per sample: list of one-row outputs (or None)
+        self.constant = None   # per feed: positions equal in every sample so far
+        self.seen = 0          # distinct rows looked at
+
+    def offer(self, rows, outputs=None):
+        """Keep ``rows`` (one-row arrays) if they are new and add variation."""
+        key = b''.join(a.tobytes() for a in rows)
+        if key in self.keys:
+            return False
+        self.keys.add(key)
+        self.seen += 1
+        if self.constant is None:
+            self.constant = [np.ones(a.shape, bool) for a in rows]
+        else:
+            differs = [a != first for a, first in zip(rows, self.inputs[0])]
+            adds = any((d & c).any() for d, c in zip(differs, self.constant))
+            if not adds and len(self.inputs) >= max(2, settings.verify_rows):
+                return False
+            for d, c in zip(differs, self.constant):
+                c &= ~d
+        self.inputs.append([a.copy() for a in rows])
+        self.outputs.append(outputs)
+        return True
+
+    def ready(self):
+        if len(self.inputs) < max(2, settings.verify_rows):
+            return False
+        varied = not any(c.any() for c in self.constant)
+        return varied or self.seen >= _SEEN_ENOUGH or len(self.inputs) >= _MAX_KEPT
 
 
 def observe(entry, arrays, outs):
@@ -86,13 +126,7 @@ def observe(entry, arrays, outs):
         samples = entry.verification
         if samples is None or samples.generation != hooks.state.generation:
             samples = entry.verification = _Samples()
-        key = b''.join(a.tobytes() for a in arrays)
-        if key in samples.keys:
-            return
-        samples.keys.add(key)
-        samples.inputs.append([a.copy() for a in arrays])
-        samples.outputs.append([o.copy() for o in outs])
-        if len(samples.inputs) >= max(2, settings.verify_rows):
+        if samples.offer(arrays, [o.copy() for o in outs]) and samples.ready():
             batch = [np.concatenate(parts) for parts in zip(*samples.inputs)]
             alone = [np.concatenate(parts) for parts in zip(*samples.outputs)]
             entry.verification = None
@@ -100,17 +134,16 @@ def observe(entry, arrays, outs):
 
 
 def _check_call(entry, arrays, outs):
-    """A call of several rows: run some of its distinct rows alone and compare."""
-    picked, keys = [], set()
-    for i in range(min(arrays[0].shape[0], 64)):
-        key = b''.join(a[i].tobytes() for a in arrays)
-        if key not in keys:
-            keys.add(key)
+    """A call of several rows: run a sample of its rows alone and compare."""
+    samples = _Samples()
+    picked = []
+    for i in range(min(arrays[0].shape[0], 4 * _SEEN_ENOUGH)):
+        if samples.offer([a[i:i + 1] for a in arrays]):
             picked.append(i)
-            if len(picked) == max(2, settings.verify_rows):
+            if samples.ready():
                 break
-    if len(picked) < 2:
-        return                  # equal rows prove nothing: decide on a later call
+    if not samples.ready():
+        return                  # too little variation to prove anything: decide later
     alone = [entry.call([a[i:i + 1] for a in arrays]) for i in picked]
     alone = [np.concatenate(parts) for parts in zip(*alone)]
     _decide(entry, [o[picked] for o in outs], alone)

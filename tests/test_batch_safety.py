@@ -221,3 +221,78 @@ def test_verdicts(build, verdict):
     got, _ = batch_safety.analyse(model.outputs[0].graph, model._feed_inputs, model.outputs,
                                   lambda t, feed: sess.run(t, feed))
     assert got == verdict
+
+
+class CountsSteps(L.Layer):
+    """Adds how many times it ran: a side effect per run."""
+
+    def build(self, input_shape):
+        self.steps = self.add_weight('steps', (), initializer='zeros', trainable=False)
+        self.built = True
+
+    def call(self, x):
+        with tf.control_dependencies([tf.assign_add(self.steps, 1.0)]):
+            return x + tf.identity(self.steps)
+
+
+@pytest.mark.parametrize('kind', ['random_draw', 'mc_dropout', 'counter'])
+def test_side_effect_ops_run_once_per_call_as_in_plain_keras(kind):
+    """Random draws and counters depend on how many runs are made: such a model is never
+    batched or read ahead, and no check runs it an extra time. Twin models with the same
+    op seeds draw the same streams, plain and patched."""
+    def build():
+        inp = L.Input((4,))
+        if kind == 'random_draw':
+            out = L.Lambda(lambda t: t + K.random_normal((4,), seed=5))(inp)
+        elif kind == 'mc_dropout':
+            out = L.Dense(3, kernel_initializer='ones')(
+                L.Dropout(0.5, noise_shape=(1, 4), seed=3)(inp, training=True))
+        else:
+            out = CountsSteps()(inp)
+        return Model(inp, out)
+
+    plain_model, patched_model = build(), build()
+    X = rand(30, 4)
+    expected = [unpatched_predict(plain_model, X[i:i + 1]) for i in range(30)]
+    expected.append(unpatched_predict(plain_model, X))
+    kfp.patch()
+    got = [patched_model.predict(X[i:i + 1]) for i in range(30)]
+    got.append(patched_model.predict(X))
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    entry = callables.lookup(patched_model)
+    assert entry.batch_safe is False and 'side effects' in entry.batching_reason
+    assert kfp.stats(patched_model)['readahead_hits'] == 0
+
+
+def test_a_branch_chosen_by_a_variable_that_mixes_rows():
+    """tf.cond on a variable: either branch may run, so one that mixes rows makes the
+    model unbatchable, whichever branch the first calls took."""
+    flag = K.variable(False, dtype='bool')
+    inp = L.Input((4,))
+    model = Model(inp, L.Lambda(lambda t: K.switch(flag, lambda: mean_free(t), lambda: t))(inp))
+    X = rand(40, 4)
+
+    def run(predict):
+        K.set_value(flag, False)
+        first = [predict(X[i:i + 1]) for i in range(10)]
+        K.set_value(flag, True)
+        return first + [predict(X[i:i + 1]) for i in range(10, 40)] + [predict(X)]
+
+    expected = run(lambda x: unpatched_predict(model, x))
+    kfp.patch()
+    for g, e in zip(run(model.predict), expected):
+        assert_same(g, e)
+    assert callables.lookup(model).batch_safe is False
+
+
+def test_verification_needs_rows_that_vary_in_every_position():
+    """A while loop (map_fn, which the analysis does not model) mixes rows through the
+    first feature only; the first rows differ elsewhere but share that feature."""
+    inp = L.Input((4,))
+    model = Model(inp, L.Lambda(
+        lambda t: tf.map_fn(lambda r: r / tf.reduce_max(t[:, 0]), t))(inp))
+    X = rand(60, 4)
+    X[:10, 0] = 1.0
+    check_every_way(model, X)
+    assert callables.lookup(model).batch_safe is False

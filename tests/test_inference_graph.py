@@ -149,3 +149,19 @@ def test_built_once_per_model_across_patches():
     kfp.patch()
     model.predict(X[:1].copy())
     assert callables.lookup(model).inference_graph == 'used'     # checked once already
+
+
+def test_keras_names_and_nodes_are_untouched():
+    """The inference graph takes no name from Keras' counters (a model built after it
+    gets the names it gets plainly) and leaves no node on the model's layers."""
+    from keras.backend import tensorflow_backend as tfb
+    first = keras.models.Sequential([L.LSTM(4, input_shape=(5, 3)), L.Dense(2)])
+    counters = dict(tfb._GRAPH_UID_DICTS[first.outputs[0].graph])
+    kfp.patch()
+    for i in range(4):
+        first.predict(rand(1, 5, 3, seed=i))
+    assert callables.lookup(first).inference_graph == 'used'
+    assert dict(tfb._GRAPH_UID_DICTS[first.outputs[0].graph]) == counters
+    assert all(len(layer._inbound_nodes) == 1 for layer in first.layers)
+    assert all(len(layer._outbound_nodes) == (0 if layer is first.layers[-1] else 1)
+               for layer in first.layers)

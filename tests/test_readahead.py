@@ -193,3 +193,28 @@ def test_windows_are_bounded_in_bytes():
     assert 2 <= largest_window
     # The histogram is by powers of two: the largest window is below twice the bound.
     assert largest_window < 2 * ((1 << 20) // row_bytes)
+
+
+def test_weights_changed_through_a_session_callable_are_seen():
+    """A variable assigned by a function from Session.make_callable is a graph event:
+    read-ahead windows predicted before it are not served after it."""
+    import tensorflow as tf
+    from keras import backend as K
+    model = keras.models.Sequential([layers.Dense(3, input_shape=(4,))])
+    X = np.random.RandomState(0).rand(40, 4).astype('float32')
+    bump = K.get_session().make_callable(tf.assign_add(model.layers[0].bias, tf.ones(3)))
+    start = model.get_weights()
+
+    def loop(predict):
+        outs = []
+        for i in range(40):
+            outs.append(predict(X[i:i + 1]))
+            if i % 10 == 9:
+                bump()
+        return np.concatenate(outs)
+
+    expected = loop(lambda x: unpatched_predict(model, x))
+    model.set_weights(start)
+    kfp.patch()
+    assert_same(loop(model.predict), expected)
+    assert kfp.stats(model)['readahead_hits'] > 0
