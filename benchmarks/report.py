@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 import keras_fastpredict
-from keras_fastpredict.verification import ATOL, RTOL, scaled_difference, within_tolerance
+from keras_fastpredict.engine.verification import ATOL, RTOL, scaled_difference, within_tolerance
 
 from .cases import Timed, as_list
 

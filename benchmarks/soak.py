@@ -49,7 +49,7 @@ class Soak(object):
 
     def _check(self, out, row):
         # A sample of results against plain Keras' answer for the same row.
-        from keras_fastpredict.verification import within_tolerance
+        from keras_fastpredict.engine.verification import within_tolerance
         if not within_tolerance(np.asarray(out), self.expected[row:row + 1]):
             self.mismatches += 1
 

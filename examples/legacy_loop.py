@@ -24,7 +24,7 @@ import keras  # noqa: E402
 from keras import layers  # noqa: E402
 
 import keras_fastpredict  # noqa: E402
-from keras_fastpredict.verification import scaled_difference, within_tolerance  # noqa: E402
+from keras_fastpredict.engine.verification import scaled_difference, within_tolerance  # noqa: E402
 
 
 def build_model():

@@ -20,11 +20,11 @@ are listed with their defaults in ``keras_fastpredict.config.DEFAULTS``.
 """
 from . import counters as _stats
 from .batching import batching, fast_predict
-from .callables import clear as clear_cache
-from .callables import exclude
+from .engine.compiled import clear as clear_cache
+from .engine.compiled import exclude
 from .concurrent_batcher import PredictTimeoutError, QueueFullError
 from .config import DEFAULTS
-from .deferred import DeferredArray
+from .engine.deferred import DeferredArray
 from .patching import is_patched, patch, patched, unpatch
 from .processes import ForkedAfterSessionError   # also guards forks after a session
 

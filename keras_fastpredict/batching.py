@@ -7,7 +7,8 @@ import contextlib
 import functools
 import inspect
 
-from . import deferred, patching
+from . import patching
+from .engine import deferred
 
 
 @contextlib.contextmanager

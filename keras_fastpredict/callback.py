@@ -3,7 +3,8 @@ import weakref
 
 from keras.callbacks import Callback
 
-from . import deferred, patching
+from . import patching
+from .engine import deferred
 
 # Callbacks whose scope is open. Keras does not call on_train_end when fit raises, so a
 # new training closes what an earlier one left open.

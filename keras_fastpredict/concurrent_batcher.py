@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 
-from . import engine
+from .engine import merge as engine
 from .config import settings
 
 _all = weakref.WeakSet()

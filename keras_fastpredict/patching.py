@@ -10,21 +10,14 @@ import threading
 
 import wrapt
 
-from . import callables, concurrent_batcher, dispatch, hooks, readahead
+from . import concurrent_batcher
+from .adapters import keras as keras_adapter
 from .config import settings
+from .engine import compiled, hooks, readahead
 
-# (module, class.attribute, wrapper(wrapped, instance, args, kwargs))
-ENTRY_POINTS = (
-    ('keras.engine.training', 'Model.predict', dispatch.predict),
-    ('keras.engine.training', 'Model.predict_on_batch', dispatch.predict_on_batch),
-    ('keras.engine.sequential', 'Sequential.predict_proba', dispatch.keras_default_batch_size),
-    ('keras.engine.sequential', 'Sequential.predict_classes',
-     dispatch.keras_default_batch_size),
-    # Before anything else runs or changes the graph, pending predictions are settled.
-    ('keras.engine.training', 'Model.compile', hooks.recompiled),
-    ('keras.engine.training', 'Model.fit', hooks.training),
-    ('keras.engine.training', 'Model.fit_generator', hooks.training),
-    ('keras.backend.tensorflow_backend', 'Function.__call__', hooks.keras_function),
+# (module, class.attribute, wrapper(wrapped, instance, args, kwargs)): each adapter's
+# entry points, then TensorFlow's, before which pending work is settled.
+ENTRY_POINTS = keras_adapter.adapter.entry_points() + (
     ('tensorflow.python.client.session', 'BaseSession.run', hooks.before_graph_use),
     # What Session.make_callable's functions run (they may assign variables too).
     ('tensorflow.python.client.session', 'BaseSession._call_tf_sessionrun',
@@ -109,7 +102,7 @@ def unpatch():
         _active = False
     concurrent_batcher.stop_all()
     readahead.forget()
-    callables.clear()
+    compiled.clear()
 
 
 @contextlib.contextmanager

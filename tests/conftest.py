@@ -17,7 +17,7 @@ from keras.engine import training  # noqa: E402
 
 import keras_fastpredict as kfp  # noqa: E402
 from keras_fastpredict.config import settings  # noqa: E402
-from keras_fastpredict.verification import within_tolerance  # noqa: E402
+from keras_fastpredict.engine.verification import within_tolerance  # noqa: E402
 
 # The original methods, captured before any test patches them.
 ORIGINAL = {name: training.Model.__dict__[name] for name in ('predict', 'predict_on_batch')}

@@ -6,13 +6,13 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 from keras import backend as K
 from keras import layers as L
 from keras.models import Model, Sequential
 
 import keras_fastpredict as kfp
-from keras_fastpredict import batch_safety, callables
+from keras_fastpredict.adapters import keras as keras_adapter
+from keras_fastpredict.engine import batch_safety
 from conftest import ORIGINAL, assert_same, unpatched_predict
 
 
@@ -63,7 +63,7 @@ def test_batch_norm_in_training_mode_is_never_batched():
     model = Model(inp, L.Dense(3)(x))
     X = rand(100, 4)
     check_every_way(model, X)
-    assert callables.lookup(model).batch_safe is False
+    assert keras_adapter.lookup(model).batch_safe is False
     # One row alone normalises to zeros, as plain Keras gives it.
     kfp.patch()
     np.testing.assert_allclose(model.predict(X[5:6]), unpatched_predict(model, X[5:6]),
@@ -78,7 +78,7 @@ def test_batch_norm_built_under_learning_phase_1_predicted_under_0():
                             L.Dense(3)])
         K.set_learning_phase(0)
         check_every_way(model, rand(70, 4))
-        assert callables.lookup(model).batch_safe is False
+        assert keras_adapter.lookup(model).batch_safe is False
 
 
 def test_batch_norm_at_inference_is_batched():
@@ -87,7 +87,7 @@ def test_batch_norm_at_inference_is_batched():
     model.layers[1].set_weights([np.full(8, 2.0), np.full(8, 0.5), np.full(8, 0.3),
                                  np.full(8, 4.0)])
     check_every_way(model, rand(50, 4))
-    assert callables.lookup(model).batch_safe is True
+    assert keras_adapter.lookup(model).batch_safe is True
     assert kfp.stats(model)['readahead_hits'] > 0
 
 
@@ -109,15 +109,15 @@ def test_row_mixing_hidden_in_wrappers_and_nested_models(kind):
         model = Model(inp, L.Flatten()(inner(inp)))
         X = rand(40, 5, 4)
     check_every_way(model, X)
-    assert callables.lookup(model).batch_safe is False
-    assert 'reduces over the batch axis' in callables.lookup(model).batching_reason
+    assert keras_adapter.lookup(model).batch_safe is False
+    assert 'reduces over the batch axis' in keras_adapter.lookup(model).batching_reason
 
 
 def test_batch_size_dependent_lambda_is_never_batched():
     model = Sequential([L.Dense(4, input_shape=(4,)),
                         L.Lambda(lambda t: t * K.cast(K.shape(t)[0], 'float32'))])
     check_every_way(model, rand(40, 4))
-    assert callables.lookup(model).batch_safe is False
+    assert keras_adapter.lookup(model).batch_safe is False
 
 
 def while_loop_mean_free(t):
@@ -131,11 +131,11 @@ def test_verification_is_not_fooled_by_equal_rows():
     model = Sequential([L.Dense(4, input_shape=(4,)), L.Lambda(while_loop_mean_free)])
     X = rand(60, 4)
     X[:12] = 0
-    assert callables.lookup(model).batch_safe is None     # the graph cannot settle it
+    assert keras_adapter.lookup(model).batch_safe is None     # the graph cannot settle it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         check_every_way(model, X)
-    assert callables.lookup(model).batch_safe is False
+    assert keras_adapter.lookup(model).batch_safe is False
     assert any('not batched' in str(w.message) for w in caught)
 
 
@@ -147,7 +147,7 @@ def test_row_wise_while_loop_is_verified_then_batched():
         warnings.simplefilter('always')
         check_every_way(model, X)
     assert not [w for w in caught if 'keras_fastpredict' in str(w.message)]
-    assert callables.lookup(model).batch_safe is True
+    assert keras_adapter.lookup(model).batch_safe is True
     assert kfp.stats(model)['verified'] == 1
 
 
@@ -183,7 +183,7 @@ def test_declared_output_shape_does_not_matter():
     model = Sequential([L.Dense(4, input_shape=(4,)),
                         L.Lambda(lambda t: K.concatenate([t, t]), output_shape=(4,))])
     check_every_way(model, rand(30, 4))
-    assert callables.lookup(model).row_shapes == [(8,)]
+    assert keras_adapter.lookup(model).row_shapes == [(8,)]
 
 
 def test_large_values_within_the_promised_tolerance_and_no_false_warning():
@@ -196,7 +196,7 @@ def test_large_values_within_the_promised_tolerance_and_no_false_warning():
         warnings.simplefilter('always')
         check_every_way(model, X)
     assert not [w for w in caught if 'keras_fastpredict' in str(w.message)]
-    assert callables.lookup(model).batch_safe is True
+    assert keras_adapter.lookup(model).batch_safe is True
 
 
 @pytest.mark.parametrize('build, verdict', [
@@ -260,7 +260,7 @@ def test_side_effect_ops_run_once_per_call_as_in_plain_keras(kind):
     got.append(patched_model.predict(X))
     for g, e in zip(got, expected):
         assert_same(g, e)
-    entry = callables.lookup(patched_model)
+    entry = keras_adapter.lookup(patched_model)
     assert entry.batch_safe is False and 'side effects' in entry.batching_reason
     assert kfp.stats(patched_model)['readahead_hits'] == 0
 
@@ -283,7 +283,7 @@ def test_a_branch_chosen_by_a_variable_that_mixes_rows():
     kfp.patch()
     for g, e in zip(run(model.predict), expected):
         assert_same(g, e)
-    assert callables.lookup(model).batch_safe is False
+    assert keras_adapter.lookup(model).batch_safe is False
 
 
 def test_verification_needs_rows_that_vary_in_every_position():
@@ -295,4 +295,4 @@ def test_verification_needs_rows_that_vary_in_every_position():
     X = rand(60, 4)
     X[:10, 0] = 1.0
     check_every_way(model, X)
-    assert callables.lookup(model).batch_safe is False
+    assert keras_adapter.lookup(model).batch_safe is False

@@ -11,7 +11,8 @@ import keras
 from keras import layers
 
 import keras_fastpredict as kfp
-from keras_fastpredict import callables, concurrent_batcher
+from keras_fastpredict import concurrent_batcher
+from keras_fastpredict.adapters import keras as keras_adapter
 from conftest import assert_same, unpatched_predict
 
 
@@ -48,7 +49,7 @@ def hold_then_queue(model, gate, work, n, queued):
     rest = [threading.Thread(target=work, args=(i,)) for i in range(1, n)]
     for t in rest:
         t.start()
-    batcher = callables.lookup(model).batcher
+    batcher = keras_adapter.lookup(model).batcher
     deadline = time.monotonic() + 30
     while len(batcher.queue) < queued and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -156,7 +157,7 @@ def test_queue_full_and_timeout():
         assert gate.entered.wait(30)
         queued = threading.Thread(target=call, args=('queued',))
         queued.start()
-        batcher = callables.lookup(model).batcher
+        batcher = keras_adapter.lookup(model).batcher
         while not batcher.queue:
             time.sleep(0.005)
         started = time.monotonic()
@@ -218,7 +219,7 @@ def test_idle_worker_keeps_nothing_of_a_dropped_model():
     with kfp.patched(readahead=False, verify=False):
         hold_then_queue(model, gate, work, 4, queued=3)
         assert concurrent_batcher.worker_count() == 1      # idle now, waiting for work
-        refs = [weakref.ref(model), weakref.ref(callables.lookup(model))]
+        refs = [weakref.ref(model), weakref.ref(keras_adapter.lookup(model))]
         del model, held[:]
         gc.collect()
         assert [r() for r in refs] == [None, None]

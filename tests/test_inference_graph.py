@@ -7,7 +7,7 @@ import keras
 from keras import layers as L
 
 import keras_fastpredict as kfp
-from keras_fastpredict import callables
+from keras_fastpredict.adapters import keras as keras_adapter
 from conftest import ORIGINAL, assert_same, unpatched_predict
 
 
@@ -24,7 +24,7 @@ def loop_against_plain(model, X, calls=12):
     got = [model.predict(r) for r in rows] + [model.predict(X)]
     for g, e in zip(got, expected):
         assert_same(g, e)
-    return callables.lookup(model)
+    return keras_adapter.lookup(model)
 
 
 RECURRENT = {
@@ -69,7 +69,7 @@ def test_weights_changed_between_calls_are_seen():
     kfp.patch()
     for i in range(4):
         model.predict(X[i:i + 1].copy())
-    assert callables.lookup(model).inference_graph == 'used'
+    assert keras_adapter.lookup(model).inference_graph == 'used'
     for step in range(3):
         weights = [w * 0.9 + 0.01 * step for w in model.get_weights()]
         model.set_weights(weights)
@@ -99,7 +99,7 @@ def test_option_turns_it_off_and_stateful_models_keep_their_graph():
     model = keras.models.Sequential([L.LSTM(4, input_shape=(5, 3))])
     kfp.patch(inference_graph=False)
     model.predict(rand(1, 5, 3))
-    assert callables.lookup(model).inference_graph == 'off'
+    assert keras_adapter.lookup(model).inference_graph == 'off'
     kfp.unpatch()
     stateful = keras.models.Sequential([L.LSTM(4, stateful=True, batch_input_shape=(1, 5, 3))])
     X = rand(8, 1, 5, 3)
@@ -109,7 +109,7 @@ def test_option_turns_it_off_and_stateful_models_keep_their_graph():
     got = [stateful.predict(x) for x in X]
     for g, e in zip(got, expected):
         assert_same(g, e)
-    assert callables.lookup(stateful).inference_graph == 'off'
+    assert keras_adapter.lookup(stateful).inference_graph == 'off'
 
 
 def test_no_graph_ops_after_the_first_calls():
@@ -148,7 +148,7 @@ def test_built_once_per_model_across_patches():
     assert_same(np.concatenate(again), unpatched_predict(model, X[:6]))
     kfp.patch()
     model.predict(X[:1].copy())
-    assert callables.lookup(model).inference_graph == 'used'     # checked once already
+    assert keras_adapter.lookup(model).inference_graph == 'used'     # checked once already
 
 
 def test_keras_names_and_nodes_are_untouched():
@@ -160,7 +160,7 @@ def test_keras_names_and_nodes_are_untouched():
     kfp.patch()
     for i in range(4):
         first.predict(rand(1, 5, 3, seed=i))
-    assert callables.lookup(first).inference_graph == 'used'
+    assert keras_adapter.lookup(first).inference_graph == 'used'
     assert dict(tfb._GRAPH_UID_DICTS[first.outputs[0].graph]) == counters
     assert all(len(layer._inbound_nodes) == 1 for layer in first.layers)
     assert all(len(layer._outbound_nodes) == (0 if layer is first.layers[-1] else 1)

@@ -20,7 +20,7 @@ from keras import layers
 from keras.models import Model
 
 import keras_fastpredict as kfp
-from keras_fastpredict import callables
+from keras_fastpredict.engine import compiled
 
 CALLS = 1000
 THREADS = 4
@@ -123,14 +123,14 @@ def test_no_graph_growth_and_model_freed(graph_session, mode):
     del model, outs
     gc.collect()
     assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
-    assert [e for e in callables.entries() if e.model() is None] == []
+    assert [e for e in compiled.entries() if e.model() is None] == []
     # The cached callable (and with it the session and graph it holds) goes with the model.
     alive = [r() for r in entry_refs if r() is not None]
     assert not alive, _referrers(alive[0])
 
 
 def _entry_refs(model):
-    return [weakref.ref(e) for e in callables.entries() if e.model() is model]
+    return [weakref.ref(e) for e in compiled.entries() if e.model() is model]
 
 
 def _referrers(obj):
@@ -156,6 +156,6 @@ def test_models_freed_one_after_another(graph_session):
         del model, outs
     gc.collect()
     assert [r() for r in refs] == [None] * len(refs)
-    assert [e for e in callables.entries() if e.model() is None] == []
+    assert [e for e in compiled.entries() if e.model() is None] == []
     assert len(entry_refs) == len(refs)
     assert [r() for r in entry_refs] == [None] * len(entry_refs)

@@ -8,7 +8,7 @@ import keras
 from keras import layers
 
 import keras_fastpredict as kfp
-from keras_fastpredict import callables
+from keras_fastpredict.adapters import keras as keras_adapter
 from conftest import assert_same
 
 
@@ -138,7 +138,7 @@ def test_fixed_batch_multi_input_model_in_a_loop():
         return steps
 
     model = compare(build, script)
-    assert callables.lookup(model).batch_safe is False
+    assert keras_adapter.lookup(model).batch_safe is False
     assert kfp.stats(model)['fast_calls'] >= 10
 
 

@@ -12,8 +12,8 @@ import threading
 import numpy as np
 import wrapt
 
-from . import engine, hooks
-from .config import settings
+from . import hooks, merge
+from ..config import settings
 
 _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush
@@ -310,7 +310,7 @@ class Scope(object):
             self._lone_flushes[key] = 0
         arrays = [buf[:batch.n] for buf in batch.buffers]
         try:
-            results = engine.run_merged(entry, arrays, batch.pieces)
+            results = merge.run_merged(entry, arrays, batch.pieces)
         except Exception as exc:      # e.g. verification itself failed
             results = [exc] * n_calls
         batch.results = results

@@ -29,39 +29,37 @@ class Built(object):
         self.verdict = None        # None: not yet checked; True: equal; False: differed
 
 
-def _layers(layer, found, wrapper=None):
+def _layers(layer, found, layer_class, wrapper=None):
     """Every layer reachable from ``layer`` -> the wrapper it runs inside (or None)."""
     if id(layer) in found:
         return
     found[id(layer)] = (layer, wrapper)
-    from keras.engine.base_layer import Layer
     for sub in getattr(layer, 'layers', None) or []:
-        _layers(sub, found)
+        _layers(sub, found, layer_class)
     for name in ('layer', 'forward_layer', 'backward_layer'):
         sub = getattr(layer, name, None)
-        if isinstance(sub, Layer):
-            _layers(sub, found, layer)
+        if isinstance(sub, layer_class):
+            _layers(sub, found, layer_class, layer)
 
 
 def _time_steps(layer, wrapper):
     """A recurrent layer's static number of steps, or None. Wrappers call their inner
     layer without registering nodes: its input shape follows from theirs."""
-    from keras.layers import TimeDistributed
     owner = wrapper if wrapper is not None else layer
     nodes = owner._inbound_nodes
     if len(nodes) != 1 or not nodes[0].input_shapes:
         return None
     shape = nodes[0].input_shapes[0]       # the sequence (initial states may follow)
-    if isinstance(wrapper, TimeDistributed):
+    if type(wrapper).__name__ == 'TimeDistributed':
         shape = shape[:1] + shape[2:]
     return shape[1] if len(shape) >= 3 else None
 
 
-def unrollable(model, max_steps):
+def unrollable(model, max_steps, adapter):
     """The recurrent layers worth unrolling, or a reason why there are none."""
-    from keras.layers import RNN
+    layer_class, RNN = adapter.layer_classes()
     found = {}
-    _layers(model, found)
+    _layers(model, found, layer_class)
     rnns = [(layer, wrapper) for layer, wrapper in found.values()
             if isinstance(layer, RNN) and not layer.unroll]
     if not rnns:
@@ -75,7 +73,7 @@ def unrollable(model, max_steps):
     return ([layer for layer, _ in rnns], {k: v[0] for k, v in found.items()}), None
 
 
-def get(model, feeds, max_steps):
+def get(model, feeds, max_steps, adapter):
     """The model's ``Built`` inference graph (``.reason`` says why there is none), made
     on first use."""
     built = _built.get(model)
@@ -83,17 +81,16 @@ def get(model, feeds, max_steps):
         with _lock:
             built = _built.get(model)
             if built is None:
-                built = _built[model] = _build(model, feeds, max_steps)
+                built = _built[model] = _build(model, feeds, max_steps, adapter)
     return built
 
 
-def _build(model, feeds, max_steps):
-    found, reason = unrollable(model, max_steps)
+def _build(model, feeds, max_steps, adapter):
+    found, reason = unrollable(model, max_steps, adapter)
     if found is None:
         return Built(reason=reason)
     rnns, layers = found
     import tensorflow as tf
-    from keras.backend import tensorflow_backend as tfb
     graph = feeds[0].graph
     before = len(graph.get_operations())
     nodes = {key: (len(l._inbound_nodes), len(l._outbound_nodes)) for key, l in layers.items()}
@@ -102,7 +99,7 @@ def _build(model, feeds, max_steps):
     # no nodes for tensors without Keras history.
     with graph.as_default(), tf.name_scope('keras_fastpredict_inference'):
         inputs = [tf.placeholder(t.dtype.base_dtype, t.shape, name='input') for t in feeds]
-        phases = tfb._GRAPH_LEARNING_PHASES
+        phases = adapter.learning_phases()
         had_phase = graph in phases
         old_phase = phases.get(graph)
         phases[graph] = 0               # in_train_phase picks the inference branch

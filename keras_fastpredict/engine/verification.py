@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 
 from . import hooks
-from .config import settings
+from ..config import settings
 
 RTOL = 1e-5
 ATOL = 1e-6

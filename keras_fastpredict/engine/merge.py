@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from .config import settings
+from ..config import settings
 
 
 class Request(object):

@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 
 from . import hooks
-from .config import settings
+from ..config import settings
 
 _local = threading.local()      # .windows: id(entry) -> _Window, per thread
 _FIRST_WINDOW = 8

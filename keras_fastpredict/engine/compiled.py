@@ -1,14 +1,13 @@
-"""The callable cache: one compiled session callable per Keras model.
+"""The compiled model: one session callable per model, and the cache that holds them.
 
-A ``CompiledModel`` feeds the model's inputs and fetches its outputs through
-``Session._make_callable_from_options``, built once on the model's own graph and on
-the session Keras would use, so a call adds no graph ops and skips Keras' per-call
+A ``CompiledModel`` feeds a model's inputs and fetches its outputs through
+``Session._make_callable_from_options``, built once on the model's own graph and on the
+session its Keras would use, so a call adds no graph ops and skips Keras' per-call
 machinery (``get_session``'s variable scan, ``K.function``'s checks, ``predict_loop``).
-It feeds and fetches what Keras' own ``predict_function`` does (built when Keras would
-build it, so a model whose outputs changed later keeps serving what plain Keras serves).
-Entries are weakly keyed by the model and rebuilt when the session or the predict function
-changes; a model the fast path leaves to Keras gets a cached ``Refusal``, so the way to
-Keras costs one lookup.
+An adapter (``keras_fastpredict.adapters``) finds the feeds and fetches (those of Keras'
+own ``predict_function``), the session and the validation; this module knows no Keras
+flavour. Entries are weakly keyed by the model; a model the fast path leaves to Keras
+gets a cached ``Refusal``, so the way to Keras costs one lookup.
 """
 import atexit
 import threading
@@ -17,11 +16,11 @@ import weakref
 
 import numpy as np
 
+from .. import counters as _stats
+from ..config import settings
 from . import batch_safety, inference_graph, verification
-from . import counters as _stats
-from .config import settings
 
-_build_lock = threading.RLock()   # also guards Keras' lazy predict-function build (keras#6124)
+build_lock = threading.RLock()    # also guards Keras' lazy predict-function build (keras#6124)
 _entries = {}          # id(model) -> CompiledModel
 _excluded = set()      # id(model) of models the user excluded from batching
 _CALIBRATION_RUNS = 3
@@ -40,37 +39,16 @@ class Refusal(object):
         self.stats = _stats.for_model(model)
 
 
-def _keras():
-    from keras import backend as K
-    from keras.backend import tensorflow_backend as tfb
-    return K, tfb
-
-
-_get_default_session = None
-_tfb = None
-default_graph = None
-
-
-class OpError(Exception):
-    """Stands for TF's OpError until TensorFlow is bound."""
-
-
-def _bind_tf():
-    global _get_default_session, _tfb, default_graph, OpError
-    from tensorflow.python.framework import errors, ops
-    _tfb = _keras()[1]
-    _get_default_session = ops.get_default_session
-    default_graph = ops.get_default_graph
-    OpError = errors.OpError
-
-
 class CompiledModel(object):
     """The fast path for one model on one session."""
 
     refused = False
 
-    def __init__(self, model, session, feeds, fetches, updates=None):
+    def __init__(self, model, session, adapter, feeds, fetches, updates, target):
+        """``updates``: the state updates to run with each call (a stateful model), or
+        None; ``target``: what Keras' own callable runs besides its fetches."""
         self.model_ref = weakref.ref(model)
+        self.adapter = adapter
         self.session = session
         self.graph = session.graph
         self.function = model.predict_function
@@ -105,13 +83,13 @@ class CompiledModel(object):
         # plain Keras batches it); None: not yet known, verified on distinct rows first.
         # Keras' batch size where its first layer fixes one (Keras' own rule), and its
         # check that a stateful model's rows divide into whole batches.
-        self.static_batch = _static_batch_size(model)
+        self.static_batch = adapter.static_batch_size(model)
         self.stateful = bool(model.stateful)
         # State updates (stateful RNNs) run in the same session run, as Keras' predict
         # function runs them. Such models, and inputs of a fixed batch size, are never
         # merged with other calls or read ahead.
         self.updates = updates
-        self.target = model.predict_function.updates_op
+        self.target = target
         verdict = None
         if updates is not None or self.stateful:
             self.batch_safe, self.batching_reason = False, 'stateful'
@@ -147,7 +125,7 @@ class CompiledModel(object):
             self._prepare_candidate(model, feeds)
 
     def _prepare_candidate(self, model, feeds):
-        built = inference_graph.get(model, feeds, settings.unroll_max_steps)
+        built = inference_graph.get(model, feeds, settings.unroll_max_steps, self.adapter)
         if built.reason is not None:
             self.inference_graph = 'not used: ' + built.reason
             return
@@ -325,7 +303,7 @@ class CompiledModel(object):
             return False
         try:
             with self.graph.as_default():
-                model._standardize_user_data(x)
+                self.adapter.standardize(model, x)
         except Exception:
             # Not cached: every such call goes to Keras, which raises the same error.
             return False
@@ -350,101 +328,12 @@ def _keras_assembled(parts, spans, rows):
     return outs
 
 
-def keras_session():
-    """The session Keras' own predict would use now, made and initialised as Keras does,
-    in the caller's graph context (never in the model's: that would bind Keras' global
-    session to another graph)."""
-    return _keras()[0].get_session()
+def get(model):
+    """The cached entry of ``model`` (a CompiledModel or a Refusal), or None."""
+    return _entries.get(id(model))
 
 
-def _unsupported_reason(model):
-    """Why the fast path must leave this model to Keras, or None."""
-    if not getattr(model, 'built', False) or not getattr(model, '_is_graph_network', False):
-        return 'not a built graph network'
-    if not model.inputs or not model.outputs:
-        return 'no inputs or outputs'
-    if getattr(model, '_function_kwargs', None):
-        return 'compiled with session options'
-    if len(model._feed_inputs) != len(model.inputs):
-        return 'inputs fed from tensors'
-    K = _keras()[0]
-    if any(K.is_sparse(t) for t in model._feed_inputs):
-        return 'sparse input'
-    return None
-
-
-def ensure_predict_function(model, graph):
-    """Build Keras' predict function as Keras' first predict would, once, under a lock
-    (Keras' lazy build is not thread-safe, keras#6124), on the model's graph (a first call
-    from a thread whose default graph is another fails in Keras, keras#2397)."""
-    if model.__dict__.get('predict_function') is None:
-        with _build_lock, graph.as_default():
-            model._make_predict_function()
-    return model.predict_function
-
-
-def current_session():
-    """The session Keras would use now, or None where it would make one (no side effect)."""
-    if _tfb is None:
-        _bind_tf()
-    return _get_default_session() or _tfb._SESSION
-
-
-def lookup(model):
-    """The ``CompiledModel`` for ``model`` on the session Keras would use now, or a
-    ``Refusal``. Cheap when nothing changed since the last call."""
-    entry = _entries.get(id(model))
-    if _tfb is None:
-        _bind_tf()
-    session = _get_default_session() or _tfb._SESSION
-    if (entry is not None and entry.session is session and session is not None
-            and entry.function is model.__dict__.get('predict_function')
-            and not session._closed and entry.model_ref() is model):
-        return entry
-    return _build(model)
-
-
-def _build(model):
-    with _build_lock:
-        # As Keras' predict does first: the session, made in the caller's graph context
-        # if there is none yet, with new variables initialised.
-        session = keras_session()
-        reason = _unsupported_reason(model)
-        if reason is None and (session.graph is not model.outputs[0].graph or session._closed):
-            reason = 'model not on the session Keras uses'
-        if reason is not None:
-            return _store(model, Refusal(model, session, reason))
-        function = ensure_predict_function(model, session.graph)
-        lp = _tfb._GRAPH_LEARNING_PHASES.get(session.graph)
-        feeds = [t for t in function.inputs if t is not lp]
-        if len(feeds) != len(model._feed_inputs):
-            return _store(model, Refusal(model, session, 'predict function with other inputs'))
-        try:
-            entry = CompiledModel(model, session, feeds, list(function.outputs),
-                                  function.updates_op if has_updates(function) else None)
-        except Exception as exc:  # e.g. an output that is also an input
-            return _store(model, Refusal(model, session, 'no callable: %s'
-                                         % str(exc).split('\n')[0]))
-        return _store(model, entry)
-
-
-def _static_batch_size(model):
-    """The batch size Keras' predict imposes: its first layer's, if fixed (Keras 2.2.5
-    ``_validate_or_infer_batch_size``)."""
-    from keras.engine.network import Network
-    from keras.engine.training_utils import get_static_batch_size
-    layers = Network.layers.fget(model)
-    return get_static_batch_size(layers[0]) if layers else None
-
-
-def has_updates(function):
-    """Whether a Keras backend function runs update ops (its ``updates_op`` is a group
-    made under ``control_dependencies(outputs)``: the outputs alone are no updates)."""
-    outputs = {t.op for t in function.outputs}
-    return any(op not in outputs for op in function.updates_op.control_inputs)
-
-
-def _store(model, entry):
+def store(model, entry):
     key = id(model)
     old = _entries.get(key)
     if old is None or old.model_ref() is not model:
@@ -496,7 +385,7 @@ def invalidate(model):
 
 def clear():
     """Drop every cached callable; the next predict rebuilds what it needs."""
-    with _build_lock:
+    with build_lock:
         _entries.clear()
 
 

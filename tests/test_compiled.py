@@ -9,7 +9,8 @@ from keras import backend as K
 from keras import layers
 
 import keras_fastpredict as kfp
-from keras_fastpredict import callables
+from keras_fastpredict.adapters import keras as keras_adapter
+from keras_fastpredict.engine import compiled
 from conftest import assert_same, inputs_for, unpatched_predict
 
 
@@ -37,14 +38,14 @@ def test_entry_cached_and_rebuilt_after_recompile(models):
     x = np.random.rand(3, 4).astype('float32')
     with kfp.patched():
         model.predict(x)
-        first = callables.lookup(model)
+        first = keras_adapter.lookup(model)
         model.predict(x)
-        assert callables.lookup(model) is first
+        assert keras_adapter.lookup(model) is first
         model.compile('adam', 'mse')
         model.predict(x)
-        assert callables.lookup(model) is not first
+        assert keras_adapter.lookup(model) is not first
         kfp.clear_cache()
-        assert callables.entries() == []
+        assert compiled.entries() == []
         assert_same(model.predict(x), unpatched_predict(model, x))
 
 
@@ -61,7 +62,7 @@ def test_set_session_and_clear_session_follow_keras():
             other.run(tf.variables_initializer(model.weights))
             model.set_weights([2 * w + 1 for w in model.get_weights()])
             after = model.predict(x)
-            assert callables.lookup(model).session is other
+            assert keras_adapter.lookup(model).session is other
             assert_same(after, unpatched_predict(model, x))
             assert not np.allclose(before, after)
     finally:
@@ -80,7 +81,7 @@ def test_models_are_freed_when_dropped():
         del model
         gc.collect()
         assert ref() is None
-        assert all(e.model() is not None for e in callables.entries())
+        assert all(e.model() is not None for e in compiled.entries())
 
 
 def test_exclude_keeps_fast_path_without_batching(models):
@@ -93,8 +94,8 @@ def test_exclude_keeps_fast_path_without_batching(models):
                 got = [model.predict(x[i:i + 1]) for i in range(20)]
                 assert all(type(g) is np.ndarray for g in got)
     finally:
-        callables._excluded.discard(id(model))
-        callables.invalidate(model)
+        compiled._excluded.discard(id(model))
+        compiled.invalidate(model)
     assert_same(np.concatenate(got), unpatched_predict(model, x))
     assert kfp.stats(model)['batches'] == 0
 
