@@ -88,10 +88,10 @@ def main(argv=None):
           % (t_batched * per_call, t_plain / t_batched))
     print('  largest difference from unpatched outputs: %.3g of the row\'s largest value'
           '  (within the promised 1e-5: %s)' % (diff, 'yes' if same else 'NO'))
-    print('  what was sped up: %d calls on the fast path, %d served by read-ahead, '
-          '%d deferred into %d batches, %d left to Keras'
-          % (stats['fast_calls'], stats['readahead_hits'], stats['deferred'],
-             stats['batches'], stats['fallbacks']))
+    print('  what was sped up: %d calls on the fast path: %d served from %d read-ahead '
+          'windows, %d deferred and run in %d batch(es); %d left to Keras'
+          % (stats['fast_calls'], stats['readahead_hits'], stats['readahead_windows'],
+             stats['deferred'], stats['deferred_batches'], stats['fallbacks']))
     return 0 if same else 1
 
 

@@ -36,13 +36,23 @@ __all__ = ['patch', 'unpatch', 'patched', 'is_patched', 'fast_predict', 'batchin
 
 
 def stats(model=None):
-    """Counters per model: calls, fast calls, fallbacks (with reasons), batches, mean batch
-    size, batch-size histogram, read-ahead hits and misses, queue wait and run times.
+    """Counters per model: calls, fast calls, fallbacks (with reasons), deferred calls and
+    their batches, read-ahead hits, misses and windows, session runs serving several calls
+    ('batches', mean size, histogram), verifications, queue wait and run times.
 
     ``stats()`` maps model names to counters (a name shared by several live models gets
-    ``'`` marks); ``stats(model)`` gives that model's counters."""
+    ``'`` marks); ``stats(model)`` gives that model's counters, and how the fast path
+    serves it now: ``batched`` (True, False, or None while it is being checked), with
+    ``batching_reason``, and the ``inference_graph`` state with the ops it added."""
     if model is not None:
-        return _stats.for_model(model).as_dict()
+        out = _stats.for_model(model).as_dict()
+        from .engine import compiled
+        entry = compiled.get(model)
+        if entry is not None and not entry.refused:
+            out.update(batched=entry.batch_safe, batching_reason=entry.batching_reason,
+                       inference_graph=entry.inference_graph,
+                       inference_graph_ops=entry.inference_graph_ops)
+        return out
     return _stats.snapshot()
 
 

@@ -10,9 +10,11 @@ _RETIRED_MAX = 64
 
 # Counters are plain integers bumped without a lock: under heavy thread contention a few
 # increments may be lost (they are statistics, not accounting).
-COUNTERS = ('calls', 'fast_calls', 'fallbacks', 'deferred', 'batches', 'batched_calls',
-            'batched_rows', 'queued', 'readahead_hits', 'readahead_misses', 'readahead_rows',
-            'verified', 'rejected', 'timeouts')
+# Each says what it counts: 'batches' are session runs that served several calls at once
+# (of any way in); 'deferred_batches' and 'readahead_windows' are those of one way in.
+COUNTERS = ('calls', 'fast_calls', 'fallbacks', 'deferred', 'deferred_batches', 'batches',
+            'batched_calls', 'batched_rows', 'queued', 'readahead_hits', 'readahead_misses',
+            'readahead_rows', 'readahead_windows', 'verified', 'rejected', 'timeouts')
 
 
 class ModelStats(object):

@@ -51,3 +51,21 @@ def test_models_sharing_a_name_are_counted_apart():
     assert [kfp.stats(m)['calls'] for _, m in made] == [1, 2]
     assert sorted(k for k in kfp.stats() if k.startswith('same_name')) == [
         'same_name', "same_name'"]
+
+
+def test_each_way_in_counts_its_own_batches(models):
+    """Issue 9 item 23: read-ahead windows are not counted as deferred batches."""
+    from conftest import assert_same, unpatched_predict
+    model = models['dense']
+    x = inputs_for('dense', 64)
+    fresh = [np.array(x[i:i + 1]) for i in range(10)]
+    kfp.patch()
+    got = [model.predict(x[i:i + 1]) for i in range(64)]            # read-ahead
+    with kfp.batching(readahead=False):
+        deferred = [model.predict(f) for f in fresh]                   # one deferred batch
+    s = kfp.stats(model)
+    assert s['readahead_windows'] >= 1 and s['readahead_hits'] > 0
+    assert s['deferred'] == 10 and s['deferred_batches'] == 1
+    assert s['batched'] is True and s['inference_graph'].startswith('not used')
+    assert_same(np.concatenate(got), unpatched_predict(model, x))
+    assert_same(np.concatenate(deferred), unpatched_predict(model, np.concatenate(fresh)))

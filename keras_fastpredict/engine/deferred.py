@@ -309,9 +309,10 @@ class Scope(object):
         else:
             self._lone_flushes[key] = 0
         arrays = [buf[:batch.n] for buf in batch.buffers]
+        entry.stats.deferred_batches += 1
         try:
             results = merge.run_merged(entry, arrays, batch.pieces)
-        except Exception as exc:      # e.g. verification itself failed
+        except Exception as exc:      # a failure of the engine itself: every call gets it
             results = [exc] * n_calls
         batch.results = results
         batch.buffers = batch.entry = batch.scope = None    # results are all it needs now

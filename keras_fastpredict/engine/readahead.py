@@ -166,6 +166,7 @@ def _open(entry, w, xs, bases, ptrs, size):
         w.next_size //= 2
         return None
     entry.stats.readahead_rows += size
+    entry.stats.readahead_windows += 1
     entry.stats.batch(size, size)
     w.start_ptrs = ptrs
     w.n = size
