@@ -13,7 +13,10 @@ Ways in, all over one engine (a cached session callable per model):
   ``predict_on_batch``, ``Sequential.predict_proba`` and ``predict_classes``; read-ahead for
   loops over the rows of an array; batching of calls made from several threads at once.
 * ``@fast_predict`` / ``batching()``: deferred results, run as batches.
-* ``FastPredict()``: a Keras callback, for predictions made during ``fit``.
+* ``FastPredict()``: a Keras callback, for predictions made during ``fit``
+  (``TfKerasFastPredict()`` for ``tf.keras``).
+
+``tf.keras`` models (TensorFlow 1.15, graph mode) are served as Keras 2.2.5 models are.
 
 Options (keyword arguments of ``patch``, or ``KERAS_FASTPREDICT_<NAME>`` for the runner)
 are listed with their defaults in ``keras_fastpredict.config.DEFAULTS``.
@@ -31,7 +34,8 @@ from .processes import ForkedAfterSessionError   # also guards forks after a ses
 __version__ = '0.1.0'
 
 __all__ = ['patch', 'unpatch', 'patched', 'is_patched', 'fast_predict', 'batching',
-           'FastPredict', 'exclude', 'clear_cache', 'stats', 'reset_stats', 'DeferredArray',
+           'FastPredict', 'TfKerasFastPredict', 'exclude', 'clear_cache', 'stats',
+           'reset_stats', 'DeferredArray',
            'QueueFullError', 'PredictTimeoutError', 'ForkedAfterSessionError', 'DEFAULTS']
 
 
@@ -62,7 +66,7 @@ def reset_stats():
 
 def __getattr__(name):
     # The callback imports keras; keep `import keras_fastpredict` free of that cost.
-    if name == 'FastPredict':
-        from .callback import FastPredict
-        return FastPredict
+    if name in ('FastPredict', 'TfKerasFastPredict'):   # the latter for tf.keras' fit
+        from . import callback
+        return getattr(callback, name)
     raise AttributeError(name)

@@ -1,7 +1,11 @@
-"""The Keras callback form: fast, batched predictions during ``fit``."""
-import weakref
+"""The Keras callback form: fast, batched predictions during ``fit``.
 
-from keras.callbacks import Callback
+One behaviour, ``FastPredictBehaviour``, over each flavour's own ``Callback`` base class:
+``FastPredict`` for Keras 2.2.5 and ``TfKerasFastPredict`` for ``tf.keras``. Each class is
+made on first use, so neither Keras is imported for the other's.
+"""
+import threading
+import weakref
 
 from . import patching
 from .engine import deferred
@@ -11,7 +15,7 @@ from .engine import deferred
 _open = weakref.WeakSet()
 
 
-class FastPredict(Callback):
+class FastPredictBehaviour(object):
     """``model.fit(..., callbacks=[FastPredict()])``: predict calls made during training
     (in other callbacks, in validation code) take the fast path, and are deferred and
     batched unless ``defer=False``. Every training step first runs what is pending, so no
@@ -22,7 +26,7 @@ class FastPredict(Callback):
     """
 
     def __init__(self, defer=True, max_batch_size=None, readahead=None, **options):
-        super(FastPredict, self).__init__()
+        super(FastPredictBehaviour, self).__init__()
         self._defer = defer
         self._scope_options = dict(max_batch_size=max_batch_size, readahead=readahead)
         self._options = options
@@ -69,3 +73,30 @@ class FastPredict(Callback):
             self._close()
         except Exception:
             pass
+
+
+# name -> (module of the flavour's Callback base class, what the class is for)
+_FLAVOURS = {
+    'FastPredict': ('keras.callbacks', 'Keras 2.2.5 (``keras``)'),
+    'TfKerasFastPredict': ('tensorflow.python.keras.callbacks',
+                           '``tf.keras`` (a ``tf.keras.callbacks.Callback``)'),
+}
+_classes_lock = threading.Lock()
+
+
+def __getattr__(name):
+    # The callback classes, made on first use over their flavour's Callback.
+    if name not in _FLAVOURS:
+        raise AttributeError(name)
+    with _classes_lock:
+        cls = globals().get(name)
+        if cls is None:
+            import importlib
+            module, flavour = _FLAVOURS[name]
+            base = importlib.import_module(module).Callback
+            doc = FastPredictBehaviour.__doc__.replace('FastPredict()', name + '()')
+            cls = type(name, (FastPredictBehaviour, base), {
+                '__module__': __name__, '__qualname__': name,
+                '__doc__': 'The callback for %s. %s' % (flavour, doc)})
+            globals()[name] = cls
+    return cls

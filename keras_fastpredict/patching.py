@@ -12,12 +12,14 @@ import wrapt
 
 from . import concurrent_batcher
 from .adapters import keras as keras_adapter
+from .adapters import tf_keras as tf_keras_adapter
 from .config import settings
+from .report import wrap as _recorded   # the call-site report (only when on)
 from .engine import compiled, hooks, readahead
 
 # (module, class.attribute, wrapper(wrapped, instance, args, kwargs)): each adapter's
 # entry points, then TensorFlow's, before which pending work is settled.
-ENTRY_POINTS = keras_adapter.adapter.entry_points() + (
+ENTRY_POINTS = keras_adapter.adapter.entry_points() + tf_keras_adapter.adapter.entry_points() + (
     ('tensorflow.python.client.session', 'BaseSession.run', hooks.before_graph_use),
     # What Session.make_callable's functions run (they may assign variables too).
     ('tensorflow.python.client.session', 'BaseSession._call_tf_sessionrun',
@@ -46,6 +48,8 @@ def _apply(module, path, wrapper):
     current = owner.__dict__.get(name)
     if current is None or isinstance(current, _Patch):
         return
+    if settings.report:         # off: nothing wrapped, no frame ever looked at
+        wrapper = _recorded(path, wrapper)
     setattr(owner, name, _Patch(current, wrapper))
 
 

@@ -52,7 +52,8 @@ def raised(fn, *args, **kwargs):
     return None
 
 
-def build_models():
+def build_models(keras=keras, layers=layers):
+    """The model pool, of either flavour (``keras``, or ``tf.keras`` and its layers)."""
     np.random.seed(0)
     dense = keras.models.Sequential([
         layers.Dense(64, activation='relu', input_shape=(32,)),
@@ -90,7 +91,50 @@ def inputs_for(name, rows, seed=1):
 
 @pytest.fixture(scope='session')
 def models():
-    return build_models()
+    return FLAVOURS['keras'].models
+
+
+# -- Both Keras flavours: Keras 2.2.5 and tf.keras (TensorFlow 1.15, graph mode) ---------------
+
+from tensorflow.python.keras.engine import training as tf_training  # noqa: E402
+
+TF_ORIGINAL = {name: tf_training.Model.__dict__[name] for name in ('predict', 'predict_on_batch')}
+
+
+class Flavour(object):
+    """One Keras flavour: its modules, its original methods and its model pool."""
+
+    def __init__(self, name, keras_module, original):
+        self.name = name
+        self.keras = keras_module
+        self.layers = keras_module.layers
+        self.backend = keras_module.backend
+        self.original = original
+        self._models = None
+
+    @property
+    def models(self):
+        if self._models is None:
+            self._models = build_models(self.keras, self.layers)
+        return self._models
+
+    def unpatched_predict(self, model, x, **kwargs):
+        return self.original['predict'](model, x, **kwargs)
+
+    def unpatched_predict_on_batch(self, model, x):
+        return self.original['predict_on_batch'](model, x)
+
+    def __repr__(self):
+        return self.name
+
+
+FLAVOURS = {'keras': Flavour('keras', keras, ORIGINAL),
+            'tf.keras': Flavour('tf.keras', tf.keras, TF_ORIGINAL)}
+
+
+@pytest.fixture(scope='session', params=sorted(FLAVOURS))
+def flavour(request):
+    return FLAVOURS[request.param]
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +147,4 @@ def _restore():
     kfp.unpatch()
     settings.reset()
     assert training.Model.__dict__['predict'] is ORIGINAL['predict']
+    assert tf_training.Model.__dict__['predict'] is TF_ORIGINAL['predict']

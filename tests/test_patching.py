@@ -5,14 +5,18 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import keras
-from keras import layers
 from keras.backend import tensorflow_backend
 from keras.engine import sequential, training
 
 import keras_fastpredict as kfp
 from keras_fastpredict import patching
-from conftest import ORIGINAL, assert_same, inputs_for, unpatched_predict
+from tensorflow.python.keras import backend as tf_backend
+from tensorflow.python.keras.engine import sequential as tf_sequential
+from tensorflow.python.keras.engine import training as tf_training
+
+from conftest import ORIGINAL, TF_ORIGINAL, assert_same, inputs_for
 
 PYTHON = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +27,7 @@ def originals():
     for module_name, path, _ in patching.ENTRY_POINTS:
         module = sys.modules[module_name]
         owner, name = patching._owner(module, path)
-        out[path] = owner.__dict__[name]
+        out[module_name, path] = owner.__dict__[name]
     return out
 
 
@@ -38,12 +42,20 @@ def test_patch_twice_unpatch_restores_identity():
     kfp.unpatch()
     assert originals() == before
     assert training.Model.predict is ORIGINAL['predict']
-    assert sequential.Sequential.predict_classes is before['Sequential.predict_classes']
-    assert tensorflow_backend.Function.__call__ is before['Function.__call__']
+    assert sequential.Sequential.predict_classes is before[
+        'keras.engine.sequential', 'Sequential.predict_classes']
+    assert tensorflow_backend.Function.__call__ is before[
+        'keras.backend.tensorflow_backend', 'Function.__call__']
+    # tf.keras' own entry points, restored as exactly
+    assert tf_training.Model.predict is TF_ORIGINAL['predict']
+    assert tf_sequential.Sequential.predict_classes is before[
+        'tensorflow.python.keras.engine.sequential', 'Sequential.predict_classes']
+    assert tf_backend.GraphExecutionFunction.__call__ is before[
+        'tensorflow.python.keras.backend', 'GraphExecutionFunction.__call__']
 
 
-def test_patched_scope_nests_and_restores(models):
-    model = models['dense']
+def test_patched_scope_nests_and_restores(flavour):
+    model = flavour.models['dense']
     x = inputs_for('dense', 3)
     with kfp.patched(readahead=False):
         assert kfp.is_patched()
@@ -55,7 +67,30 @@ def test_patched_scope_nests_and_restores(models):
     assert kfp.stats(model)['fast_calls'] == 1
 
 
-def test_patch_before_keras_is_imported():
+TF_KERAS_SCRIPT = textwrap.dedent('''
+    import sys
+    import keras_fastpredict
+    keras_fastpredict.patch()
+    assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules
+    import numpy as np
+    from tensorflow import keras
+    from tensorflow.python.keras.engine.training import Model
+    assert hasattr(Model.predict, '__wrapped__')
+    assert 'keras' not in sys.modules       # Keras 2.2.5 is not imported for tf.keras
+    m = keras.models.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+    x = np.ones((4, 3), 'float32')
+    y = m.predict(x)
+    assert keras_fastpredict.stats(m)['fast_calls'] == 1
+    original = Model.predict.__wrapped__
+    keras_fastpredict.unpatch()
+    assert Model.predict is original
+    np.testing.assert_allclose(y, m.predict(x), rtol=1e-5)
+    print('ok')
+''')
+
+
+@pytest.mark.parametrize('which', ['keras', 'tf.keras'])
+def test_patch_before_keras_is_imported(which):
     script = textwrap.dedent('''
         import sys
         import keras_fastpredict
@@ -74,7 +109,7 @@ def test_patch_before_keras_is_imported():
         assert Model.predict is original
         np.testing.assert_allclose(y, m.predict(x), rtol=1e-5)
         print('ok')
-    ''')
+    ''') if which == 'keras' else TF_KERAS_SCRIPT
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT)
     out = subprocess.run([PYTHON, '-c', script], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
@@ -87,12 +122,14 @@ def _train(model, x, y):
     return history.history['loss'], model.evaluate(x, y, verbose=0), model.get_weights()
 
 
-def test_training_evaluation_and_saving_unchanged(tmp_path):
+def test_training_evaluation_and_saving_unchanged(flavour, tmp_path):
     # One trainable layer: with more, Keras 2.2.5 training on TF 1.15 is not repeatable
     # even unpatched (a layer's weight read races with its update in the same run), so
     # only a single-layer model can be compared bit for bit.
+    keras = flavour.keras
+
     def make(weights=None):
-        m = keras.models.Sequential([layers.Dense(3, input_shape=(4,))])
+        m = keras.models.Sequential([keras.layers.Dense(3, input_shape=(4,))])
         m.compile('sgd', 'mse')
         if weights is not None:
             m.set_weights(weights)
@@ -114,4 +151,4 @@ def test_training_evaluation_and_saving_unchanged(tmp_path):
     assert patched[1] == plain[1]
     for a, b in zip(patched[2], plain[2]):
         np.testing.assert_array_equal(a, b)
-    assert_same(loaded_pred, unpatched_predict(plain_model, x))
+    assert_same(loaded_pred, flavour.unpatched_predict(plain_model, x))

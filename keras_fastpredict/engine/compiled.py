@@ -49,6 +49,8 @@ class CompiledModel(object):
         None; ``target``: what Keras' own callable runs besides its fetches."""
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
+        # How the adapter's predict loop puts runs together (Keras 2.2.5's by default).
+        self._assemble = getattr(adapter, 'assemble', _keras_assembled)
         self.session = session
         self.graph = session.graph
         self.function = model.predict_function
@@ -247,10 +249,10 @@ class CompiledModel(object):
             outs = self.call(arrays, pool)
             if self.batch_safe is True or all(o.shape[:1] == (rows,) for o in outs):
                 return outs
-            return _keras_assembled([outs], [(0, rows)], rows)
+            return self._assemble([outs], [(0, rows)], rows)
         spans = [(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
         parts = [self.call([a[lo:hi] for a in arrays], pool) for lo, hi in spans]
-        return _keras_assembled(parts, spans, rows)
+        return self._assemble(parts, spans, rows)
 
     # -- inputs ----------------------------------------------------------------------------
 

@@ -49,7 +49,9 @@ def _time_steps(layer, wrapper):
     nodes = owner._inbound_nodes
     if len(nodes) != 1 or not nodes[0].input_shapes:
         return None
-    shape = nodes[0].input_shapes[0]       # the sequence (initial states may follow)
+    shapes = nodes[0].input_shapes
+    # The sequence (initial states may follow); tf.keras keeps one input's shape unlisted.
+    shape = shapes if isinstance(shapes, tuple) else shapes[0]
     if type(wrapper).__name__ == 'TimeDistributed':
         shape = shape[:1] + shape[2:]
     return shape[1] if len(shape) >= 3 else None
