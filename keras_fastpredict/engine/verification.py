@@ -37,14 +37,18 @@ def within_tolerance(actual, expected, rtol=RTOL, atol=ATOL):
 
 
 def scaled_difference(actual, expected):
-    """The largest ``|actual - expected|`` over the largest magnitude in its row of
-    ``expected`` (0 for equal arrays, inf where shapes, non-finite values or non-float
-    values differ): what the benchmarks report against the promised RTOL."""
+    """The relative tolerance ``actual`` needed: the largest ``|actual - expected|``
+    beyond ATOL, over the largest magnitude in its row of ``expected`` (0 where within
+    ATOL; inf where shapes, non-finite values or non-float values differ). What the
+    benchmarks report against the promised RTOL."""
     parts = _rows_apart(actual, expected)
     if parts is None or parts is True or parts is False:
         return 0.0 if parts else float('inf')
     diff, scale = parts
-    return float((diff / np.maximum(scale, np.finfo(np.float64).tiny)).max(initial=0.0))
+    excess = np.maximum(diff - ATOL, 0.0)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        needed = np.where(excess > 0, excess / scale, 0.0)
+    return float(needed.max(initial=0.0))
 
 
 def _rows_apart(actual, expected):
