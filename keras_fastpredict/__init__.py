@@ -29,6 +29,7 @@ from .concurrent_batcher import PredictTimeoutError, QueueFullError
 from .config import DEFAULTS
 from .engine.deferred import DeferredArray
 from .patching import is_patched, patch, patched, unpatch
+from .report import report   # the function: internal code imports from .report by name
 from .processes import ForkedAfterSessionError   # also guards forks after a session
 
 __version__ = '0.1.0'
@@ -36,7 +37,8 @@ __version__ = '0.1.0'
 __all__ = ['patch', 'unpatch', 'patched', 'is_patched', 'fast_predict', 'batching',
            'FastPredict', 'TfKerasFastPredict', 'exclude', 'clear_cache', 'stats',
            'reset_stats', 'DeferredArray',
-           'QueueFullError', 'PredictTimeoutError', 'ForkedAfterSessionError', 'DEFAULTS']
+           'QueueFullError', 'PredictTimeoutError', 'ForkedAfterSessionError', 'DEFAULTS',
+           'report']
 
 
 def stats(model=None):
@@ -62,6 +64,8 @@ def stats(model=None):
 
 def reset_stats():
     _stats.reset()
+    from .report import reset
+    reset()
 
 
 def __getattr__(name):

@@ -34,6 +34,9 @@ DEFAULTS = {
     # Rows per session call when the caller gave no batch_size and the model may be batched.
     'large_batch_bytes': 4 << 20,
     'large_batch_max_rows': 4096,
+    # The call-site report (keras_fastpredict.report()): per line of the caller's code,
+    # its calls, paths, time and measured advice. Read when patching starts.
+    'report': False,
 }
 
 _BOOL = {'1': True, 'true': True, 'yes': True, 'on': True,

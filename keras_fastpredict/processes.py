@@ -83,7 +83,8 @@ def child_environ(options, stats=False, environ=None):
 
 def stats_wanted(environ=None):
     environ = os.environ if environ is None else environ
-    return (environ.get(STATS_ENV, '') not in ('', '0')) or bool(environ.get(STATS_DIR_ENV))
+    return ((environ.get(STATS_ENV, '') not in ('', '0')) or bool(environ.get(STATS_DIR_ENV))
+            or bool(environ.get('KERAS_FASTPREDICT_STATS_JSON')))     # report.JSON_ENV
 
 
 # --- start-up in a child ----------------------------------------------------------------
@@ -123,9 +124,17 @@ def report(when='exit'):
     try:
         snap = _stats.snapshot()
         folder = os.environ.get(STATS_DIR_ENV)
+        sites = None
+        if not state.runner and config.settings.report:   # the call-site report
+            from .report import in_child
+            show = os.environ.get(STATS_ENV, '') not in ('', '0')
+            sites = in_child('keras_fastpredict [pid %d]:' % os.getpid(),
+                             (lambda text: _write(2, text)) if show else None)
         if folder:
             record = {'pid': os.getpid(), 'ppid': os.getppid(), 'argv': list(sys.argv),
                       'when': when, 'runner': state.runner, 'models': snap}
+            if sites is not None:
+                record['sites'] = sites['sites']
             path = os.path.join(folder, STATS_FILE % os.getpid())
             try:
                 tmp = path + '.tmp'

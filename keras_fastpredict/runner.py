@@ -26,9 +26,10 @@ import zipfile
 
 from . import config, patching, processes
 from . import counters as _stats
+from .report import JSON_ENV as _REPORT_JSON_ENV, at_exit as _report_at_exit
 
 # The runner's options that take a value (``--opt value``; ``--opt=value`` also works).
-_VALUED = ('--max-batch-size', '--verify')
+_VALUED = ('--max-batch-size', '--verify', '--stats-json')
 
 
 def _parser():
@@ -46,6 +47,9 @@ def _parser():
                    help='do not predict rows ahead when a loop walks an array')
     p.add_argument('--no-concurrent', action='store_true',
                    help='do not merge calls made from several threads at once')
+    p.add_argument('--stats-json', metavar='FILE',
+                   help='write the call-site report (README: schema) as JSON at exit; '
+                        "child processes write FILE named by their pid")
     p.add_argument('--max-batch-size', type=int)
     p.add_argument('--verify', choices=['auto', 'true', 'false'])
     return p
@@ -130,6 +134,10 @@ def main(argv=None):
         else:
             sys.path[0] = os.path.dirname(os.path.realpath(script))
     options = options_from(ns)
+    if show_stats or ns.stats_json:
+        options['report'] = True          # the call-site report (keras_fastpredict.report)
+    if ns.stats_json:
+        os.environ[_REPORT_JSON_ENV] = os.path.abspath(ns.stats_json)
     stats_dir = _for_children(options, show_stats)
     patching.patch(**options)
     try:
@@ -140,6 +148,8 @@ def main(argv=None):
     finally:
         if show_stats:
             sys.stderr.write(_stats.format_table() + '\n' + _children_line())
+        if show_stats or ns.stats_json:
+            _report_at_exit(show_stats, ns.stats_json)
         if stats_dir:
             shutil.rmtree(stats_dir, ignore_errors=True)
     return 0

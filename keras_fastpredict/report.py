@@ -1,0 +1,906 @@
+"""The call-site report: which line of the user's code makes the predict calls, which way
+each call took, what it cost against plain Keras, and advice where it was measured.
+
+On with ``patch(report=True)``, ``KERAS_FASTPREDICT_REPORT=1``, or the runner's ``--stats``
+and ``--stats-json FILE``. Off, nothing is wrapped and no frame is ever looked at.
+
+How it works, generic over adapters: when the report is on, ``patching`` wraps each call
+entry point's wrapper (``wrap``) with a recorder. A call entry is a wrapper marked
+``wrapper._kfp_call = True`` (or a function ``stats_of(instance, args, kwargs)`` giving the
+``counters.ModelStats`` to read, or None), or a path in ``CALL_PATHS``. Per call the recorder
+
+* attributes the call to the first frame outside Keras, TensorFlow, numpy, wrapt and this
+  package (``file:line in function``), found by walking ``sys._getframe`` with a per-code
+  cache; a call made inside another recorded call (Keras' own session run) is not counted
+  again;
+* reads the model's counters before and after (plain integers): a fallback is "left to
+  Keras" with its reason, then deferred, read-ahead, merged across threads (the batcher
+  queued calls), else the fast path. Other threads' calls move the same counters, so
+  paths of calls that overlap in time are approximate;
+* times the call, and estimates what plain Keras would have spent: calls left to Keras
+  are their own measure; otherwise the original (unpatched) method is timed once per
+  model and power-of-two row count, on the rows of the first such call (1024 at most,
+  scaled by rows), 1 warm-up then the median of 3 runs, outside the call's own timing.
+  Models where an extra run would change what the program sees (stateful models, random
+  draws or variable writes in the graph) are not timed, and the report says so.
+
+Measured advice (a sample of the first ``WATCH_CALLS`` calls of each site):
+
+* Whether results are read before the next call: a returned plain array is handed back as
+  a view of itself of an ndarray subclass that records its first use (numpy functions,
+  ufuncs, methods, conversions, iteration, printing, pickling; shape, dtype, len and basic
+  slicing are not uses, as a deferred result answers them without running). Values,
+  dtype, shape and memory are the array's own; anything computed from it is a plain
+  ndarray; it pickles as a plain ndarray; only ``type(y) is np.ndarray`` is false (as for
+  deferred results). Not done where deferral is on. "Batch size it would reach": calls
+  made between a result and the first use that would have flushed it.
+* Which function spans consecutive calls (the one ``@fast_predict`` would batch): frames
+  of the previous sampled call are held until the next one; the innermost frame present
+  in both that is a named function (not a comprehension or lambda).
+* Whether one-row inputs that read-ahead could not serve are fresh copies of consecutive
+  rows of one array: arrays of that row shape are looked up in the locals of the site
+  and its two callers, and their rows compared.
+"""
+import collections
+import json
+import operator
+import os
+import sys
+import threading
+import time
+import weakref
+
+import numpy as np
+
+from . import counters as _stats
+from .config import settings
+
+# Every frame inspection of the report goes through this name (tests count its calls).
+_getframe = sys._getframe
+_perf = time.perf_counter
+# The counters a call's path is read from (one C call for all, before and after).
+_paths = operator.attrgetter('fallbacks', 'deferred', 'readahead_hits', 'readahead_rows',
+                             'queued')
+_ndarray = np.ndarray
+
+# Entry points attributed as calls (by ``class.attribute`` path) unless a wrapper says so
+# itself with ``_kfp_call``.
+CALL_PATHS = frozenset(('Model.predict', 'Model.predict_on_batch'))
+WATCH_CALLS = 64        # results watched per site (the sample advice is measured on)
+SPAN_CALLS = 16         # consecutive calls per site whose frames are compared
+FRESH_CALLS = 16        # one-row inputs per site checked against arrays in scope
+PLAIN_MAX_ROWS = 1024
+_UNNAMED = frozenset(('<listcomp>', '<genexpr>', '<dictcomp>', '<setcomp>', '<lambda>'))
+
+_lock = threading.Lock()
+# id(code) -> True when its frame is not the user's. By id: a code object's hash is not
+# cached (it hashes its bytecode and constants each time); the code is kept in _codes so
+# that its id stays its own.
+_skip = {}
+_codes = []
+_site_tables = {}                  # entry path -> its sites
+_retired_sites = []
+_skip_dirs = None
+_plain = {}                        # (stats, row bucket) -> (seconds, rows) or reason str
+_reasons_seen = {}                 # id(stats) -> Counter copy of its fallback reasons
+
+PLAIN_METHOD = ('calls left to Keras are their own measure; otherwise the original '
+                '(unpatched) method was timed on this model once per power-of-two row '
+                'count, on the rows of the first such call (%d rows at most, scaled by '
+                'rows): 1 warm-up, then the median of 3 runs' % PLAIN_MAX_ROWS)
+
+
+# -- which frame is the user's -------------------------------------------------------------
+
+def _dirs():
+    global _skip_dirs
+    if _skip_dirs is None:
+        import importlib.util
+        found = [os.path.dirname(os.path.abspath(__file__))]
+        for name in ('keras', 'tensorflow', 'tensorflow_core', 'tensorflow_estimator',
+                     'numpy', 'wrapt'):
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            if spec is not None and spec.submodule_search_locations:
+                found += list(spec.submodule_search_locations)
+        _skip_dirs = tuple(os.path.join(os.path.realpath(d), '') for d in found) + tuple(
+            os.path.join(os.path.abspath(d), '') for d in found)
+    return _skip_dirs
+
+
+def _classify(code):
+    name = code.co_filename
+    skip = name.startswith(_dirs()) or os.path.abspath(name).startswith(_dirs())
+    with _lock:
+        _codes.append(code)
+        _skip[id(code)] = skip
+    return skip
+
+
+def _user_frame(depth=2):
+    """The first frame outside Keras, TensorFlow, numpy, wrapt and this package."""
+    f = _getframe(depth)
+    while f is not None:
+        skip = _skip.get(id(f.f_code))
+        if skip is None:
+            skip = _classify(f.f_code)
+        if not skip:
+            return f
+        f = f.f_back
+    return None
+
+
+# -- sites -----------------------------------------------------------------------------------
+
+class Site(object):
+    __slots__ = ('code', 'file', 'line', 'function', 'entry', 'stats', 'model_ref', 'rows',
+                 'same_rows',
+                 'time_s', 'fast', 'readahead', 'deferred', 'merged', 'keras', 'reasons',
+                 'plain_s', 'unmeasured', 'plain_note', 'plain_rows', 'plain_per_call',
+                 'sampling', 'watch_left', 'watched', 'epoch',
+                 'epoch_start', 'open_watch', 'batches', 'span_left', 'held', 'enclosing',
+                 'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors')
+
+    def __init__(self, code, line, stats, entry, model):
+        self.code = code
+        self.file = code.co_filename if code is not None else '?'
+        self.line = line
+        self.function = code.co_name if code is not None else '?'
+        self.entry = entry
+        self.stats = stats
+        try:
+            self.model_ref = weakref.ref(model)
+        except TypeError:
+            self.model_ref = lambda: None
+        self.rows = self.same_rows = self.fast = self.readahead = self.deferred = 0
+        self.merged = self.keras = self.unmeasured = self.errors = 0
+        self.time_s = self.plain_s = self.plain_per_call = 0.0
+        self.plain_rows = None      # the row count plain_per_call was estimated for
+        self.sampling = True
+        self.plain_note = None
+        self.reasons = collections.Counter()
+        self.watch_left = WATCH_CALLS
+        self.watched = 0
+        self.epoch = 0
+        self.epoch_start = 0
+        self.open_watch = False
+        self.batches = []
+        self.span_left = SPAN_CALLS
+        self.held = {}             # thread id -> frames of its previous sampled call
+        self.enclosing = collections.Counter()
+        self.fresh_left = FRESH_CALLS
+        self.fresh = 0             # one-row fresh inputs of the previous call's shape
+        self.last_shape = None
+        self.dataset = None        # (weakref to the array, its name, last row matched)
+        self.walk = 0              # consecutive rows of that array seen
+
+    @property
+    def calls(self):
+        return (self.fast + self.readahead + self.deferred + self.merged + self.keras
+                + self.errors)
+
+    def total_rows(self):
+        return self.rows + self.same_rows * (self.plain_rows or 0)
+
+    def plain_total(self):
+        return self.plain_s + self.same_rows * self.plain_per_call
+
+    def where(self):
+        return '%s:%d in %s' % (self.file, self.line, self.function)
+
+
+def _model_stats(instance, args, kwargs):
+    return _stats.for_model(instance)
+
+
+def _mark_call(fn):
+    fn._kfp_call = True
+    return fn
+
+
+def is_call_entry(path, wrapper):
+    return bool(getattr(wrapper, '_kfp_call', False)) or path in CALL_PATHS
+
+
+def wrap(path, wrapper):
+    """The recorder around a call entry's wrapper (``wrapper`` itself for other entries)."""
+    if not is_call_entry(path, wrapper):
+        return wrapper
+    stats_of = getattr(wrapper, '_kfp_call', None)
+    if not callable(stats_of):
+        stats_of = None
+    entry_name = path.rsplit('.', 1)[-1]
+    # sites: (id(code), line, id(model)) of the user's frame -> Site; by_line: the line of
+    # the calling frame -> the Site last found there, where that frame is the user's own
+    # (the common case: one lookup, two identity checks). Calls from Keras' or our own
+    # frames (predict_classes, a call made inside a recorded call) walk the stack.
+    with _lock:      # kept across patch cycles
+        sites, by_line = _site_tables.setdefault(path, ({}, {}))
+
+    def recorded(wrapped, instance, args, kwargs):
+        f = _getframe(1)
+        site = by_line.get(f.f_lineno)
+        if site is None or site.code is not f.f_code or site.model_ref() is not instance:
+            site = _find_site(sites, by_line, f, instance, args, kwargs, stats_of,
+                              entry_name)
+            if site is None:                        # inside a recorded call: not again
+                return wrapper(wrapped, instance, args, kwargs)
+        x = args[0] if args else kwargs.get('x')
+        kind = type(x)
+        if kind is _ndarray:
+            rows = x.shape[0] if x.ndim else 1
+        else:
+            if kind is Watched or kind is list or kind is tuple or kind is dict:
+                x, args, kwargs = _unwatch_call(x, args, kwargs)
+            rows = _rows(x)
+        s = site.stats
+        if s is None:
+            return _record_plainly(site, wrapper, wrapped, instance, args, kwargs, rows)
+        c = s.calls
+        before = _paths(s)
+        t0 = _perf()
+        try:
+            out = wrapper(wrapped, instance, args, kwargs)
+        except BaseException:
+            site.time_s += _perf() - t0
+            site.errors += 1
+            raise
+        elapsed = _perf() - t0
+        site.time_s += elapsed
+        after = _paths(s)
+        if after == before:
+            if s.calls == c:          # the adapter passed the call on uncounted
+                _keras_call(site, rows, elapsed, 'arguments passed on to Keras as they are')
+                return out
+            site.fast += 1
+        elif after[0] != before[0]:
+            _keras_call(site, rows, elapsed, _new_reason(s))
+            return out
+        elif after[1] != before[1]:
+            site.deferred += 1
+        elif after[2] != before[2] or after[3] != before[3]:
+            site.readahead += 1
+        else:
+            site.merged += 1
+        # Calls of the row count plain Keras was timed for are counted; others add up.
+        if rows == site.plain_rows:
+            site.same_rows += 1
+        else:
+            _add_plain(site, s, rows, wrapped, instance, args, kwargs, x)
+        if site.sampling:
+            out = _sample(site, f, out, x, rows,
+                          after[2] != before[2] or after[3] != before[3])
+        return out
+
+    recorded._kfp_recorder = wrapper
+    return recorded
+
+
+_RECORDED_CODE = wrap('(the recorder)', _mark_call(lambda *a: None)).__code__
+
+
+def _find_site(sites, by_line, f, instance, args, kwargs, stats_of, entry_name):
+    """The site of a call (slow path: a new site, or a call from a skipped frame)."""
+    first = f
+    while f is not None:
+        code = f.f_code
+        if code is _RECORDED_CODE:
+            return None
+        skip = _skip.get(id(code))
+        if skip is None:
+            skip = _classify(code)
+        if not skip:
+            break
+        f = f.f_back
+    code = f.f_code if f is not None else None
+    line = f.f_lineno if f is not None else 0
+    s = _stats.for_model(instance) if stats_of is None else stats_of(instance, args, kwargs)
+    user_key = (id(code), line, id(instance))
+    with _lock:
+        site = sites.get(user_key)
+        if site is None or site.model_ref() is not instance:
+            if site is not None:
+                _retired_sites.append(site)       # a freed model's site, kept for the report
+            site = sites[user_key] = Site(code, line, s, entry_name, instance)
+        if f is first:
+            by_line[line] = site
+    return site
+
+
+def _keras_call(site, rows, elapsed, reason):
+    site.keras += 1
+    site.reasons[reason] += 1
+    site.rows += rows
+    site.plain_s += elapsed       # plain Keras ran: the call is its own measure
+
+
+def _record_plainly(site, wrapper, wrapped, instance, args, kwargs, rows):
+    """An entry with no counters to read: calls and time only."""
+    t0 = _perf()
+    try:
+        return wrapper(wrapped, instance, args, kwargs)
+    finally:
+        site.fast += 1
+        site.rows += rows
+        site.time_s += _perf() - t0
+        site.unmeasured += 1
+        site.plain_note = 'not timed: no model behind this entry'
+
+
+def _add_plain(site, s, rows, wrapped, instance, args, kwargs, x):
+    site.rows += rows
+    if rows == site.plain_rows:
+        site.same_rows += 1
+        site.rows -= rows
+        return
+    bucket = rows.bit_length()
+    plain = _plain.get((s, bucket))
+    if plain is None:
+        plain = _measure_plain(s, bucket, rows, wrapped, instance, args, kwargs, x)
+    if type(plain) is tuple:
+        per_call = plain[0] * rows / plain[1]
+        if site.plain_rows is None:       # from now on counted in same_rows
+            site.rows -= rows
+            site.same_rows += 1
+            site.plain_rows, site.plain_per_call = rows, per_call
+        else:
+            site.plain_s += per_call
+    else:
+        site.unmeasured += 1
+        site.plain_note = plain
+
+
+def _rows(x):
+    kind = type(x)
+    if kind is list or kind is tuple:
+        x = x[0] if x else None
+    elif kind is dict:
+        x = next(iter(x.values()), None)
+    shape = getattr(x, 'shape', None)
+    try:
+        return int(shape[0]) if shape else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def _new_reason(s):
+    """The fallback reason whose count just grew (compared with the last copy seen)."""
+    reasons = s.fallback_reasons
+    seen = _reasons_seen.get(id(s))
+    found = None
+    if seen is not None:
+        for reason, n in reasons.items():
+            if n > seen.get(reason, 0):
+                found = reason
+                break
+    elif reasons:
+        found = next(iter(reasons))
+        if len(reasons) > 1:
+            found = max(reasons.items(), key=lambda kv: kv[1])[0]
+    _reasons_seen[id(s)] = dict(reasons)
+    return found or 'unknown'
+
+
+# -- plain Keras' cost -----------------------------------------------------------------------
+
+def _head(x, n):
+    kind = type(x)
+    if kind is list or kind is tuple:
+        return kind(_head(v, n) for v in x)
+    if kind is dict:
+        return {k: _head(v, n) for k, v in x.items()}
+    return x[:n]
+
+
+def _all_plain(x):
+    kind = type(x)
+    if kind is list or kind is tuple:
+        return all(type(v) is _ndarray for v in x)
+    if kind is dict:
+        return all(type(v) is _ndarray for v in x.values())
+    return kind is _ndarray
+
+
+def _measure_plain(s, bucket, rows, wrapped, instance, args, kwargs, x):
+    """Time the original method on this model (see the module docs); returns
+    (seconds, rows) or, where it was not timed, why (a str; retried where it may work
+    later)."""
+    from .engine import compiled
+    entry = compiled.get(instance)
+    if entry is None:
+        return 'not timed: the model has no fast-path entry'
+    if entry.refused:
+        return 'calls are left to Keras and timed as they run'
+    if entry.updates is not None or entry.stateful:
+        reason = 'not timed: a stateful model (an extra run would change its state)'
+        _plain[(s, bucket)] = reason
+        return reason
+    if not entry.rerun_on_error:
+        reason = ('not timed: the model draws random numbers or writes variables (an extra '
+                  'run would change what it returns)')
+        _plain[(s, bucket)] = reason
+        return reason
+    if not _all_plain(x):
+        return 'not timed yet: inputs that are not plain arrays'
+    try:
+        if entry.adapter.current_session() is not entry.session:
+            return 'not timed yet: Keras uses another session here'
+    except Exception:
+        return 'not timed yet: no session'
+    n = min(rows, PLAIN_MAX_ROWS)
+    xs = _head(x, n) if n < rows else x
+    args = (xs,) + tuple(args[1:]) if args else args
+    if not args:
+        kwargs = dict(kwargs, x=xs)
+    try:
+        with entry.graph.as_default():
+            wrapped(*args, **kwargs)
+            times = []
+            for _ in range(3):
+                t0 = _perf()
+                wrapped(*args, **kwargs)
+                times.append(_perf() - t0)
+    except Exception as exc:
+        reason = 'not timed: plain Keras raised %s' % type(exc).__name__
+        _plain[(s, bucket)] = reason
+        return reason
+    result = _plain[(s, bucket)] = (sorted(times)[1], n)
+    return result
+
+
+# -- sampling: results read, the spanning function, fresh rows --------------------------------
+
+class _Use(object):
+    __slots__ = ('site', 'epoch')
+
+    def __init__(self, site, epoch):
+        self.site = site
+        self.epoch = epoch
+
+
+def _used(rec):
+    site = rec.site
+    if rec.epoch == site.epoch:
+        # Deferral would have flushed here: every call since the last flush in one batch.
+        site.batches.append(site.calls - site.epoch_start)
+        site.epoch += 1
+        site.epoch_start = site.calls
+        site.open_watch = False
+    rec.epoch = -1
+
+
+def _sample(site, f, out, x, rows, served_ahead):
+    site.sampling = bool(site.watch_left or site.span_left or site.fresh_left)
+    if site.span_left and f is not None and rows <= 64:
+        _span(site, f)
+    if site.fresh_left and rows == 1 and type(x) is _ndarray and not served_ahead:
+        _fresh(site, f, x)
+    if site.watch_left:
+        kind = type(out)
+        if kind is _ndarray or (kind is list and out and all(type(o) is _ndarray
+                                                             for o in out)):
+            from .engine import deferred
+            if not settings.defer and deferred.current() is None:
+                site.watch_left -= 1
+                site.watched += 1
+                rec = _Use(site, site.epoch)
+                site.open_watch = True
+                if kind is list:
+                    return [_watch(o, rec) for o in out]
+                return _watch(out, rec)
+    return out
+
+
+def _span(site, f):
+    site.span_left -= 1
+    tid = threading.get_ident()
+    chain = []
+    g = f
+    while g is not None and len(chain) < 32:
+        chain.append(g)
+        g = g.f_back
+    prev = site.held.get(tid)
+    site.held[tid] = chain if site.span_left else None
+    if not site.span_left:
+        site.held = {}
+    if prev is None:
+        return
+    ids = {id(p) for p in prev}
+    for g in chain:
+        if id(g) in ids and g.f_code.co_name not in _UNNAMED:
+            code = g.f_code
+            site.enclosing[(code.co_name, code.co_filename, code.co_firstlineno,
+                            g.f_lineno)] += 1
+            return
+
+
+def _fresh(site, f, x):
+    shape = x.shape
+    base = x.base
+    fresh = base is None or (type(base) is _ndarray and base.size == x.size)
+    same = shape == site.last_shape
+    site.last_shape = shape
+    if not fresh or not same:
+        return
+    site.fresh_left -= 1
+    site.fresh += 1
+    row = x.reshape(-1)
+    found = site.dataset
+    if found is not None:
+        array = found[0]()
+        if array is not None:
+            for j in range(found[2] + 1, min(found[2] + 5, len(array))):
+                if np.array_equal(array[j].reshape(-1), row):
+                    site.dataset = (found[0], found[1], j)
+                    site.walk += 1
+                    return
+        site.dataset = None
+        site.walk = 0
+        return
+    g = f
+    for _ in range(3):
+        if g is None:
+            break
+        try:
+            names = dict(g.f_locals)
+        except Exception:
+            names = {}
+        for name, value in names.items():
+            if (type(value) is _ndarray and value.ndim == x.ndim and len(value) > 1
+                    and value.shape[1:] == shape[1:] and value.size <= (1 << 24)):
+                flat = value.reshape(len(value), -1)
+                hits = np.flatnonzero((flat == row).all(axis=1))
+                if len(hits):
+                    site.dataset = (weakref.ref(value), name, int(hits[0]))
+                    return
+        g = g.f_back
+
+
+class Watched(np.ndarray):
+    """A result being watched for its first use (see the module docs)."""
+
+    def __array_finalize__(self, obj):
+        pass
+
+    def __getattribute__(self, name):
+        if name in _QUIET:
+            return _ndarray.__getattribute__(self, name)
+        _mark(self)
+        return getattr(_ndarray.view(self, _ndarray), name)
+
+    def __getitem__(self, key):
+        plain = _ndarray.view(self, _ndarray)
+        if _basic(key):
+            value = plain[key]
+            if type(value) is _ndarray:
+                rec = _ndarray.__getattribute__(self, '__dict__').get('_kfp_use')
+                return _watch(value, rec) if rec is not None else value
+            _mark(self)
+            return value
+        _mark(self)
+        return plain[key]
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(_plain_of(v) for v in inputs)
+        out = kwargs.get('out')
+        if out:
+            kwargs['out'] = tuple(_plain_of(v) for v in out)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return func(*_plain_deep(args), **_plain_deep(kwargs))
+
+    def __array__(self, dtype=None):
+        _mark(self)
+        plain = _ndarray.view(self, _ndarray)
+        return plain if dtype is None else plain.astype(dtype, copy=False)
+
+    def __array_wrap__(self, array, context=None):
+        return _ndarray.view(array, _ndarray)
+
+    def __reduce__(self):
+        _mark(self)
+        return _ndarray.view(self, _ndarray).__reduce__()
+
+    def __reduce_ex__(self, protocol):
+        _mark(self)
+        return _ndarray.view(self, _ndarray).__reduce_ex__(protocol)
+
+
+Watched.__name__ = Watched.__qualname__ = 'ndarray'
+_QUIET = frozenset(('shape', 'dtype', 'ndim', 'size', 'itemsize', '__dict__', '__class__',
+                    '__array_finalize__', '__array_priority__', '__array_ufunc__',
+                    '__array_function__', '__array_wrap__', '__array__', '__len__',
+                    '__getitem__', 'base', 'view'))
+
+
+def _forward(name):
+    def method(self, *args):
+        _mark(self)
+        return getattr(_ndarray.view(self, _ndarray), name)(*args)
+    method.__name__ = name
+    return method
+
+
+for _name in ('float int index complex bool iter repr str format contains setitem '
+              'delitem copy deepcopy').split():
+    setattr(Watched, '__%s__' % _name, _forward('__%s__' % _name))
+
+
+def _basic(key):
+    if type(key) is tuple:
+        return all(type(k) in (int, slice) or k is None or k is Ellipsis for k in key)
+    return type(key) in (int, slice)
+
+
+def _mark(w):
+    rec = _ndarray.__getattribute__(w, '__dict__').pop('_kfp_use', None)
+    if rec is not None and rec.epoch != -1:
+        _used(rec)
+
+
+def _watch(array, rec):
+    w = _ndarray.view(array, Watched)
+    w._kfp_use = rec
+    return w
+
+
+def _plain_of(v):
+    if type(v) is Watched:
+        _mark(v)
+        return _ndarray.view(v, _ndarray)
+    return v
+
+
+def _plain_deep(v):
+    kind = type(v)
+    if kind is Watched:
+        return _plain_of(v)
+    if kind is list or kind is tuple:
+        return kind(_plain_deep(i) for i in v)
+    if kind is dict:
+        return {k: _plain_deep(i) for k, i in v.items()}
+    return v
+
+
+def _unwatch_call(x, args, kwargs):
+    """A watched result passed back in (the next step of a loop): a use, and the plain
+    array goes on, so the call takes the path it takes without the report."""
+    new = _plain_deep(x)
+    if args:
+        args = (new,) + tuple(args[1:])
+    else:
+        kwargs = dict(kwargs, x=new)
+    return new, args, kwargs
+
+
+# -- the report ------------------------------------------------------------------------------
+
+def _advice(site, d):
+    advice = []
+    model = site.model_ref()
+    entry = None
+    if model is not None:
+        from .engine import compiled
+        entry = compiled.get(model)
+    if site.keras:
+        advice.append({'kind': 'left_to_keras', 'text': 'left to Keras: %s' % ', '.join(
+            '%s (%d calls)' % kv for kv in site.reasons.most_common())})
+    if entry is None or entry.refused:
+        return advice
+    batches = list(site.batches)
+    if site.open_watch:
+        batches.append(site.calls - site.epoch_start)
+    if entry.batch_safe is False or entry.excluded:
+        reason = 'excluded by keras_fastpredict.exclude()' if entry.excluded else \
+            entry.batching_reason
+        advice.append({'kind': 'not_batchable', 'reason': reason,
+                       'text': 'the model cannot be batched (%s): only the fast path '
+                               'applies' % reason})
+        return advice
+    if site.deferred or site.readahead * 2 > site.calls:
+        return advice            # already batched: deferral or read-ahead serves it
+    limit = settings.max_batch_size
+    if batches and site.watched >= 2:
+        reach = int(min(np.median(batches), limit))
+        d['results_read']['batch_it_would_reach'] = reach
+        if reach >= 2:
+            where = _enclosing(site)
+            if where is None:
+                text = ('results are first read %d calls later (median of %d measured): '
+                        'deferring the calls (with keras_fastpredict.batching() around the '
+                        'loop) would run them in batches of %d' % (
+                            int(np.median(batches)), len(batches), reach))
+                advice.append({'kind': 'fast_predict', 'batch_size': reach,
+                               'function': None, 'text': text})
+            else:
+                name, file, first, line = where
+                if name == '<module>':
+                    how = ('with keras_fastpredict.batching(): around the loop at %s:%d'
+                           % (file, line))
+                else:
+                    how = '@keras_fastpredict.fast_predict on %s (%s:%d)' % (name, file, first)
+                text = ('results are not read before the next call (first read %d calls '
+                        'later, median of %d measured): %s would run these calls in '
+                        'batches of %d' % (int(np.median(batches)), len(batches), how,
+                                           reach))
+                advice.append({'kind': 'fast_predict', 'batch_size': reach,
+                               'function': None if name == '<module>' else name,
+                               'file': file, 'line': first if name != '<module>' else line,
+                               'text': text})
+            return advice
+    used_at_once = bool(batches) and site.watched >= 2
+    if site.dataset is not None and site.walk >= 2 and site.readahead * 2 < site.calls:
+        name = site.dataset[1]
+        advice.append({'kind': 'index_rows', 'array': name, 'text': (
+            'the one-row inputs are fresh copies of consecutive rows of %r (%d of %d '
+            'sampled calls): passing %s[i:i+1] instead lets read-ahead predict the rows '
+            'ahead in one run' % (name, site.fresh, FRESH_CALLS - site.fresh_left or 1,
+                                  name))})
+    elif used_at_once:
+        advice.append({'kind': 'used_at_once', 'text': (
+            'each result is read before the next call (%d of %d watched): deferral would '
+            'not batch these calls, and their inputs are not rows of one array in scope '
+            'for read-ahead; the fast path is what applies' % (
+                len(site.batches), site.watched))})
+    return advice
+
+
+def _enclosing(site):
+    if not site.enclosing:
+        return None
+    return site.enclosing.most_common(1)[0][0]
+
+
+def _site_dict(site):
+    stats = site.stats
+    batches = list(site.batches)
+    if site.open_watch:
+        batches.append(site.calls - site.epoch_start)
+    calls = site.calls
+    measured = calls - site.unmeasured - site.errors
+    d = collections.OrderedDict([
+        ('site', site.where()), ('file', site.file), ('line', site.line),
+        ('function', site.function), ('entry', site.entry),
+        ('model', stats.name if stats is not None else None),
+        ('calls', calls), ('rows', site.total_rows()),
+        ('paths', collections.OrderedDict([
+            ('fast', site.fast), ('readahead', site.readahead), ('deferred', site.deferred),
+            ('merged', site.merged), ('keras', site.keras)])),
+        ('keras_reasons', dict(site.reasons)),
+        ('errors', site.errors),
+        ('time_s', site.time_s),
+        ('plain_estimate_s', (site.plain_total() * calls / measured) if measured else None),
+        ('plain_estimate_calls', measured),
+        ('plain_estimate', site.plain_note if site.unmeasured else 'measured'),
+        ('results_read', collections.OrderedDict([
+            ('watched', site.watched), ('batches', batches[:64]),
+            ('batch_it_would_reach', None)])),
+    ])
+    d['advice'] = _advice(site, d)
+    return d
+
+
+def report():
+    """The call-site report of this process: a dict (``sites`` sorted by time spent), the
+    data of the table and the JSON file (schema in the README)."""
+    with _lock:
+        sites = list(_retired_sites)
+        seen = set()
+        for table, _ in _site_tables.values():
+            for site in table.values():
+                if id(site) not in seen:
+                    seen.add(id(site))
+                    sites.append(site)
+    for site in sites:
+        site.held = {}                   # frames held for the span check: let them go
+    rows = [_site_dict(s) for s in sites if s.calls]
+    rows.sort(key=lambda d: -d['time_s'])
+    return collections.OrderedDict([
+        ('version', 1), ('pid', os.getpid()), ('argv', list(sys.argv)),
+        ('report', bool(settings.report)), ('plain_estimate_method', PLAIN_METHOD),
+        ('sites', rows)])
+
+
+def reset():
+    with _lock:
+        for table, by_line in _site_tables.values():
+            table.clear()
+            by_line.clear()
+        del _retired_sites[:]
+        _plain.clear()
+        _reasons_seen.clear()
+
+
+def _ms(seconds):
+    return '%10.1f' % (1e3 * seconds) if seconds is not None else '%10s' % '-'
+
+
+def format_table(data=None):
+    data = report() if data is None else data
+    if not data['sites']:
+        return 'keras_fastpredict: call sites: no predict calls seen with the report on'
+    lines = ['keras_fastpredict: call sites (paths: fast / read-ahead / deferred / merged / '
+             'left to Keras; plain: estimated, see --stats-json)',
+             '  %-44s %-12s %7s %8s %-24s %10s %10s' % (
+                 'site', 'model', 'calls', 'rows', 'fast/ra/def/mrg/keras', 'time ms',
+                 'plain ms')]
+    for d in data['sites']:
+        p = d['paths']
+        site = d['site']
+        if len(site) > 44:
+            site = '...' + site[-41:]
+        lines.append('  %-44s %-12s %7d %8d %-24s %s %s' % (
+            site, (d['model'] or '-')[:12], d['calls'], d['rows'],
+            '%d/%d/%d/%d/%d' % (p['fast'], p['readahead'], p['deferred'], p['merged'],
+                                p['keras']),
+            _ms(d['time_s']), _ms(d['plain_estimate_s'])))
+        if d['plain_estimate_s'] is None and d['plain_estimate'] != 'measured':
+            lines.append('      plain: %s' % d['plain_estimate'])
+        for a in d['advice']:
+            lines.append('      advice: %s' % a['text'])
+    return '\n'.join(lines)
+
+
+def write_json(path, data=None):
+    data = report() if data is None else data
+    tmp = '%s.tmp%d' % (path, os.getpid())
+    with open(tmp, 'w') as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+JSON_ENV = 'KERAS_FASTPREDICT_STATS_JSON'
+
+
+def at_exit(show, path):
+    """The runner's own process: the table on stderr, the JSON file."""
+    data = report()
+    if show:
+        sys.stderr.write(format_table(data) + '\n')
+    if path:
+        try:
+            write_json(path, data)
+        except OSError as exc:
+            sys.stderr.write('keras_fastpredict: cannot write %s: %s\n' % (path, exc))
+
+
+def in_child(pid_prefix, write_stderr):
+    """A child process of the runner's job (``processes.report``): its own table (to
+    ``write_stderr``, prefixed with its pid) and its JSON file, named by its pid."""
+    if not settings.report:
+        return None
+    data = report()
+    if not data['sites']:
+        return data
+    path = os.environ.get(JSON_ENV)
+    if path:
+        try:
+            write_json(child_path(path), data)
+        except OSError:
+            pass
+    if write_stderr is not None:
+        write_stderr(format_table(data).replace('keras_fastpredict:', pid_prefix, 1) + '\n')
+    return data
+
+
+def child_path(path, pid=None):
+    """Where a child process writes its report: ``FILE`` named by its pid."""
+    root, ext = os.path.splitext(path)
+    return '%s.%d%s' % (root, os.getpid() if pid is None else pid, ext or '.json')
+
+
+def _forget_parent():
+    global _lock
+    _lock = threading.Lock()
+    for table, by_line in _site_tables.values():
+        table.clear()
+        by_line.clear()
+    del _retired_sites[:]
+    _reasons_seen.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent)
