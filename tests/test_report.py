@@ -1,0 +1,364 @@
+"""The call-site report (issue 14): attribution, paths, plain-cost estimate, measured advice,
+formats; off, it costs nothing. Every result is compared with plain unpatched Keras."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import keras
+from keras import layers
+from keras.engine import training
+
+import keras_fastpredict as kfp
+from keras_fastpredict import patching
+from conftest import assert_same, inputs_for, unpatched_predict
+
+R = sys.modules['keras_fastpredict.report']
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.abspath(__file__)
+
+
+def line():
+    """The caller's current line."""
+    return sys._getframe(1).f_lineno
+
+
+def sites(**match):
+    out = [s for s in kfp.report()['sites']
+           if all(s[k] == v for k, v in match.items())]
+    return out
+
+
+def site_at(lineno):
+    found = sites(line=lineno, file=HERE)
+    assert len(found) == 1, (lineno, [s['site'] for s in kfp.report()['sites']])
+    return found[0]
+
+
+def kinds(site):
+    return [a['kind'] for a in site['advice']]
+
+
+class _Counting(object):
+    def __init__(self, real):
+        self.real = real
+        self.calls = 0
+
+    def __call__(self, depth=0):
+        self.calls += 1
+        return self.real(depth + 1)
+
+
+# -- off: nothing wrapped, no frame looked at --------------------------------------------------
+
+def test_off_wraps_nothing_and_inspects_no_frame(models, monkeypatch):
+    counting = _Counting(R._getframe)
+    monkeypatch.setattr(R, '_getframe', counting)
+    model = models['dense']
+    X = inputs_for('dense', 40)
+    kfp.patch()
+    current = training.Model.__dict__['predict']
+    assert not hasattr(current._self_wrapper, '_kfp_recorder')
+    for i in range(20):
+        assert_same(model.predict(X[i:i + 1]), unpatched_predict(model, X[i:i + 1]))
+        model.predict(np.array(X[i:i + 1]))
+    with kfp.batching():
+        ys = [model.predict(X[i:i + 1]) for i in range(20)]
+    assert_same(np.concatenate(ys), unpatched_predict(model, X[:20]))
+    t = threading.Thread(target=lambda: model.predict(X[:3]))
+    t.start()
+    t.join()
+    assert counting.calls == 0
+    assert kfp.report()['sites'] == []
+    kfp.unpatch()
+    kfp.patch(report=True)
+    assert training.Model.__dict__['predict']._self_wrapper._kfp_recorder is not None
+    model.predict(X[:2])
+    assert counting.calls > 0                  # the counter does see the report's lookups
+
+
+def test_report_option_from_environment():
+    from keras_fastpredict import config
+    assert config.DEFAULTS['report'] is False
+    assert config.from_environ({'KERAS_FASTPREDICT_REPORT': '1'}) == {'report': True}
+
+
+# -- attribution ---------------------------------------------------------------------------------
+
+def _helper(model, x):
+    return model.predict(x)            # the first frame outside Keras: this line
+
+
+HELPER_LINE = _helper.__code__.co_firstlineno + 1
+
+
+def test_attribution_helpers_lambdas_comprehensions_generators_threads(models):
+    model = models['dense']
+    X = inputs_for('dense', 12)
+    kfp.patch(report=True)
+    out = [_helper(model, X[i:i + 1]) for i in range(3)]
+    assert_same(np.concatenate(out), unpatched_predict(model, X[:3]))
+    f = lambda x: model.predict(x)   # noqa: E731
+    lam = line() - 1
+    f(X[:2])
+    comp = [model.predict(X[i:i + 1]) for i in range(4)]; comp_line = line()  # noqa: E702
+
+    def gen():
+        for i in range(3):
+            yield model.predict(X[i:i + 1]); gen_line = line()  # noqa: E702,F841
+    list(gen())
+    gen_line = gen.__code__.co_firstlineno + 2
+    results = {}
+
+    def work(k):
+        results[k] = model.predict(X[k:k + 2]); work_line.append(line())  # noqa: E702
+    work_line = []
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(3):
+        assert_same(results[k], unpatched_predict(model, X[k:k + 2]))
+    helper = site_at(HELPER_LINE)
+    assert helper['calls'] == 3 and helper['function'] == '_helper'
+    assert helper['site'] == '%s:%d in _helper' % (HERE, HELPER_LINE)
+    assert site_at(lam)['function'] == '<lambda>' and site_at(lam)['calls'] == 1
+    assert site_at(comp_line)['function'] == '<listcomp>' and site_at(comp_line)['calls'] == 4
+    assert_same(np.concatenate(comp), unpatched_predict(model, X[:4]))
+    assert site_at(gen_line)['function'] == 'gen' and site_at(gen_line)['calls'] == 3
+    assert site_at(work_line[0])['function'] == 'work'
+    assert site_at(work_line[0])['calls'] == 3 and site_at(work_line[0])['rows'] == 6
+
+
+def test_calls_through_keras_methods_are_the_users(models):
+    model = keras.models.Sequential([layers.Dense(3, activation='softmax', input_shape=(4,))])
+    x = np.random.RandomState(0).rand(5, 4).astype('float32')
+    expected = keras.models.Sequential.predict_classes.__wrapped__(model, x) \
+        if hasattr(keras.models.Sequential.predict_classes, '__wrapped__') else None
+    kfp.patch(report=True)
+    got = model.predict_classes(x); here = line()  # noqa: E702
+    if expected is not None:
+        np.testing.assert_array_equal(got, expected)
+    assert site_at(here)['calls'] == 1 and site_at(here)['entry'] == 'predict'
+
+
+# -- paths, plain cost ---------------------------------------------------------------------------
+
+def test_paths_and_plain_estimate(models):
+    model = models['dense']
+    X = inputs_for('dense', 64)
+    kfp.patch(report=True)
+    for i in range(40):
+        y = model.predict(X[i:i + 1]); ra = line()  # noqa: E702
+        assert_same(y, unpatched_predict(model, X[i:i + 1]))
+    for i in range(10):
+        model.predict(np.array(X[i:i + 1])); fast = line()  # noqa: E702
+    with kfp.batching():
+        ys = [model.predict(np.array(X[i:i + 1])) for i in range(8)]; dl = line()  # noqa: E702
+    assert_same(np.concatenate(ys), unpatched_predict(model, X[:8]))
+    model.predict(X[:5], verbose=1); kl = line()  # noqa: E702
+    s = site_at(ra)
+    assert s['paths']['readahead'] >= 35 and s['calls'] == 40 and s['rows'] == 40
+    assert site_at(fast)['paths']['fast'] == 10
+    assert site_at(dl)['paths']['deferred'] == 8
+    k = site_at(kl)
+    assert k['paths']['keras'] == 1 and k['keras_reasons'] == {'verbose, steps or callbacks': 1}
+    assert kinds(k) == ['left_to_keras']
+    for s in (site_at(ra), site_at(fast), k):
+        assert s['plain_estimate'] == 'measured' and s['plain_estimate_s'] > 0
+    # A one-row plain Keras call costs well over a fast-path call on this model.
+    assert site_at(fast)['plain_estimate_s'] > site_at(fast)['time_s'] * 0.5
+
+
+# -- watched results: the same values and types as plain Keras ------------------------------------
+
+def test_watched_results_behave_as_plain_arrays(models):
+    model = models['multi_out']
+    X = inputs_for('multi_out', 6)
+    expected = unpatched_predict(model, X[:2])
+    kfp.patch(report=True, readahead=False)
+    got = model.predict(X[:2])
+    assert_same(got, expected)
+    y = got[0]
+    assert isinstance(y, np.ndarray) and y.shape == expected[0].shape and y.dtype == np.float32
+    for value in (y + 1, np.exp(y), y.sum(axis=0), y.copy(), y[[0, 1]], np.concatenate([y, y]),
+                  y.reshape(-1), pickle.loads(pickle.dumps(y)), np.asarray(y)):
+        assert type(value) is np.ndarray
+    fresh = model.predict(X[2:4])[1]
+    assert type(fresh[0]) is not np.ndarray and isinstance(fresh[0], np.ndarray)  # watched
+    assert type(fresh + 0) is np.ndarray and type(fresh[0]) is np.ndarray  # used: plain
+    assert float(y[0, 0]) == float(expected[0][0, 0])
+    assert repr(y) == repr(expected[0]) and str(y) == str(expected[0])
+    np.testing.assert_array_equal(np.array([y, y]), np.array([expected[0]] * 2))
+    # Passed back in, it takes the path a plain array takes.
+    kfp.reset_stats()
+    model2 = models['dense']
+    x = inputs_for('dense', 1)
+    a = model2.predict(x)
+    b = model2.predict(np.zeros((1, 32), 'float32') + a.sum())
+    assert kfp.stats(model2)['fast_calls'] == 2 and kfp.stats(model2)['fallbacks'] == 0
+    assert_same(b, unpatched_predict(model2, np.zeros((1, 32), 'float32') + a.sum()))
+
+
+# -- advice -----------------------------------------------------------------------------------------
+
+def test_advice_collect_loop(models):
+    model = models['dense']
+    X = inputs_for('dense', 100)
+
+    def score(model, rows):
+        return [model.predict(r) for r in rows]
+    rows = [np.array(X[i:i + 1]) for i in range(100)]      # fresh arrays: no read-ahead
+    kfp.patch(report=True)
+    out = score(model, rows)
+    assert_same(np.concatenate(out), unpatched_predict(model, X))
+    s = site_at(score.__code__.co_firstlineno + 1)
+    advice = [a for a in s['advice'] if a['kind'] == 'fast_predict']
+    assert advice and advice[0]['function'] == 'score'
+    assert advice[0]['line'] == score.__code__.co_firstlineno
+    assert advice[0]['batch_size'] == 100
+    assert '@keras_fastpredict.fast_predict on score' in advice[0]['text']
+    # Following the advice batches it (and gives plain Keras' values).
+    kfp.unpatch()
+    kfp.reset_stats()
+    got = kfp.fast_predict(score)(model, rows)
+    assert_same(np.concatenate(got), unpatched_predict(model, X))
+    assert kfp.stats(model)['deferred'] == 100
+
+
+def test_advice_collect_through_helper_names_the_looping_function(models):
+    model = models['dense']
+    X = inputs_for('dense', 30)
+
+    def loop(rows):
+        out = []
+        for r in rows:
+            out.append(_helper(model, r))
+        return out
+    kfp.patch(report=True)
+    out = loop([np.array(X[i:i + 1]) for i in range(30)])
+    assert_same(np.concatenate(out), unpatched_predict(model, X))
+    advice = [a for a in site_at(HELPER_LINE)['advice'] if a['kind'] == 'fast_predict']
+    assert advice and advice[0]['function'] == 'loop' and advice[0]['batch_size'] == 30
+
+
+def test_advice_use_immediately_loop(models):
+    model = models['dense']
+    X = inputs_for('dense', 80)
+    kfp.patch(report=True)
+    best = []
+    for i in range(80):
+        y = model.predict(X[i:i + 1]); views = line()  # noqa: E702
+        best.append(int(y.argmax()))
+    assert best == list(unpatched_predict(model, X).argmax(axis=1))
+    s = site_at(views)
+    assert s['paths']['readahead'] >= 70 and s['advice'] == []    # read-ahead serves it
+    # The same loop over fresh copies of the rows: indexing would let read-ahead work.
+    best = []
+    for i in range(40):
+        y = model.predict(np.array([X[i]])); fresh = line()  # noqa: E702
+        best.append(int(y.argmax()))
+    assert best == list(unpatched_predict(model, X[:40]).argmax(axis=1))
+    s = site_at(fresh)
+    assert kinds(s) == ['index_rows'] and s['advice'][0]['array'] == 'X'
+    assert 'X[i:i+1]' in s['advice'][0]['text']
+    assert s['results_read']['batch_it_would_reach'] == 1
+
+
+def test_advice_autoregressive_loop(models):
+    model = models['dense']
+    x0 = inputs_for('dense', 1)
+
+    def generate(predict, x, n):
+        outs = []
+        for _ in range(n):
+            y = predict(x)
+            outs.append(y)
+            x = np.concatenate([x[:, 10:], y], axis=1)
+        return np.concatenate(outs)
+    expected = generate(lambda x: unpatched_predict(model, x), x0, 30)
+    kfp.patch(report=True)
+    got = generate(model.predict, x0, 30)
+    assert_same(got, expected)
+    s = sites(function='generate')[0]
+    assert s['calls'] == 30 and s['paths']['fast'] == 30
+    assert kinds(s) == ['used_at_once']
+
+
+def test_advice_stateful_model():
+    np.random.seed(3)
+    model = keras.models.Sequential([
+        layers.LSTM(4, stateful=True, batch_input_shape=(1, 3, 2)), layers.Dense(2)])
+    X = np.random.RandomState(4).rand(12, 3, 2).astype('float32')
+    model.reset_states()
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(12)]
+    model.reset_states()
+    kfp.patch(report=True)
+    got = [model.predict(X[i:i + 1]) for i in range(12)]; here = line()  # noqa: E702
+    for a, e in zip(got, expected):
+        assert_same(a, e)
+    s = site_at(here)
+    assert s['calls'] == 12 and s['paths']['fast'] == 12
+    assert 'not_batchable' in kinds(s)
+    assert [a for a in s['advice'] if a['kind'] == 'not_batchable'][0]['reason'] == 'stateful'
+    assert s['plain_estimate_s'] is None and 'stateful' in s['plain_estimate']
+
+
+# -- formats ----------------------------------------------------------------------------------------
+
+def test_table_and_json(models, tmp_path):
+    model = models['dense']
+    X = inputs_for('dense', 10)
+    kfp.patch(report=True)
+    model.predict(X)
+    data = kfp.report()
+    assert data['version'] == 1 and data['pid'] == os.getpid() and data['report'] is True
+    table = R.format_table(data)
+    assert 'test_report.py' in table and 'fast/ra/def/mrg/keras' in table
+    path = R.write_json(str(tmp_path / 'r.json'), data)
+    with open(path) as f:
+        back = json.load(f)
+    assert back['sites'][0]['calls'] == 1 and set(back['sites'][0]) >= {
+        'site', 'file', 'line', 'function', 'entry', 'model', 'calls', 'rows', 'paths',
+        'keras_reasons', 'time_s', 'plain_estimate_s', 'plain_estimate', 'results_read',
+        'advice'}
+    assert R.child_path('/x/out.json', 42) == '/x/out.42.json'
+
+
+def test_runner_stats_json_and_children(tmp_path):
+    script = tmp_path / 'job.py'
+    script.write_text(textwrap.dedent('''
+        import subprocess, sys
+        import numpy as np, keras
+        from keras import layers
+        def main():
+            m = keras.models.Sequential([layers.Dense(2, input_shape=(3,))])
+            X = np.random.rand(20, 3).astype('float32')
+            return [m.predict(np.array(X[i:i + 1])) for i in range(20)]
+        if __name__ == '__main__':
+            main()
+            if len(sys.argv) == 1:
+                subprocess.check_call([sys.executable, __file__, 'child'])
+    '''))
+    out = tmp_path / 'report.json'
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+    proc = subprocess.run([sys.executable, '-m', 'keras_fastpredict', '--stats', '--stats-json',
+                           str(out), str(script)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    err = proc.stderr.decode()
+    assert 'call sites' in err and 'job.py:8 in <listcomp>' in err
+    assert '@keras_fastpredict.fast_predict on main' in err
+    data = json.loads(out.read_text())
+    assert [s['site'].rsplit('/', 1)[-1] for s in data['sites']] == ['job.py:8 in <listcomp>']
+    children = [p for p in os.listdir(str(tmp_path)) if p.startswith('report.')
+                and p != 'report.json' and p.endswith('.json')]
+    assert len(children) == 1
+    child = json.loads((tmp_path / children[0]).read_text())
+    assert child['pid'] != data['pid'] and child['sites'][0]['calls'] == 20
+    assert children[0] == 'report.%d.json' % child['pid']
