@@ -33,11 +33,12 @@ class TfKerasAdapter(KerasAdapter):
     backend = 'tensorflow.python.keras.backend'
 
     def _bind(self):
-        from tensorflow.python.eager import context
+        from tensorflow.python.eager import context, def_function
         from tensorflow.python.keras import backend as K
         self.K = K
         self.tfb = K
         self._executing_eagerly = context.executing_eagerly
+        self._def_function = def_function     # RUN_FUNCTIONS_EAGERLY: run_eagerly for all
         self._bind_tf()
 
     def current_session(self):
@@ -113,11 +114,14 @@ class TfKerasAdapter(KerasAdapter):
     def lookup(self, model):
         """As ``KerasAdapter.lookup``, after what is checked on every call because it is a
         state of the process or of the caller's context, not of the model (refusals for
-        those are not cached): eager execution, a distribution strategy's scope."""
+        those are not cached): eager execution, functions run eagerly, a distribution
+        strategy's scope."""
         if self.tfb is None:
             self._bind()
         if self._executing_eagerly():
             return compiled.Refusal(model, None, 'eager execution')
+        if self._def_function.RUN_FUNCTIONS_EAGERLY:
+            return compiled.Refusal(model, None, 'functions run eagerly')
         graph = self.default_graph()
         if graph._distribution_strategy_stack:
             return compiled.Refusal(model, None, 'distribution strategy scope')
@@ -134,11 +138,10 @@ class TfKerasAdapter(KerasAdapter):
         return self._build(model)
 
     def unsupported_reason(self, model):
-        from tensorflow.python.eager import def_function
         from tensorflow.python.framework import ops
         if getattr(model, '_distribution_strategy', None) is not None:
             return 'distribution strategy'
-        if getattr(model, '_run_eagerly', None) or def_function.RUN_FUNCTIONS_EAGERLY:
+        if getattr(model, '_run_eagerly', None):
             return 'run_eagerly'
         if getattr(model, 'dynamic', False):
             return 'dynamic layers (run eagerly)'
@@ -152,6 +155,26 @@ class TfKerasAdapter(KerasAdapter):
         except Exception:
             return 'call() with more positional arguments (tf.keras raises)'
         return None
+
+    # tf.keras' own loops may call predict_on_batch (run eagerly, say): within a call left
+    # to tf.keras, such inner calls are tf.keras' own, not the user's (not counted either).
+    def predict(self, wrapped, instance, args, kwargs):
+        if getattr(self._local, 'inside', False):
+            return wrapped(*args, **kwargs)
+        return super(TfKerasAdapter, self).predict(wrapped, instance, args, kwargs)
+
+    def predict_on_batch(self, wrapped, instance, args, kwargs):
+        if getattr(self._local, 'inside', False):
+            return wrapped(*args, **kwargs)
+        return super(TfKerasAdapter, self).predict_on_batch(wrapped, instance, args, kwargs)
+
+    def _fallback(self, wrapped, model, args, kwargs, reason):
+        local = self._local
+        local.inside = True
+        try:
+            return super(TfKerasAdapter, self)._fallback(wrapped, model, args, kwargs, reason)
+        finally:
+            local.inside = False
 
     def _predict(self, wrapped, model, args, kwargs, x, batch_size):
         kind = type(x)

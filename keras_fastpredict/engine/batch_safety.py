@@ -203,6 +203,8 @@ class _Analysis(object):
         crosses = [v for v in ins if v[0] == 'cross']
         if crosses:
             return [crosses[0]] * n
+        if kind == 'Fill' and ins == [SHAPE, FREE]:
+            return [self.fill(op)]
         if all(v in (FREE, SHAPE) for v in ins):
             return [SHAPE] * n
         unknowns = [v for v in ins if v[0] == 'unknown']
@@ -293,6 +295,17 @@ class _Analysis(object):
                 if i >= 0 and t.shape[i].value != 1:
                     return self.unknown(op, 'broadcasts a constant along the batch axis')
         return result
+
+    def fill(self, op):
+        """A constant filling a shape computed from the batch size (tf.keras' RNN initial
+        states: ``zeros([batch, units])``): the same value in each row, so one row per input
+        row when its first dimension follows the batch size and the others do not."""
+        sizes = self.evaluate_shape(op.inputs[0], (13, 17))
+        if sizes is not None and all(len(d) >= 1 for d in sizes):
+            (a, *rest_a), (b, *rest_b) = ([int(n) for n in d] for d in sizes)
+            if rest_a == rest_b and a % 13 == 0 and b % 17 == 0 and a // 13 == b // 17 > 0:
+                return _rows(0, a // 13)
+        return SHAPE
 
     def per_example(self, op, ins):
         data = ins[0]
