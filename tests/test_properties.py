@@ -1,5 +1,6 @@
 """Property tests: under the patch, ``predict`` and ``predict_on_batch`` give what plain Keras
-gives, for random models, batch sizes, dtypes, containers and bad inputs.
+gives, for random models, batch sizes, dtypes, containers and bad inputs, in both flavours
+(Keras 2.2.5 and tf.keras: each case draws its flavour, so both share the examples).
 
 Plain Keras is the original ``Model.predict`` / ``predict_on_batch`` captured when this module
 is imported (before anything patches them), called while nothing is patched, in the same
@@ -19,14 +20,20 @@ import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from hypothesis.errors import InvalidArgument
-from keras import layers
+import keras
 from keras.engine import training
+from keras import layers
 from keras.models import Model
+from tensorflow.python.keras.engine import training as tf_training
 
 import keras_fastpredict as kfp
 
 assert not kfp.is_patched(), 'test_properties must be imported before anything patches Keras'
-PLAIN = {name: training.Model.__dict__[name] for name in ('predict', 'predict_on_batch')}
+# Per flavour: Keras 2.2.5, and tf.keras (TensorFlow 1.15, graph mode).
+PLAIN = {flavour: {name: module.Model.__dict__[name] for name in ('predict', 'predict_on_batch')}
+         for flavour, module in (('keras', training), ('tf.keras', tf_training))}
+KERAS = {'keras': keras, 'tf.keras': tf.keras}
+FLAVOURS = sorted(KERAS)
 RTOL, ATOL = 1e-5, 1e-6
 EMBED_VOCAB = 20
 
@@ -36,18 +43,20 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None,
 
 
 class Pool(object):
-    """The models under test, on a graph and session of their own."""
+    """The models under test of one flavour, on a graph and session of their own."""
 
-    def __init__(self):
+    def __init__(self, flavour='keras'):
+        self.flavour = flavour
+        self.plain = PLAIN[flavour]
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph)
         with self.scope():
             tf.compat.v1.set_random_seed(0)
             np.random.seed(0)
-            self.models = _build_models()
+            self.models = _build_models(KERAS[flavour])
             # Initialise the variables the way Keras does on its first predict.
             for model in self.models.values():
-                PLAIN['predict'](model, _inputs(model, 1, 'float32', 'list', 'none', 0))
+                self.plain['predict'](model, _inputs(model, 1, 'float32', 'list', 'none', 0))
 
     @contextlib.contextmanager
     def scope(self):
@@ -58,7 +67,8 @@ class Pool(object):
         self.session.close()
 
 
-def _build_models():
+def _build_models(keras_module):
+    layers, Model = keras_module.layers, keras_module.models.Model
     models = {}
     x = layers.Input((6,), name='x')
     models['dense'] = Model(x, layers.Dense(3)(layers.Dense(5, activation='relu')(x)))
@@ -234,12 +244,19 @@ def _assert_same_outcome(got, want, case):
 
 
 @pytest.fixture(scope='module')
-def pool():
+def pools():
+    """A pool per flavour; hypothesis draws the flavour with the rest of each case."""
     kfp.unpatch()
-    found = Pool()
+    found = {flavour: Pool(flavour) for flavour in FLAVOURS}
     yield found
     kfp.unpatch()
-    found.close()
+    for each in found.values():
+        each.close()
+
+
+@pytest.fixture(scope='module')
+def pool(pools):
+    return pools['keras']
 
 
 @pytest.fixture(autouse=True)
@@ -282,7 +299,7 @@ def _call_patched(pool, mode, method, model, x, kwargs):
 def _call_plain(pool, method, model, x, kwargs):
     assert not kfp.is_patched()
     with pool.scope():
-        return _outcome(lambda: _read(PLAIN[method](model, x, **kwargs)))
+        return _outcome(lambda: _read(pool.plain[method](model, x, **kwargs)))
 
 
 cases = st.fixed_dictionaries({
@@ -294,6 +311,7 @@ cases = st.fixed_dictionaries({
     'seed': st.integers(0, 2 ** 31 - 1),
     'scale': st.sampled_from([1e-3, 1.0, 30.0]),
     'mode': st.sampled_from(MODES),
+    'flavour': st.sampled_from(FLAVOURS),
 })
 
 
@@ -306,7 +324,8 @@ def _case_input(pool, case):
 
 @settings(max_examples=int(os.environ.get("KFP_PROP_EXAMPLES", 120)), **SETTINGS)
 @given(case=cases, batch_size=st.one_of(st.none(), st.integers(1, 70)))
-def test_predict_matches_plain_keras(pool, case, batch_size):
+def test_predict_matches_plain_keras(pools, case, batch_size):
+    pool = pools[case['flavour']]
     model, x = _case_input(pool, case)
     kwargs = {} if batch_size is None else {'batch_size': batch_size}
     want = _call_plain(pool, 'predict', model, x, kwargs)
@@ -316,7 +335,8 @@ def test_predict_matches_plain_keras(pool, case, batch_size):
 
 @settings(max_examples=80, **SETTINGS)
 @given(case=cases)
-def test_predict_on_batch_matches_plain_keras(pool, case):
+def test_predict_on_batch_matches_plain_keras(pools, case):
+    pool = pools[case['flavour']]
     model, x = _case_input(pool, case)
     want = _call_plain(pool, 'predict_on_batch', model, x, {})
     got = _call_patched(pool, case['mode'], 'predict_on_batch', model, x, {})
@@ -335,10 +355,11 @@ def _row(x, i):
 @given(model_name=st.sampled_from(MODEL_NAMES), rows=st.integers(1, 24),
        dtype=st.sampled_from(DTYPES), container=st.sampled_from(CONTAINERS),
        corruption=st.sampled_from(['none', 'nan', 'inf']), seed=st.integers(0, 2 ** 31 - 1),
-       mode=st.sampled_from(MODES))
-def test_row_by_row_loop_matches_plain_keras(pool, model_name, rows, dtype, container,
-                                             corruption, seed, mode):
+       mode=st.sampled_from(MODES), flavour=st.sampled_from(FLAVOURS))
+def test_row_by_row_loop_matches_plain_keras(pools, model_name, rows, dtype, container,
+                                             corruption, seed, mode, flavour):
     """The legacy loop: one row per call, walking an array in order (read-ahead's case)."""
+    pool = pools[flavour]
     model = pool.models[model_name]
     x = _inputs(model, rows, dtype, container, corruption, seed)
     want = [_call_plain(pool, 'predict', model, _row(x, i), {}) for i in range(rows)]
@@ -364,9 +385,11 @@ def test_row_by_row_loop_matches_plain_keras(pool, model_name, rows, dtype, cont
                                                                     mode)))
 
 
-def test_every_bad_input_of_every_model(pool):
+@pytest.mark.parametrize('flavour', FLAVOURS)
+def test_every_bad_input_of_every_model(pools, flavour):
     """Each kind of input (well-formed, NaN, inf and every bad one) for each model, both
     methods, containers and modes taken in turn: not left to the luck of the draw."""
+    pool = pools[flavour]
     i = 0
     for name in MODEL_NAMES:
         model = pool.models[name]
