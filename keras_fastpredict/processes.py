@@ -128,8 +128,11 @@ def report(when='exit'):
         if not state.runner and config.settings.report:   # the call-site report
             from .report import in_child
             show = os.environ.get(STATS_ENV, '') not in ('', '0')
-            sites = in_child('keras_fastpredict [pid %d]:' % os.getpid(),
-                             (lambda text: _write(2, text)) if show else None)
+            try:
+                sites = in_child('keras_fastpredict [pid %d]:' % os.getpid(),
+                                 (lambda text: _write(2, text)) if show else None)
+            except Exception:                # the counters' report is written regardless
+                sites = None
         if folder:
             record = {'pid': os.getpid(), 'ppid': os.getppid(), 'argv': list(sys.argv),
                       'when': when, 'runner': state.runner, 'models': snap}

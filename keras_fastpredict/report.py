@@ -786,14 +786,19 @@ def _site_dict(site):
 def report():
     """The call-site report of this process: a dict (``sites`` sorted by time spent), the
     data of the table and the JSON file (schema in the README)."""
-    with _lock:
+    # Not blocking for ever: this may run in a signal handler (SIGTERM) of a child.
+    locked = _lock.acquire(timeout=1.0)
+    try:
         sites = list(_retired_sites)
         seen = set()
-        for table, _ in _site_tables.values():
-            for site in table.values():
+        for table, _ in list(_site_tables.values()):
+            for site in list(table.values()):
                 if id(site) not in seen:
                     seen.add(id(site))
                     sites.append(site)
+    finally:
+        if locked:
+            _lock.release()
     for site in sites:
         site.held = {}                   # frames held for the span check: let them go
     rows = [_site_dict(s) for s in sites if s.calls]
