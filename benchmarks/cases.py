@@ -40,6 +40,8 @@ FULL = {
     'stateful_lstm': dict(stateful=1000),
     'subclassed': dict(fallback=1000),
     'mlp64_verbose': dict(fallback=500),
+    # Issue 12: tf.keras (TensorFlow 1.15's own Keras, graph mode).
+    'tfk_mlp64': dict(collect=2000, immediate=2000, autoregressive=1000, threads=2000),
 }
 QUICK_ROWS = dict(collect=48, immediate=48, autoregressive=32, large=2000, threads=64,
                   stateful=32, fallback=32)
@@ -155,9 +157,18 @@ def threaded(predict, requests, threads):
 
 # -- peers ----------------------------------------------------------------------------------
 
+def _backend(model):
+    """The model's own Keras backend (its session): Keras 2.2.5's or tf.keras'."""
+    if models.is_tf_keras(model):
+        from tensorflow.python.keras import backend
+    else:
+        from keras import backend
+    return backend
+
+
 def keras_function(model, warm):
     """``K.function([model.input], [model.output])``, as forums advise."""
-    from keras import backend as K
+    K = _backend(model)
     f = K.function(model.inputs, model.outputs)
     f(as_list(warm))                  # its session callable is made on the first call
     return lambda x: unwrap(f(as_list(x)))
@@ -166,8 +177,8 @@ def keras_function(model, warm):
 def raw_callable(model, warm, inline=False):
     """The session callable on the model's feeds and fetches, with no Keras around it;
     ``inline`` runs it in the caller's thread (faster for one row, see the design notes)."""
-    from keras import backend as K
     from tensorflow.core.protobuf import config_pb2
+    K = _backend(model)
     options = config_pb2.CallableOptions()
     options.feed.extend(t.name for t in model.inputs)
     options.fetch.extend(t.name for t in model.outputs)
@@ -305,6 +316,15 @@ class Case(object):
 
         def predict(x):
             return model.predict(x)
+        if models.is_tf_keras(model):
+            # tf.keras keeps its session per thread: code that predicts in threads sets
+            # the graph and session in each request, patched or not.
+            session = _backend(model).get_session()
+
+            def predict(x):             # noqa: F811
+                with graph.as_default(), session.as_default():
+                    return model.predict(x)
+            unpatched = predict
         raw = raw_callable(model, row(X, 0))
         requests = [[np.array(a) for a in as_list(row(X, i))] for i in range(n)]
         requests = [unwrap(r) for r in requests]        # copies: no read-ahead possible

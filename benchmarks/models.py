@@ -98,8 +98,23 @@ def _subclassed():
     return model
 
 
+def _tf_keras_mlp(name, features, width):
+    """The same MLP in tf.keras (TensorFlow 1.15's own Keras, graph mode)."""
+    from tensorflow.python.keras import layers, models
+    return models.Sequential([
+        layers.Dense(width, activation='relu', input_shape=(features,)),
+        layers.Dense(width, activation='relu'),
+        layers.Dense(10, activation='softmax')], name=name)
+
+
+def is_tf_keras(model):
+    from tensorflow.python.keras.engine.training import Model
+    return isinstance(model, Model)
+
+
 BUILDERS = {
     'mlp64': lambda: _mlp('mlp64', 32, 64),          # Dense(64)-Dense(64)-Dense(10) on 32
+    'tfk_mlp64': lambda: _tf_keras_mlp('tfk_mlp64', 32, 64),   # the same in tf.keras
     'mlp64_verbose': lambda: _mlp('mlp64_verbose', 32, 64),   # the same, predict(verbose=1)
     'mlp1024': lambda: _mlp('mlp1024', 256, 1024),
     'mlp2048': lambda: _mlp('mlp2048', 256, 2048),
@@ -134,7 +149,7 @@ def data(model, rows, seed=1):
 
 def next_input(name, x, y):
     """The autoregressive step: the next input built from the last input and output."""
-    if name == 'mlp64':        # slide the 32 features along by the 10 outputs
+    if name in ('mlp64', 'tfk_mlp64'):     # slide the 32 features along by the 10 outputs
         return np.concatenate([x[:, 10:], y], axis=1)
     if name == 'lstm':         # drop the oldest step, append the predicted one
         return np.concatenate([x[:, 1:], y[:, None, :]], axis=1)
