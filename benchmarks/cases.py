@@ -41,7 +41,7 @@ FULL = {
     'subclassed': dict(fallback=1000),
     'mlp64_verbose': dict(fallback=500),
     # Issue 12: tf.keras (TensorFlow 1.15's own Keras, graph mode).
-    'tfk_mlp64': dict(collect=2000, immediate=2000, autoregressive=1000, threads=2000),
+    'tfk_dense64': dict(collect=2000, immediate=2000, autoregressive=1000, threads=2000),
 }
 QUICK_ROWS = dict(collect=48, immediate=48, autoregressive=32, large=2000, threads=64,
                   stateful=32, fallback=32)

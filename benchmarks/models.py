@@ -114,7 +114,7 @@ def is_tf_keras(model):
 
 BUILDERS = {
     'mlp64': lambda: _mlp('mlp64', 32, 64),          # Dense(64)-Dense(64)-Dense(10) on 32
-    'tfk_mlp64': lambda: _tf_keras_mlp('tfk_mlp64', 32, 64),   # the same in tf.keras
+    'tfk_dense64': lambda: _tf_keras_mlp('tfk_dense64', 32, 64),   # the same in tf.keras
     'mlp64_verbose': lambda: _mlp('mlp64_verbose', 32, 64),   # the same, predict(verbose=1)
     'mlp1024': lambda: _mlp('mlp1024', 256, 1024),
     'mlp2048': lambda: _mlp('mlp2048', 256, 2048),
@@ -149,7 +149,7 @@ def data(model, rows, seed=1):
 
 def next_input(name, x, y):
     """The autoregressive step: the next input built from the last input and output."""
-    if name in ('mlp64', 'tfk_mlp64'):     # slide the 32 features along by the 10 outputs
+    if name in ('mlp64', 'tfk_dense64'):     # slide the 32 features along by the 10 outputs
         return np.concatenate([x[:, 10:], y], axis=1)
     if name == 'lstm':         # drop the oldest step, append the predicted one
         return np.concatenate([x[:, 1:], y[:, None, :]], axis=1)

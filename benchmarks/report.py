@@ -282,18 +282,18 @@ def targets(results):
         at_least('left to Keras: %s, patched vs unpatched' % label,
                  _speedup(by_name, case, 'patched (left to Keras)'), 0.98)
     # Issue 12: tf.keras, against plain tf.keras predict.
-    tfk = 'tfk_mlp64/immediate'
+    tfk = 'tfk_dense64/immediate'
     at_least('tf.keras Dense(64)x2, one row per call, with read-ahead vs unpatched tf.keras',
              _speedup(by_name, tfk, 'patched (read-ahead)'), 20)
     at_least('tf.keras Dense(64)x2, one row per call, fast path alone vs unpatched tf.keras',
              _speedup(by_name, tfk, 'patched, readahead off (fast path alone)'), 12)
     at_least('tf.keras Dense(64)x2, autoregressive loop vs unpatched tf.keras',
-             _speedup(by_name, 'tfk_mlp64/autoregressive', 'patched'), 10)
+             _speedup(by_name, 'tfk_dense64/autoregressive', 'patched'), 10)
     at_least('tf.keras Dense(64)x2, collect loop in batching() vs hand-batched',
-             _speedup(by_name, 'tfk_mlp64/collect', 'patched + batching()',
+             _speedup(by_name, 'tfk_dense64/collect', 'patched + batching()',
                       over='hand-batched predict(X[i:i+32])'), 1.0, NOISE)
     at_least('tf.keras Dense(64)x2, 16 threads x 1 row, throughput vs unpatched tf.keras',
-             _speedup(by_name, 'tfk_mlp64/threads-16', 'patched (concurrent batcher)'), 5)
+             _speedup(by_name, 'tfk_dense64/threads-16', 'patched (concurrent batcher)'), 5)
     # No model slower than unpatched, in any case, with any patched variant.
     worst = {}
     for res in results:
