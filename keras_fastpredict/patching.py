@@ -12,6 +12,7 @@ import wrapt
 
 from . import concurrent_batcher
 from .adapters import keras as keras_adapter
+from .adapters import keras_function, session_run
 from .adapters import tf_keras as tf_keras_adapter
 from .config import settings
 from .report import wrap as _recorded   # the call-site report (only when on)
@@ -20,7 +21,7 @@ from .engine import compiled, hooks, readahead
 # (module, class.attribute, wrapper(wrapped, instance, args, kwargs)): each adapter's
 # entry points, then TensorFlow's, before which pending work is settled.
 ENTRY_POINTS = keras_adapter.adapter.entry_points() + tf_keras_adapter.adapter.entry_points() + (
-    ('tensorflow.python.client.session', 'BaseSession.run', hooks.before_graph_use),
+    keras_function.adapter.entry_points() + session_run.adapter.entry_points()) + (
     # What Session.make_callable's functions run (they may assign variables too).
     ('tensorflow.python.client.session', 'BaseSession._call_tf_sessionrun',
      hooks.before_graph_use),
@@ -107,6 +108,7 @@ def unpatch():
     concurrent_batcher.stop_all()
     readahead.forget()
     compiled.clear()
+    session_run.clear()
 
 
 @contextlib.contextmanager

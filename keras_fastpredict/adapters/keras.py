@@ -113,7 +113,7 @@ class KerasAdapter(object):
             (self.training, 'Model.compile', self.recompiled),
             (self.training, 'Model.fit', self.fit),
             (self.training, 'Model.fit_generator', self.fit),
-            (self.backend, 'Function.__call__', self.backend_function),
+            # Function.__call__ (K.function): adapters.keras_function.
         )
 
     def predict(self, wrapped, instance, args, kwargs):

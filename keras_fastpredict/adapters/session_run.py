@@ -1,0 +1,600 @@
+"""The adapter for TensorFlow 1's ``Session.run``: repeated runs served by cached callables.
+
+Legacy code often runs a model's tensors itself, once per sample::
+
+    for img in images:
+        boxes, scores = sess.run([model.output, scores_t], {model.input: img[None]})
+
+Each such call pays ``Session.run``'s per-call work (feed checks, a fetch handler, graph
+extension). Here a call's *signature* is its fetch structure (tensors, operations and
+names in lists, tuples, namedtuples and dicts) and its feed keys, per session. The first
+call of a signature, and of each new set of feed shapes, goes to the original
+``Session.run``: that run is both the validation and the result. Later calls feed the
+values, converted as ``Session.run`` converts them, to a session callable made once for
+the signature, and the result is put in the shape ``Session.run`` gives it (nesting,
+duplicates, ``None`` for operations, numpy scalars). Errors of a cached run are raised
+as ``Session.run`` raises them (``_do_call``). When the fetches are outputs of a Keras
+model and the feeds its inputs (and, optionally, the learning phase fed 0) on the session
+Keras uses, the call goes through the model's engine path instead (read-ahead, deferral,
+merging of threads' calls).
+
+Anything else goes to the original untouched: ``options`` or ``run_metadata``, sparse
+tensors, variables, tensor handles, feeds that are no placeholders, feed values other
+than arrays, scalars and lists, string feeds, a fetch that is also fed. Such calls, and
+cached calls whose fetches may change state (any operation fetched, or a graph with ops
+that have side effects, as ``batch_safety`` reads it), settle pending work first
+(``hooks.graph_event``), as every ``Session.run`` did before this adapter. Pure reads
+served from the cache leave pending deferred predictions and read-ahead windows alone.
+
+Caches hang off the session object and hold no reference to it: they die with it, and
+``close()`` releases their callables at once. Each holds at most ``MAX_ENTRIES``
+signatures. No graph op is ever added.
+"""
+import threading
+import time
+import weakref
+
+import numpy as np
+
+from ..engine import batch_safety, hooks, route
+from ..engine.deferred import DeferredArray
+
+_ndarray = np.ndarray
+_generic = np.generic
+_ATTR = '_kfp_runs'
+MAX_ENTRIES = 128        # signatures cached per session (then the cache starts afresh)
+MAX_SHAPES = 64          # validated feed shapes per signature
+_CALIBRATION_RUNS = 3
+_PLACEHOLDERS = frozenset(('Placeholder', 'PlaceholderV2', 'PlaceholderWithDefault'))
+_caches = weakref.WeakSet()     # every session's cache, for clear()
+_lock = threading.RLock()
+_tf = None
+
+
+class _TF(object):
+    """TensorFlow's pieces, bound on first use (importing this module imports no TF)."""
+
+    def __init__(self):
+        from tensorflow.core.protobuf import config_pb2
+        from tensorflow.python import pywrap_tensorflow as tf_session
+        from tensorflow.python.client import session
+        from tensorflow.python.framework import errors, ops
+        from tensorflow.python.util import compat
+        self.Tensor = ops.Tensor
+        self.Operation = ops.Operation
+        self.OpError = errors.OpError
+        self.CallableOptions = config_pb2.CallableOptions
+        self.FetchHandler = session._FetchHandler
+        self.convert_to_numpy_obj = session._convert_to_numpy_obj
+        self.run_callable = tf_session.TF_SessionRunCallable
+        self.make_callable = tf_session.TF_SessionMakeCallable
+        self.release_callable = tf_session.TF_SessionReleaseCallable
+        self.new_buffer = tf_session.TF_NewBufferFromString
+        self.delete_buffer = tf_session.TF_DeleteBuffer
+        self.as_bytes = compat.as_bytes
+
+
+def _bind():
+    global _tf, _Tensor, _Operation
+    if _tf is None:
+        tf = _TF()
+        _Tensor, _Operation = tf.Tensor, tf.Operation
+        _tf = tf
+    return _tf
+
+
+_Tensor = _Operation = None     # set by _bind()
+
+
+# -- signatures ---------------------------------------------------------------------------
+
+def fetch_key(fetch):
+    """A hashable key for the structure of ``fetches``, or None where this adapter leaves
+    the call to ``Session.run``. Tensors and operations count by identity (a cached entry
+    holds them, so their ids are not reused while it lives), names by value."""
+    kind = type(fetch)
+    if kind is _Tensor or kind is _Operation:
+        return id(fetch)
+    if kind is str:
+        return fetch
+    if kind is list or kind is tuple or (kind.__base__ is tuple and hasattr(kind, '_fields')):
+        parts = [kind]
+        for f in fetch:
+            k = fetch_key(f)
+            if k is None:
+                return None
+            parts.append(k)
+        return tuple(parts)
+    if kind is dict or kind.__name__ == 'OrderedDict' and kind.__module__ == 'collections':
+        parts = [kind]
+        for name, f in fetch.items():
+            k = fetch_key(f)
+            if k is None:
+                return None
+            parts.append(name)
+            parts.append(k)
+        return tuple(parts)
+    return None
+
+
+def _frozen(fetch):
+    """A copy of the fetch structure that later changes to the caller's lists and dicts
+    cannot reach (TF's fetch mappers keep the structure they were made from)."""
+    kind = type(fetch)
+    if kind is list:
+        return [_frozen(f) for f in fetch]
+    if kind is tuple:
+        return tuple(_frozen(f) for f in fetch)
+    if issubclass(kind, tuple):                    # namedtuple
+        return kind(*[_frozen(f) for f in fetch])
+    if issubclass(kind, dict):
+        return kind((name, _frozen(f)) for name, f in fetch.items())
+    return fetch
+
+
+def _feed_key(feed_dict):
+    return tuple([k if type(k) is str else id(k) for k in feed_dict])
+
+
+# -- side effects ---------------------------------------------------------------------------
+
+def side_effect_free(graph, feeds, fetches):
+    """Whether running ``fetches`` with ``feeds`` fed runs no op with side effects (a
+    variable write, a random draw, a queue), by the engine's graph analysis. Anything it
+    cannot read counts as having side effects."""
+    _bind()
+    try:
+        if not all(type(t) is _Tensor for t in fetches):
+            return False
+        verdict, reason = batch_safety.analyse(graph, feeds, fetches)
+    except Exception:
+        return False
+    return verdict != batch_safety.STATEFUL and not (reason or '').startswith('analysis failed')
+
+
+def keras_phase(graph):
+    """Keras' learning phase of ``graph`` (a placeholder with default False), if any."""
+    _bind()
+    try:
+        from .keras import adapter
+        if adapter.tfb is None:
+            import sys
+            if 'keras.backend.tensorflow_backend' not in sys.modules:
+                return None
+            adapter._bind()
+        phase = adapter.learning_phases().get(graph)
+    except Exception:
+        return None
+    if type(phase) is not _Tensor or phase.op.type != 'PlaceholderWithDefault':
+        return None
+    return phase
+
+
+# -- callables ------------------------------------------------------------------------------
+
+class Runner(object):
+    """Session callables for one set of feeds, fetches and targets on one session. The
+    caller's thread is faster for small graphs, TF's inter-op pool for some large ones:
+    both are made on first use, the first runs alternate, and the faster is kept.
+    Holds the session weakly; its callables are released when it is dropped (a closed or
+    deleted session frees them itself)."""
+    __slots__ = ('session_ref', 'feeds', 'fetches', 'targets', 'handles', 'handle', 'inline',
+                 'pool', 'times', '__weakref__')
+
+    def __init__(self, session, feeds, fetches, targets):
+        self.session_ref = weakref.ref(session)
+        self.feeds, self.fetches, self.targets = feeds, fetches, targets
+        self.handles = []
+        self.handle = self.inline = self.pool = None
+        self.times = ([], [])
+
+    def run(self, session, arrays):
+        """One run; TF's own errors, unwrapped (``Session._do_call`` wraps them)."""
+        handle = self.handle
+        if handle is None:
+            return self._calibrate(session, arrays)
+        return _tf.run_callable(session._session, handle, arrays, None)
+
+    def _calibrate(self, session, arrays):
+        with _lock:
+            if self.inline is None:
+                self.inline = self._make(session, True)
+                self.pool = self._make(session, False)
+            inline_t, pool_t = self.times
+            if self.handle is None and min(len(inline_t), len(pool_t)) >= _CALIBRATION_RUNS:
+                use_pool = min(pool_t) < min(inline_t)
+                drop = self.inline if use_pool else self.pool
+                self.handles.remove(drop)
+                _release(session, [drop])
+                self.handle = self.pool if use_pool else self.inline
+            if self.handle is not None:
+                return _tf.run_callable(session._session, self.handle, arrays, None)
+            use_pool = len(pool_t) < len(inline_t)
+        start = time.perf_counter()
+        out = _tf.run_callable(session._session, self.pool if use_pool else self.inline,
+                               arrays, None)
+        (pool_t if use_pool else inline_t).append(time.perf_counter() - start)
+        return out
+
+    def _make(self, session, inline):
+        tf = _bind()
+        options = tf.CallableOptions()
+        options.feed.extend(t.name for t in self.feeds)
+        options.fetch.extend(t.name for t in self.fetches)
+        options.target.extend(op.name for op in self.targets)
+        if inline:
+            options.run_options.inter_op_thread_pool = -1
+        session._extend_graph()
+        buf = tf.new_buffer(tf.as_bytes(options.SerializeToString()))
+        try:
+            handle = tf.make_callable(session._session, buf)
+        finally:
+            tf.delete_buffer(buf)
+        self.handles.append(handle)
+        return handle
+
+    def __del__(self):
+        _release(self.session_ref(), self.handles)
+        self.handles = []
+
+
+def _release(session, handles):
+    if not handles or session is None or _tf is None:
+        return
+    try:
+        if session._session is None or session._closed:
+            return          # the session frees its callables itself
+        for handle in handles:
+            _tf.release_callable(session._session, handle)
+    except Exception:       # interpreter shutdown
+        pass
+
+
+# -- one signature ----------------------------------------------------------------------------
+
+_SINGLE, _LIST, _GENERAL = 0, 1, 2
+
+
+class _Entry(object):
+    """A cached signature on one session: its feeds, fetches, callable and result shape."""
+    __slots__ = ('pins', 'feeds', 'dtypes', 'dtype_objs', 'n_feeds', 'fetches', 'targets',
+                 'kind', 'mapper', 'ops', 'shapes', 'runner', 'phase_index', 'pure', 'graph',
+                 'model_ref', 'compiled', 'model_id', 'model_pure', 'n_model_feeds',
+                 'model_feeds', 'model_outputs', 'model_checked', '__weakref__')
+    refused = False
+
+    def __init__(self, session, fetches, feed_dict, pins):
+        tf = _bind()
+        graph = session.graph
+        self.pins = pins
+        self.graph = graph
+        feeds = [graph.as_graph_element(k, allow_tensor=True, allow_operation=False)
+                 for k in feed_dict]
+        with graph.as_default():
+            handler = tf.FetchHandler(graph, _frozen(fetches), {}, None)
+        self.feeds = feeds
+        self.dtypes = [t.dtype.as_numpy_dtype for t in feeds]
+        self.dtype_objs = [np.dtype(d) for d in self.dtypes]
+        self.n_feeds = len(feeds)
+        self.fetches = list(handler._fetches)
+        self.targets = list(handler._targets)
+        self.ops = list(handler._ops)
+        self.mapper = handler._fetch_mapper
+        kind = type(fetches)
+        if kind is _Tensor or (kind is str and len(self.fetches) == 1 and not self.targets):
+            self.kind = _SINGLE
+        elif (kind is list and not self.targets and len(self.fetches) == len(fetches)
+              and all(type(f) is _Tensor or type(f) is str for f in fetches)):
+            self.kind = _LIST
+        else:
+            self.kind = _GENERAL
+        self.shapes = set()
+        self.runner = None
+        self.pure = {}
+        phase = keras_phase(graph)
+        self.phase_index = next((i for i, t in enumerate(feeds) if t is phase), None)
+        self.model_ref = self.compiled = None
+        self.model_checked = False
+        reason = self._unsupported(handler, feeds)
+        if reason is not None:
+            raise _Unsupported(reason)
+
+    def _unsupported(self, handler, feeds):
+        if len({id(t) for t in feeds}) != len(feeds):
+            return 'a tensor fed twice'
+        for t in feeds:
+            if type(t) is not _Tensor or t.op.type not in _PLACEHOLDERS:
+                return 'feeds a tensor that is no placeholder'
+            if np.dtype(t.dtype.as_numpy_dtype).kind not in 'biufc':
+                return 'feeds strings or another dtype'
+        if handler._fetch_handles:
+            return 'fetches a tensor handle'
+        if not self.fetches and not self.targets:
+            return 'fetches nothing'
+        fed = {id(t) for t in feeds}
+        if any(id(t) in fed for t in self.fetches):
+            return 'a fetch is fed'
+        return None
+
+    def is_pure(self, phase_fed_true):
+        """No side effects: no operation fetched, and none in the graph that runs (with the
+        learning phase read as unfed where it is fed 0: the same branch runs)."""
+        pure = self.pure.get(phase_fed_true)
+        if pure is None:
+            feeds = self.feeds
+            if self.phase_index is not None and not phase_fed_true:
+                feeds = [t for i, t in enumerate(feeds) if i != self.phase_index]
+            pure = self.pure[phase_fed_true] = (not self.targets and side_effect_free(
+                self.graph, feeds, self.fetches))
+        return pure
+
+    def convert(self, values):
+        """The feed arrays as ``Session.run`` makes them (``np.asarray`` to the feed's
+        dtype), or None where ``Session.run`` must see the value itself (it may raise)."""
+        arrays = []
+        for i, (v, dto) in enumerate(zip(values, self.dtype_objs)):
+            kind = type(v)
+            if kind is _ndarray:
+                arrays.append(v if v.dtype is dto else np.asarray(v, self.dtypes[i]))
+            elif kind is float or kind is list or kind is tuple or kind is DeferredArray or \
+                    isinstance(v, _generic):
+                arrays.append(np.asarray(v, self.dtypes[i]))
+            elif kind is int or kind is bool:
+                dtype = self.dtypes[i]
+                if _tf.convert_to_numpy_obj(dtype, v) != v:
+                    return None         # Session.run raises its TypeError
+                arrays.append(np.asarray(v, dtype))
+            else:
+                return None
+        return arrays
+
+    def build(self, values):
+        """The result as ``Session.run`` shapes it, from the values of ``self.fetches``."""
+        kind = self.kind
+        if kind is _SINGLE:
+            return values[0]
+        if kind is _LIST:
+            return values
+        full = []
+        it = iter(values)
+        for is_op in self.ops:
+            full.append(None if is_op else next(it))
+        return self.mapper.build_results(full)
+
+    def run(self, session, arrays):
+        """The fetches' values from the cached callable, errors raised as Session.run
+        raises them."""
+        runner = self.runner
+        if runner is None:
+            with _lock:
+                if self.runner is None:
+                    self.runner = Runner(session, self.feeds, self.fetches, self.targets)
+            runner = self.runner
+        return session._do_call(runner.run, session, arrays)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Refused(object):
+    """A signature left to ``Session.run`` (decided once); pins its key's objects."""
+    __slots__ = ('pins', 'reason')
+    refused = True
+
+    def __init__(self, pins, reason):
+        self.pins = pins
+        self.reason = reason
+
+
+class _Cache(object):
+    __slots__ = ('entries', '__weakref__')
+
+    def __init__(self):
+        self.entries = {}
+
+
+def _cache_of(session):
+    cache = session.__dict__.get(_ATTR)
+    if cache is None:
+        with _lock:
+            cache = session.__dict__.get(_ATTR)
+            if cache is None:
+                cache = session.__dict__[_ATTR] = _Cache()
+                _caches.add(cache)
+    return cache
+
+
+def clear():
+    """Drop every session's cached signatures (their callables are released)."""
+    with _lock:
+        for cache in list(_caches):
+            cache.entries = {}
+
+
+# -- the adapter --------------------------------------------------------------------------------
+
+def _bind_run(fetches, feed_dict=None, options=None, run_metadata=None):
+    return fetches, feed_dict, options, run_metadata
+
+
+class SessionRunAdapter(object):
+    """``BaseSession.run`` and ``BaseSession.close``."""
+
+    module = 'tensorflow.python.client.session'
+
+    def entry_points(self):
+        return (
+            (self.module, 'BaseSession.run', self.run),
+            (self.module, 'BaseSession.close', self.close),
+        )
+
+    def close(self, wrapped, session, args, kwargs):
+        """Release the session's cached callables, then close it. (Nothing is settled
+        here: ``Session.__del__`` closes too, from the garbage collector, at any point.)"""
+        cache = session.__dict__.pop(_ATTR, None)
+        if cache is not None:
+            cache.entries = {}
+        return wrapped(*args, **kwargs)
+
+    def run(self, wrapped, session, args, kwargs):
+        if kwargs or len(args) != 2:
+            try:
+                fetches, feed_dict, options, run_metadata = _bind_run(*args, **kwargs)
+            except TypeError:
+                return self.original(wrapped, args, kwargs)
+            if options is not None or run_metadata is not None:
+                return self.original(wrapped, args, kwargs)
+        else:
+            fetches, feed_dict = args
+        if _tf is None:
+            _bind()
+        key = id(fetches) if type(fetches) is _Tensor else fetch_key(fetches)
+        if key is None:
+            return self.original(wrapped, args, kwargs)
+        if type(feed_dict) is dict:
+            if len(feed_dict) == 1:
+                (k, value), = feed_dict.items()
+                key = (key, k if type(k) is str else id(k))
+            else:
+                value = None
+                key = (key, _feed_key(feed_dict))
+        elif feed_dict is None:
+            value = None
+            feed_dict = {}
+            key = (key, ())
+        else:
+            return self.original(wrapped, args, kwargs)
+        cache = session.__dict__.get(_ATTR) or _cache_of(session)
+        entry = cache.entries.get(key)
+        if entry is None:
+            return self._first(wrapped, session, args, kwargs, cache, key, fetches, feed_dict)
+        if entry.refused or session._closed:
+            return self.original(wrapped, args, kwargs)
+        if value is not None and type(value) is _ndarray and value.dtype is entry.dtype_objs[0]:
+            arrays = [value]
+            shapes = value.shape
+        else:
+            arrays = entry.convert(feed_dict.values())
+            if arrays is None:
+                return self.original(wrapped, args, kwargs)
+            shapes = arrays[0].shape if entry.n_feeds == 1 else tuple([a.shape for a in arrays])
+        if shapes not in entry.shapes:
+            return self._validate(wrapped, args, kwargs, entry, shapes)
+        phase = entry.phase_index is not None and bool(arrays[entry.phase_index])
+        if not phase and (entry.model_ref is not None or not entry.model_checked):
+            values = self._model(entry, session, arrays)
+            if values is not None:
+                if values is RERUN:
+                    return self.original(wrapped, args, kwargs)
+                return entry.build(values)
+        if not entry.is_pure(phase):
+            hooks.graph_event()
+        return entry.build(entry.run(session, arrays))
+
+    @staticmethod
+    def original(wrapped, args, kwargs):
+        hooks.graph_event()
+        return wrapped(*args, **kwargs)
+
+    def _first(self, wrapped, session, args, kwargs, cache, key, fetches, feed_dict):
+        """The first call of a signature: the original run, and the signature cached."""
+        pins = (fetches, tuple(feed_dict))
+        try:
+            entry = _Entry(session, fetches, feed_dict, pins)
+        except _Unsupported as exc:
+            entry = _Refused(pins, str(exc))
+        except Exception:
+            # TF will raise for this call (an unknown name, another graph...): nothing cached.
+            return self.original(wrapped, args, kwargs)
+        entries = cache.entries
+        if len(entries) >= MAX_ENTRIES:
+            entries = cache.entries = {}
+        entries[key] = entry
+        if entry.refused:
+            return self.original(wrapped, args, kwargs)
+        arrays = entry.convert(feed_dict.values())
+        if arrays is None:
+            return self.original(wrapped, args, kwargs)
+        shapes = arrays[0].shape if entry.n_feeds == 1 else tuple(a.shape for a in arrays)
+        return self._validate(wrapped, args, kwargs, entry, shapes)
+
+    def _validate(self, wrapped, args, kwargs, entry, shapes):
+        """A new set of feed shapes: ``Session.run`` checks them (and answers)."""
+        result = self.original(wrapped, args, kwargs)
+        if len(entry.shapes) >= MAX_SHAPES:
+            entry.shapes = set()
+        entry.shapes.add(shapes)
+        return result
+
+    # -- known models ---------------------------------------------------------------------------
+
+    def _model(self, entry, session, arrays):
+        """The values of the fetches through the Keras model path, or None where it does
+        not apply now; RERUN where its run failed with no side effects (the original then
+        raises TF's own error)."""
+        kf = _kf or _keras_function()
+        ce = entry.compiled
+        # The model's compiled entry, while it is still the one the engine holds and Keras
+        # still uses this session (else asked for again).
+        if ce is None or kf.compiled_entries.get(entry.model_id) is not ce or \
+                kf.keras_adapter.current_session() is not session:
+            if not entry.model_checked:
+                _find_model(entry)
+                if entry.model_ref is None:
+                    return None
+            model = entry.model_ref()
+            if model is None:
+                entry.model_ref = None
+                return None
+            ce = entry.compiled = kf.model_entry(model, session)
+            if ce is None:
+                return None
+            entry.model_id = id(model)
+            entry.model_pure = entry.is_pure(False)
+        if entry.n_model_feeds == 1:
+            feeds = [arrays[entry.model_feeds[0]]]
+        else:
+            feeds = [arrays[i] for i in entry.model_feeds]
+        try:
+            return kf.run_model(ce, feeds, entry.model_outputs, not entry.model_pure)
+        except _tf.OpError as exc:
+            session._do_call(_raise, exc)     # raised as Session.run raises it
+
+
+RERUN = object()     # a model-path run failed with no side effects: the original answers
+
+
+def _raise(exc):
+    raise exc
+
+
+def _keras_function():
+    global _kf
+    if _kf is None:
+        from . import keras_function
+        _kf = keras_function
+    return _kf
+
+
+_kf = None
+
+
+def _find_model(entry):
+    entry.model_checked = True
+    if entry.targets:
+        return
+    keras_function = _keras_function()
+    feeds = [t for i, t in enumerate(entry.feeds) if i != entry.phase_index]
+    found = keras_function.find_model(feeds, entry.fetches)
+    if found is not None:
+        model, entry.model_feeds, entry.model_outputs = found
+        if entry.phase_index is not None:
+            # arrays hold the phase too: index past it
+            entry.model_feeds = [i if i < entry.phase_index else i + 1
+                                 for i in entry.model_feeds]
+        entry.model_ref = weakref.ref(model)
+        entry.n_model_feeds = len(entry.model_feeds)
+
+
+adapter = SessionRunAdapter()

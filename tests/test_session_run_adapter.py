@@ -1,0 +1,459 @@
+"""Session.run served by cached callables, against plain TensorFlow in the same process.
+
+Every scenario runs once with the original (unwrapped) ``BaseSession.run`` and three times
+patched (the first call of a signature goes to the original, later ones to the cache):
+same result types, nesting, dtypes, values, and the same exception type and message.
+"""
+import collections
+import gc
+import threading
+import weakref
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+from keras import backend as K
+from keras import layers
+from tensorflow.python.client import session as tf_session
+
+import keras_fastpredict as kfp
+from keras_fastpredict.adapters import session_run
+from keras_fastpredict.engine import hooks
+from conftest import inputs_for, raised, unpatched_predict
+
+tf1 = tf.compat.v1
+_run = tf_session.BaseSession.__dict__['run']
+PLAIN_RUN = getattr(_run, '__wrapped__', _run)
+NT = collections.namedtuple('NT', 'a b')
+
+
+def rss_mb():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1024.0
+
+
+def plain(sess, *args, **kwargs):
+    """Plain TensorFlow's answer, whatever the patch state."""
+    return PLAIN_RUN(sess, *args, **kwargs)
+
+
+def outcome(fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - exceptions are compared too
+        return ('raised', type(exc), str(exc))
+
+
+def assert_identical(got, expected):
+    """Same type all the way down, same dtypes, shapes and values (bit for bit)."""
+    assert type(got) is type(expected), (type(got), type(expected))
+    if isinstance(expected, np.ndarray):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+    elif isinstance(expected, dict):
+        assert list(got) == list(expected)
+        for k in expected:
+            assert_identical(got[k], expected[k])
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert_identical(g, e)
+    else:
+        assert got == expected
+
+
+@pytest.fixture(scope='module')
+def g():
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, (None, 3), name='x')
+        n = tf1.placeholder(tf.int32, (), name='n')
+        flag = tf1.placeholder(tf.bool, (), name='flag')
+        idx = tf1.placeholder(tf.int32, (None,), name='idx')
+        text = tf1.placeholder(tf.string, (), name='text')
+        dflt = tf1.placeholder_with_default(tf.constant(2.0), (), name='dflt')
+        sp = tf1.sparse_placeholder(tf.float32, name='sp')
+        y = tf.identity(x * 2 + 1, name='y')
+        s = tf.reduce_sum(y, name='s')
+        k = tf.cast(n, tf.float32) * s * dflt
+        b = tf.logical_and(flag, s > 0)
+        gathered = tf.gather(tf.constant([1., 2., 3.]), idx)
+        noop = tf.no_op(name='noop')
+        v = tf1.Variable(1.0, name='v')
+        counter = tf1.Variable(0, name='counter')
+        bump = tf1.assign_add(counter, 1)
+        noise = tf1.random_uniform((2,)) + s
+        handle = tf1.get_session_handle(s)
+        sparse_sum = tf1.sparse_reduce_sum(sp)
+        init = tf1.global_variables_initializer()
+    sess = tf1.Session(graph=graph)
+    plain(sess, init)
+    ns = collections.namedtuple('G', 'graph sess x n flag idx text dflt sp y s k b gathered '
+                                     'noop v counter bump noise handle sparse_sum')
+    yield ns(graph, sess, x, n, flag, idx, text, dflt, sp, y, s, k, b, gathered, noop, v,
+             counter, bump, noise, handle, sparse_sum)
+    sess.close()
+
+
+X = np.arange(6, dtype='float32').reshape(2, 3)
+
+
+def scenarios(g):
+    """(label, fetches, feed_dict): every fetch and feed form, and errors."""
+    return [
+        ('tensor', g.y, {g.x: X}),
+        ('names', 'y:0', {'x:0': X}),
+        ('list', [g.y, g.s], {g.x: X}),
+        ('tuple', (g.y, g.s), {g.x: X}),
+        ('namedtuple', NT(g.y, g.s), {g.x: X}),
+        ('dict', {'a': g.y, 'b': [g.s, g.noop]}, {g.x: X}),
+        ('ordered dict', collections.OrderedDict([('b', g.s), ('a', g.y)]), {g.x: X}),
+        ('nested', [g.y, {'p': (g.s, NT(g.y, 's:0'))}], {g.x: X}),
+        ('duplicates', [g.y, g.y, g.s, 'y:0'], {g.x: X}),
+        ('op in list', [g.y, g.noop], {g.x: X}),
+        ('op alone', g.noop, {g.x: X}),
+        ('op name', 'noop', {}),
+        ('scalar (numpy type)', g.s, {g.x: X}),
+        ('bool scalar', g.b, {g.x: X, g.flag: True}),
+        ('list feed', g.s, {g.x: X.tolist()}),
+        ('float64 feed cast', g.s, {g.x: X.astype('float64')}),
+        ('int feed cast', g.s, {g.x: X.astype('int64')}),
+        ('python int scalar', g.k, {g.x: X, g.n: 3}),
+        ('numpy int scalar', g.k, {g.x: X, g.n: np.int64(3)}),
+        ('bool into int', g.k, {g.x: X, g.n: True}),
+        ('placeholder with default fed', g.k, {g.x: X, g.n: 2, g.dflt: 0.5}),
+        ('feed key by name, mixed', [g.k], {'x:0': X, g.n: 2}),
+        ('empty list', [], {}),
+        # Errors: TF's own type and message.
+        ('int too large', g.k, {g.x: X, g.n: 2 ** 40}),
+        ('wrong shape', g.s, {g.x: X[:, :2]}),
+        ('wrong rank', g.s, {g.x: X[None]}),
+        ('string into float', g.s, {g.x: 'abc'}),
+        ('missing placeholder', g.s, {}),
+        ('tensor as feed value', g.s, {g.x: g.y}),
+        ('unknown feed name', g.s, {'nope:0': X}),
+        ('unknown fetch name', 'nope:0', {g.x: X}),
+        ('None fetch', None, {}),
+        ('fetch fed', g.y, {g.y: X}),
+        ('runtime error after validation', g.gathered, {g.idx: [5]}),
+        ('runtime ok', g.gathered, {g.idx: [2, 0]}),
+        # Left to TF untouched.
+        ('string feed', g.text, {g.text: 'hello'}),
+        ('variable fetched', g.v, {}),
+        ('feed a variable', g.s * g.v, {g.x: X, g.v: 3.0}),
+        ('feed a non-placeholder', g.s, {g.y: X}),
+        ('sparse feed', g.sparse_sum, {g.sp: tf1.SparseTensorValue([[0, 0]], [2.0], [2, 2])}),
+        ('feed dict not a dict', g.s, [(g.x, X)]),
+    ]
+
+
+def test_every_form_equals_plain_tf(g):
+    labels = []
+    for label, fetches, feed in scenarios(g):
+        expected = outcome(lambda: plain(g.sess, fetches, feed))
+        with kfp.patched():
+            got = [outcome(lambda: g.sess.run(fetches, feed)) for _ in range(3)]
+        for result in got:
+            assert_identical(result, expected)
+        labels.append((label, expected[0] == 'raised' if type(expected) is tuple else False))
+    assert sum(e for _, e in labels) >= 10        # the error cases did raise
+
+
+def test_keyword_forms_options_and_run_metadata(g):
+    options = tf1.RunOptions(trace_level=tf1.RunOptions.FULL_TRACE)
+    expected = plain(g.sess, g.s, {g.x: X})
+    with kfp.patched():
+        for _ in range(3):
+            assert_identical(g.sess.run(fetches=g.s, feed_dict={g.x: X}), expected)
+            assert_identical(g.sess.run(g.s, feed_dict={g.x: X}), expected)
+            meta = tf1.RunMetadata()
+            assert_identical(g.sess.run(g.s, {g.x: X}, options=options, run_metadata=meta),
+                             expected)
+            assert meta.step_stats.dev_stats          # the original filled it
+        assert raised(g.sess.run, g.s, {g.x: X}, nonsense=1) == raised(
+            plain, g.sess, g.s, {g.x: X}, nonsense=1)
+
+
+def test_cached_calls_skip_session_run(g, monkeypatch):
+    runs = []
+    original = tf_session.BaseSession.__dict__['_call_tf_sessionrun']
+
+    def counting(self, *args):
+        runs.append(1)
+        return original(self, *args)
+    monkeypatch.setattr(tf_session.BaseSession, '_call_tf_sessionrun', counting)
+    with kfp.patched():
+        for i in range(10):
+            g.sess.run([g.y, g.s], {g.x: X + i})
+        assert len(runs) == 1                   # the first call validated, 9 were cached
+        g.sess.run([g.y, g.s], {g.x: np.zeros((5, 3), 'float32')})
+        assert len(runs) == 2                   # a new shape: validated by the original
+        g.sess.run([g.y, g.s], {g.x: np.ones((5, 3), 'float32')})
+        assert len(runs) == 2
+
+
+def test_each_call_runs_exactly_once(g):
+    # A variable bumped by each run: the cache must never run anything twice (errors
+    # included), and results must be the counter's successive values.
+    start = plain(g.sess, g.counter)
+    with kfp.patched():
+        seen = [g.sess.run(g.bump) for _ in range(20)]
+        seen += [g.sess.run([g.bump, g.noop])[0] for _ in range(5)]
+    assert [int(s) for s in seen] == list(range(start + 1, start + 26))
+    assert plain(g.sess, g.counter) == start + 25
+
+
+def test_pure_reads_leave_pending_work_alone_and_writes_settle_it(g):
+    gen = hooks.state.generation
+    with kfp.patched():
+        for _ in range(5):
+            g.sess.run(g.s, {g.x: X})
+        first = hooks.state.generation
+        assert first > gen                      # the first (original) call settled work
+        for _ in range(5):
+            g.sess.run(g.s, {g.x: X})           # pure, cached: nothing to settle
+        assert hooks.state.generation == first
+        for _ in range(3):
+            g.sess.run(g.bump)                  # writes a variable
+            g.sess.run(g.noise, {g.x: X})       # a random draw: a side effect
+            g.sess.run([g.s, g.noop], {g.x: X})  # an operation fetched
+        assert hooks.state.generation >= first + 9
+
+
+def test_closed_session_and_release(g):
+    graph = g.graph
+    sess = tf1.Session(graph=graph)
+    with kfp.patched():
+        for _ in range(3):
+            sess.run(g.y, {g.x: X})
+        cache = sess.__dict__[session_run._ATTR]
+        entry = next(iter(cache.entries.values()))
+        runner_ref = weakref.ref(entry.runner)
+        del cache, entry
+        sess.close()
+        assert session_run._ATTR not in sess.__dict__
+        gc.collect()
+        assert runner_ref() is None             # the callables went with the cache
+        expected = raised(plain, sess, g.y, {g.x: X})
+        assert expected[0] is RuntimeError
+        for _ in range(2):
+            assert raised(sess.run, g.y, {g.x: X}) == expected
+        # Closed and replaced by a new session on the same graph.
+        sess = tf1.Session(graph=graph)
+        for _ in range(3):
+            assert_identical(sess.run(g.y, {g.x: X}), plain(g.sess, g.y, {g.x: X}))
+        sess_ref = weakref.ref(sess)
+        cache_ref = weakref.ref(sess.__dict__[session_run._ATTR])
+        del sess
+        gc.collect()
+    assert sess_ref() is None and cache_ref() is None     # nothing keeps a session alive
+
+
+def test_several_sessions_on_one_graph(g):
+    a, b = tf1.Session(graph=g.graph), tf1.Session(graph=g.graph)
+    with g.graph.as_default():
+        set_v = tf1.assign(g.v, tf1.placeholder_with_default(0.0, ()))
+    plain(a, set_v.op, {set_v.op.inputs[1]: 2.0})
+    plain(b, set_v.op, {set_v.op.inputs[1]: -3.0})
+    fetch = g.s * g.v
+    expected = {a: plain(a, fetch, {g.x: X}), b: plain(b, fetch, {g.x: X})}
+    assert expected[a] != expected[b]
+    with kfp.patched():
+        for _ in range(4):
+            for sess in (a, b):
+                assert_identical(sess.run(fetch, {g.x: X}), expected[sess])
+    a.close()
+    b.close()
+
+
+def test_threads_calling_one_session(g):
+    rows = np.random.RandomState(0).rand(8, 40, 3).astype('float32')
+    expected = [[plain(g.sess, [g.y, g.s], {g.x: r[i:i + 1]}) for i in range(40)] for r in rows]
+    got = [None] * 8
+    errors = []
+
+    def work(t):
+        try:
+            got[t] = [g.sess.run([g.y, g.s], {g.x: rows[t][i:i + 1]}) for i in range(40)]
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with kfp.patched():
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not errors
+    for t in range(8):
+        for a, e in zip(got[t], expected[t]):
+            assert_identical(a, e)
+
+
+def test_partial_runs_and_tensor_handles_untouched(g):
+    with kfp.patched():
+        h = g.sess.partial_run_setup([g.y, g.s], [g.x])
+        assert_identical(g.sess.partial_run(h, g.y, {g.x: X}), plain(g.sess, g.y, {g.x: X}))
+        for _ in range(3):
+            handle = g.sess.run(g.handle, {g.x: X})
+            assert type(handle).__name__ == 'TensorHandle'
+            assert handle.eval() == plain(g.sess, g.s, {g.x: X})
+
+
+def test_cache_is_bounded_and_adds_no_ops(g):
+    ops_before = len(g.graph.get_operations())
+    with kfp.patched():
+        for i in range(session_run.MAX_ENTRIES * 2 + 5):
+            # A new signature every call (a different fetch list each time).
+            g.sess.run([g.y] * (i % 300 + 1), {g.x: X})
+        cache = g.sess.__dict__[session_run._ATTR]
+        assert len(cache.entries) <= session_run.MAX_ENTRIES
+    assert len(g.graph.get_operations()) == ops_before
+
+
+# -- Keras models: the engine path ------------------------------------------------------------
+
+def _keras_loop(sess, model, X, n, phase=None):
+    feed = {}
+    out = []
+    for i in range(n):
+        feed = {model.input: X[i][None]}
+        if phase is not None:
+            feed[K.learning_phase()] = phase
+        out.append(sess.run(model.output, feed))
+    return np.concatenate(out)
+
+
+def test_known_model_uses_the_engine(models):
+    model = models['dense']
+    sess = K.get_session()
+    x = inputs_for('dense', 300)
+    expected = unpatched_predict(model, x)
+    with kfp.patched():
+        got = _keras_loop(sess, model, x, 300)
+        got_phase = _keras_loop(sess, model, x, 300, phase=0)
+    for result in (got, got_phase):
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+    stats = kfp.stats(model)
+    assert stats['readahead_hits'] > 400 and stats['fast_calls'] >= 590
+
+
+def test_known_model_result_shapes(models):
+    model = models['multi_out']
+    sess = K.get_session()
+    o1, o2 = model.outputs
+    x = inputs_for('multi_out', 6)
+    fetch_forms = [[o2, o1], {'b': o1, 'a': [o2, o2]}, NT(o1, o2), o2]
+    for fetches in fetch_forms:
+        expected = [plain(sess, fetches, {model.input: x[i:i + 1]}) for i in range(6)]
+        with kfp.patched():
+            got = [sess.run(fetches, {model.input: x[i:i + 1]}) for i in range(6)]
+        for a, e in zip(got, expected):
+            assert type(a) is type(e)
+            flat_a, flat_e = tf.nest.flatten(a), tf.nest.flatten(e)
+            for p, q in zip(flat_a, flat_e):
+                assert type(p) is np.ndarray and p.shape == q.shape
+                np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6)
+    assert kfp.stats(model)['fast_calls'] >= 4 * 5
+
+
+def test_known_model_deferred_in_batching(models):
+    model = models['multi_in']
+    sess = K.get_session()
+    a, b = inputs_for('multi_in', 50)
+    expected = unpatched_predict(model, [a, b])
+    with kfp.patched():
+        with kfp.batching():
+            pending = [sess.run(model.output, {model.inputs[0]: a[i:i + 1].copy(),
+                                               model.inputs[1]: b[i:i + 1].copy()})
+                       for i in range(50)]
+            assert type(pending[-1]) is kfp.DeferredArray
+        got = np.concatenate([np.asarray(p) for p in pending])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert kfp.stats(model)['deferred'] >= 45
+
+
+def test_training_phase_and_stateful_models_not_on_the_engine(models):
+    model = models['dropout']
+    sess = K.get_session()
+    x = inputs_for('dropout', 20)
+    with kfp.patched():
+        for i in range(20):
+            out = sess.run(model.output, {model.input: x[i:i + 1], K.learning_phase(): 1})
+            assert out.shape == (1, 2)
+        assert kfp.stats(model)['calls'] == 0          # training phase: plain cached runs
+        inference = [sess.run(model.output, {model.input: x[i:i + 1],
+                                             K.learning_phase(): 0}) for i in range(20)]
+    np.testing.assert_allclose(np.concatenate(inference), unpatched_predict(model, x),
+                               rtol=1e-5, atol=1e-6)
+    stateful = keras.models.Sequential([
+        layers.LSTM(4, stateful=True, batch_input_shape=(1, 3, 2)), layers.Dense(1)])
+    xs = np.random.RandomState(3).rand(5, 1, 3, 2).astype('float32')
+    sess = K.get_session()                  # initialises the new model's variables
+    expected = [plain(sess, stateful.output, {stateful.input: v}) for v in xs]
+    with kfp.patched():
+        got = [sess.run(stateful.output, {stateful.input: v}) for v in xs]
+    for p, q in zip(got, expected):
+        np.testing.assert_allclose(p, q, rtol=1e-6)     # a plain run updates no state
+
+
+def test_user_sessions(models):
+    # tf.Session() made by the script, given to Keras with set_session, as_default, and
+    # InteractiveSession: the model path where Keras uses that session, a plain cached
+    # callable elsewhere; results as plain TF's on each.
+    previous = K.get_session()
+    graph = tf.Graph()
+    try:
+        with graph.as_default():
+            model = keras.models.Sequential([layers.Dense(8, input_shape=(4,)), layers.Dense(3)])
+            init = tf1.global_variables_initializer()
+        x = np.random.RandomState(5).rand(40, 4).astype('float32')
+        made = tf1.Session(graph=graph)
+        plain(made, init)
+        expected = np.concatenate([plain(made, model.output, {model.input: x[i:i + 1]})
+                                   for i in range(40)])
+        with kfp.patched():
+            # Not Keras' session: the cached callable, no engine.
+            got = _keras_loop(made, model, x, 40)
+            np.testing.assert_allclose(got, expected, rtol=1e-6)
+            assert kfp.stats(model)['calls'] == 0
+            K.set_session(made)
+            got = _keras_loop(made, model, x, 40)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            assert kfp.stats(model)['readahead_hits'] > 20
+            with made.as_default():
+                np.testing.assert_allclose(_keras_loop(made, model, x, 40), expected,
+                                           rtol=1e-5, atol=1e-6)
+            made.close()
+            interactive = tf1.InteractiveSession(graph=graph)
+            try:
+                plain(interactive, init)
+                expected_i = np.concatenate([plain(interactive, model.output,
+                                                   {model.input: x[i:i + 1]})
+                                             for i in range(40)])
+                np.testing.assert_allclose(_keras_loop(interactive, model, x, 40), expected_i,
+                                           rtol=1e-5, atol=1e-6)
+            finally:
+                interactive.close()
+    finally:
+        K.set_session(previous)
+
+
+def test_memory_flat_over_many_cached_calls(g):
+    # The soak (benchmarks/soak.py --mode session-run) runs a million; 60,000 here.
+    feed_rows = np.random.RandomState(1).rand(500, 3).astype('float32')
+    ops = len(g.graph.get_operations())
+    with kfp.patched():
+        for i in range(10000):
+            g.sess.run([g.y, g.s], {g.x: feed_rows[i % 500][None]})
+        gc.collect()
+        start = rss_mb()
+        for i in range(50000):
+            g.sess.run([g.y, g.s], {g.x: feed_rows[i % 500][None]})
+        gc.collect()
+        grown = rss_mb() - start
+    assert grown < 8, 'RSS grew %.1f MB over 50,000 cached calls' % grown
+    assert len(g.graph.get_operations()) == ops
