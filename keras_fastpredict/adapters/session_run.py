@@ -175,7 +175,7 @@ def keras_phase(graph):
 class Runner(object):
     """Session callables for one set of feeds, fetches and targets on one session. The
     caller's thread is faster for small graphs, TF's inter-op pool for some large ones:
-    both are made on first use, the first runs alternate, and the faster is kept.
+    both are made on first use, the first runs alternate, and the faster is used.
     Holds the session weakly; its callables are released when it is dropped (a closed or
     deleted session frees them itself)."""
     __slots__ = ('session_ref', 'feeds', 'fetches', 'targets', 'handles', 'handle', 'inline',
@@ -196,20 +196,17 @@ class Runner(object):
         return _tf.run_callable(session._session, handle, arrays, None)
 
     def _calibrate(self, session, arrays):
-        with _lock:
-            if self.inline is None:
-                self.inline = self._make(session, True)
-                self.pool = self._make(session, False)
-            inline_t, pool_t = self.times
-            if self.handle is None and min(len(inline_t), len(pool_t)) >= _CALIBRATION_RUNS:
-                use_pool = min(pool_t) < min(inline_t)
-                drop = self.inline if use_pool else self.pool
-                self.handles.remove(drop)
-                _release(session, [drop])
-                self.handle = self.pool if use_pool else self.inline
-            if self.handle is not None:
-                return _tf.run_callable(session._session, self.handle, arrays, None)
-            use_pool = len(pool_t) < len(inline_t)
+        if self.inline is None:
+            with _lock:
+                if self.inline is None:
+                    self.pool = self._make(session, False)
+                    self.inline = self._make(session, True)     # set last: both exist
+        inline_t, pool_t = self.times
+        if len(inline_t) >= _CALIBRATION_RUNS and len(pool_t) >= _CALIBRATION_RUNS:
+            # Both are kept (another thread may be running either one right now).
+            self.handle = self.pool if min(pool_t) < min(inline_t) else self.inline
+            return _tf.run_callable(session._session, self.handle, arrays, None)
+        use_pool = len(pool_t) < len(inline_t)
         start = time.perf_counter()
         out = _tf.run_callable(session._session, self.pool if use_pool else self.inline,
                                arrays, None)

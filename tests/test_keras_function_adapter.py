@@ -1,0 +1,306 @@
+"""Keras 2.2.5 backend functions (K.function) on the fast path, against plain Keras.
+
+Each scenario calls the function with the original (unwrapped) ``Function.__call__`` and
+patched, several times (the first patched call is Keras' own, later ones cached): same
+results, same exceptions, the same variable updates.
+"""
+import gc
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+from keras import backend as K
+from keras import layers
+from keras.backend import tensorflow_backend as tfb
+
+import keras_fastpredict as kfp
+from keras_fastpredict.adapters import keras_function
+from keras_fastpredict.engine import hooks
+from conftest import inputs_for, raised, unpatched_predict
+
+tf1 = tf.compat.v1
+_call = tfb.Function.__dict__['__call__']
+PLAIN_CALL = getattr(_call, '__wrapped__', _call)
+
+
+def plain(fn, inputs):
+    """Plain Keras' answer, whatever the patch state."""
+    return PLAIN_CALL(fn, inputs)
+
+
+def outcome(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - exceptions are compared too
+        return ('raised', type(exc), str(exc))
+
+
+def assert_equal(got, expected, exact=True):
+    assert type(got) is type(expected), (type(got), type(expected))
+    if isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert_equal(g, e, exact)
+    elif isinstance(expected, np.ndarray):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        if exact:
+            np.testing.assert_array_equal(got, expected)
+        else:
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert got == expected
+
+
+def differential(fn, inputs_list, exact=True, times=3):
+    """Every input through plain Keras, then patched ``times`` times each."""
+    expected = [outcome(plain, fn, x) for x in inputs_list]
+    with kfp.patched():
+        for _ in range(times):
+            for x, e in zip(inputs_list, expected):
+                assert_equal(outcome(fn, x), e, exact)
+    return expected
+
+
+def test_model_functions_use_the_engine(models):
+    model = models['dense']
+    f = K.function([model.input], [model.output])
+    fp = K.function([model.input, K.learning_phase()], [model.output])
+    x = inputs_for('dense', 200)
+    expected = unpatched_predict(model, x)
+    with kfp.patched():
+        got = np.concatenate([f([x[i:i + 1]])[0] for i in range(200)])
+        got_phase = np.concatenate([fp([x[i:i + 1], 0])[0] for i in range(200)])
+        got_tuple = np.concatenate([fp((x[i:i + 1], 0.0))[0] for i in range(200)])
+    for result in (got, got_phase, got_tuple):
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+    stats = kfp.stats(model)
+    assert stats['fast_calls'] >= 590 and stats['readahead_hits'] > 400
+
+
+def test_model_outputs_reordered_and_deferred(models):
+    model = models['multi_out']
+    o1, o2 = model.outputs
+    f = K.function(model.inputs, [o2, o1, o2])
+    x = inputs_for('multi_out', 30)
+    differential(f, [[x[i:i + 1].copy()] for i in range(30)], exact=False)
+    with kfp.patched():
+        with kfp.batching():
+            pending = [f([x[i:i + 1].copy()]) for i in range(30)]
+            assert type(pending[-1][0]) is kfp.DeferredArray
+        got = [np.concatenate([np.asarray(p[k]) for p in pending]) for k in range(3)]
+    plain_out = plain(f, [x])
+    for g, e in zip(got, plain_out):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_other_functions_cached_exactly(models):
+    model = models['conv']
+    hidden = model.layers[1].output            # an intermediate layer: no model's output
+    f = K.function([model.input, K.learning_phase()], [hidden, model.layers[2].output])
+    x = inputs_for('conv', 6)
+    differential(f, [[x[i:i + 1], 0] for i in range(6)] + [[x[:3], False]])
+    assert kfp.stats(model)['calls'] == 0
+
+
+def test_input_forms_and_errors_as_keras(models):
+    model = models['dense']
+    f = K.function([model.input, K.learning_phase()], [model.layers[0].output])
+    x = inputs_for('dense', 4)
+    cases = [
+        [x[:1], 0], (x[:2], 0), [x[:1].astype('float64'), 0], [x[:1].tolist(), 0],
+        [(x[:1] * 100).astype('int32'), np.int64(0)], [x[:1], False], [x[:1], np.bool_(0)],
+        # errors: Keras' and TF's own
+        [x[:1, :31], 0], [x[:1, :, None], 0], [x[:1], 0, 1], [x[:1]], x[:1], 'abc',
+        [None, 0], [x[:1], None], [np.array([['a'] * 32]), 0], [x[:1], [0, 1]],
+    ]
+    expected = differential(f, cases)
+    assert sum(type(e) is tuple and e[0] == 'raised' for e in expected) >= 6
+
+
+def test_tensor_inputs_go_to_keras(models):
+    model = models['dense']
+    f = K.function([model.input], [model.layers[0].output])
+    const = tf.constant(inputs_for('dense', 2))
+    with kfp.patched():
+        for _ in range(2):
+            assert_equal(f([const]), plain(f, [const]))
+
+
+def test_updates_run_once_per_call_and_settle():
+    v = K.variable(0.0)
+    inc = K.placeholder(shape=())
+    f = K.function([inc], [v * 1.0], updates=[(v, v + inc)])
+    K.get_session()
+    keras_function_state = None
+    values_plain = [plain(f, [1.0])[0] for _ in range(5)]
+    gen = hooks.state.generation
+    with kfp.patched():
+        values = [f([1.0])[0] for _ in range(5)]
+        keras_function_state = f.__dict__.get(keras_function._ATTR)
+    assert hooks.state.generation >= gen + 5        # every update call settled first
+    assert keras_function_state is not None and keras_function_state.updates
+    # Each call read, then added once: the patched calls continue the plain sequence.
+    assert [float(a) for a in values] == [float(b) + 5 for b in values_plain]
+    assert float(K.get_value(v)) == 10.0
+
+
+def test_pure_calls_settle_nothing(models):
+    model = models['dense']
+    f = K.function([model.input], [model.layers[0].output])
+    x = inputs_for('dense', 3)
+    with kfp.patched():
+        f([x]), f([x])
+        gen = hooks.state.generation
+        for _ in range(5):
+            f([x])
+        assert hooks.state.generation == gen
+
+
+def test_function_options_left_to_keras(models):
+    model = models['dense']
+    x = inputs_for('dense', 2)
+    meta = tf1.RunMetadata()
+    with_meta = K.function([model.input], [model.output], run_metadata=meta)
+    extra = K.placeholder(shape=())
+    with_feed = K.function([model.input], [model.output * extra], feed_dict={extra: 2.0})
+    with_fetches = K.function([model.input], [model.output],
+                              fetches=[tf.reduce_sum(model.output)])
+    for fn in (with_meta, with_feed, with_fetches):
+        differential(fn, [[x]], exact=False)
+    assert with_meta.__dict__[keras_function._ATTR].refused
+    assert with_fetches.__dict__[keras_function._ATTR].updates
+
+
+def test_new_variables_are_initialised_as_keras_does():
+    inp = K.placeholder(shape=(None, 3))
+    f = K.function([inp], [inp * 2.0])
+    with kfp.patched():
+        for _ in range(3):
+            f([np.ones((1, 3))])
+        late = K.variable(np.ones(2))         # a variable made after: Keras initialises it
+        assert not getattr(late, '_keras_initialized', False)
+        f([np.ones((1, 3))])
+        assert late._keras_initialized
+        np.testing.assert_array_equal(K.get_session().run(late), np.ones(2))
+
+
+def test_sessions_replaced_and_closed():
+    previous = K.get_session()
+    graph = tf.Graph()
+    try:
+        K.set_session(tf1.Session(graph=graph))
+        with graph.as_default():
+            model = keras.models.Sequential([layers.Dense(3, input_shape=(4,))])
+            f = K.function([model.input], [model.output * 2.0])
+            weights = model.get_weights()
+        x = np.random.RandomState(2).rand(5, 4).astype('float32')
+        with kfp.patched():
+            for _ in range(3):
+                first = f([x])
+            second_session = tf1.Session(graph=graph)
+            K.set_session(second_session)
+            with graph.as_default():
+                model.set_weights([w * 0 for w in weights])  # a different session's weights
+            zeros = [f([x]) for _ in range(3)]
+            for z in zeros:
+                np.testing.assert_array_equal(z[0], np.zeros((5, 3), 'float32'))
+            assert np.abs(first[0]).sum() > 0
+            second_session.close()
+            expected = raised(plain, f, [x])
+            for _ in range(2):
+                assert raised(f, [x]) == expected
+    finally:
+        K.set_session(previous)
+
+
+def test_threads_calling_one_function(models):
+    model = models['lstm']
+    f = K.function([model.input], [model.layers[0].output])
+    x = inputs_for('lstm', 8 * 30)
+    expected = [plain(f, [x[i:i + 1]])[0] for i in range(len(x))]
+    got = {}
+    errors = []
+
+    def work(t):
+        try:
+            for i in range(t * 30, t * 30 + 30):
+                got[i] = f([x[i:i + 1]])[0]
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with kfp.patched():
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not errors
+    for i, e in enumerate(expected):
+        np.testing.assert_allclose(got[i], e, rtol=1e-6)
+
+
+def test_keras_fallbacks_and_training_through_the_adapter(models):
+    # Keras' own predict (a fallback: verbose=1) and fit run their backend functions
+    # through this adapter: same predictions, the same trained weights.
+    model = models['dense']
+    x = inputs_for('dense', 64)
+    with kfp.patched():
+        for _ in range(2):
+            np.testing.assert_allclose(model.predict(x, verbose=1), unpatched_predict(model, x),
+                                       rtol=1e-5, atol=1e-6)
+    np.random.seed(4)
+    y = np.random.rand(64, 2).astype('float32')
+    start = None
+    trained = []
+    for patch in (False, True):
+        net = keras.models.Sequential([layers.Dense(2, input_shape=(32,))])
+        net.compile('sgd', 'mse')
+        if start is None:
+            start = net.get_weights()
+        net.set_weights(start)
+        if patch:
+            with kfp.patched():
+                net.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0)
+        else:
+            net.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0)
+        trained.append(net.get_weights())
+    for a, b in zip(*trained):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_memory_flat_over_many_cached_calls(models):
+    model = models['dense']
+    f = K.function([model.input, K.learning_phase()], [model.layers[1].output])
+    x = inputs_for('dense', 500)
+
+    def rss_mb():
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1]) / 1024.0
+
+    graph = model.input.graph
+    with kfp.patched():
+        for i in range(10000):
+            f([x[i % 500][None].copy(), 0])
+        gc.collect()
+        ops, start = len(graph.get_operations()), rss_mb()
+        for i in range(50000):
+            f([x[i % 500][None].copy(), 0])
+        gc.collect()
+        grown = rss_mb() - start
+    assert grown < 8, 'RSS grew %.1f MB over 50,000 cached calls' % grown
+    assert len(graph.get_operations()) == ops
+
+
+@pytest.mark.parametrize('name', ['multi_in', 'lstm'])
+def test_model_functions_per_row_equal_keras(models, name):
+    model = models[name]
+    f = K.function(model.inputs + [K.learning_phase()], model.outputs)
+    x = inputs_for(name, 40)
+    rows = [([a[i:i + 1] for a in x] if isinstance(x, list) else [x[i:i + 1]]) + [0]
+            for i in range(40)]
+    differential(f, rows, exact=False, times=2)
+    assert kfp.stats(model)['fast_calls'] >= 70
