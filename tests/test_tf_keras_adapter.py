@@ -424,3 +424,32 @@ def test_eager_execution_goes_to_tf_keras():
                          universal_newlines=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith('ok')
+
+
+CHILD_SCRIPT = textwrap.dedent('''
+    import subprocess, sys
+    code = """
+    import sys
+    import numpy as np
+    from tensorflow import keras
+    import keras_fastpredict
+    m = keras.models.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+    m.predict(np.ones((2, 3), 'float32'))
+    print('child', keras_fastpredict.is_patched(), keras_fastpredict.stats(m)['fast_calls'],
+          'keras' in sys.modules)
+    """
+    print(subprocess.run([sys.executable, '-c', code.replace('\\n    ', '\\n')],
+                         stdout=subprocess.PIPE, universal_newlines=True).stdout)
+''')
+
+
+def test_runner_child_using_only_tf_keras_is_patched(tmp_path):
+    script = tmp_path / 'parent.py'
+    script.write_text(CHILD_SCRIPT)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+    env.pop('PYTHONPATH', None)
+    out = subprocess.run([sys.executable, '-m', 'keras_fastpredict', str(script)], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'child True 1 False' in out.stdout, out.stdout + out.stderr[-3000:]

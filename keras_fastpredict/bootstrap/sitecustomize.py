@@ -3,8 +3,8 @@ puts this folder first on ``PYTHONPATH`` (as ``opentelemetry-instrument`` and
 ``ddtrace-run`` do), and ``site`` imports ``sitecustomize`` at start-up.
 
 It imports neither Keras nor TensorFlow nor numpy: it only registers post-import hooks,
-so a child that never imports Keras pays a few milliseconds. When ``keras`` (or
-``keras_fastpredict``) is imported, ``keras_fastpredict.processes.start_in_child()``
+so a child that never imports Keras pays a few milliseconds. When ``keras``, ``tf.keras``
+(or ``keras_fastpredict``) is imported, ``keras_fastpredict.processes.start_in_child()``
 patches with the options of the ``KERAS_FASTPREDICT_*`` variables and, with
 ``KERAS_FASTPREDICT_STATS``, reports this process' counters.
 
@@ -25,6 +25,15 @@ def _start(module):
                          % (os.getpid(), type(exc).__name__, exc))
         return
     processes.start_in_child()
+
+
+def _start_tf_keras(module):
+    # tf.keras (TensorFlow imports it). When Keras 2.2.5 imports TensorFlow, Keras is not
+    # whole yet: its own hook starts once it is.
+    keras = sys.modules.get('keras')
+    if keras is not None and getattr(getattr(keras, '__spec__', None), '_initializing', False):
+        return
+    _start(module)
 
 
 def _spark_worker(module):
@@ -50,6 +59,7 @@ def _register():
         return
     for name in ('keras', 'keras_fastpredict'):
         wrapt.register_post_import_hook(_start, name)
+    wrapt.register_post_import_hook(_start_tf_keras, 'tensorflow.python.keras.engine.training')
     if (os.environ.get('KERAS_FASTPREDICT_STATS', '') not in ('', '0')
             or os.environ.get('KERAS_FASTPREDICT_STATS_DIR')):
         wrapt.register_post_import_hook(_spark_worker, 'pyspark.worker')
