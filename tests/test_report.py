@@ -171,8 +171,8 @@ def test_paths_and_plain_estimate(models):
     assert kinds(k) == ['left_to_keras']
     for s in (site_at(ra), site_at(fast), k):
         assert s['plain_estimate'] == 'measured' and s['plain_estimate_s'] > 0
-    # A one-row plain Keras call costs well over a fast-path call on this model.
-    assert site_at(fast)['plain_estimate_s'] > site_at(fast)['time_s'] * 0.5
+    # The estimate covers the site's calls (how fast they were is the benchmarks' matter).
+    assert site_at(fast)['plain_estimate_calls'] == site_at(fast)['calls']
 
 
 # -- watched results: the same values and types as plain Keras ------------------------------------
