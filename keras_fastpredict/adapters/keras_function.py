@@ -37,6 +37,8 @@ _KERAS_OWN = ('predict_function', 'train_function', 'test_function')
 MAX_SHAPES = 64
 RERUN = session_run.RERUN
 compiled_entries = compiled._entries            # id(model) -> its entry (read-only here)
+_route = route.route
+_current_session = keras_adapter.current_session
 _scan_lock = threading.Lock()
 _known = weakref.WeakSet()                      # Keras models found so far
 _scanned = weakref.WeakKeyDictionary()          # graph -> its version at the last scan
@@ -293,26 +295,35 @@ class KerasFunctionAdapter(object):
         kind = type(inputs)
         if (kind is not list and kind is not tuple) or len(inputs) != st.n:
             return self._original(st, wrapped, fn, args, kwargs, None, True)
-        arrays = st.convert(inputs)
-        if arrays is None:
-            return self._original(st, wrapped, fn, args, kwargs, None, True)
-        phase = st.phase_of(arrays)
+        if st.n == 1 and type(inputs[0]) is _ndarray and inputs[0].dtype is st.dtype_objs[0]:
+            arrays = [inputs[0]]
+            phase = False if st.phase_index is None else st.phase_of(arrays)
+        else:
+            arrays = st.convert(inputs)
+            if arrays is None:
+                return self._original(st, wrapped, fn, args, kwargs, None, True)
+            phase = st.phase_of(arrays)
         if phase is None:
             return self._original(st, wrapped, fn, args, kwargs, None, True)
         cfn = fn._callable_fn
-        session = keras_adapter.current_session()
+        session = _current_session()
         if (cfn is None or cfn is not st.callable or session is not fn._session
                 or session._closed or _vars_count(st.graph) != st.vars_len):
             return self._original(st, wrapped, fn, args, kwargs, arrays, phase)
         if not phase and (st.model_ref is not None or not st.model_checked):
-            shapes = tuple([a.shape for a in arrays])
+            shapes = (arrays[0].shape,) if st.n == 1 else tuple([a.shape for a in arrays])
             if shapes not in st.shapes:
                 return self._original(st, wrapped, fn, args, kwargs, arrays, phase)
-            values = self._model(st, session, arrays)
-            if values is not None:
-                if values is RERUN:
-                    return self._original(st, wrapped, fn, args, kwargs, None, phase)
-                return values
+            ce = st.compiled
+            if ce is None or compiled_entries.get(st.model_id) is not ce or \
+                    ce.session is not session:
+                ce = self._model_entry(st, session)
+            if ce is not None:
+                values = self._model(st, ce, arrays)
+                if values is not None:
+                    if values is RERUN:
+                        return self._original(st, wrapped, fn, args, kwargs, None, phase)
+                    return values
         if not st.is_pure(phase):
             hooks.graph_event()
         # What Keras' callable runs, in a callable of ours that may run in the caller's
@@ -351,26 +362,47 @@ class KerasFunctionAdapter(object):
         return result
 
     @staticmethod
-    def _model(st, session, arrays):
-        """As ``SessionRunAdapter._model``, for a function's call."""
-        ce = st.compiled
-        if ce is None or compiled_entries.get(st.model_id) is not ce or \
-                keras_adapter.current_session() is not session:
-            if not st.model_checked:
-                KerasFunctionAdapter._find_model(st)
-                if st.model_ref is None:
-                    return None
-            model = st.model_ref()
-            if model is None:
-                st.model_ref = None
+    def _model(st, ce, arrays):
+        """The function's outputs through the model's engine path (as ``run_model``)."""
+        if len(st.model_feeds) == 1:
+            x = arrays[st.model_feeds[0]]
+            if x.ndim == 0 or not x.shape[0]:
                 return None
-            ce = st.compiled = model_entry(model, session)
-            if ce is None:
-                return None
+            feeds = [x]
+        else:
+            x = feeds = [arrays[i] for i in st.model_feeds]
+            return run_model(ce, feeds, st.model_outputs, not st.model_pure)
+        if not st.model_pure:
+            hooks.graph_event()
+        stats = ce.stats
+        stats.calls += 1
+        stats.fast_calls += 1
+        try:
+            outs = _route(ce, x, feeds, x.shape[0], 0)
+        except ce.adapter.OpError:
+            stats.fast_calls -= 1
+            stats.calls -= 1
+            if not ce.rerun_on_error:
+                raise
+            return RERUN
+        index = st.model_outputs
+        if len(index) == 1:
+            return [outs[index[0]]]
+        return [outs[j] for j in index]
+
+    @staticmethod
+    def _model_entry(st, session):
+        if not st.model_checked:
+            KerasFunctionAdapter._find_model(st)
+        model = None if st.model_ref is None else st.model_ref()
+        if model is None:
+            st.model_ref = None
+            return None
+        ce = st.compiled = model_entry(model, session)
+        if ce is not None:
             st.model_id = id(model)
             st.model_pure = st.is_pure(False)
-        return run_model(ce, [arrays[i] for i in st.model_feeds], st.model_outputs,
-                         not st.model_pure)
+        return ce
 
     @staticmethod
     def _find_model(st):

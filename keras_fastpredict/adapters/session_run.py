@@ -480,11 +480,11 @@ class SessionRunAdapter(object):
             return self._validate(wrapped, args, kwargs, entry, shapes)
         phase = entry.phase_index is not None and bool(arrays[entry.phase_index])
         if not phase and (entry.model_ref is not None or not entry.model_checked):
-            values = self._model(entry, session, arrays)
-            if values is not None:
-                if values is RERUN:
+            result = self._model(entry, session, arrays)
+            if result is not None:
+                if result is RERUN:
                     return self.original(wrapped, args, kwargs)
-                return entry.build(values)
+                return result
         if not entry.is_pure(phase):
             hooks.graph_event()
         return entry.build(entry.run(session, arrays))
@@ -527,36 +527,73 @@ class SessionRunAdapter(object):
     # -- known models ---------------------------------------------------------------------------
 
     def _model(self, entry, session, arrays):
-        """The values of the fetches through the Keras model path, or None where it does
-        not apply now; RERUN where its run failed with no side effects (the original then
-        raises TF's own error)."""
-        kf = _kf or _keras_function()
+        """The result through the Keras model path, or None where it does not apply now;
+        RERUN where its run failed with no side effects (the original then raises TF's
+        own error)."""
         ce = entry.compiled
         # The model's compiled entry, while it is still the one the engine holds and Keras
         # still uses this session (else asked for again).
-        if ce is None or kf.compiled_entries.get(entry.model_id) is not ce or \
-                kf.keras_adapter.current_session() is not session:
-            if not entry.model_checked:
-                _find_model(entry)
-                if entry.model_ref is None:
-                    return None
-            model = entry.model_ref()
-            if model is None:
-                entry.model_ref = None
-                return None
-            ce = entry.compiled = kf.model_entry(model, session)
+        if ce is None or _compiled_entries.get(entry.model_id) is not ce or \
+                _current_session() is not session:
+            ce = self._model_entry(entry, session)
             if ce is None:
                 return None
-            entry.model_id = id(model)
-            entry.model_pure = entry.is_pure(False)
         if entry.n_model_feeds == 1:
-            feeds = [arrays[entry.model_feeds[0]]]
+            x = arrays[entry.model_feeds[0]]
+            if x.ndim == 0:
+                return None
+            rows = x.shape[0]
+            feeds = [x]
         else:
             feeds = [arrays[i] for i in entry.model_feeds]
+            x = feeds
+            rows = feeds[0].shape[0] if feeds[0].ndim else 0
+            if any(a.ndim == 0 or a.shape[0] != rows for a in feeds):
+                return None
+        if not rows:
+            return None
+        if not entry.model_pure:
+            hooks.graph_event()
+        stats = ce.stats
+        stats.calls += 1
+        stats.fast_calls += 1
         try:
-            return kf.run_model(ce, feeds, entry.model_outputs, not entry.model_pure)
+            outs = _route(ce, x, feeds, rows, 0)
         except _tf.OpError as exc:
+            stats.fast_calls -= 1
+            stats.calls -= 1
+            if ce.rerun_on_error:
+                return RERUN
             session._do_call(_raise, exc)     # raised as Session.run raises it
+        index = entry.model_outputs
+        if entry.kind is _SINGLE:
+            return outs[index[0]]
+        return entry.build([outs[j] for j in index])
+
+    @staticmethod
+    def _model_entry(entry, session):
+        global _compiled_entries, _current_session
+        kf = _kf or _keras_function()
+        _compiled_entries = kf.compiled_entries
+        _current_session = kf.keras_adapter.current_session
+        if not entry.model_checked:
+            _find_model(entry)
+            if entry.model_ref is None:
+                return None
+        model = entry.model_ref()
+        if model is None:
+            entry.model_ref = None
+            return None
+        ce = entry.compiled = kf.model_entry(model, session)
+        if ce is not None:
+            entry.model_id = id(model)
+            entry.model_pure = entry.is_pure(False)
+        return ce
+
+
+_compiled_entries = {}          # the engine's entries (bound on first use)
+_current_session = None         # the session Keras uses now (bound on first use)
+_route = route.route
 
 
 RERUN = object()     # a model-path run failed with no side effects: the original answers
