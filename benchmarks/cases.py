@@ -350,7 +350,8 @@ def all_cases(quick=False):
                 cases.extend(Case(model_name, loop, n, threads=k) for k in THREADS)
             else:
                 cases.append(Case(model_name, loop, n))
-    return cases
+    from . import tf1_cases          # Session.run and K.function loops (issue 11)
+    return cases + tf1_cases.all_cases(quick)
 
 
 def select(cases, patterns):

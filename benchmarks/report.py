@@ -294,6 +294,20 @@ def targets(results):
                       over='hand-batched predict(X[i:i+32])'), 1.0, NOISE)
     at_least('tf.keras Dense(64)x2, 16 threads x 1 row, throughput vs unpatched tf.keras',
              _speedup(by_name, 'tfk_dense64/threads-16', 'patched (concurrent batcher)'), 5)
+    # Issue 11: Session.run and K.function loops (benchmarks/tf1_cases.py).
+    at_least('Dense(64)x2, one-row sess.run over array rows, read-ahead vs unpatched sess.run',
+             _speedup(by_name, 'mlp64/sess-run', 'patched (read-ahead)'), 20)
+    at_least('Dense(64)x2, one-row sess.run, readahead off (cached callable) vs unpatched',
+             _speedup(by_name, 'mlp64/sess-run', 'patched, readahead off (cached callable)'), 8)
+    at_least('Dense(64)x2, K.function per row vs unpatched K.function',
+             _speedup(by_name, 'mlp64/k-function', 'patched (read-ahead)'), 8)
+    at_least('small conv net, two outputs, sess.run per image vs unpatched',
+             _speedup(by_name, 'detector/sess-run', 'patched (read-ahead)'), 2.5)
+    at_least('Dense(64)x2 in a tf.Session the script made (as_default), sess.run per row',
+             _speedup(by_name, 'mlp64_session/sess-run', 'patched (read-ahead)'), 8)
+    at_least('the same session unknown to Keras (cached callable alone)',
+             _speedup(by_name, 'mlp64_session/sess-run',
+                      'patched, session unknown to Keras (cached callable)'), 5)
     # No model slower than unpatched, in any case, with any patched variant.
     worst = {}
     for res in results:
