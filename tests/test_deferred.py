@@ -494,3 +494,27 @@ def test_pending_shape_unknown_to_tf_runs_the_batch():
         assert _shapes_claimed(y) == _shapes_claimed(plain)
         assert kfp.stats(model)['batches'] == 1
         assert_same(np.asarray(y), plain)
+
+
+def test_results_pending_when_their_session_closes_are_settled_first():
+    """Issue 9 item 13: defer=True inside `with tf.Graph().as_default(), tf.Session()`:
+    results still pending when the session closes are computed before it closes."""
+    import tensorflow as tf
+    x = np.random.RandomState(3).rand(6, 4).astype('float32')
+
+    def scenario(predict):
+        with tf.Graph().as_default(), tf.Session() as sess:
+            K.set_session(sess)
+            model = keras.models.Sequential([layers.Dense(3, input_shape=(4,),
+                                                          kernel_initializer='ones')])
+            preds = [predict(model, x[i:i + 1].copy()) for i in range(6)]
+        return np.concatenate([np.asarray(p) for p in preds])
+
+    saved = K.tensorflow_backend._SESSION
+    try:
+        expected = scenario(unpatched_predict)
+        kfp.patch(defer=True)
+        got = scenario(lambda m, r: m.predict(r))
+    finally:
+        K.tensorflow_backend._SESSION = saved
+    assert_same(got, expected)

@@ -36,7 +36,7 @@ import weakref
 
 import numpy as np
 
-from ..engine import batch_safety, hooks, route
+from ..engine import batch_safety, deferred, hooks, route
 from ..engine.deferred import DeferredArray
 
 _ndarray = np.ndarray
@@ -427,8 +427,11 @@ class SessionRunAdapter(object):
         )
 
     def close(self, wrapped, session, args, kwargs):
-        """Release the session's cached callables, then close it. (Nothing is settled
-        here: ``Session.__del__`` closes too, from the garbage collector, at any point.)"""
+        """Run the deferred calls pending on this session, release its cached callables,
+        then close it. (Only this session's pending calls: ``Session.__del__`` closes too,
+        from the garbage collector at any point, and a session with pending calls is never
+        collected, so that is a no-op.)"""
+        deferred.settle_session(session)
         cache = session.__dict__.pop(_ATTR, None)
         if cache is not None:
             cache.entries = {}

@@ -402,6 +402,23 @@ def flush_all():
         _local.flushing_all = False
 
 
+def settle_session(session):
+    """Run the pending calls that run on ``session`` (before it closes). A pending batch
+    holds its session through its entry, so a session the garbage collector closes has
+    none: this is then a no-op, whatever the collector interrupted."""
+    if not _scopes:
+        return
+    with _scopes_lock:
+        scopes = list(_scopes)
+    for scope in scopes:
+        with scope.lock:
+            retired = [scope._run(batch, lone_read=False)
+                       for batch in list(scope._open.values())
+                       if batch.entry.session is session]
+        if retired:
+            _retired.append([p for part in retired for p in part])
+
+
 hooks._flush_all = flush_all
 
 
