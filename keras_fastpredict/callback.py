@@ -8,6 +8,7 @@ import threading
 import weakref
 
 from . import patching
+from .config import settings
 from .engine import deferred
 
 # Callbacks whose scope is open. Keras does not call on_train_end when fit raises, so a
@@ -31,6 +32,7 @@ class FastPredictBehaviour(object):
         self._scope_options = dict(max_batch_size=max_batch_size, readahead=readahead)
         self._options = options
         self._patched_here = False
+        self._saved = None          # options there were before this training's own
         self._scope = None
         self._ensure_patched()
 
@@ -46,7 +48,8 @@ class FastPredictBehaviour(object):
             patching.patch(**self._options)
             self._patched_here = True
         elif self._options:
-            patching.patch(**self._options)
+            # Under someone else's patch: these options last as long as the training.
+            self._saved = settings.update(**self._options)
         if self._defer:
             self._scope = deferred.Scope(**self._scope_options)
             self._scope.activate()
@@ -64,6 +67,9 @@ class FastPredictBehaviour(object):
         if scope is not None:
             scope.deactivate()
             scope.flush(lone_read=False)
+        saved, self._saved = self._saved, None
+        if saved:
+            settings.update(**saved)
         if self._patched_here:
             self._patched_here = False
             patching.unpatch()

@@ -94,7 +94,8 @@ def patch(**options):
 
 
 def unpatch():
-    """Restore the original methods exactly; pending deferred results are computed first."""
+    """Restore the original methods exactly; pending deferred results are computed first.
+    Every option returns to its default: a later ``patch()`` starts afresh."""
     global _active
     with _lock:
         if not _active:
@@ -109,6 +110,7 @@ def unpatch():
     readahead.forget()
     compiled.clear()
     session_run.clear()
+    settings.reset()
 
 
 @contextlib.contextmanager

@@ -152,3 +152,28 @@ def test_training_evaluation_and_saving_unchanged(flavour, tmp_path):
     for a, b in zip(patched[2], plain[2]):
         np.testing.assert_array_equal(a, b)
     assert_same(loaded_pred, flavour.unpatched_predict(plain_model, x))
+
+
+def test_options_do_not_outlive_their_patch(models):
+    """Issue 9 item 20: unpatch() returns options to their defaults; a nested patched()
+    restores the outer options; a FastPredict callback's options last for its training."""
+    from keras_fastpredict.config import settings
+    from conftest import assert_same, inputs_for, unpatched_predict
+    model = models['dense']
+    x = inputs_for('dense', 6)
+    kfp.patch(defer=True)
+    kfp.unpatch()
+    kfp.patch()
+    ys = [model.predict(x[i:i + 1].copy()) for i in range(6)]
+    assert all(type(y) is np.ndarray for y in ys)          # not deferred
+    assert_same(np.concatenate(ys), unpatched_predict(model, x))
+    kfp.unpatch()
+    kfp.patch(readahead=False)
+    with kfp.patched(defer=True):
+        assert settings.defer is True and settings.readahead is False
+    assert settings.defer is False and settings.readahead is False
+    trainee = keras.models.Sequential([keras.layers.Dense(1, input_shape=(3,))])
+    trainee.compile('sgd', 'mse')
+    callback = kfp.FastPredict(max_batch_size=7, readahead=True, concurrent=False)
+    trainee.fit(np.ones((4, 3)), np.ones((4, 1)), epochs=1, verbose=0, callbacks=[callback])
+    assert settings.concurrent is True and settings.readahead is False
