@@ -4,9 +4,11 @@ Semantics follow TF Serving's batching: when the model is idle a call runs at on
 its own thread (no waiting when there is nothing to wait for); calls that arrive while
 runs are in flight queue up and form the next batch, taken by a worker thread
 (``num_batch_threads`` at most in flight per model). ``batch_timeout_micros`` lets a
-worker wait that long for a batch to fill; past ``max_enqueued_batches`` batches of
+worker wait that long for a batch to fill; the queue is unbounded (as plain Keras never
+refuses a call) unless the user sets ``max_enqueued_batches``: past that many batches of
 queued rows a caller gets ``QueueFullError`` at once; a caller waits ``timeout`` seconds
-at most. A Python batcher over the cached callable is used rather than TF's
+at most. Stopping (unpatch, interpreter exit) never fails a call: what is queued, then
+or later, is served. A Python batcher over the cached callable is used rather than TF's
 ``nondifferentiable_batch_function`` op: it adds no graph ops, fails only the callers
 whose rows fail, honours per-call time-outs, and costs nothing when only one thread calls.
 Queueing only pays where one run of one row costs more than a thread hand-off: models
@@ -28,7 +30,8 @@ _QUEUE_COST_S = 50e-6
 
 
 class QueueFullError(RuntimeError):
-    """The model's batch queue holds ``max_enqueued_batches`` batches already."""
+    """The model's batch queue holds ``max_enqueued_batches`` batches already (only when
+    the user set that bound)."""
 
 
 class PredictTimeoutError(TimeoutError):
@@ -47,6 +50,8 @@ class Batcher(object):
         self.workers = 0
         self.idle_workers = 0     # workers waiting for work: only they need a notify
 
+        # Set by stop(): workers leave as soon as the queue is empty instead of idling.
+        # Never a reason to fail a call: a stopped batcher still serves what comes.
         self.stopping = False
         with _all_lock:
             _all.add(self)
@@ -72,9 +77,10 @@ class Batcher(object):
         # A held lock as the "done" signal: cheaper than an Event; the worker releases it.
         req.event = threading.Lock()
         req.event.acquire()
-        limit = settings.max_enqueued_batches * settings.max_batch_size
+        bound = settings.max_enqueued_batches
         with self.cond:
-            if self.queue and self.queued_rows + rows > limit:
+            if (bound is not None and self.queue
+                    and self.queued_rows + rows > bound * settings.max_batch_size):
                 self.stats.rejected += 1
                 raise QueueFullError(
                     'keras_fastpredict: queue full for model %r: %d rows already wait '
@@ -86,7 +92,6 @@ class Batcher(object):
             self.queued_rows += rows
             if len(self.queue) > self.stats.max_queue_len:
                 self.stats.max_queue_len = len(self.queue)
-            self.stopping = False
             if self.workers < settings.num_batch_threads:
                 self.workers += 1
                 threading.Thread(target=self._work, name='keras_fastpredict-batcher',
@@ -111,51 +116,39 @@ class Batcher(object):
 
     def _take(self):
         """Wait for work and a free run slot; return the next batch, or None when this
-        worker exits (idle for a while, or stopping): then it is no longer counted."""
+        worker exits: only with the queue empty (after idling a while, or at once when
+        the batcher is stopped), so no queued call is ever left behind."""
         cond = self.cond
         with cond:
             deadline = time.monotonic() + _IDLE_EXIT_S
-            while not self.stopping and (not self.queue
-                                         or self.running >= settings.num_batch_threads):
+            while not self.queue or self.running >= settings.num_batch_threads:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 and not self.queue:
-                    break
+                if not self.queue and (self.stopping or remaining <= 0):
+                    self.workers -= 1
+                    cond.notify_all()          # stop_all() waits for workers to leave
+                    return None
                 self.idle_workers += 1
                 try:
                     cond.wait(max(remaining, 0.05))
                 finally:
                     self.idle_workers -= 1
-            if self.stopping or not self.queue:
-                self.workers -= 1
-                leftover = []
-                if self.stopping and not self.workers:
-                    leftover = list(self.queue)
-                    self.queue.clear()
-                    self.queued_rows = 0
-                batch = None
-            else:
-                wait_s = settings.batch_timeout_micros / 1e6
-                if wait_s > 0:
-                    end = time.monotonic() + wait_s
-                    while self.queued_rows < settings.max_batch_size and not self.stopping:
-                        remaining = end - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        cond.wait(remaining)
-                batch = []
-                rows = 0
-                while self.queue and (not batch or rows + self.queue[0].rows
-                                      <= settings.max_batch_size):
-                    req = self.queue.popleft()
-                    rows += req.rows
-                    batch.append(req)
-                self.queued_rows -= rows
-                self.running += 1
-        if batch is None:
-            for req in leftover:
-                req.error = RuntimeError('keras_fastpredict: batcher stopped before this '
-                                         'call ran')
-                req.event.release()
+            wait_s = settings.batch_timeout_micros / 1e6
+            if wait_s > 0:
+                end = time.monotonic() + wait_s
+                while self.queued_rows < settings.max_batch_size and not self.stopping:
+                    remaining = end - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    cond.wait(remaining)
+            batch = []
+            rows = 0
+            while self.queue and (not batch or rows + self.queue[0].rows
+                                  <= settings.max_batch_size):
+                req = self.queue.popleft()
+                rows += req.rows
+                batch.append(req)
+            self.queued_rows -= rows
+            self.running += 1
         return batch
 
     def _work(self):
@@ -210,15 +203,18 @@ def submit(entry, arrays, rows, batch_size):
 
 
 def stop_all(wait=2.0):
-    """Stop every worker thread (unpatch, interpreter exit). Queued callers get an error."""
+    """Stop every worker thread (unpatch, interpreter exit) once it has served what is
+    queued, waiting ``wait`` seconds at most. No call is failed: one queued later is
+    served by a worker that again leaves as soon as the queue is empty."""
     with _all_lock:
         batchers = list(_all)
     for batcher in batchers:
         batcher.stop()
     deadline = time.monotonic() + wait
     for batcher in batchers:
-        while batcher.workers and time.monotonic() < deadline:
-            time.sleep(0.005)
+        with batcher.cond:
+            batcher.cond.wait_for(lambda: not batcher.workers,
+                                  max(0.0, deadline - time.monotonic()))
 
 
 def worker_count():

@@ -28,7 +28,7 @@ DEFAULTS = {
     # Concurrent callers from several threads are merged into batches.
     'concurrent': True,
     'batch_timeout_micros': 0,
-    'max_enqueued_batches': 64,
+    'max_enqueued_batches': None,   # None: unbounded, as plain Keras never refuses a call
     'num_batch_threads': 1,
     'timeout': None,          # seconds a concurrent caller waits at most; None waits for ever
     # Rows per session call when the caller gave no batch_size and the model may be batched.
@@ -49,8 +49,10 @@ def _parse(name, text):
         return _BOOL[text.strip().lower()]
     if name == 'verify':
         return _BOOL.get(text.strip().lower(), text.strip())
-    if name == 'timeout':
-        return None if text.strip().lower() in ('', 'none') else float(text)
+    if name in ('timeout', 'max_enqueued_batches'):      # None where unset
+        if text.strip().lower() in ('', 'none'):
+            return None
+        return float(text) if name == 'timeout' else int(text)
     return type(default)(text)
 
 
