@@ -5,8 +5,11 @@ import weakref
 
 _lock = threading.Lock()
 _by_model = {}        # id(model) -> ModelStats, for live models
-_retired = collections.OrderedDict()   # name -> ModelStats of freed models, bounded
+# name -> the counters of freed models of that name, added up (names repeat: they restart
+# after K.clear_session(), and a model file loaded twice gives two). Bounded, by names.
+_retired = collections.OrderedDict()
 _RETIRED_MAX = 64
+_freed = collections.deque()    # counters of models just freed, not yet added to _retired
 
 # Counters are plain integers bumped without a lock: under heavy thread contention a few
 # increments may be lost (they are statistics, not accounting).
@@ -38,6 +41,16 @@ class ModelStats(object):
         self.fallbacks += 1
         self.fallback_reasons[reason] += 1
 
+    def add(self, other):
+        """Add ``other``'s counts to these (freed models of one name)."""
+        for counter in COUNTERS:
+            setattr(self, counter, getattr(self, counter) + getattr(other, counter))
+        self.fallback_reasons.update(other.fallback_reasons)
+        self.batch_sizes.update(other.batch_sizes)
+        self.queue_wait_s += other.queue_wait_s
+        self.exec_s += other.exec_s
+        self.max_queue_len = max(self.max_queue_len, other.max_queue_len)
+
     def batch(self, rows, calls):
         """One session run serving ``calls`` predict calls with ``rows`` rows in all."""
         self.batches += 1
@@ -63,6 +76,7 @@ def for_model(model):
     if found is not None:
         return found
     with _lock:
+        _add_freed()            # (here too, so that _freed stays short without stats())
         found = _by_model.get(key)
         if found is None:
             found = _by_model[key] = ModelStats(getattr(model, 'name', type(model).__name__))
@@ -71,21 +85,31 @@ def for_model(model):
 
 
 def _retire(key):
-    with _lock:
-        found = _by_model.pop(key, None)
-        if found is not None:
-            # Models loaded twice from one file share a name: keep both counters.
-            name = found.name
-            while name in _retired:
-                name += "'"
-            _retired[name] = found
-            while len(_retired) > _RETIRED_MAX:
-                _retired.popitem(last=False)
+    # A finalizer: the garbage collector runs it at any allocation, even inside this
+    # module's locked sections, so it takes no lock (dict.pop and deque.append are atomic).
+    found = _by_model.pop(key, None)
+    if found is not None:
+        _freed.append(found)
+
+
+def _add_freed():
+    """Under _lock: freed models' counters join those of their name (they add up)."""
+    while _freed:
+        found = _freed.popleft()
+        kept = _retired.pop(found.name, None)
+        if kept is not None:
+            kept.add(found)
+            found = kept
+        _retired[found.name] = found            # the most recently freed name last
+        while len(_retired) > _RETIRED_MAX:
+            _retired.popitem(last=False)
 
 
 def snapshot():
-    """Counters per model name (live models, then recently freed ones)."""
+    """Counters per model name (freed models of a name added up, then live models: a
+    name shared with another gets ' marks)."""
     with _lock:
+        _add_freed()
         items = list(_retired.values()) + list(_by_model.values())
     out = {}
     for found in items:
@@ -99,8 +123,9 @@ def snapshot():
 def reset():
     # In place: cached entries and batchers hold these objects.
     with _lock:
-        for found in _by_model.values():
+        for found in list(_by_model.values()):     # (a finalizer may pop meanwhile)
             found.clear()
+        _freed.clear()
         _retired.clear()
 
 

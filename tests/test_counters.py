@@ -69,3 +69,32 @@ def test_each_way_in_counts_its_own_batches(models):
     assert s['batched'] is True and s['inference_graph'].startswith('not used')
     assert_same(np.concatenate(got), unpatched_predict(model, x))
     assert_same(np.concatenate(deferred), unpatched_predict(model, np.concatenate(fresh)))
+
+
+def test_freed_models_sharing_a_name_add_up():
+    """Issue 9 item 21: names restart after K.clear_session(), so a suite frees many models
+    of one name. stats() by that name is the sum of what stats(model) showed for each,
+    not the last one freed (nor a ring of 64 that drops the oldest)."""
+    import gc
+    import keras
+    import tensorflow as tf
+    x = np.ones((2, 3), 'float32')
+    seen = []
+    with kfp.patched(readahead=False):
+        for k in range(4):
+            graph = tf.Graph()        # as after K.clear_session(), in this process only
+            with graph.as_default(), tf.Session(graph=graph).as_default() as session:
+                model = keras.models.Sequential(
+                    [keras.layers.Dense(2, input_shape=(3,))], name='reused')
+                session.run(tf.global_variables_initializer())
+                for _ in range(k + 1):
+                    model.predict(x)
+                model.predict(np.ones((1, 3), 'float64'))        # a cast: still fast
+                seen.append(kfp.stats(model))
+            del model, graph, session
+            gc.collect()
+    assert sorted(k for k in kfp.stats() if k.startswith('reused')) == ['reused']
+    total = kfp.stats()['reused']
+    for counter in stats.COUNTERS:
+        assert total[counter] == sum(s[counter] for s in seen), counter
+    assert total['calls'] == 1 + 2 + 3 + 4 + 4
