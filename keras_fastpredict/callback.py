@@ -37,18 +37,17 @@ class FastPredictBehaviour(object):
         self._ensure_patched()
 
     def _ensure_patched(self):
+        # Only so that fit is wrapped: the options wait for the training.
         if not patching.is_patched():
-            patching.patch(**self._options)
+            patching.patch()
             self._patched_here = True
 
     def on_train_begin(self, logs=None):
         for stale in list(_open):
             stale._close()
-        if not patching.is_patched():
-            patching.patch(**self._options)
-            self._patched_here = True
-        elif self._options:
-            # Under someone else's patch: these options last as long as the training.
+        self._ensure_patched()
+        if self._options:
+            # They last as long as the training; then the settings before it come back.
             self._saved = settings.update(**self._options)
         if self._defer:
             self._scope = deferred.Scope(**self._scope_options)

@@ -76,3 +76,28 @@ def test_callback_made_inside_the_fit_call_still_gives_right_results():
     assert_same(np.asarray(model.predict(x)), unpatched_predict(model, x))
     model.fit(np.zeros((8, 4)), np.zeros((8, 2)), verbose=0, callbacks=[kfp.FastPredict()])
     assert type(model.predict(x)) is np.ndarray
+
+
+def test_callback_options_apply_only_while_its_training_runs():
+    """Issue 9 item 20: FastPredict(**options) sets nothing when made, its options hold
+    during its training, then the settings before it come back."""
+    from keras_fastpredict.config import settings
+
+    class Look(Callback):
+        seen = []
+
+        def on_batch_end(self, batch, logs=None):
+            self.seen.append(settings.timeout)
+
+    model = make()
+    callback = kfp.FastPredict(timeout=30.0)
+    assert settings.timeout is None                  # made, not yet training
+    model.fit(np.zeros((8, 4)), np.zeros((8, 2)), batch_size=4, verbose=0,
+              callbacks=[callback, Look()])
+    assert Look.seen == [30.0, 30.0]
+    assert settings.timeout is None and not kfp.is_patched()
+    kfp.patch(timeout=5.0)
+    model.fit(np.zeros((8, 4)), np.zeros((8, 2)), batch_size=4, verbose=0,
+              callbacks=[kfp.FastPredict(timeout=30.0), Look()])
+    assert Look.seen[2:] == [30.0, 30.0]
+    assert settings.timeout == 5.0 and kfp.is_patched()

@@ -26,3 +26,12 @@ def test_patched_restores_previous_options():
     with kfp.patched(max_batch_size=5):
         assert settings.max_batch_size == 5
     assert settings.max_batch_size == config.DEFAULTS['max_batch_size']
+
+
+def test_queue_is_unbounded_unless_a_bound_is_set():
+    """Issue 9 item 11: plain Keras never refuses a call, so by default nothing is."""
+    assert config.DEFAULTS['max_enqueued_batches'] is None
+    assert config.from_environ({'KERAS_FASTPREDICT_MAX_ENQUEUED_BATCHES': '8'}) == {
+        'max_enqueued_batches': 8}
+    assert config.from_environ({'KERAS_FASTPREDICT_MAX_ENQUEUED_BATCHES': 'none'}) == {
+        'max_enqueued_batches': None}
