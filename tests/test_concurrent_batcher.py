@@ -229,7 +229,9 @@ def test_stateful_model_calls_are_never_merged():
         join(run_threads(4, work))        # plain Keras would fail in these threads
     assert not errors
     s = kfp.stats(model)
-    assert s['fallbacks'] == 20 and s['batches'] == 0
+    # On the fast path (issue 10), one call per run, never queued or merged.
+    assert s['fast_calls'] == 20 and s['fallbacks'] == 0
+    assert s['batches'] == 0 and s['queued'] == 0
 
 
 def test_idle_worker_keeps_nothing_of_a_dropped_model(always_queue):

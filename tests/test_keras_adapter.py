@@ -272,3 +272,35 @@ def test_model_whose_output_is_its_input_is_left_to_keras():
     (reason, count), = kfp.stats(model)['fallback_reasons'].items()
     assert reason.startswith('no callable:') and 'both fed and fetched' in reason
     assert count == 1
+
+
+def test_first_call_in_a_new_thread_with_no_session_yet():
+    """keras#2397: TF's default graph is per thread, so a new thread's first call finds
+    an empty graph; with no Keras session yet, plain Keras makes it there and fails. The
+    patched call makes it on the model's graph, and later calls (main thread, plain
+    Keras after unpatch) run on that session as usual. In a fresh process."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent('''
+        import threading, numpy as np, keras
+        from keras.engine.training import Model
+        import keras_fastpredict as kfp
+        model = keras.models.Sequential([keras.layers.Dense(3, input_shape=(4,),
+                                                            kernel_initializer='ones')])
+        x = np.arange(8, dtype='float32').reshape(2, 4)
+        kfp.patch()
+        out = []
+        t = threading.Thread(target=lambda: out.append(model.predict(x)))
+        t.start(); t.join()
+        kfp.unpatch()
+        np.testing.assert_allclose(out[0], Model.predict(model, x), rtol=1e-6)
+        print('ok', kfp.stats(model)['fast_calls'])
+    ''')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=root)
+    done = subprocess.run([sys.executable, '-c', script], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300,
+                          cwd='/')
+    assert done.returncode == 0 and done.stdout.strip() == 'ok 1', done.stderr[-3000:]

@@ -288,11 +288,26 @@ class KerasAdapter(object):
             return 'sparse input'
         return None
 
+    # Keras 2.2.5's session is global, but TF's default graph is per thread: a new
+    # thread's first call finds a fresh, empty graph, makes the session there and fails
+    # (keras#2397). Only in that case is the session made on the model's graph instead.
+    # (tf.keras keeps a session per thread, and is left as it is.)
+    rescue_new_threads = True
+
     def _build(self, model):
         with compiled.build_lock:
             # As Keras' predict does first: the session, made in the caller's graph
             # context if there is none yet, with new variables initialised.
-            session = self.keras_session()
+            graph = getattr(model, 'outputs', None) and model.outputs[0].graph
+            if (self.rescue_new_threads and graph is not None
+                    and self.current_session() is None
+                    and threading.current_thread() is not threading.main_thread()
+                    and self.default_graph() is not graph
+                    and not self.default_graph().get_operations()):
+                with graph.as_default():
+                    session = self.keras_session()
+            else:
+                session = self.keras_session()
             reason = self.unsupported_reason(model)
             if reason is None and (session.graph is not model.outputs[0].graph
                                    or session._closed):

@@ -27,6 +27,7 @@ _CONTAINERS = (list, tuple, dict)
 class TfKerasAdapter(KerasAdapter):
     """``tf.keras`` (TensorFlow 1.15's ``tensorflow.python.keras``)."""
 
+    rescue_new_threads = False        # tf.keras has a session per thread: its own rules
     name = 'tf.keras'
     training = 'tensorflow.python.keras.engine.training'
     sequential = 'tensorflow.python.keras.engine.sequential'
