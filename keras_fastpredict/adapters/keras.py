@@ -308,6 +308,14 @@ class KerasAdapter(object):
                     session = self.keras_session()
             else:
                 session = self.keras_session()
+            return self.build_on(model, session)
+
+    def build_on(self, model, session):
+        """The model's entry (cached) on ``session``, the one Keras uses: a
+        ``CompiledModel`` fed and fetched as Keras' predict function, or a ``Refusal``."""
+        with compiled.build_lock:
+            if self.tfb is None:
+                self._bind()
             reason = self.unsupported_reason(model)
             if reason is None and (session.graph is not model.outputs[0].graph
                                    or session._closed):

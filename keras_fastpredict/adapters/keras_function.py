@@ -28,7 +28,7 @@ from ..engine import compiled, hooks, route
 from ..engine.deferred import DeferredArray
 from . import session_run
 from .keras import adapter as keras_adapter
-from .keras import ensure_predict_function, has_updates
+from .keras import has_updates
 
 _ndarray = np.ndarray
 _generic = np.generic
@@ -131,41 +131,13 @@ def model_entry(model, session):
         entry = compiled.get(model)
         if not (entry is not None and entry.session is session and entry.model_ref() is model
                 and entry.function is model.__dict__.get('predict_function')):
-            entry = _build_on(model, session)
+            # Not K.get_session(): it would initialise variables plain TF leaves alone.
+            entry = keras_adapter.build_on(model, session)
     except Exception:
         return None
     if entry.refused or entry.updates is not None or entry.stateful:
         return None
     return entry
-
-
-def _build_on(model, session):
-    """As ``KerasAdapter._build``, on ``session`` (the one Keras uses now) without asking
-    Keras for it: ``K.get_session()`` would initialise variables plain TF would leave
-    alone."""
-    ka = keras_adapter
-    with compiled.build_lock:
-        if ka.tfb is None:
-            ka._bind()
-        reason = ka.unsupported_reason(model)
-        if reason is None and session.graph is not model.outputs[0].graph:
-            reason = 'model not on the session Keras uses'
-        if reason is not None:
-            return compiled.store(model, compiled.Refusal(model, session, reason))
-        function = ensure_predict_function(model, session.graph)
-        phase = ka.learning_phases().get(session.graph)
-        feeds = [t for t in function.inputs if t is not phase]
-        if len(feeds) != len(model._feed_inputs):
-            return compiled.store(model, compiled.Refusal(
-                model, session, 'predict function with other inputs'))
-        try:
-            entry = compiled.CompiledModel(
-                model, session, ka, feeds, list(function.outputs),
-                function.updates_op if has_updates(function) else None, function.updates_op)
-        except Exception as exc:
-            return compiled.store(model, compiled.Refusal(
-                model, session, 'no callable: %s' % str(exc).split('\n')[0]))
-        return compiled.store(model, entry)
 
 
 def run_model(entry, feeds, output_index, impure):

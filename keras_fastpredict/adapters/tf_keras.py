@@ -97,16 +97,9 @@ class TfKerasAdapter(KerasAdapter):
         return compiled._keras_assembled(parts, spans, rows)
 
     def entry_points(self):
-        """tf.keras' own methods (listed here, not inherited: Keras 2.2.5's table names
-        backend objects tf.keras does not have)."""
-        return (
-            (self.training, 'Model.predict', self.predict),
-            (self.training, 'Model.predict_on_batch', self.predict_on_batch),
-            (self.sequential, 'Sequential.predict_proba', self.keras_default_batch_size),
-            (self.sequential, 'Sequential.predict_classes', self.keras_default_batch_size),
-            (self.training, 'Model.compile', self.recompiled),
-            (self.training, 'Model.fit', self.fit),
-            (self.training, 'Model.fit_generator', self.fit),
+        """Keras' model methods at tf.keras' places, and its backend function (which no
+        K.function adapter owns for tf.keras)."""
+        return KerasAdapter.entry_points(self) + (
             (self.backend, 'GraphExecutionFunction.__call__', self.backend_function),
         )
 
