@@ -14,7 +14,6 @@ from keras import layers
 from keras.engine import training
 
 import keras_fastpredict as kfp
-from keras_fastpredict import patching
 from conftest import assert_same, inputs_for, unpatched_predict
 
 R = sys.modules['keras_fastpredict.report']
