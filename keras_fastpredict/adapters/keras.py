@@ -265,13 +265,18 @@ class KerasAdapter(object):
     def lookup(self, model):
         """The ``CompiledModel`` for ``model`` on the session Keras would use now, or a
         ``Refusal``. Cheap when nothing changed since the last call."""
+        return self._cached(model, self.current_session()) or self._build(model)
+
+    @staticmethod
+    def _cached(model, session):
+        """The model's cached entry if it still holds: same session (open), same predict
+        function, same model."""
         entry = compiled.get(model)
-        session = self.current_session()
         if (entry is not None and entry.session is session and session is not None
                 and entry.function is model.__dict__.get('predict_function')
                 and not session._closed and entry.model_ref() is model):
             return entry
-        return self._build(model)
+        return None
 
     def unsupported_reason(self, model):
         """Why the fast path must leave this model to Keras, or None."""

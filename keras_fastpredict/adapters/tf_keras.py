@@ -119,17 +119,12 @@ class TfKerasAdapter(KerasAdapter):
         graph = self.default_graph()
         if graph._distribution_strategy_stack:
             return compiled.Refusal(model, None, 'distribution strategy scope')
-        entry = compiled.get(model)
         session = self._default_session()
         if session is None:
             session = getattr(self.tfb._SESSION, 'session', None)
             if session is not None and session.graph is not graph:
                 session = None
-        if (entry is not None and entry.session is session and session is not None
-                and entry.function is model.__dict__.get('predict_function')
-                and not session._closed and entry.model_ref() is model):
-            return entry
-        return self._build(model)
+        return self._cached(model, session) or self._build(model)
 
     def unsupported_reason(self, model):
         from tensorflow.python.framework import ops
