@@ -457,3 +457,32 @@ def test_memory_flat_over_many_cached_calls(g):
         grown = rss_mb() - start
     assert grown < 8, 'RSS grew %.1f MB over 50,000 cached calls' % grown
     assert len(g.graph.get_operations()) == ops
+
+
+def test_a_feed_that_does_not_convert_raises_what_tf_raises_first():
+    """TF checks a closed session first, then each feed in turn (an earlier feed's shape
+    before a later feed's conversion): a value that does not convert leaves the call to
+    TF, whatever the signature's state."""
+    import numpy as np
+    import tensorflow as tf
+    from conftest import raised
+
+    def outcomes(patch):
+        graph = tf.Graph()
+        with graph.as_default():
+            x = tf.placeholder(tf.float32, (None, 3), name='x')
+            z = tf.placeholder(tf.float32, (None, 3), name='z')
+            y = x + z
+            sess = tf.Session(graph=graph)
+            if patch:
+                kfp.patch()
+            good = {x: np.ones((1, 3)), z: np.ones((1, 3))}
+            found = [sess.run(y, good).tolist(), sess.run(y, good).tolist(),
+                     raised(sess.run, y, {x: np.ones((2, 4)), z: [[1, 2], [3]]}),
+                     raised(sess.run, y, {x: np.ones((1, 3)), z: [[1, 2], [3]]})]
+            sess.close()
+            found.append(raised(sess.run, y, {x: [[1, 2], [3]], z: np.ones((1, 3))}))
+            kfp.unpatch()
+            return found
+
+    assert outcomes(True) == outcomes(False)

@@ -453,3 +453,33 @@ def test_runner_child_using_only_tf_keras_is_patched(tmp_path):
                          universal_newlines=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert 'child True 1 False' in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_compiled_sequential_after_pop_and_add_serves_what_tf_keras_serves():
+    """tf.keras compiles a compiled model again inside predict once it changed
+    (Sequential.pop sets it uncompiled): plain tf.keras then serves the new outputs."""
+    def build():
+        model = tfk.Sequential([
+            tfk.layers.Dense(3, kernel_initializer='ones', input_shape=(4,)),
+            tfk.layers.Dense(2, kernel_initializer='ones')])
+        model.compile('sgd', 'mse')
+        return model
+
+    x = np.ones((1, 4), np.float32)
+
+    def steps(model):
+        out = [model.predict(x)]
+        model.pop()
+        out.append(model.predict(x))
+        out.append(model.predict(x))
+        model.add(tfk.layers.Dense(1, kernel_initializer='ones'))
+        out.append(model.predict(x))
+        return out
+
+    expected = steps(build())
+    kfp.patch()
+    got = steps(build())
+    assert [g.shape for g in got] == [e.shape for e in expected] == [(1, 2), (1, 3), (1, 3),
+                                                                     (1, 1)]
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)

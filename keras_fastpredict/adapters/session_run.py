@@ -475,7 +475,7 @@ class SessionRunAdapter(object):
             arrays = [value]
             shapes = value.shape
         else:
-            arrays = entry.convert(feed_dict.values())
+            arrays = self._converted(entry, feed_dict)
             if arrays is None:
                 return self.original(wrapped, args, kwargs)
             shapes = arrays[0].shape if entry.n_feeds == 1 else tuple([a.shape for a in arrays])
@@ -491,6 +491,15 @@ class SessionRunAdapter(object):
         if not entry.is_pure(phase):
             hooks.graph_event()
         return entry.build(entry.run(session, arrays))
+
+    @staticmethod
+    def _converted(entry, feed_dict):
+        """The feeds as arrays, or None where a value does not convert: TF's own run then
+        raises, in its own order (a closed session, an earlier feed's shape...)."""
+        try:
+            return entry.convert(feed_dict.values())
+        except Exception:
+            return None
 
     @staticmethod
     def original(wrapped, args, kwargs):
@@ -513,7 +522,7 @@ class SessionRunAdapter(object):
         entries[key] = entry
         if entry.refused:
             return self.original(wrapped, args, kwargs)
-        arrays = entry.convert(feed_dict.values())
+        arrays = self._converted(entry, feed_dict)
         if arrays is None:
             return self.original(wrapped, args, kwargs)
         shapes = arrays[0].shape if entry.n_feeds == 1 else tuple(a.shape for a in arrays)

@@ -119,6 +119,10 @@ class TfKerasAdapter(KerasAdapter):
         graph = self.default_graph()
         if graph._distribution_strategy_stack:
             return compiled.Refusal(model, None, 'distribution strategy scope')
+        if not getattr(model, '_is_compiled', True) and getattr(model, 'optimizer', None):
+            # Compiled, then changed (Sequential.pop): tf.keras' predict compiles it again
+            # on this call, with a new predict function the next call's lookup finds.
+            return compiled.Refusal(model, None, 'tf.keras recompiles it on this call')
         session = self._default_session()
         if session is None:
             session = getattr(self.tfb._SESSION, 'session', None)
