@@ -54,6 +54,7 @@ import numpy as np
 
 from . import counters as _stats
 from .config import settings
+from .engine.deferred import map_nested
 
 # Every frame inspection of the report goes through this name (tests count its calls).
 _getframe = sys._getframe
@@ -655,14 +656,7 @@ def _plain_of(v):
 
 
 def _plain_deep(v):
-    kind = type(v)
-    if kind is Watched:
-        return _plain_of(v)
-    if kind is list or kind is tuple:
-        return kind(_plain_deep(i) for i in v)
-    if kind is dict:
-        return {k: _plain_deep(i) for k, i in v.items()}
-    return v
+    return map_nested(v, _plain_of)
 
 
 def _unwatch_call(x, args, kwargs):

@@ -25,16 +25,11 @@ def _bind_predict(x, batch_size=None, verbose=0, steps=None, callbacks=None,
     return x, batch_size, verbose, steps, callbacks
 
 
-def _plain_arrays(x):
-    """Deferred results resolved, and memory-mapped arrays (datasets too big to load, as
-    Keras treats them) viewed as plain ndarrays, in lists, tuples and dicts too."""
-    kind = type(x)
-    if kind is np.memmap:
+def _plain_array(x):
+    """A deferred result resolved, a memory-mapped array (a dataset too big to load, as
+    Keras treats it) viewed as a plain ndarray."""
+    if type(x) is np.memmap:
         return x.view(_ndarray)
-    if kind is list or kind is tuple:
-        return kind(_plain_arrays(v) for v in x)
-    if kind is dict:
-        return {k: _plain_arrays(v) for k, v in x.items()}
     return deferred.resolve(x)
 
 
@@ -194,7 +189,7 @@ class KerasAdapter(object):
         if entry.refused:
             return self._fallback(wrapped, model, args, kwargs, entry.reason)
         if type(x) is not _ndarray:
-            x = _plain_arrays(x)
+            x = deferred.map_nested(x, _plain_array)
         arrays = entry.prepare(x)
         if arrays is None:
             return self._fallback(wrapped, model, args, kwargs, 'input Keras handles itself')

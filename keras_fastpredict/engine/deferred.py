@@ -86,16 +86,20 @@ def resolve(value):
     return value
 
 
+def map_nested(obj, leaf):
+    """``obj`` with ``leaf`` applied to everything in it that is no list, tuple or dict
+    (the containers Keras takes inputs in and functions return results in)."""
+    kind = type(obj)
+    if kind is list or kind is tuple:
+        return kind(map_nested(v, leaf) for v in obj)
+    if kind is dict:
+        return {k: map_nested(v, leaf) for k, v in obj.items()}
+    return leaf(obj)
+
+
 def materialize(obj):
     """``obj`` with deferred arrays replaced by ndarrays, in lists, tuples and dicts too."""
-    kind = type(obj)
-    if kind is DeferredArray:
-        return resolve(obj)
-    if kind is list or kind is tuple:
-        return kind(materialize(v) for v in obj)
-    if kind is dict:
-        return {k: materialize(v) for k, v in obj.items()}
-    return obj
+    return map_nested(obj, resolve)
 
 
 def _shape_after(shape, key):
