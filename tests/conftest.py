@@ -43,6 +43,26 @@ def assert_same(actual, expected):
         np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
 
 
+def run_in_threads(n, work):
+    """``work(t)`` for t in range(n), each in its own thread, all started before any is
+    joined; returns the exceptions they raised."""
+    import threading
+    errors = []
+
+    def guarded(t):
+        try:
+            work(t)
+        except Exception as exc:  # noqa: BLE001 - collected for the caller to assert on
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return errors
+
+
 def raised(fn, *args, **kwargs):
     """(exception type, message) raised by fn, or None."""
     try:

@@ -9,7 +9,8 @@ from keras import backend as K
 from keras import layers
 
 import keras_fastpredict as kfp
-from conftest import ORIGINAL, assert_same, inputs_for, raised, unpatched_predict
+from conftest import (ORIGINAL, assert_same, inputs_for, raised, run_in_threads,
+                      unpatched_predict)
 
 MODEL_NAMES = ['dense', 'conv', 'lstm', 'multi_in', 'multi_out', 'dropout']
 
@@ -200,20 +201,12 @@ def test_threads_get_their_own_rows(models):
     x = inputs_for('dense', 8 * 50)
     expected = unpatched_predict(model, x, batch_size=1)
     results = {}
-    errors = []
 
     def work(t):
-        try:
-            results[t] = [model.predict(x[i:i + 1]) for i in range(t * 50, t * 50 + 50)]
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        results[t] = [model.predict(x[i:i + 1]) for i in range(t * 50, t * 50 + 50)]
 
     with kfp.patched():
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        errors = run_in_threads(8, work)
     assert not errors
     for t in range(8):
         assert_same(np.concatenate(results[t]), expected[t * 50:t * 50 + 50])

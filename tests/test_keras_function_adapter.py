@@ -5,7 +5,6 @@ patched, several times (the first patched call is Keras' own, later ones cached)
 results, same exceptions, the same variable updates.
 """
 import gc
-import threading
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from keras.backend import tensorflow_backend as tfb
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import keras_function
 from keras_fastpredict.engine import hooks
-from conftest import inputs_for, raised, unpatched_predict
+from conftest import inputs_for, raised, run_in_threads, unpatched_predict
 
 tf1 = tf.compat.v1
 _call = tfb.Function.__dict__['__call__']
@@ -221,21 +220,13 @@ def test_threads_calling_one_function(models):
     x = inputs_for('lstm', 8 * 30)
     expected = [plain(f, [x[i:i + 1]])[0] for i in range(len(x))]
     got = {}
-    errors = []
 
     def work(t):
-        try:
-            for i in range(t * 30, t * 30 + 30):
-                got[i] = f([x[i:i + 1]])[0]
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        for i in range(t * 30, t * 30 + 30):
+            got[i] = f([x[i:i + 1]])[0]
 
     with kfp.patched():
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        errors = run_in_threads(8, work)
     assert not errors
     for i, e in enumerate(expected):
         np.testing.assert_allclose(got[i], e, rtol=1e-6)

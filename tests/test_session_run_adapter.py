@@ -6,7 +6,6 @@ same result types, nesting, dtypes, values, and the same exception type and mess
 """
 import collections
 import gc
-import threading
 import weakref
 
 import numpy as np
@@ -20,7 +19,7 @@ from tensorflow.python.client import session as tf_session
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import session_run
 from keras_fastpredict.engine import hooks
-from conftest import inputs_for, raised, unpatched_predict
+from conftest import inputs_for, raised, run_in_threads, unpatched_predict
 
 tf1 = tf.compat.v1
 _run = tf_session.BaseSession.__dict__['run']
@@ -273,20 +272,12 @@ def test_threads_calling_one_session(g):
     rows = np.random.RandomState(0).rand(8, 40, 3).astype('float32')
     expected = [[plain(g.sess, [g.y, g.s], {g.x: r[i:i + 1]}) for i in range(40)] for r in rows]
     got = [None] * 8
-    errors = []
 
     def work(t):
-        try:
-            got[t] = [g.sess.run([g.y, g.s], {g.x: rows[t][i:i + 1]}) for i in range(40)]
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        got[t] = [g.sess.run([g.y, g.s], {g.x: rows[t][i:i + 1]}) for i in range(40)]
 
     with kfp.patched():
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        errors = run_in_threads(8, work)
     assert not errors
     for t in range(8):
         for a, e in zip(got[t], expected[t]):

@@ -20,7 +20,7 @@ from tensorflow.python.keras import backend as TK
 
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import tf_keras as tf_keras_adapter
-from conftest import FLAVOURS, TF_ORIGINAL, assert_same, raised
+from conftest import FLAVOURS, TF_ORIGINAL, assert_same, raised, run_in_threads
 
 L = tfk.layers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,23 +227,15 @@ def test_threads_with_tf_keras_session_workaround(tfm):
     x = inputs('sequential', 8 * 40)
     expected = plain(model, x, batch_size=1)
     session, graph = TK.get_session(), tf.compat.v1.get_default_graph()
-    results, errors = {}, []
+    results = {}
 
     def work(t):
-        try:
-            with graph.as_default():
-                TK.set_session(session)
-                results[t] = [model.predict(x[i:i + 1].copy())
-                              for i in range(t * 40, t * 40 + 40)]
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        with graph.as_default():
+            TK.set_session(session)
+            results[t] = [model.predict(x[i:i + 1].copy()) for i in range(t * 40, t * 40 + 40)]
 
     with kfp.patched():
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        errors = run_in_threads(8, work)
     assert not errors
     for t in range(8):
         assert_same(np.concatenate(results[t]), expected[t * 40:t * 40 + 40])
