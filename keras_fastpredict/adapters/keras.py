@@ -201,16 +201,8 @@ class KerasAdapter(object):
             if batch_size is None:
                 return self._fallback(wrapped, model, args, kwargs,
                                       'Keras raises for this batch size')
-        stats = entry.stats
-        stats.calls += 1
-        stats.fast_calls += 1
-        try:
-            outs = route.route(entry, x, arrays, rows, batch_size)
-        except self.OpError:        # TensorFlow's run failed (not our own errors)
-            if not entry.rerun_on_error:
-                raise
-            stats.fast_calls -= 1
-            stats.calls -= 1
+        outs = route.serve(entry, x, arrays, rows, batch_size)
+        if outs is route.RERUN:
             return self._fallback(wrapped, model, args, kwargs, 'the run failed: Keras raises')
         return outs[0] if entry.n_outputs == 1 else outs
 

@@ -35,9 +35,9 @@ _generic = np.generic
 _ATTR = '_kfp_fn'
 _KERAS_OWN = ('predict_function', 'train_function', 'test_function')
 MAX_SHAPES = 64
-RERUN = session_run.RERUN
+RERUN = route.RERUN
 compiled_entries = compiled._entries            # id(model) -> its entry (read-only here)
-_route = route.route
+_serve = route.serve
 _current_session = keras_adapter.current_session
 _scan_lock = threading.Lock()
 _known = weakref.WeakSet()                      # Keras models found so far
@@ -156,16 +156,8 @@ def run_model(entry, feeds, output_index, impure):
             return None
     if impure:
         hooks.graph_event()
-    stats = entry.stats
-    stats.calls += 1
-    stats.fast_calls += 1
-    try:
-        outs = route.route(entry, first if len(feeds) == 1 else feeds, feeds, rows, 0)
-    except entry.adapter.OpError:
-        if not entry.rerun_on_error:
-            raise
-        stats.fast_calls -= 1
-        stats.calls -= 1
+    outs = route.serve(entry, first if len(feeds) == 1 else feeds, feeds, rows, 0)
+    if outs is RERUN:
         return RERUN
     if len(output_index) == 1:
         return [outs[output_index[0]]]
@@ -346,16 +338,8 @@ class KerasFunctionAdapter(object):
             return run_model(ce, feeds, st.model_outputs, not st.model_pure)
         if not st.model_pure:
             hooks.graph_event()
-        stats = ce.stats
-        stats.calls += 1
-        stats.fast_calls += 1
-        try:
-            outs = _route(ce, x, feeds, x.shape[0], 0)
-        except ce.adapter.OpError:
-            stats.fast_calls -= 1
-            stats.calls -= 1
-            if not ce.rerun_on_error:
-                raise
+        outs = _serve(ce, x, feeds, x.shape[0], 0)
+        if outs is RERUN:
             return RERUN
         index = st.model_outputs
         if len(index) == 1:

@@ -566,17 +566,12 @@ class SessionRunAdapter(object):
             return None
         if not entry.model_pure:
             hooks.graph_event()
-        stats = ce.stats
-        stats.calls += 1
-        stats.fast_calls += 1
         try:
-            outs = _route(ce, x, feeds, rows, 0)
+            outs = _serve(ce, x, feeds, rows, 0)
         except _tf.OpError as exc:
-            stats.fast_calls -= 1
-            stats.calls -= 1
-            if ce.rerun_on_error:
-                return RERUN
             session._do_call(_raise, exc)     # raised as Session.run raises it
+        if outs is RERUN:
+            return RERUN
         index = entry.model_outputs
         if entry.kind is _SINGLE:
             return outs[index[0]]
@@ -605,10 +600,10 @@ class SessionRunAdapter(object):
 
 _compiled_entries = {}          # the engine's entries (bound on first use)
 _current_session = None         # the session Keras uses now (bound on first use)
-_route = route.route
+_serve = route.serve
 
 
-RERUN = object()     # a model-path run failed with no side effects: the original answers
+RERUN = route.RERUN  # a model-path run failed with no side effects: the original answers
 
 
 def _raise(exc):

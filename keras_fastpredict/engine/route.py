@@ -61,3 +61,24 @@ def route(entry, x, arrays, rows, batch_size):
     if settings.concurrent:
         return concurrent_batcher.submit(entry, arrays, rows, batch_size)
     return entry.run(arrays, batch_size)
+
+
+# A fast call whose TensorFlow run failed and changed nothing: the caller's original method
+# answers instead (and raises its own error, in its own words).
+RERUN = object()
+
+
+def serve(entry, x, arrays, rows, batch_size):
+    """A counted fast-path call through ``route``, or RERUN (above). Any other failure,
+    or one of a model whose failed run may have changed state, propagates."""
+    stats = entry.stats
+    stats.calls += 1
+    stats.fast_calls += 1
+    try:
+        return route(entry, x, arrays, rows, batch_size)
+    except entry.adapter.OpError:
+        if not entry.rerun_on_error:
+            raise
+        stats.fast_calls -= 1
+        stats.calls -= 1
+        return RERUN
