@@ -197,6 +197,25 @@ def test_stateful_model_never_batched():
     assert stats['batches'] == 0 and stats['deferred'] == 0 and stats['fast_calls'] == 8
 
 
+def test_not_batched_warning_points_at_the_callers_line():
+    # The warning names the line of the user's call, for predict and for Session.run.
+    inp = layers.Input((4,))
+    centred = layers.Lambda(lambda t: t - K.mean(t, axis=0, keepdims=True))(inp)
+    model = keras.models.Model(inp, layers.Dense(2)(centred))
+    x = np.random.RandomState(2).rand(3, 4).astype('float32')
+    sess = K.get_session()
+    for call in (lambda: model.predict(x[:1].copy()),
+                 lambda: sess.run(model.output, {model.input: x[:1].copy()})):
+        with kfp.patched():
+            call()                  # (Session.run's first call of a signature is TF's)
+        with pytest.warns(RuntimeWarning, match='not batched') as caught:
+            with kfp.batching():
+                call()
+                call()
+        found = [w for w in caught if 'not batched' in str(w.message)]
+        assert found and found[0].filename == __file__, found[0].filename
+
+
 def test_batch_dependent_lambda_is_not_batched():
     inp = layers.Input((4,))
     centred = layers.Lambda(lambda t: t - K.mean(t, axis=0, keepdims=True))(inp)

@@ -543,10 +543,10 @@ class SessionRunAdapter(object):
         RERUN where its run failed with no side effects (the original then raises TF's
         own error)."""
         ce = entry.compiled
-        # The model's compiled entry, while it is still the one the engine holds and Keras
-        # still uses this session (else asked for again).
+        # The model's compiled entry, while it is still the one the engine holds and it
+        # runs on this session (else asked for again: only where Keras uses this session).
         if ce is None or _compiled_entries.get(entry.model_id) is not ce or \
-                _current_session() is not session:
+                ce.session is not session:
             ce = self._model_entry(entry, session)
             if ce is None:
                 return None
@@ -579,10 +579,9 @@ class SessionRunAdapter(object):
 
     @staticmethod
     def _model_entry(entry, session):
-        global _compiled_entries, _current_session
+        global _compiled_entries
         kf = _kf or _keras_function()
         _compiled_entries = kf.compiled_entries
-        _current_session = kf.keras_adapter.current_session
         if not entry.model_checked:
             _find_model(entry)
             if entry.model_ref is None:
@@ -599,7 +598,6 @@ class SessionRunAdapter(object):
 
 
 _compiled_entries = {}          # the engine's entries (bound on first use)
-_current_session = None         # the session Keras uses now (bound on first use)
 _serve = route.serve
 
 

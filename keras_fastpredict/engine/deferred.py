@@ -7,6 +7,7 @@ A ``Scope`` (one per ``batching()`` block or ``@fast_predict`` call) collects th
 requests of its thread and runs them together.
 """
 import collections
+import os
 import threading
 
 import numpy as np
@@ -18,6 +19,7 @@ from ..config import settings
 _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush
 _scopes_lock = threading.Lock()
+_active = 0                         # scopes on any thread's stack
 _ZERO = bytearray(1)
 _retired = collections.deque(maxlen=4)     # _Pending objects replaced by recent flushes
 # Points a proxy at another object, past DeferredArray.__setattr__ (and faster).
@@ -333,14 +335,22 @@ class Scope(object):
 
     # Context-manager use: push on this thread's stack; leaving runs what is pending.
     def activate(self):
+        global _active
+        with _scopes_lock:
+            _active += 1
         _stack().append(self)
 
     def deactivate(self):
+        global _active
         stack = _stack()
         if stack and stack[-1] is self:
             stack.pop()
         elif self in stack:
             stack.remove(self)
+        else:
+            return
+        with _scopes_lock:
+            _active -= 1
 
     def __enter__(self):
         self.activate()
@@ -387,6 +397,8 @@ def _stack():
 
 def current():
     """The innermost active scope of this thread, or None."""
+    if not _active:             # no scope in any thread: no thread-local lookup per call
+        return None
     stack = getattr(_local, 'stack', None)
     return stack[-1] if stack else None
 
@@ -433,3 +445,14 @@ def implicit_scope():
     if scope is None:
         scope = _local.implicit = Scope()
     return scope
+
+
+def _after_fork_in_child():
+    # Only this thread survives a fork: its own scopes are the active ones, and a lock
+    # another thread held at the fork is never released.
+    global _scopes_lock, _active
+    _scopes_lock = threading.Lock()
+    _active = len(getattr(_local, 'stack', None) or ())
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -54,7 +54,9 @@ def _same_rows(xs, inputs, j):
 def serve(entry, xs, limit):
     """Outputs for the one-row inputs ``xs`` (one array per model input) from a read-ahead
     window, or None (then the caller predicts them alone). ``limit`` caps the window."""
-    windows = _windows()
+    windows = getattr(_local, 'windows', None)
+    if windows is None:
+        windows = _windows()
     w = windows.get(id(entry))
     if w is not None and w.n and w.generation == hooks.state.generation:
         # The usual case: the window's next row. Its bytes decide, not where the input

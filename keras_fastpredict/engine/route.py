@@ -6,6 +6,8 @@ call tries, in order: read-ahead (a one-row view of a larger array), deferral (i
 batching scope or with ``defer=True``), the concurrent batcher (calls from several
 threads), or a plain run. Every adapter hands its calls here.
 """
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -17,50 +19,19 @@ from . import deferred, readahead, verification
 _ndarray = np.ndarray
 
 
+_PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '')
+
+
 def _warn_not_batched(entry):
     # Once per model: batching was asked for, and this model's calls run one by one.
+    # Shown at the caller's line: the first frame outside this package.
     entry.warned = True
+    level, f = 2, sys._getframe(1)
+    while f is not None and f.f_code.co_filename.startswith(_PACKAGE):
+        level, f = level + 1, f.f_back
     warnings.warn('keras_fastpredict: model %r is not batched: %s'
-                  % (entry.stats.name, entry.batching_reason), RuntimeWarning, stacklevel=5)
-
-
-def route(entry, x, arrays, rows, batch_size):
-    """``batch_size``: None lets the fast path choose, 0 is ``predict_on_batch``."""
-    safe = entry.batch_safe
-    if safe is not True or entry.excluded:
-        if safe is False and not entry.warned and (settings.defer or deferred.current()):
-            _warn_not_batched(entry)
-        # Unbatched, as Keras runs it; a model not yet verified learns from the call.
-        outs = entry.run(arrays, batch_size, on_batch=batch_size == 0)
-        if safe is None:
-            verification.observe(entry, arrays, outs)
-        return outs
-    scope = deferred.current()
-    if scope is None and settings.defer:
-        scope = deferred.implicit_scope()
-    readahead_on = settings.readahead
-    if scope is not None and scope.readahead is not None:
-        readahead_on = scope.readahead
-    # Read-ahead first: where a loop walks an array it batches as well as deferral does,
-    # and gives back plain arrays. It looks at the caller's arrays, before any cast.
-    if readahead_on and rows == 1:
-        if type(x) is _ndarray:
-            # A row that is no view of a larger array cannot be read ahead.
-            outs = None if x.base is None else readahead.serve(entry, [x],
-                                                               settings.readahead_max)
-        elif type(x) is dict:
-            outs = readahead.serve(entry, [x[name] for name in entry.feed_names],
-                                   settings.readahead_max)
-        else:
-            outs = readahead.serve(entry, x, settings.readahead_max)
-        if outs is not None:
-            return outs
-    if scope is not None and rows < scope.max_batch_size and scope.wants(entry):
-        return scope.defer(entry, arrays, rows)
-    batch_size = batch_size or (rows if batch_size == 0 else None)
-    if settings.concurrent:
-        return concurrent_batcher.submit(entry, arrays, rows, batch_size)
-    return entry.run(arrays, batch_size)
+                  % (entry.stats.name, entry.batching_reason), RuntimeWarning,
+                  stacklevel=level)
 
 
 # A fast call whose TensorFlow run failed and changed nothing: the caller's original method
@@ -69,16 +40,56 @@ RERUN = object()
 
 
 def serve(entry, x, arrays, rows, batch_size):
-    """A counted fast-path call through ``route``, or RERUN (above). Any other failure,
-    or one of a model whose failed run may have changed state, propagates."""
+    """One counted fast-path call, routed (see the module docs). ``batch_size``: None lets
+    the fast path choose, 0 is ``predict_on_batch``. Returns the outputs, or RERUN (above);
+    any other failure, or one of a model whose failed run may have changed state,
+    propagates. (One function: it is on every call's path.)"""
     stats = entry.stats
     stats.calls += 1
     stats.fast_calls += 1
     try:
-        return route(entry, x, arrays, rows, batch_size)
+        safe = entry.batch_safe
+        if safe is not True or entry.excluded:
+            if safe is False and not entry.warned and (settings.defer or deferred.current()):
+                _warn_not_batched(entry)
+            # Unbatched, as Keras runs it; a model not yet verified learns from the call.
+            outs = entry.run(arrays, batch_size, on_batch=batch_size == 0)
+            if safe is None:
+                verification.observe(entry, arrays, outs)
+            return outs
+        scope = deferred.current()
+        if scope is None and settings.defer:
+            scope = deferred.implicit_scope()
+        readahead_on = settings.readahead
+        if scope is not None and scope.readahead is not None:
+            readahead_on = scope.readahead
+        # Read-ahead first: where a loop walks an array it batches as well as deferral
+        # does, and gives back plain arrays. It looks at the caller's arrays, before any
+        # cast.
+        if readahead_on and rows == 1:
+            if type(x) is _ndarray:
+                # A row that is no view of a larger array cannot be read ahead.
+                outs = None if x.base is None else _readahead(entry, [x],
+                                                               settings.readahead_max)
+            elif type(x) is dict:
+                outs = _readahead(entry, [x[name] for name in entry.feed_names],
+                                  settings.readahead_max)
+            else:
+                outs = _readahead(entry, x, settings.readahead_max)
+            if outs is not None:
+                return outs
+        if scope is not None and rows < scope.max_batch_size and scope.wants(entry):
+            return scope.defer(entry, arrays, rows)
+        batch_size = batch_size or (rows if batch_size == 0 else None)
+        if settings.concurrent:
+            return concurrent_batcher.submit(entry, arrays, rows, batch_size)
+        return entry.run(arrays, batch_size)
     except entry.adapter.OpError:
         if not entry.rerun_on_error:
             raise
         stats.fast_calls -= 1
         stats.calls -= 1
         return RERUN
+
+
+_readahead = readahead.serve
