@@ -22,7 +22,7 @@ COUNTERS = ('calls', 'fast_calls', 'fallbacks', 'deferred', 'deferred_batches', 
 
 class ModelStats(object):
     __slots__ = COUNTERS + ('name', 'fallback_reasons', 'batch_sizes', 'queue_wait_s',
-                            'exec_s', 'max_queue_len', '__weakref__')
+                            'exec_s', 'max_queue_len', 'report_owner', '__weakref__')
 
     def __init__(self, name):
         self.name = name
@@ -36,6 +36,7 @@ class ModelStats(object):
         self.queue_wait_s = 0.0
         self.exec_s = 0.0
         self.max_queue_len = 0
+        self.report_owner = None    # the call-site report's (report.py): whose calls these are
 
     def fallback(self, reason):
         self.fallbacks += 1

@@ -15,7 +15,7 @@ from .adapters import keras as keras_adapter
 from .adapters import keras_function, session_run
 from .adapters import tf_keras as tf_keras_adapter
 from .config import settings
-from .report import wrap as _recorded   # the call-site report (only when on)
+from . import report as _report         # the call-site report (only when on)
 from .engine import compiled, hooks, readahead
 
 # (module, class.attribute, wrapper(wrapped, instance, args, kwargs)): each adapter's
@@ -50,7 +50,7 @@ def _apply(module, path, wrapper):
     if current is None or isinstance(current, _Patch):
         return
     if settings.report:         # off: nothing wrapped, no frame ever looked at
-        wrapper = _recorded(path, wrapper)
+        wrapper = _report.wrap(path, wrapper)
     setattr(owner, name, _Patch(current, wrapper))
 
 
@@ -77,11 +77,15 @@ def is_patched():
 
 def patch(**options):
     """Speed up ``Model.predict`` and its siblings (see the package docs for options).
-    A second call only updates the options."""
+    A second call only updates the options (turning the report on or off re-wraps the
+    entry points: calls in flight finish as they began)."""
     global _active
     with _lock:
+        was_report = bool(settings.report)
         settings.update(**options)
         if _active:
+            if bool(settings.report) != was_report:
+                _rewrap()
             return
         _active = True
         for name, path, wrapper in ENTRY_POINTS:
@@ -91,6 +95,15 @@ def patch(**options):
             elif name not in _hooks_registered:
                 _hooks_registered.add(name)
                 wrapt.register_post_import_hook(_on_import, name)
+
+
+def _rewrap():
+    _report.stop_announcing()
+    for name, path, wrapper in ENTRY_POINTS:
+        module = sys.modules.get(name)
+        if module is not None:
+            _remove(module, path)
+            _apply(module, path, wrapper)
 
 
 def unpatch():
@@ -106,6 +119,7 @@ def unpatch():
             if module is not None:
                 _remove(module, path)
         _active = False
+        _report.stop_announcing()
     concurrent_batcher.stop_all()
     readahead.forget()
     compiled.clear()
@@ -118,12 +132,18 @@ def patched(**options):
     """``with patched(): ...`` patches for the block (leaves an outer patch in place)."""
     with _lock:
         was_active = _active
+        was_report = bool(settings.report)
         old = settings.update(**options)
         patch()
+        if was_active and bool(settings.report) != was_report:
+            _rewrap()
     try:
         yield
     finally:
         with _lock:
             if not was_active:
                 unpatch()
+            report_now = bool(settings.report)
             settings.update(**old)
+            if was_active and bool(settings.report) != report_now:
+                _rewrap()

@@ -5,24 +5,28 @@ On with ``patch(report=True)``, ``KERAS_FASTPREDICT_REPORT=1``, or the runner's 
 and ``--stats-json FILE``. Off, nothing is wrapped and no frame is ever looked at.
 
 How it works, generic over adapters: when the report is on, ``patching`` wraps each call
-entry point's wrapper (``wrap``) with a recorder. A call entry is a wrapper marked
-``wrapper._kfp_call = True`` (or a function ``stats_of(instance, args, kwargs)`` giving the
-``counters.ModelStats`` to read, or None), or a path in ``CALL_PATHS``. Per call the recorder
+entry point's wrapper (``wrap``) with a recorder. Call entries are ``Model.predict`` and
+``predict_on_batch`` (``CALL_PATHS``: the model is the call's instance) and wrappers marked
+``announcing`` (``Session.run``, ``K.function``: the adapter announces which of its cached
+states serves the call, and that state's counters are read). Per call the recorder
 
 * attributes the call to the first frame outside Keras, TensorFlow, numpy, wrapt and this
   package (``file:line in function``), found by walking ``sys._getframe`` with a per-code
   cache; a call made inside another recorded call (Keras' own session run) is not counted
   again;
-* reads the model's counters before and after (plain integers): a fallback is "left to
-  Keras" with its reason, then deferred, read-ahead, merged across threads (the batcher
-  queued calls), else the fast path. Other threads' calls move the same counters, so
-  paths of calls that overlap in time are approximate;
+* reads one counter before and after (``fast_calls``): a call the adapter did not serve is
+  "left to Keras" (or TF) with the reason whose count grew. Which way the served calls
+  went (read-ahead, deferred, merged across threads, else the fast path alone) is read
+  from the model's counters once per run of calls from one site, not per call (see
+  ``_take``). Other threads' calls move the same counters, so paths of calls that overlap
+  in time are approximate;
 * times the call, and estimates what plain Keras would have spent: calls left to Keras
   are their own measure; otherwise the original (unpatched) method is timed once per
-  model and power-of-two row count, on the rows of the first such call (1024 at most,
-  scaled by rows), 1 warm-up then the median of 3 runs, outside the call's own timing.
-  Models where an extra run would change what the program sees (stateful models, random
-  draws or variable writes in the graph) are not timed, and the report says so.
+  model (or cached signature) and power-of-two row count, on the rows of the first such
+  call (1024 at most, scaled by rows), 1 warm-up then the median of 3 runs, outside the
+  call's own timing. Where an extra run would change what the program sees (stateful
+  models, random draws or variable writes, runs with side effects) nothing is timed, and
+  the report says so.
 
 Measured advice (a sample of the first ``WATCH_CALLS`` calls of each site):
 
@@ -60,8 +64,8 @@ from .engine.deferred import map_nested
 _getframe = sys._getframe
 _perf = time.perf_counter
 # The counters a call's path is read from (one C call for all, before and after).
-_paths = operator.attrgetter('fallbacks', 'deferred', 'readahead_hits', 'readahead_rows',
-                             'queued')
+# The counters a model's fast calls' ways are read from (one C call).
+_paths = operator.attrgetter('deferred', 'readahead_hits', 'readahead_windows', 'queued')
 _ndarray = np.ndarray
 
 # Entry points attributed as calls (by ``class.attribute`` path) unless a wrapper says so
@@ -136,27 +140,29 @@ def _user_frame(depth=2):
 # -- sites -----------------------------------------------------------------------------------
 
 class Site(object):
-    __slots__ = ('code', 'file', 'line', 'function', 'entry', 'stats', 'model_ref', 'rows',
-                 'same_rows',
-                 'time_s', 'fast', 'readahead', 'deferred', 'merged', 'keras', 'reasons',
+    __slots__ = ('code', 'file', 'line', 'function', 'entry', 'stats', 'path', 'mark',
+                 'instance_ref', 'model_ref', 'rows', 'same_rows',
+                 'time_s', 'served', 'readahead', 'deferred', 'merged', 'keras', 'reasons',
                  'plain_s', 'unmeasured', 'plain_note', 'plain_rows', 'plain_per_call',
                  'sampling', 'watch_left', 'watched', 'epoch',
                  'epoch_start', 'open_watch', 'batches', 'span_left', 'held', 'enclosing',
-                 'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors')
+                 'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state',
+                 'hot')
 
-    def __init__(self, code, line, stats, entry, model):
+    def __init__(self, code, line, stats, entry, instance, path=None, model=None, state=None):
         self.code = code
         self.file = code.co_filename if code is not None else '?'
         self.line = line
         self.function = code.co_name if code is not None else '?'
         self.entry = entry
-        self.stats = stats
-        try:
-            self.model_ref = weakref.ref(model)
-        except TypeError:
-            self.model_ref = lambda: None
-        self.rows = self.same_rows = self.fast = self.readahead = self.deferred = 0
-        self.merged = self.keras = self.unmeasured = self.errors = 0
+        self.stats = stats          # its fast_calls tell a fast call from one passed on
+        self.path = path or stats   # read-ahead, deferred and merged are counted here
+        self.mark = None            # self.path's counters when this site last took it over
+        self.instance_ref = _weak(instance)
+        self.model_ref = _weak(model if model is not None else instance)
+        self.state = state          # an announcing adapter's state (K.function, Session.run)
+        self.rows = self.same_rows = self.served = self.readahead = self.deferred = 0
+        self.merged = self.keras = self.unmeasured = self.errors = self.hot = 0
         self.time_s = self.plain_s = self.plain_per_call = 0.0
         self.plain_rows = None      # the row count plain_per_call was estimated for
         self.sampling = True
@@ -179,17 +185,57 @@ class Site(object):
 
     @property
     def calls(self):
-        return (self.fast + self.readahead + self.deferred + self.merged + self.keras
-                + self.errors)
+        return self.served + self.hot + self.keras + self.errors
+
+    @property
+    def fast(self):
+        return max(0, self.served + self.hot - self.readahead - self.deferred - self.merged)
 
     def total_rows(self):
-        return self.rows + self.same_rows * (self.plain_rows or 0)
+        return self.rows + (self.same_rows + self.hot) * (self.plain_rows or 0)
 
     def plain_total(self):
-        return self.plain_s + self.same_rows * self.plain_per_call
+        return self.plain_s + (self.same_rows + self.hot) * self.plain_per_call
 
     def where(self):
         return '%s:%d in %s' % (self.file, self.line, self.function)
+
+
+def _weak(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: None
+
+
+# -- which way calls went: read once per run of calls, not per call ---------------------------
+#
+# A fast call's way (read-ahead, deferred, merged, else the fast path alone) is counted in
+# its model's counters. The site that last called a model "owns" those counters
+# (``ModelStats.report_owner``); while it does, nothing is read per call. When another site
+# calls the model (or the report is read), the owner's share since it took over is added to
+# it: the counters' growth over its run of calls. Calls of other threads in that time count
+# for the owner (the report says paths of calls that overlap in time are approximate).
+
+def _take(path, site):
+    owner = path.report_owner
+    if owner is not None:
+        _settle(owner)
+    path.report_owner = site
+    site.path = path
+    site.mark = _paths(path)
+
+
+def _settle(site):
+    path, mark = site.path, site.mark
+    if mark is None:
+        return
+    now = _paths(path)
+    site.mark = now
+    # (never below zero: reset_stats() clears the counters under a mark)
+    site.deferred += max(0, now[0] - mark[0])
+    site.readahead += max(0, now[1] - mark[1]) + max(0, now[2] - mark[2])
+    site.merged += max(0, now[3] - mark[3])
 
 
 def _model_stats(instance, args, kwargs):
@@ -201,6 +247,16 @@ def _mark_call(fn):
     return fn
 
 
+def announcing(fn):
+    """Marks an adapter's entry wrapper whose calls the report attributes through the
+    adapter's ``announce`` (``Session.run``, ``K.function``): the adapter calls
+    ``self.announce(state, x)`` once it knows which of its states (with ``stats``, and a
+    ``compiled`` model entry where the call goes to a model) serves the call, before it
+    serves it. ``announce`` is None while the report is off (one attribute test)."""
+    fn._kfp_call = 'announced'
+    return fn
+
+
 def is_call_entry(path, wrapper):
     return bool(getattr(wrapper, '_kfp_call', False)) or path in CALL_PATHS
 
@@ -209,38 +265,32 @@ def wrap(path, wrapper):
     """The recorder around a call entry's wrapper (``wrapper`` itself for other entries)."""
     if not is_call_entry(path, wrapper):
         return wrapper
-    stats_of = getattr(wrapper, '_kfp_call', None)
-    if not callable(stats_of):
-        stats_of = None
     entry_name = path.rsplit('.', 1)[-1]
-    # sites: (id(code), line, id(model)) of the user's frame -> Site; by_line: the line of
-    # the calling frame -> the Site last found there, where that frame is the user's own
-    # (the common case: one lookup, two identity checks). Calls from Keras' or our own
-    # frames (predict_classes, a call made inside a recorded call) walk the stack.
     with _lock:      # kept across patch cycles
         sites, by_line = _site_tables.setdefault(path, ({}, {}))
+    if getattr(wrapper, '_kfp_call', None) == 'announced':
+        return _announced(wrapper, sites, entry_name)
 
+    # sites: (id(code), line, id(model)) of the user's frame -> Site; by_line: the
+    # instruction of the calling frame (f_lasti: read as it is, where f_lineno is computed)
+    # -> its Site, once the site's samples are taken and where that frame is the user's
+    # own. The common call: one lookup, two identity checks, one counter read before and
+    # after, the clock.
     def recorded(wrapped, instance, args, kwargs):
         f = _getframe(1)
-        site = by_line.get(f.f_lineno)
-        if site is None or site.code is not f.f_code or site.model_ref() is not instance:
-            site = _find_site(sites, by_line, f, instance, args, kwargs, stats_of,
-                              entry_name)
+        site = by_line.get(f.f_lasti)
+        if site is None or site.code is not f.f_code or site.instance_ref() is not instance:
+            site = _find_site(sites, by_line, f, instance, entry_name)
             if site is None:                        # inside a recorded call: not again
                 return wrapper(wrapped, instance, args, kwargs)
-        x = args[0] if args else kwargs.get('x')
-        kind = type(x)
-        if kind is _ndarray:
-            rows = x.shape[0] if x.ndim else 1
-        else:
-            if kind is Watched or kind is list or kind is tuple or kind is dict:
-                x, args, kwargs = _unwatch_call(x, args, kwargs)
-            rows = _rows(x)
+            return _record(site, f, wrapper, wrapped, instance, args, kwargs)
+        x = args[0] if args else None
+        if type(x) is not _ndarray or not x.ndim or len(x) != site.plain_rows:
+            return _record(site, f, wrapper, wrapped, instance, args, kwargs)
         s = site.stats
-        if s is None:
-            return _record_plainly(site, wrapper, wrapped, instance, args, kwargs, rows)
-        c = s.calls
-        before = _paths(s)
+        if s.report_owner is not site:
+            _take(s, site)
+        fc = s.fast_calls
         t0 = _perf()
         try:
             out = wrapper(wrapped, instance, args, kwargs)
@@ -250,64 +300,220 @@ def wrap(path, wrapper):
             raise
         elapsed = _perf() - t0
         site.time_s += elapsed
-        after = _paths(s)
-        if after == before:
-            if s.calls == c:          # the adapter passed the call on uncounted
-                _keras_call(site, rows, elapsed, 'arguments passed on to Keras as they are')
-                return out
-            site.fast += 1
-        elif after[0] != before[0]:
-            _keras_call(site, rows, elapsed, _new_reason(s))
-            return out
-        elif after[1] != before[1]:
-            site.deferred += 1
-        elif after[2] != before[2] or after[3] != before[3]:
-            site.readahead += 1
+        if s.fast_calls != fc:
+            site.hot += 1           # served, with the rows plain Keras was timed for
         else:
-            site.merged += 1
-        # Calls of the row count plain Keras was timed for are counted; others add up.
-        if rows == site.plain_rows:
-            site.same_rows += 1
-        else:
-            _add_plain(site, s, rows, wrapped, instance, args, kwargs, x)
-        if site.sampling:
-            out = _sample(site, f, out, x, rows,
-                          after[2] != before[2] or after[3] != before[3])
+            _passed_on(site, s, site.plain_rows, elapsed)
         return out
 
     recorded._kfp_recorder = wrapper
     return recorded
 
 
+def _record(site, f, wrapper, wrapped, instance, args, kwargs):
+    """A call, every part of it looked at (a site's first calls, other input shapes)."""
+    x = args[0] if args else kwargs.get('x')
+    kind = type(x)
+    if kind is _ndarray:
+        rows = x.shape[0] if x.ndim else 1
+    else:
+        if kind is Watched or kind is list or kind is tuple or kind is dict:
+            x, args, kwargs = _unwatch_call(x, args, kwargs)
+        rows = _rows(x)
+    s = site.stats
+    if s.report_owner is not site:
+        _take(s, site)
+    fc = s.fast_calls
+    t0 = _perf()
+    try:
+        out = wrapper(wrapped, instance, args, kwargs)
+    except BaseException:
+        site.time_s += _perf() - t0
+        site.errors += 1
+        raise
+    elapsed = _perf() - t0
+    site.time_s += elapsed
+    return _after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs)
+
+
+def _after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs):
+    if s.fast_calls == fc:
+        _passed_on(site, s, rows, elapsed)
+        return out
+    site.served += 1
+    # Calls of the row count plain Keras was timed for are counted; others add up.
+    if rows == site.plain_rows:
+        site.same_rows += 1
+    else:
+        _add_plain(site, rows, wrapped, instance, args, kwargs, x)
+    if site.sampling:
+        ahead = site.readahead
+        if site.path.report_owner is site:
+            _settle(site)
+        out = _sample(site, f, out, x, rows, site.readahead != ahead)
+    return out
+
+
+def _passed_on(site, s, rows, elapsed):
+    """A call the adapter did not serve itself: left to Keras (or TF) with a reason, or
+    passed on as it was (uncounted)."""
+    reason = _new_reason(s)
+    _keras_call(site, rows or 1, elapsed,
+                reason or 'arguments passed on to Keras as they are')
+
+
 _RECORDED_CODE = wrap('(the recorder)', _mark_call(lambda *a: None)).__code__
 
 
-def _find_site(sites, by_line, f, instance, args, kwargs, stats_of, entry_name):
-    """The site of a call (slow path: a new site, or a call from a skipped frame)."""
-    first = f
+def _user(f):
+    """The first frame from ``f`` out that is the user's, or the recorder's own code if
+    one comes first (a call made inside a recorded call), or None."""
     while f is not None:
         code = f.f_code
-        if code is _RECORDED_CODE:
-            return None
+        if code is _RECORDED_CODE or code is _ANNOUNCED_CODE:
+            return code
         skip = _skip.get(id(code))
         if skip is None:
             skip = _classify(code)
         if not skip:
-            break
+            return f
         f = f.f_back
-    code = f.f_code if f is not None else None
-    line = f.f_lineno if f is not None else 0
-    s = _stats.for_model(instance) if stats_of is None else stats_of(instance, args, kwargs)
+    return None
+
+
+def _find_site(sites, by_line, f, instance, entry_name):
+    """The site of a call (slow path: a site still sampling, a new site, or a call from a
+    skipped frame)."""
+    user = _user(f)
+    if user is _RECORDED_CODE or user is _ANNOUNCED_CODE:
+        return None
+    code = user.f_code if user is not None else None
+    line = user.f_lineno if user is not None else 0
     user_key = (id(code), line, id(instance))
     with _lock:
         site = sites.get(user_key)
-        if site is None or site.model_ref() is not instance:
+        if site is None or site.instance_ref() is not instance:
             if site is not None:
                 _retired_sites.append(site)       # a freed model's site, kept for the report
-            site = sites[user_key] = Site(code, line, s, entry_name, instance)
-        if f is first:
-            by_line[line] = site
+            site = sites[user_key] = Site(code, line, _stats.for_model(instance), entry_name,
+                                          instance)
+        if user is f and not site.sampling:
+            by_line[f.f_lasti] = site
     return site
+
+
+# -- announced calls (Session.run, K.function) -------------------------------------------------
+
+class _Calls(threading.local):
+    # This thread's announced call in flight: [user frame, sites, entry name, instance,
+    # site, the state's fast_calls before, the call's first input] (a list: made per call).
+    current = None
+
+
+_calls = _Calls()
+_announcers = []                    # adapters whose announce this module set
+_USER, _SITES, _ENTRY, _INSTANCE, _SITE, _FC, _X = range(7)
+
+
+def _announce(state, x):
+    call = _calls.current
+    if call is None or call[_SITE] is not None:
+        return                      # not a recorded call, or announced already (nested)
+    user = call[_USER]
+    key = (id(user.f_code), user.f_lasti, id(state))
+    site = call[_SITES].get(key)
+    if site is None or site.state is not state:
+        site = _announced_site(call, key, state)
+    ce = state.compiled
+    path = state.stats if ce is None else ce.stats
+    if path.report_owner is not site:
+        if ce is not None:
+            model = ce.model_ref()
+            if model is not None and site.model_ref() is not model:
+                site.model_ref = _weak(model)
+        _take(path, site)
+    call[_SITE] = site
+    call[_FC] = state.stats.fast_calls
+    call[_X] = x
+
+
+def _announced_site(call, key, state):
+    user = call[_USER]
+    with _lock:
+        sites = call[_SITES]
+        site = sites.get(key)
+        if site is None or site.state is not state:
+            if site is not None:
+                _retired_sites.append(site)
+            site = sites[key] = Site(user.f_code, user.f_lineno, state.stats, call[_ENTRY],
+                                     call[_INSTANCE], state=state)
+    return site
+
+
+def _announced(wrapper, sites, entry_name):
+    adapter = getattr(wrapper, '__self__', None)
+    if adapter is not None:
+        adapter.announce = _announce
+        _announcers.append(adapter)
+
+    def announced(wrapped, instance, args, kwargs):
+        user = _getframe(1)
+        if _skip.get(id(user.f_code)) is not False:
+            user = _user(user)
+            if user is None or user is _RECORDED_CODE or user is _ANNOUNCED_CODE:
+                return wrapper(wrapped, instance, args, kwargs)
+        previous = _calls.current
+        call = _calls.current = [user, sites, entry_name, instance, None, 0, None]
+        t0 = _perf()
+        try:
+            out = wrapper(wrapped, instance, args, kwargs)
+        except BaseException:
+            _calls.current = previous
+            site = call[_SITE] or _unannounced(call)
+            site.time_s += _perf() - t0
+            site.errors += 1
+            raise
+        elapsed = _perf() - t0
+        _calls.current = previous
+        site = call[_SITE]
+        if site is None:            # the adapter left the call as it was
+            site = _unannounced(call)
+            site.time_s += elapsed
+            _keras_call(site, 1, elapsed, 'not a call the adapter serves (left as it is)')
+            return out
+        site.time_s += elapsed
+        x = call[_X]
+        if (not site.sampling and site.stats.fast_calls != call[_FC] and type(x) is _ndarray
+                and x.ndim and len(x) == site.plain_rows):
+            site.hot += 1           # served, with the rows plain TF was timed for
+            return out
+        return _after(site, site.stats, call[_FC], out, elapsed, user, x, _rows(x), wrapped,
+                      instance, args, kwargs)
+
+    announced._kfp_recorder = wrapper
+    return announced
+
+
+def _unannounced(call):
+    """The site of calls the adapter passed on before announcing any state."""
+    user, instance = call[_USER], call[_INSTANCE]
+    key = (id(user.f_code), user.f_lasti, id(instance), None)
+    with _lock:
+        site = call[_SITES].get(key)
+        if site is None or site.instance_ref() is not instance:
+            site = call[_SITES][key] = Site(user.f_code, user.f_lineno,
+                                            _stats.ModelStats('-'), call[_ENTRY], instance)
+            site.model_ref = lambda: None
+    return site
+
+
+_ANNOUNCED_CODE = _announced(announcing(lambda *a: None), {}, '').__code__
+
+
+def stop_announcing():
+    """Adapters stop announcing (the report's wrappers are gone)."""
+    while _announcers:
+        _announcers.pop().announce = None
 
 
 def _keras_call(site, rows, elapsed, reason):
@@ -317,29 +523,17 @@ def _keras_call(site, rows, elapsed, reason):
     site.plain_s += elapsed       # plain Keras ran: the call is its own measure
 
 
-def _record_plainly(site, wrapper, wrapped, instance, args, kwargs, rows):
-    """An entry with no counters to read: calls and time only."""
-    t0 = _perf()
-    try:
-        return wrapper(wrapped, instance, args, kwargs)
-    finally:
-        site.fast += 1
-        site.rows += rows
-        site.time_s += _perf() - t0
-        site.unmeasured += 1
-        site.plain_note = 'not timed: no model behind this entry'
-
-
-def _add_plain(site, s, rows, wrapped, instance, args, kwargs, x):
+def _add_plain(site, rows, wrapped, instance, args, kwargs, x):
     site.rows += rows
     if rows == site.plain_rows:
         site.same_rows += 1
         site.rows -= rows
         return
     bucket = rows.bit_length()
-    plain = _plain.get((s, bucket))
+    key = (site.state if site.state is not None else site.stats, bucket)
+    plain = _plain.get(key)
     if plain is None:
-        plain = _measure_plain(s, bucket, rows, wrapped, instance, args, kwargs, x)
+        plain = _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x)
     if type(plain) is tuple:
         per_call = plain[0] * rows / plain[1]
         if site.plain_rows is None:       # from now on counted in same_rows
@@ -367,7 +561,7 @@ def _rows(x):
 
 
 def _new_reason(s):
-    """The fallback reason whose count just grew (compared with the last copy seen)."""
+    """The fallback reason whose count grew since the last look (None: none did)."""
     reasons = s.fallback_reasons
     seen = _reasons_seen.get(id(s))
     found = None
@@ -377,11 +571,10 @@ def _new_reason(s):
                 found = reason
                 break
     elif reasons:
-        found = next(iter(reasons))
-        if len(reasons) > 1:
-            found = max(reasons.items(), key=lambda kv: kv[1])[0]
-    _reasons_seen[id(s)] = dict(reasons)
-    return found or 'unknown'
+        found = max(reasons.items(), key=lambda kv: kv[1])[0]
+    if found is not None:
+        _reasons_seen[id(s)] = dict(reasons)
+    return found
 
 
 # -- plain Keras' cost -----------------------------------------------------------------------
@@ -404,51 +597,81 @@ def _all_plain(x):
     return kind is _ndarray
 
 
-def _measure_plain(s, bucket, rows, wrapped, instance, args, kwargs, x):
-    """Time the original method on this model (see the module docs); returns
-    (seconds, rows) or, where it was not timed, why (a str; retried where it may work
-    later)."""
-    from .engine import compiled
-    entry = compiled.get(instance)
-    if entry is None:
-        return 'not timed: the model has no fast-path entry'
-    if entry.refused:
-        return 'calls are left to Keras and timed as they run'
+def _why_not_timed(entry):
+    """Why a model's plain cost may not be timed by running it again, or None."""
     if entry.updates is not None or entry.stateful:
-        reason = 'not timed: a stateful model (an extra run would change its state)'
-        _plain[(s, bucket)] = reason
-        return reason
+        return 'not timed: a stateful model (an extra run would change its state)'
     if not entry.rerun_on_error:
-        reason = ('not timed: the model draws random numbers or writes variables (an extra '
-                  'run would change what it returns)')
-        _plain[(s, bucket)] = reason
-        return reason
-    if not _all_plain(x):
-        return 'not timed yet: inputs that are not plain arrays'
+        return ('not timed: the model draws random numbers or writes variables (an extra '
+                'run would change what it returns)')
+    return None
+
+
+def _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x):
+    """Time the original method (see the module docs); returns (seconds, rows) or, where
+    it was not timed, why (a str; retried where it may work later)."""
+    from .engine import compiled
+    state = site.state
+    graph = None
+    if state is None:
+        entry = compiled.get(instance)
+        if entry is None:
+            return 'not timed: the model has no fast-path entry'
+        if entry.refused:
+            return 'calls are left to Keras and timed as they run'
+        reason = _why_not_timed(entry)
+        if reason is not None:
+            _plain[key] = reason
+            return reason
+        if not _all_plain(x):
+            return 'not timed yet: inputs that are not plain arrays'
+        try:
+            if entry.adapter.current_session() is not entry.session:
+                return 'not timed yet: Keras uses another session here'
+        except Exception:
+            return 'not timed yet: no session'
+        graph = entry.graph
+        n = min(rows, PLAIN_MAX_ROWS)
+        if n < rows:
+            xs = _head(x, n)
+            args = (xs,) + tuple(args[1:]) if args else args
+            if not args:
+                kwargs = dict(kwargs, x=xs)
+    else:
+        # The original Session.run or K.function, run again: only where nothing changes.
+        ce = getattr(state, 'compiled', None)
+        reason = _why_not_timed(ce) if ce is not None else None
+        if reason is None and not state.is_pure(False):
+            reason = ('not timed: the run has side effects (an extra run would change what '
+                      'the program sees)')
+        if reason is None and rows > PLAIN_MAX_ROWS:
+            reason = 'not timed: more than %d rows' % PLAIN_MAX_ROWS
+        if reason is not None:
+            _plain[key] = reason
+            return reason
+        n = rows
     try:
-        if entry.adapter.current_session() is not entry.session:
-            return 'not timed yet: Keras uses another session here'
-    except Exception:
-        return 'not timed yet: no session'
-    n = min(rows, PLAIN_MAX_ROWS)
-    xs = _head(x, n) if n < rows else x
-    args = (xs,) + tuple(args[1:]) if args else args
-    if not args:
-        kwargs = dict(kwargs, x=xs)
-    try:
-        with entry.graph.as_default():
-            wrapped(*args, **kwargs)
-            times = []
-            for _ in range(3):
-                t0 = _perf()
-                wrapped(*args, **kwargs)
-                times.append(_perf() - t0)
+        if graph is not None:
+            with graph.as_default():
+                times = _time(wrapped, args, kwargs)
+        else:
+            times = _time(wrapped, args, kwargs)
     except Exception as exc:
-        reason = 'not timed: plain Keras raised %s' % type(exc).__name__
-        _plain[(s, bucket)] = reason
+        reason = 'not timed: the original raised %s' % type(exc).__name__
+        _plain[key] = reason
         return reason
-    result = _plain[(s, bucket)] = (sorted(times)[1], n)
+    result = _plain[key] = (sorted(times)[1], n)
     return result
+
+
+def _time(wrapped, args, kwargs):
+    wrapped(*args, **kwargs)
+    times = []
+    for _ in range(3):
+        t0 = _perf()
+        wrapped(*args, **kwargs)
+        times.append(_perf() - t0)
+    return times
 
 
 # -- sampling: results read, the spanning function, fresh rows --------------------------------
@@ -680,8 +903,9 @@ def _advice(site, d):
         from .engine import compiled
         entry = compiled.get(model)
     if site.keras:
-        advice.append({'kind': 'left_to_keras', 'text': 'left to Keras: %s' % ', '.join(
-            '%s (%d calls)' % kv for kv in site.reasons.most_common())})
+        advice.append({'kind': 'left_to_keras', 'text': 'left to %s: %s' % (
+            'TensorFlow' if site.entry == 'run' else 'Keras', ', '.join(
+                '%s (%d calls)' % kv for kv in site.reasons.most_common()))})
     if entry is None or entry.refused:
         return advice
     batches = list(site.batches)
@@ -758,7 +982,7 @@ def _site_dict(site):
     d = collections.OrderedDict([
         ('site', site.where()), ('file', site.file), ('line', site.line),
         ('function', site.function), ('entry', site.entry),
-        ('model', stats.name if stats is not None else None),
+        ('model', (site.path or stats).name),
         ('calls', calls), ('rows', site.total_rows()),
         ('paths', collections.OrderedDict([
             ('fast', site.fast), ('readahead', site.readahead), ('deferred', site.deferred),
@@ -777,9 +1001,7 @@ def _site_dict(site):
     return d
 
 
-def report():
-    """The call-site report of this process: a dict (``sites`` sorted by time spent), the
-    data of the table and the JSON file (schema in the README)."""
+def _all_sites():
     # Not blocking for ever: this may run in a signal handler (SIGTERM) of a child.
     locked = _lock.acquire(timeout=1.0)
     try:
@@ -793,8 +1015,17 @@ def report():
     finally:
         if locked:
             _lock.release()
+    return sites
+
+
+def report():
+    """The call-site report of this process: a dict (``sites`` sorted by time spent), the
+    data of the table and the JSON file (schema in the README)."""
+    sites = _all_sites()
     for site in sites:
         site.held = {}                   # frames held for the span check: let them go
+        if site.path is not None and site.path.report_owner is site:
+            _settle(site)
     rows = [_site_dict(s) for s in sites if s.calls]
     rows.sort(key=lambda d: -d['time_s'])
     return collections.OrderedDict([
@@ -805,6 +1036,9 @@ def report():
 
 def reset():
     with _lock:
+        for site in _retired_sites + [s for t, _ in _site_tables.values() for s in t.values()]:
+            if site.path is not None and site.path.report_owner is site:
+                site.path.report_owner = None
         for table, by_line in _site_tables.values():
             table.clear()
             by_line.clear()

@@ -174,6 +174,72 @@ def test_paths_and_plain_estimate(models):
     assert site_at(fast)['plain_estimate_calls'] == site_at(fast)['calls']
 
 
+# -- Session.run and K.function -----------------------------------------------------------------
+
+def test_session_run_and_k_function_sites(models):
+    import tensorflow as tf
+    from keras import backend as K
+    model = models['dense']
+    X = inputs_for('dense', 40)
+    sess = K.get_session()
+    f = K.function([model.input], [model.output])
+    p = tf.compat.v1.placeholder(tf.float32, (None, 3))
+    squared = tf.square(p) + 1.0
+    Q = np.random.RandomState(5).rand(12, 3).astype('float32')
+
+    def run_all():
+        a = [sess.run(model.output, {model.input: X[i][None]}) for i in range(40)]
+        b = [f([X[i][None]])[0] for i in range(40)]
+        c = [sess.run(squared, {p: np.array(Q[i:i + 1])}) for i in range(12)]
+        d = sess.run(squared, {p: Q}, options=tf.compat.v1.RunOptions())
+        return a, b, c, d
+    sites_line = run_all.__code__.co_firstlineno + 1
+    expected = run_all()                    # plain TF and Keras, unpatched
+    kfp.patch(report=True)
+    got = run_all()
+    for g, e in zip(got[:3], expected[:3]):
+        assert_same(np.concatenate(g), np.concatenate(e))
+    assert_same(got[3], expected[3])
+    run = site_at(sites_line)
+    assert run['entry'] == 'run' and run['function'] == '<listcomp>'
+    assert run['calls'] == 40 and run['rows'] == 40 and run['model'] == model.name
+    assert run['paths']['readahead'] >= 30, run['paths']
+    # (the first call of a signature, and of its feed shapes, is Session.run's own)
+    assert run['paths']['keras'] == 1 and run['plain_estimate'] == 'measured'
+    fn = site_at(sites_line + 1)
+    assert fn['entry'] == '__call__' and fn['calls'] == 40 and fn['model'] == model.name
+    assert fn['paths']['readahead'] >= 30 and fn['plain_estimate_s'] > 0
+    other = site_at(sites_line + 2)
+    assert other['calls'] == 12 and other['model'].startswith('Session.run(')
+    assert other['paths']['fast'] == 11 and other['paths']['keras'] == 1
+    assert other['plain_estimate'] == 'measured' and other['plain_estimate_s'] > 0
+    assert [a['kind'] for a in other['advice']] == ['left_to_keras']
+    assert other['advice'][0]['text'].startswith('left to TensorFlow: ')
+    left = site_at(sites_line + 3)
+    assert left['calls'] == 1 and left['paths']['keras'] == 1
+    assert 'not a call the adapter serves' in list(left['keras_reasons'])[0]
+
+
+def test_report_turned_on_and_off_while_patched(models):
+    model = models['dense']
+    X = inputs_for('dense', 4)
+    kfp.patch()
+    model.predict(X[:1])
+    assert kfp.report()['sites'] == []
+    kfp.patch(report=True)                  # the entry points are wrapped again
+    y = model.predict(X[:2]); here = line()  # noqa: E702
+    assert_same(y, unpatched_predict(model, X[:2]))
+    assert site_at(here)['calls'] == 1
+    kfp.patch(report=False)
+    assert not hasattr(training.Model.__dict__['predict']._self_wrapper, '_kfp_recorder')
+    model.predict(X[:2])
+    assert site_at(here)['calls'] == 1
+    with kfp.patched(report=True):
+        model.predict(X[:2]); inside = line()  # noqa: E702
+    assert site_at(inside)['calls'] == 1
+    assert not hasattr(training.Model.__dict__['predict']._self_wrapper, '_kfp_recorder')
+
+
 # -- watched results: the same values and types as plain Keras ------------------------------------
 
 def test_watched_results_behave_as_plain_arrays(models):

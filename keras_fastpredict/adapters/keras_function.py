@@ -24,8 +24,10 @@ import weakref
 
 import numpy as np
 
+from .. import counters
 from ..engine import compiled, hooks, route
 from ..engine.deferred import DeferredArray
+from ..report import announcing
 from . import session_run
 from .keras import adapter as keras_adapter
 from .keras import has_updates
@@ -172,7 +174,7 @@ class _State(object):
                  'callable', 'phase_index', 'updates', 'pure', 'name', 'shapes',
                  'model_ref', 'model_feeds', 'model_outputs', 'model_checked', 'inputs',
                  'outputs', 'fetches', 'targets', 'runner', 'compiled', 'model_id',
-                 'model_pure', '__weakref__')
+                 'model_pure', 'stats', '__weakref__')
 
     def __init__(self, fn):
         import tensorflow as tf
@@ -202,6 +204,9 @@ class _State(object):
         self.dtype_objs = [np.dtype(d) for d in self.dtypes]
         phase = session_run.keras_phase(self.graph)
         self.phase_index = next((i for i, t in enumerate(self.inputs) if t is phase), None)
+        names = self.name or ', '.join(t.name for t in self.outputs)
+        self.stats = counters.ModelStats(
+            'K.function(%s)' % (names[:60] + '...' * (len(names) > 60)))
 
     def is_pure(self, phase_fed_true):
         """No updates, and no op with side effects among what runs (the learning phase fed
@@ -242,10 +247,14 @@ class KerasFunctionAdapter(object):
     """``keras.backend.tensorflow_backend.Function.__call__``."""
 
     backend = 'keras.backend.tensorflow_backend'
+    # The call-site report's hook while it is on: ``announce(state, inputs)`` before a
+    # call of a function with a state is served (report.announcing).
+    announce = None
 
     def entry_points(self):
         return ((self.backend, 'Function.__call__', self.call),)
 
+    @announcing
     def call(self, wrapped, fn, args, kwargs):
         st = fn.__dict__.get(_ATTR)
         if st is None:
@@ -253,31 +262,35 @@ class KerasFunctionAdapter(object):
             if st is None:
                 hooks.graph_event()
                 return wrapped(*args, **kwargs)
+        if self.announce is not None:
+            self.announce(st, args[0] if len(args) == 1 and not kwargs else None)
         if st.refused is not None or len(args) != 1 or kwargs:
-            return self._original(st, wrapped, fn, args, kwargs, None, True)
+            return self._original(st, wrapped, fn, args, kwargs, None, True,
+                                  st.refused or _ARGUMENTS)
         inputs = args[0]
         kind = type(inputs)
         if (kind is not list and kind is not tuple) or len(inputs) != st.n:
-            return self._original(st, wrapped, fn, args, kwargs, None, True)
+            return self._original(st, wrapped, fn, args, kwargs, None, True, _ARGUMENTS)
         if st.n == 1 and type(inputs[0]) is _ndarray and inputs[0].dtype is st.dtype_objs[0]:
             arrays = [inputs[0]]
             phase = False if st.phase_index is None else st.phase_of(arrays)
         else:
             arrays = st.convert(inputs)
             if arrays is None:
-                return self._original(st, wrapped, fn, args, kwargs, None, True)
+                return self._original(st, wrapped, fn, args, kwargs, None, True, _ARGUMENTS)
             phase = st.phase_of(arrays)
         if phase is None:
-            return self._original(st, wrapped, fn, args, kwargs, None, True)
+            return self._original(st, wrapped, fn, args, kwargs, None, True, _ARGUMENTS)
         cfn = fn._callable_fn
         session = _current_session()
         if (cfn is None or cfn is not st.callable or session is not fn._session
                 or session._closed or _vars_count(st.graph) != st.vars_len):
-            return self._original(st, wrapped, fn, args, kwargs, arrays, phase)
+            return self._original(st, wrapped, fn, args, kwargs, arrays, phase, _KERAS_RUNS)
         if not phase and (st.model_ref is not None or not st.model_checked):
             shapes = (arrays[0].shape,) if st.n == 1 else tuple([a.shape for a in arrays])
             if shapes not in st.shapes:
-                return self._original(st, wrapped, fn, args, kwargs, arrays, phase)
+                return self._original(st, wrapped, fn, args, kwargs, arrays, phase,
+                                      _KERAS_RUNS)
             ce = st.compiled
             if ce is None or compiled_entries.get(st.model_id) is not ce or \
                     ce.session is not session:
@@ -286,8 +299,13 @@ class KerasFunctionAdapter(object):
                 values = self._model(st, ce, arrays)
                 if values is not None:
                     if values is RERUN:
-                        return self._original(st, wrapped, fn, args, kwargs, None, phase)
+                        return self._original(st, wrapped, fn, args, kwargs, None, phase,
+                                              _FAILED)
+                    st.stats.calls += 1
+                    st.stats.fast_calls += 1
                     return values
+        st.stats.calls += 1
+        st.stats.fast_calls += 1
         if not st.is_pure(phase):
             hooks.graph_event()
         # What Keras' callable runs, in a callable of ours that may run in the caller's
@@ -307,10 +325,12 @@ class KerasFunctionAdapter(object):
         fn.__dict__[_ATTR] = st
         return st
 
-    def _original(self, st, wrapped, fn, args, kwargs, arrays, phase):
+    def _original(self, st, wrapped, fn, args, kwargs, arrays, phase, reason):
         """Keras' own call (after settling pending work unless the function is pure);
         afterwards, if Keras made its callable for all inputs fed as arrays, later calls
-        may use it."""
+        may use it. Counted, with why (the report's reasons)."""
+        st.stats.calls += 1
+        st.stats.fallback(reason)
         if st.refused is not None or not st.is_pure(phase):
             hooks.graph_event()
         result = wrapped(*args, **kwargs)
@@ -378,5 +398,10 @@ class KerasFunctionAdapter(object):
         st.model_feeds = feed_order
         st.model_ref = weakref.ref(model)
 
+
+# Why a call went to Keras' own Function.__call__ (the report's reasons).
+_ARGUMENTS = 'inputs Keras converts itself (or rejects)'
+_KERAS_RUNS = 'a first call, new input shapes or new variables: Keras runs it'
+_FAILED = 'the fast run failed: Keras raises its own error'
 
 adapter = KerasFunctionAdapter()

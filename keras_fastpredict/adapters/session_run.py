@@ -36,8 +36,10 @@ import weakref
 
 import numpy as np
 
+from .. import counters
 from ..engine import batch_safety, deferred, hooks, route
 from ..engine.deferred import DeferredArray
+from ..report import announcing
 
 _ndarray = np.ndarray
 _generic = np.generic
@@ -130,6 +132,15 @@ def _frozen(fetch):
     if issubclass(kind, dict):
         return kind((name, _frozen(f)) for name, f in fetch.items())
     return fetch
+
+
+def _fetch_list(fetch):
+    """The leaves of a fetch structure (to name it)."""
+    if isinstance(fetch, (list, tuple)):
+        return [leaf for f in fetch for leaf in _fetch_list(f)]
+    if isinstance(fetch, dict):
+        return [leaf for f in fetch.values() for leaf in _fetch_list(f)]
+    return [fetch]
 
 
 def _feed_key(feed_dict):
@@ -257,7 +268,7 @@ class _Entry(object):
     __slots__ = ('pins', 'feeds', 'dtypes', 'dtype_objs', 'n_feeds', 'fetches', 'targets',
                  'kind', 'mapper', 'ops', 'shapes', 'runner', 'phase_index', 'pure', 'graph',
                  'model_ref', 'compiled', 'model_id', 'model_pure', 'n_model_feeds',
-                 'model_feeds', 'model_outputs', 'model_checked', '__weakref__')
+                 'model_feeds', 'model_outputs', 'model_checked', 'stats', '__weakref__')
     refused = False
 
     def __init__(self, session, fetches, feed_dict, pins):
@@ -292,6 +303,7 @@ class _Entry(object):
         self.phase_index = next((i for i, t in enumerate(feeds) if t is phase), None)
         self.model_ref = self.compiled = None
         self.model_checked = False
+        self.stats = _stats_for(self.fetches + self.targets)
         reason = self._unsupported(handler, feeds)
         if reason is not None:
             raise _Unsupported(reason)
@@ -376,12 +388,27 @@ class _Unsupported(Exception):
 
 class _Refused(object):
     """A signature left to ``Session.run`` (decided once); pins its key's objects."""
-    __slots__ = ('pins', 'reason')
+    __slots__ = ('pins', 'reason', 'stats')
     refused = True
+    compiled = None
 
-    def __init__(self, pins, reason):
+    def __init__(self, pins, reason, fetches):
         self.pins = pins
         self.reason = reason
+        self.stats = _stats_for(fetches)
+
+    @staticmethod
+    def is_pure(phase_fed_true):
+        return False
+
+
+def _stats_for(fetches):
+    """A signature's own counters (for the call-site report), named by what it fetches."""
+    try:
+        names = ', '.join(getattr(f, 'name', str(f)) for f in fetches)
+    except Exception:
+        names = '?'
+    return counters.ModelStats('Session.run(%s)' % (names[:60] + '...' * (len(names) > 60)))
 
 
 class _Cache(object):
@@ -419,6 +446,9 @@ class SessionRunAdapter(object):
     """``BaseSession.run`` and ``BaseSession.close``."""
 
     module = 'tensorflow.python.client.session'
+    # The call-site report's hook while it is on: ``announce(entry, x)`` before a call
+    # with a cached signature is served (report.announcing).
+    announce = None
 
     def entry_points(self):
         return (
@@ -437,6 +467,7 @@ class SessionRunAdapter(object):
             cache.entries = {}
         return wrapped(*args, **kwargs)
 
+    @announcing
     def run(self, wrapped, session, args, kwargs):
         if kwargs or len(args) != 2:
             try:
@@ -469,24 +500,33 @@ class SessionRunAdapter(object):
         entry = cache.entries.get(key)
         if entry is None:
             return self._first(wrapped, session, args, kwargs, cache, key, fetches, feed_dict)
-        if entry.refused or session._closed:
-            return self.original(wrapped, args, kwargs)
+        if self.announce is not None:
+            self.announce(entry, feed_dict if value is None else value)
+        if entry.refused:
+            return self.original(wrapped, args, kwargs, entry, entry.reason)
+        if session._closed:
+            return self.original(wrapped, args, kwargs, entry, 'the session is closed')
         if value is not None and type(value) is _ndarray and value.dtype is entry.dtype_objs[0]:
             arrays = [value]
             shapes = value.shape
         else:
             arrays = self._converted(entry, feed_dict)
             if arrays is None:
-                return self.original(wrapped, args, kwargs)
+                return self.original(wrapped, args, kwargs, entry, _UNCONVERTED)
             shapes = arrays[0].shape if entry.n_feeds == 1 else tuple([a.shape for a in arrays])
         if shapes not in entry.shapes:
             return self._validate(wrapped, args, kwargs, entry, shapes)
+        stats = entry.stats
+        stats.calls += 1
+        stats.fast_calls += 1
         phase = entry.phase_index is not None and bool(arrays[entry.phase_index])
         if not phase and (entry.model_ref is not None or not entry.model_checked):
             result = self._model(entry, session, arrays)
             if result is not None:
                 if result is RERUN:
-                    return self.original(wrapped, args, kwargs)
+                    stats.fast_calls -= 1
+                    stats.calls -= 1
+                    return self.original(wrapped, args, kwargs, entry, _FAILED)
                 return result
         if not entry.is_pure(phase):
             hooks.graph_event()
@@ -502,7 +542,11 @@ class SessionRunAdapter(object):
             return None
 
     @staticmethod
-    def original(wrapped, args, kwargs):
+    def original(wrapped, args, kwargs, entry=None, reason=None):
+        """TF's own run (counted for ``entry``, with why, where there is one)."""
+        if entry is not None:
+            entry.stats.calls += 1
+            entry.stats.fallback(reason)
         hooks.graph_event()
         return wrapped(*args, **kwargs)
 
@@ -512,7 +556,7 @@ class SessionRunAdapter(object):
         try:
             entry = _Entry(session, fetches, feed_dict, pins)
         except _Unsupported as exc:
-            entry = _Refused(pins, str(exc))
+            entry = _Refused(pins, str(exc), _fetch_list(fetches))
         except Exception:
             # TF will raise for this call (an unknown name, another graph...): nothing cached.
             return self.original(wrapped, args, kwargs)
@@ -520,17 +564,19 @@ class SessionRunAdapter(object):
         if len(entries) >= MAX_ENTRIES:
             entries = cache.entries = {}
         entries[key] = entry
+        if self.announce is not None:
+            self.announce(entry, feed_dict)
         if entry.refused:
-            return self.original(wrapped, args, kwargs)
+            return self.original(wrapped, args, kwargs, entry, entry.reason)
         arrays = self._converted(entry, feed_dict)
         if arrays is None:
-            return self.original(wrapped, args, kwargs)
+            return self.original(wrapped, args, kwargs, entry, _UNCONVERTED)
         shapes = arrays[0].shape if entry.n_feeds == 1 else tuple(a.shape for a in arrays)
         return self._validate(wrapped, args, kwargs, entry, shapes)
 
     def _validate(self, wrapped, args, kwargs, entry, shapes):
         """A new set of feed shapes: ``Session.run`` checks them (and answers)."""
-        result = self.original(wrapped, args, kwargs)
+        result = self.original(wrapped, args, kwargs, entry, _VALIDATES)
         if len(entry.shapes) >= MAX_SHAPES:
             entry.shapes = set()
         entry.shapes.add(shapes)
@@ -598,6 +644,10 @@ class SessionRunAdapter(object):
 
 
 _compiled_entries = {}          # the engine's entries (bound on first use)
+# Why a call with a cached signature went to Session.run (the report's reasons).
+_UNCONVERTED = 'a feed value Session.run converts itself (or rejects)'
+_FAILED = 'the fast run failed: Session.run raises its own error'
+_VALIDATES = 'a new signature or feed shapes: Session.run checks them'
 _serve = route.serve
 
 
