@@ -87,7 +87,7 @@ _site_tables = {}                  # entry path -> its sites
 _retired_sites = []
 _skip_dirs = None
 _plain = {}                        # (stats, row bucket) -> (seconds, rows) or reason str
-_reasons_seen = {}                 # id(stats) -> Counter copy of its fallback reasons
+_reasons_seen = weakref.WeakKeyDictionary()   # stats -> copy of its fallback reasons
 
 PLAIN_METHOD = ('calls left to Keras are their own measure; otherwise the original '
                 '(unpatched) method was timed on this model once per power-of-two row '
@@ -160,7 +160,9 @@ class Site(object):
         self.mark = None            # self.path's counters when this site last took it over
         self.instance_ref = _weak(instance)
         self.model_ref = _weak(model if model is not None else instance)
-        self.state = state          # an announcing adapter's state (K.function, Session.run)
+        # An announcing adapter's state (K.function, Session.run), weakly: it holds the
+        # graph, the session and their callables.
+        self.state = None if state is None else _weak(state)
         self.rows = self.same_rows = self.served = self.readahead = self.deferred = 0
         self.merged = self.keras = self.unmeasured = self.errors = self.hot = 0
         self.time_s = self.plain_s = self.plain_per_call = 0.0
@@ -422,7 +424,7 @@ def _announce(state, x):
     user = call[_USER]
     key = (id(user.f_code), user.f_lasti, id(state))
     site = call[_SITES].get(key)
-    if site is None or site.state is not state:
+    if site is None or site.state() is not state:
         site = _announced_site(call, key, state)
     ce = state.compiled
     path = state.stats if ce is None else ce.stats
@@ -442,7 +444,7 @@ def _announced_site(call, key, state):
     with _lock:
         sites = call[_SITES]
         site = sites.get(key)
-        if site is None or site.state is not state:
+        if site is None or site.state() is not state:
             if site is not None:
                 _retired_sites.append(site)
             site = sites[key] = Site(user.f_code, user.f_lineno, state.stats, call[_ENTRY],
@@ -462,6 +464,7 @@ def _announced(wrapper, sites, entry_name):
             user = _user(user)
             if user is None or user is _RECORDED_CODE or user is _ANNOUNCED_CODE:
                 return wrapper(wrapped, instance, args, kwargs)
+        args, kwargs = _unwatch_feeds(args, kwargs)
         previous = _calls.current
         call = _calls.current = [user, sites, entry_name, instance, None, 0, None]
         t0 = _perf()
@@ -492,6 +495,27 @@ def _announced(wrapper, sites, entry_name):
 
     announced._kfp_recorder = wrapper
     return announced
+
+
+def _unwatch_feeds(args, kwargs):
+    """Watched results passed back in (a feed dict's values, a K.function input list): a
+    use, and plain arrays go on, so the call takes the path it takes without the report.
+    Containers without one are passed as they are."""
+    changed = False
+    new = []
+    for a in args:
+        kind = type(a)
+        if kind is dict and any(type(v) is Watched for v in a.values()):
+            a = {k: _plain_of(v) for k, v in a.items()}
+            changed = True
+        elif (kind is list or kind is tuple) and any(type(v) is Watched for v in a):
+            a = kind(_plain_of(v) for v in a)
+            changed = True
+        new.append(a)
+    fd = kwargs.get('feed_dict')
+    if type(fd) is dict and any(type(v) is Watched for v in fd.values()):
+        kwargs = dict(kwargs, feed_dict={k: _plain_of(v) for k, v in fd.items()})
+    return (tuple(new) if changed else args), kwargs
 
 
 def _unannounced(call):
@@ -530,12 +554,12 @@ def _add_plain(site, rows, wrapped, instance, args, kwargs, x):
         site.rows -= rows
         return
     bucket = rows.bit_length()
-    key = (site.state if site.state is not None else site.stats, bucket)
+    key = (site.stats, bucket)      # (a model's or a cached state's own counters)
     plain = _plain.get(key)
     if plain is None:
         plain = _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x)
     if type(plain) is tuple:
-        per_call = plain[0] * rows / plain[1]
+        per_call = plain[0] * rows / plain[1] if plain[1] else plain[0]    # (0 rows)
         if site.plain_rows is None:       # from now on counted in same_rows
             site.rows -= rows
             site.same_rows += 1
@@ -562,8 +586,11 @@ def _rows(x):
 
 def _new_reason(s):
     """The fallback reason whose count grew since the last look (None: none did)."""
-    reasons = s.fallback_reasons
-    seen = _reasons_seen.get(id(s))
+    try:
+        reasons = dict(s.fallback_reasons)      # (another thread may add one meanwhile)
+    except RuntimeError:
+        return None
+    seen = _reasons_seen.get(s)
     found = None
     if seen is not None:
         for reason, n in reasons.items():
@@ -573,7 +600,7 @@ def _new_reason(s):
     elif reasons:
         found = max(reasons.items(), key=lambda kv: kv[1])[0]
     if found is not None:
-        _reasons_seen[id(s)] = dict(reasons)
+        _reasons_seen[s] = reasons
     return found
 
 
@@ -611,7 +638,9 @@ def _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x):
     """Time the original method (see the module docs); returns (seconds, rows) or, where
     it was not timed, why (a str; retried where it may work later)."""
     from .engine import compiled
-    state = site.state
+    state = site.state() if site.state is not None else None
+    if site.state is not None and state is None:
+        return 'not timed: the signature is gone'
     graph = None
     if state is None:
         entry = compiled.get(instance)
@@ -641,7 +670,8 @@ def _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x):
         # The original Session.run or K.function, run again: only where nothing changes.
         ce = getattr(state, 'compiled', None)
         reason = _why_not_timed(ce) if ce is not None else None
-        if reason is None and not state.is_pure(False):
+        # (the learning phase may be fed 1 in this call: pure either way, or not timed)
+        if reason is None and not (state.is_pure(False) and state.is_pure(True)):
             reason = ('not timed: the run has side effects (an extra run would change what '
                       'the program sees)')
         if reason is None and rows > PLAIN_MAX_ROWS:

@@ -220,6 +220,78 @@ def test_session_run_and_k_function_sites(models):
     assert 'not a call the adapter serves' in list(left['keras_reasons'])[0]
 
 
+def test_session_run_and_k_function_zero_rows(models):
+    from keras import backend as K
+    model = models['dense']
+    sess = K.get_session()
+    f = K.function([model.input], [model.output])
+    z = np.zeros((0, 32), 'float32')
+    expected = [sess.run(model.output, {model.input: z}), f([z])[0]]
+    kfp.patch(report=True)
+    for _ in range(3):                       # (the second call on is served)
+        got = [sess.run(model.output, {model.input: z}), f([z])[0]]
+        for g, e in zip(got, expected):
+            assert isinstance(g, np.ndarray) and g.shape == e.shape == (0, 10)
+
+
+_DROPOUT_SCRIPT = textwrap.dedent('''
+    import sys
+    if sys.argv[1] == 'report':
+        import keras_fastpredict as kfp
+        kfp.patch(report=True)
+    import numpy as np, keras
+    from keras import layers, backend as K
+    inp = layers.Input((4,))
+    out = layers.Dense(1, kernel_initializer='ones')(layers.Dropout(0.5, seed=7)(inp))
+    model = keras.models.Model(inp, out)
+    sess = K.get_session()
+    f = K.function([model.input, K.learning_phase()], [model.output])
+    x = np.arange(40, dtype='float32').reshape(10, 4)
+    print([float(f([x[i:i + 1], 1])[0]) for i in range(6)])
+    print([float(sess.run(model.output, {model.input: x[i:i + 1], K.learning_phase(): 1}))
+           for i in range(6)])
+''')
+
+
+def test_runs_with_the_learning_phase_fed_1_are_not_run_again(tmp_path):
+    # Timing plain TF by running a call again would move the random draws of dropout.
+    script = tmp_path / 'dropout.py'
+    script.write_text(_DROPOUT_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
+    outs = [subprocess.run([sys.executable, str(script), mode], env=env, cwd=str(tmp_path),
+                           stdout=subprocess.PIPE, check=True).stdout.decode()
+            for mode in ('plain', 'report')]
+    assert outs[0].count('[') == 2 and outs[1] == outs[0]
+
+
+def test_results_passed_back_into_k_function_and_session_run(models):
+    from keras import backend as K
+    inp = layers.Input((4,))
+    model = keras.models.Model(inp, layers.Dense(4)(inp))
+    f = K.function([model.input], [model.output])
+    sess = K.get_session()
+
+    def loop():
+        y = np.ones((1, 4), 'float32')
+        for _ in range(20):
+            y = f([y])[0]
+        z = np.ones((1, 4), 'float32')
+        for _ in range(20):
+            z = sess.run(model.output, {model.input: z})
+        return y, z
+    expected = loop()
+    kfp.patch(report=True)
+    got = loop()
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    for entry in ('__call__', 'run'):
+        found = sites(entry=entry, function='loop')
+        assert len(found) == 1 and found[0]['calls'] == 20
+        # Watched results fed back in are plain arrays to the adapter: one call (the
+        # first of its signature) left to Keras or TF, as without the report.
+        assert found[0]['paths']['keras'] == 1, found[0]
+
+
 def test_report_turned_on_and_off_while_patched(models):
     model = models['dense']
     X = inputs_for('dense', 4)
