@@ -78,6 +78,7 @@ PLAIN_MAX_ROWS = 1024
 _UNNAMED = frozenset(('<listcomp>', '<genexpr>', '<dictcomp>', '<setcomp>', '<lambda>'))
 
 _lock = threading.Lock()
+_sampling = 0                       # sites still sampling (their results may be watched)
 # id(code) -> True when its frame is not the user's. By id: a code object's hash is not
 # cached (it hashes its bytecode and constants each time); the code is kept in _codes so
 # that its id stays its own.
@@ -168,6 +169,8 @@ class Site(object):
         self.time_s = self.plain_s = self.plain_per_call = 0.0
         self.plain_rows = None      # the row count plain_per_call was estimated for
         self.sampling = True
+        global _sampling
+        _sampling += 1
         self.plain_note = None
         self.reasons = collections.Counter()
         self.watch_left = WATCH_CALLS
@@ -464,7 +467,8 @@ def _announced(wrapper, sites, entry_name):
             user = _user(user)
             if user is None or user is _RECORDED_CODE or user is _ANNOUNCED_CODE:
                 return wrapper(wrapped, instance, args, kwargs)
-        args, kwargs = _unwatch_feeds(args, kwargs)
+        if _sampling:               # (only sampled calls give watched results)
+            args, kwargs = _unwatch_feeds(args, kwargs)
         previous = _calls.current
         call = _calls.current = [user, sites, entry_name, instance, None, 0, None]
         t0 = _perf()
@@ -726,7 +730,10 @@ def _used(rec):
 
 
 def _sample(site, f, out, x, rows, served_ahead):
+    global _sampling
     site.sampling = bool(site.watch_left or site.span_left or site.fresh_left)
+    if not site.sampling:
+        _sampling -= 1
     if site.span_left and f is not None and rows <= 64:
         _span(site, f)
     if site.fresh_left and rows == 1 and type(x) is _ndarray and not served_ahead:
@@ -1065,7 +1072,9 @@ def report():
 
 
 def reset():
+    global _sampling
     with _lock:
+        _sampling = 0
         for site in _retired_sites + [s for t, _ in _site_tables.values() for s in t.values()]:
             if site.path is not None and site.path.report_owner is site:
                 site.path.report_owner = None
@@ -1157,8 +1166,9 @@ def child_path(path, pid=None):
 
 
 def _forget_parent():
-    global _lock
+    global _lock, _sampling
     _lock = threading.Lock()
+    _sampling = 0
     for table, by_line in _site_tables.values():
         table.clear()
         by_line.clear()
