@@ -267,7 +267,7 @@ class _Entry(object):
     """A cached signature on one session: its feeds, fetches, callable and result shape."""
     __slots__ = ('pins', 'feeds', 'dtypes', 'dtype_objs', 'n_feeds', 'fetches', 'targets',
                  'kind', 'mapper', 'ops', 'shapes', 'runner', 'phase_index', 'pure', 'graph',
-                 'model_ref', 'compiled', 'model_id', 'model_pure', 'n_model_feeds',
+                 'model_ref', 'compiled_ref', 'model_id', 'model_pure', 'n_model_feeds',
                  'model_feeds', 'model_outputs', 'model_checked', 'stats', '__weakref__')
     refused = False
 
@@ -301,7 +301,7 @@ class _Entry(object):
         self.pure = {}
         phase = keras_phase(graph)
         self.phase_index = next((i for i, t in enumerate(feeds) if t is phase), None)
-        self.model_ref = self.compiled = None
+        self.model_ref = self.compiled_ref = self.model_id = None
         self.model_checked = False
         self.stats = _stats_for(self.fetches + self.targets)
         reason = self._unsupported(handler, feeds)
@@ -324,6 +324,12 @@ class _Entry(object):
         if any(id(t) in fed for t in self.fetches):
             return 'a fetch is fed'
         return None
+
+    @property
+    def compiled(self):
+        """The model's compiled entry this signature was last served through, or None."""
+        ref = self.compiled_ref
+        return None if ref is None else ref()
 
     def is_pure(self, phase_fed_true):
         """No side effects: no operation fetched, and none in the graph that runs (with the
@@ -588,11 +594,12 @@ class SessionRunAdapter(object):
         """The result through the Keras model path, or None where it does not apply now;
         RERUN where its run failed with no side effects (the original then raises TF's
         own error)."""
-        ce = entry.compiled
         # The model's compiled entry, while it is still the one the engine holds and it
         # runs on this session (else asked for again: only where Keras uses this session).
-        if ce is None or _compiled_entries.get(entry.model_id) is not ce or \
-                ce.session is not session:
+        # Held weakly: the entry holds the session, which holds this cache.
+        ce = _compiled_entries.get(entry.model_id)
+        ref = entry.compiled_ref
+        if ce is None or ref is None or ref() is not ce or ce.session is not session:
             ce = self._model_entry(entry, session)
             if ce is None:
                 return None
@@ -636,7 +643,8 @@ class SessionRunAdapter(object):
         if model is None:
             entry.model_ref = None
             return None
-        ce = entry.compiled = kf.model_entry(model, session)
+        ce = kf.model_entry(model, session)
+        entry.compiled_ref = None if ce is None else weakref.ref(ce)
         if ce is not None:
             entry.model_id = id(model)
             entry.model_pure = entry.is_pure(False)
