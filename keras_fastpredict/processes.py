@@ -248,10 +248,7 @@ def _guard(module):
         if name != module.__name__ or path not in _PREDICT_PATHS:
             continue
         owner, attr = patching._owner(module, path)
-        current = owner.__dict__.get(attr)
-        if isinstance(current, patching._Patch):
-            # Still one of patching's wrappers, so unpatch() restores the original.
-            setattr(owner, attr, patching._Patch(current.__wrapped__, _refuse))
+        patching.replace(owner, attr, _refuse)
 
 
 def _after_fork_in_child():
