@@ -220,6 +220,31 @@ def test_session_run_and_k_function_sites(models):
     assert 'not a call the adapter serves' in list(left['keras_reasons'])[0]
 
 
+def test_advice_session_run_collect_loop(models):
+    from keras import backend as K
+    model = models['dense']
+    X = inputs_for('dense', 60)
+    sess = K.get_session()
+    rows = [np.array(X[i:i + 1]) for i in range(60)]      # fresh arrays: no read-ahead
+
+    def score(rows):
+        return [sess.run(model.output, {model.input: r}) for r in rows]
+    expected = score(rows)
+    kfp.patch(report=True)
+    got = score(rows)
+    assert_same(np.concatenate(got), np.concatenate(expected))
+    s = sites(entry='run', function='<listcomp>')[0]
+    advice = [a for a in s['advice'] if a['kind'] == 'fast_predict']
+    assert advice and advice[0]['function'] == 'score', s['advice']
+    assert advice[0]['batch_size'] >= 32
+    # Following it batches the sess.run calls (with plain TF's values).
+    kfp.unpatch()
+    kfp.reset_stats()
+    got = kfp.fast_predict(score)(rows)
+    assert_same(np.concatenate(got), np.concatenate(expected))
+    assert kfp.stats(model)['deferred'] >= 58
+
+
 def test_session_run_and_k_function_zero_rows(models):
     from keras import backend as K
     model = models['dense']
