@@ -50,6 +50,7 @@ class _State(object):
     reporting = False          # reports installed
     session_created = False    # a TensorFlow session was created in this process
     forked_from = None         # parent pid, in a child forked after a session
+    term_pending = False       # a SIGTERM came while a report was being written
 
 
 state = _State()
@@ -155,6 +156,13 @@ def report(when='exit'):
                 pass
     finally:
         _report_lock.release()
+        if state.term_pending:               # SIGTERM waited for this report: now it ends
+            _die_of_sigterm()
+
+
+def _die_of_sigterm():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _exit_reporting(code):
@@ -163,9 +171,15 @@ def _exit_reporting(code):
 
 
 def _on_sigterm(signum, frame):
+    # A report may be being written (at os._exit, say: Pool.terminate() races a worker's
+    # own exit), maybe by the very code this handler interrupted: ending now would lose
+    # it half-written. Then that report ends the process when it is done (the flag is
+    # set before the lock is looked at, and read after it is released).
+    state.term_pending = True
+    if _report_lock.locked():
+        return
     report('SIGTERM')
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+    _die_of_sigterm()
 
 
 def _install_sigterm():
@@ -254,6 +268,7 @@ def _guard(module):
 def _after_fork_in_child():
     global _report_lock
     _report_lock = threading.Lock()      # a parent thread may have held it at the fork
+    state.term_pending = False
     state.runner = False
     _stats.forget_parent()               # this process reports its own calls only
     patching = sys.modules.get('keras_fastpredict.patching')

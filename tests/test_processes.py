@@ -5,6 +5,7 @@ children's fast calls counted from their per-process reports.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -127,6 +128,44 @@ def test_pools_and_prefork_workers_patched_by_the_runner_alone(tmp_path, model_p
     calls = sum(len(a[2]) for answers in fast['out'].values() for a in answers)
     assert total['calls'] == total['fast_calls'] == calls and total['fallbacks'] == 0, [
         (r['pid'], r['when'], [m['calls'] for m in r['models'].values()]) for r in reports]
+
+
+SIGTERM_DURING_EXIT_REPORT = textwrap.dedent('''
+    import os, signal, sys
+    import numpy as np
+    import keras
+    import keras_fastpredict
+    from keras_fastpredict import counters, processes
+    keras_fastpredict.patch()
+    model = keras.models.Sequential([keras.layers.Dense(3, input_shape=(4,))])
+    y = model.predict(np.ones((1, 4), 'float32'))
+    print('PREDICTED', y.shape, flush=True)
+    processes.install_reports()
+    real = counters.snapshot
+
+    def snapshot():
+        # Pool.terminate() racing a worker's own exit: SIGTERM while the exit report is
+        # being written.
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real()
+    counters.snapshot = snapshot
+    os._exit(0)
+''')
+
+
+def test_sigterm_during_the_exit_report_waits_for_it(tmp_path):
+    script = tmp_path / 'term.py'
+    script.write_text(SIGTERM_DURING_EXIT_REPORT)
+    folder = tmp_path / 'stats'
+    folder.mkdir()
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=240,
+                         env=clean_env(KERAS_FASTPREDICT_STATS_DIR=str(folder)))
+    assert 'PREDICTED (1, 3)' in out.stdout, out.stderr[-3000:]
+    assert out.returncode == -signal.SIGTERM          # the signal still ends the process
+    reports = processes.collect(str(folder))
+    assert len(reports) == 1 and reports[0]['when'] == 'os._exit', reports
+    assert sum(m['calls'] for m in reports[0]['models'].values()) == 1
 
 
 FORK_AFTER_PREDICT = textwrap.dedent('''
