@@ -274,7 +274,7 @@ def wrap(path, wrapper):
     with _lock:      # kept across patch cycles
         sites, by_line = _site_tables.setdefault(path, ({}, {}))
     if getattr(wrapper, '_kfp_call', None) == 'announced':
-        return _announced(wrapper, sites, entry_name)
+        return _announced(wrapper, sites, by_line, entry_name)
 
     # sites: (id(code), line, id(model)) of the user's frame -> Site; by_line: the
     # instruction of the calling frame (f_lasti: read as it is, where f_lineno is computed)
@@ -411,13 +411,14 @@ def _find_site(sites, by_line, f, instance, entry_name):
 
 class _Calls(threading.local):
     # This thread's announced call in flight: [user frame, sites, entry name, instance,
-    # site, the state's fast_calls before, the call's first input] (a list: made per call).
+    # site, the state's fast_calls before, the call's first input, the entry's sites by
+    # calling instruction] (a list: made per call).
     current = None
 
 
 _calls = _Calls()
 _announcers = []                    # adapters whose announce this module set
-_USER, _SITES, _ENTRY, _INSTANCE, _SITE, _FC, _X = range(7)
+_USER, _SITES, _ENTRY, _INSTANCE, _SITE, _FC, _X, _BY_LASTI = range(8)
 
 
 def _announce(state, x):
@@ -425,10 +426,14 @@ def _announce(state, x):
     if call is None or call[_SITE] is not None:
         return                      # not a recorded call, or announced already (nested)
     user = call[_USER]
-    key = (id(user.f_code), user.f_lasti, id(state))
-    site = call[_SITES].get(key)
-    if site is None or site.state() is not state:
-        site = _announced_site(call, key, state)
+    lasti = user.f_lasti
+    site = call[_BY_LASTI].get(lasti)      # (one int lookup: the usual call)
+    if site is None or site.code is not user.f_code or site.state() is not state:
+        key = (id(user.f_code), lasti, id(state))
+        site = call[_SITES].get(key)
+        if site is None or site.state() is not state:
+            site = _announced_site(call, key, state)
+        call[_BY_LASTI][lasti] = site
     ce = state.compiled
     path = state.stats if ce is None else ce.stats
     if path.report_owner is not site:
@@ -455,7 +460,7 @@ def _announced_site(call, key, state):
     return site
 
 
-def _announced(wrapper, sites, entry_name):
+def _announced(wrapper, sites, by_lasti, entry_name):
     adapter = getattr(wrapper, '__self__', None)
     if adapter is not None:
         adapter.announce = _announce
@@ -470,7 +475,8 @@ def _announced(wrapper, sites, entry_name):
         if _sampling:               # (only sampled calls give watched results)
             args, kwargs = _unwatch_feeds(args, kwargs)
         previous = _calls.current
-        call = _calls.current = [user, sites, entry_name, instance, None, 0, None]
+        call = _calls.current = [user, sites, entry_name, instance, None, 0, None,
+                                 by_lasti]
         t0 = _perf()
         try:
             out = wrapper(wrapped, instance, args, kwargs)
@@ -535,7 +541,7 @@ def _unannounced(call):
     return site
 
 
-_ANNOUNCED_CODE = _announced(announcing(lambda *a: None), {}, '').__code__
+_ANNOUNCED_CODE = _announced(announcing(lambda *a: None), {}, {}, '').__code__
 
 
 def stop_announcing():
