@@ -51,11 +51,13 @@ class _State(object):
     session_created = False    # a TensorFlow session was created in this process
     forked_from = None         # parent pid, in a child forked after a session
     term_pending = False       # a SIGTERM came while a report was being written
+    report_thread = None       # the thread writing a report, if one is
 
 
 state = _State()
 _report_lock = threading.Lock()
 _real_exit = os._exit
+REPORT_GRACE_S = 2.0            # how long a SIGTERM waits for a report being written
 
 
 # --- the environment children inherit -------------------------------------------------
@@ -117,11 +119,13 @@ def _write(fd, text):
         data = data[os.write(fd, data):]
 
 
-def report(when='exit'):
+def report(when='exit', wait=0.0):
     """This process' counters: a table on stderr (not for the runner's own process, nor
-    when no predict call was seen) and the JSON file in ``KERAS_FASTPREDICT_STATS_DIR``."""
-    if not _report_lock.acquire(False):
+    when no predict call was seen) and the JSON file in ``KERAS_FASTPREDICT_STATS_DIR``.
+    Returns at once (after ``wait`` seconds at most) if another report is being written."""
+    if not (_report_lock.acquire(True, wait) if wait else _report_lock.acquire(False)):
         return
+    state.report_thread = threading.get_ident()
     try:
         snap = _stats.snapshot()
         folder = os.environ.get(STATS_DIR_ENV)
@@ -155,9 +159,10 @@ def report(when='exit'):
             except OSError:
                 pass
     finally:
+        state.report_thread = None
         _report_lock.release()
-        if state.term_pending:               # SIGTERM waited for this report: now it ends
-            _die_of_sigterm()
+        if state.term_pending and threading.current_thread() is threading.main_thread():
+            _die_of_sigterm()                # SIGTERM waited for this report: now it ends
 
 
 def _die_of_sigterm():
@@ -171,14 +176,22 @@ def _exit_reporting(code):
 
 
 def _on_sigterm(signum, frame):
-    # A report may be being written (at os._exit, say: Pool.terminate() races a worker's
-    # own exit), maybe by the very code this handler interrupted: ending now would lose
-    # it half-written. Then that report ends the process when it is done (the flag is
-    # set before the lock is looked at, and read after it is released).
+    # (Python runs this in the main thread.) A report may be being written: by another
+    # thread, or by the very code this interrupted (at os._exit, say: Pool.terminate()
+    # races a worker's own exit). Ending at once would lose it half-written, so the signal
+    # waits for it, REPORT_GRACE_S at most: a report blocked for good (a full stderr pipe)
+    # must not make the process outlive a SIGTERM.
+    if state.term_pending:
+        _die_of_sigterm()                    # the second time (or the grace ran out)
     state.term_pending = True
-    if _report_lock.locked():
+    if state.report_thread == threading.get_ident():
+        # This thread's report ends the process when it is done, or a second SIGTERM
+        # does after the grace period.
+        timer = threading.Timer(REPORT_GRACE_S, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
         return
-    report('SIGTERM')
+    report('SIGTERM', wait=REPORT_GRACE_S)   # (after another thread's report, if any)
     _die_of_sigterm()
 
 
@@ -269,6 +282,7 @@ def _after_fork_in_child():
     global _report_lock
     _report_lock = threading.Lock()      # a parent thread may have held it at the fork
     state.term_pending = False
+    state.report_thread = None
     state.runner = False
     _stats.forget_parent()               # this process reports its own calls only
     patching = sys.modules.get('keras_fastpredict.patching')

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -166,6 +167,69 @@ def test_sigterm_during_the_exit_report_waits_for_it(tmp_path):
     reports = processes.collect(str(folder))
     assert len(reports) == 1 and reports[0]['when'] == 'os._exit', reports
     assert sum(m['calls'] for m in reports[0]['models'].values()) == 1
+
+
+SIGTERM_DURING_A_THREADS_REPORT = textwrap.dedent('''
+    import os, signal, threading, time
+    from keras_fastpredict import counters, processes
+    processes.install_reports()
+    real = counters.snapshot
+    entered = threading.Event()
+
+    def snapshot():
+        entered.set()
+        time.sleep(0.5)          # a report being written in another thread
+        return real()
+    counters.snapshot = snapshot
+    t = threading.Thread(target=processes.report, args=('thread',))
+    t.start()
+    entered.wait()
+    os.kill(os.getpid(), signal.SIGTERM)
+    t.join()
+    time.sleep(0.5)
+    print('STILL ALIVE', flush=True)
+''')
+
+SIGTERM_DURING_A_BLOCKED_REPORT = textwrap.dedent('''
+    import sys
+    from keras_fastpredict import counters, processes
+    processes.install_reports()
+    real = counters.snapshot
+
+    def snapshot():
+        # A report whose stderr write blocks: stderr is a pipe the parent does not read.
+        processes._write(2, 'x' * 200000)
+        return real()
+    counters.snapshot = snapshot
+    print('READY', flush=True)
+    sys.exit(0)                  # the atexit report
+''')
+
+
+def test_sigterm_during_another_threads_report_still_ends_the_process(tmp_path):
+    script = tmp_path / 'thread.py'
+    script.write_text(SIGTERM_DURING_A_THREADS_REPORT)
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=clean_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=60)
+    assert out.returncode == -signal.SIGTERM and 'STILL ALIVE' not in out.stdout, (
+        out.returncode, out.stdout, out.stderr[-2000:])
+
+
+def test_sigterm_during_a_blocked_report_still_ends_the_process(tmp_path):
+    script = tmp_path / 'blocked.py'
+    script.write_text(SIGTERM_DURING_A_BLOCKED_REPORT)
+    child = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=clean_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b'READY'
+        time.sleep(1.0)                             # its report is blocked by now
+        child.terminate()
+        assert child.wait(timeout=processes.REPORT_GRACE_S + 10) == -signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 FORK_AFTER_PREDICT = textwrap.dedent('''
