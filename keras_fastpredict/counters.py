@@ -39,6 +39,8 @@ class ModelStats(object):
         self.report_owner = None    # the call-site report's (report.py): whose calls these are
 
     def fallback(self, reason):
+        """One call left to the original method, and why."""
+        self.calls += 1
         self.fallbacks += 1
         self.fallback_reasons[reason] += 1
 
@@ -69,6 +71,12 @@ class ModelStats(object):
         out['mean_exec_ms'] = 1e3 * self.exec_s / self.batches if self.batches else 0.0
         out['max_queue_len'] = self.max_queue_len
         return out
+
+
+def named(kind, names):
+    """Counters of their own for a cached ``Session.run`` signature or backend function
+    (the call-site report reads them), named by what they run."""
+    return ModelStats('%s(%s)' % (kind, names[:60] + '...' * (len(names) > 60)))
 
 
 def for_model(model):

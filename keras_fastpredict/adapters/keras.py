@@ -225,9 +225,7 @@ class KerasAdapter(object):
         return batch_size
 
     def _fallback(self, wrapped, model, args, kwargs, reason):
-        stats = _stats.for_model(model)
-        stats.calls += 1
-        stats.fallback(reason)
+        _stats.for_model(model).fallback(reason)
         outputs = getattr(model, 'outputs', None)
         if not outputs:
             return wrapped(*args, **kwargs)

@@ -205,8 +205,7 @@ class _State(object):
         phase = session_run.keras_phase(self.graph)
         self.phase_index = next((i for i, t in enumerate(self.inputs) if t is phase), None)
         names = self.name or ', '.join(t.name for t in self.outputs)
-        self.stats = counters.ModelStats(
-            'K.function(%s)' % (names[:60] + '...' * (len(names) > 60)))
+        self.stats = counters.named('K.function', names)
 
     def is_pure(self, phase_fed_true):
         """No updates, and no op with side effects among what runs (the learning phase fed
@@ -329,7 +328,6 @@ class KerasFunctionAdapter(object):
         """Keras' own call (after settling pending work unless the function is pure);
         afterwards, if Keras made its callable for all inputs fed as arrays, later calls
         may use it. Counted, with why (the report's reasons)."""
-        st.stats.calls += 1
         st.stats.fallback(reason)
         if st.refused is not None or not st.is_pure(phase):
             hooks.graph_event()

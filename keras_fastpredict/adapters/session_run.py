@@ -414,7 +414,7 @@ def _stats_for(fetches):
         names = ', '.join(getattr(f, 'name', str(f)) for f in fetches)
     except Exception:
         names = '?'
-    return counters.ModelStats('Session.run(%s)' % (names[:60] + '...' * (len(names) > 60)))
+    return counters.named('Session.run', names)
 
 
 class _Cache(object):
@@ -551,7 +551,6 @@ class SessionRunAdapter(object):
     def original(wrapped, args, kwargs, entry=None, reason=None):
         """TF's own run (counted for ``entry``, with why, where there is one)."""
         if entry is not None:
-            entry.stats.calls += 1
             entry.stats.fallback(reason)
         hooks.graph_event()
         return wrapped(*args, **kwargs)
