@@ -151,18 +151,14 @@ def patched(**options):
     """``with patched(): ...`` patches for the block (leaves an outer patch in place)."""
     with _lock:
         was_active = _active
-        was_report = bool(settings.report)
-        old = settings.update(**options)
-        patch()
-        if was_active and bool(settings.report) != was_report:
-            _rewrap()
+        old = {name: getattr(settings, name, None) for name in options}
+        patch(**options)        # (patch() re-wraps where the report is turned on or off)
     try:
         yield
     finally:
         with _lock:
-            if not was_active:
+            if was_active:
+                patch(**old)
+            else:
                 unpatch()
-            report_now = bool(settings.report)
-            settings.update(**old)
-            if was_active and bool(settings.report) != report_now:
-                _rewrap()
+                settings.update(**old)

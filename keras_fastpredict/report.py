@@ -125,19 +125,6 @@ def _classify(code):
     return skip
 
 
-def _user_frame(depth=2):
-    """The first frame outside Keras, TensorFlow, numpy, wrapt and this package."""
-    f = _getframe(depth)
-    while f is not None:
-        skip = _skip.get(id(f.f_code))
-        if skip is None:
-            skip = _classify(f.f_code)
-        if not skip:
-            return f
-        f = f.f_back
-    return None
-
-
 # -- sites -----------------------------------------------------------------------------------
 
 class Site(object):
@@ -241,10 +228,6 @@ def _settle(site):
     site.deferred += max(0, now[0] - mark[0])
     site.readahead += max(0, now[1] - mark[1]) + max(0, now[2] - mark[2])
     site.merged += max(0, now[3] - mark[3])
-
-
-def _model_stats(instance, args, kwargs):
-    return _stats.for_model(instance)
 
 
 def _mark_call(fn):
