@@ -1,14 +1,18 @@
-"""python -m benchmarks.report_cost [--calls N] [--repeats R]
+"""python -m benchmarks.report_cost [--calls N] [--pairs P]
 
-What the call-site report costs per call (issue 14): the same loop of one-row
-``model.predict`` calls on Dense(64)x2, and of ``sess.run`` calls of its output, patched
-with the report off and on, interleaved in one process; the median over repeats of the
-difference per call. The report's samples
-(the first calls of each site, where results are watched) are measured apart from its
-steady state. The target: under 1 us per call in the steady state.
+What the call-site report costs per call (issue 14), in its steady state (after each
+site's sample): loops of one-row calls on Dense(64)x2, patched with the report off and
+on. Off and on alternate in short blocks of ``--calls`` calls (``--pairs`` pairs, the
+order flipped every pair, so that the machine's slow drifts cancel); the figure is the
+median over pairs of the difference per call. Loops: ``model.predict`` on fresh arrays
+(the fast path alone) and on rows of one array (read-ahead, the default), ``sess.run`` of
+the model's output on both, and ``K.function`` on fresh arrays. Then the recorders alone,
+around stub entries with no TensorFlow (best of repeated loops): the part of the cost
+that is the report's own code. The target: under 1 us per call.
 """
 import argparse
 import os
+import sys
 import time
 import warnings
 
@@ -16,106 +20,143 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 warnings.simplefilter('ignore')
 
 
-def _loop(call, rows):
+def _block(call, xs):
     t0 = time.perf_counter()
-    for x in rows:
+    for x in xs:
         call(x)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / len(xs)
 
 
-def _recorder_alone(rep, n=50000, repeats=15):
-    """The recorder's own cost per call, steady state: the best of ``repeats`` loops of a
-    stub entry (it bumps the counters a fast-path call bumps) with and without it."""
+def _paired(kfp, call, xs, pairs):
+    """(off, on) seconds per call in each of ``pairs`` pairs of blocks."""
+    kfp.patch(report=True)
+    for _ in range(3):              # the entry is built, the site's sample taken
+        _block(call, xs)
+    out = []
+    for p in range(pairs):
+        t = {}
+        for report in ((False, True) if p % 2 else (True, False)):
+            kfp.patch(report=report)
+            _block(call, xs[:20])
+            t[report] = _block(call, xs)
+        out.append((t[False], t[True]))
+    kfp.unpatch()
+    return out
+
+
+def _stub_costs(rep, n=50000, repeats=15):
+    """The recorders' own cost per call, steady state, around stub entries that bump the
+    counters a served call bumps: (predict's recorder, an announcing adapter's)."""
     import numpy as np
     from keras_fastpredict import counters
+    out = np.zeros((1, 10), 'float32')
+    x = np.zeros((1, 32), 'float32')
 
     class Model(object):
         pass
     model = Model()
-    stats = counters.for_model(model)
-    out = np.zeros((1, 10), 'float32')
-    x = np.zeros((1, 32), 'float32')
+    mstats = counters.for_model(model)
 
-    def stub(wrapped, instance, args, kwargs):
-        stats.calls += 1
-        stats.fast_calls += 1
+    def predict(wrapped, instance, args, kwargs):
+        mstats.calls += 1
+        mstats.fast_calls += 1
         return out
-    recorded = rep.wrap('Model.predict', stub)
-    rep._plain[(stats, 1)] = (1e-4, 1)          # as if plain Keras had been timed
 
-    def loop(fn):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn(None, model, (x,), {})
-        return (time.perf_counter() - t0) / n
-    loop(recorded)                                 # past the site's samples
-    bare = min(loop(stub) for _ in range(repeats))
-    wrapped = min(loop(recorded) for _ in range(repeats))
-    return 1e6 * (wrapped - bare)
+    class State(object):
+        compiled = None
+        stats = counters.ModelStats('stub')
 
+        def is_pure(self, phase):
+            return True
+    state = State()
 
-def _measure(kfp, rep, call, rows, repeats):
-    """Per-call seconds of ``call`` over ``rows`` with the report off and on (interleaved),
-    and on for a site's first (sampled) calls."""
-    off, on, first = [], [], []
-    for _ in range(repeats):
-        for report in (False, True):
-            kfp.patch(report=report)
-            rep.reset()
-            kfp.reset_stats()
-            call(rows[0])                               # the entry is built
-            call(rows[1])
-            if report:
-                first.append(_loop(call, rows[:rep.WATCH_CALLS]) / rep.WATCH_CALLS)
-            else:
-                _loop(call, rows[:rep.WATCH_CALLS])
-            (on if report else off).append(_loop(call, rows) / len(rows))
-            kfp.unpatch()
-    return off, on, first
+    class Adapter(object):
+        announce = None
 
+        @rep.announcing
+        def run(self, wrapped, session, args, kwargs):
+            value = args[1]['x']
+            if self.announce is not None:
+                self.announce(state, value)
+            state.stats.calls += 1
+            state.stats.fast_calls += 1
+            return out
+    adapter = Adapter()
+    session = Model()
+    feed = {'x': x}
+    rep._plain[(mstats, 1)] = rep._plain[(state.stats, 1)] = (1e-4, 1)   # as if timed
 
-def _print(np, title, off, on, first, watch):
-    off_us, on_us = 1e6 * np.median(off), 1e6 * np.median(on)
-    diffs = sorted(1e6 * (b - a) for a, b in zip(off, on))
-    print(title)
-    print('  report off                    %7.2f us per call' % off_us)
-    print('  report on (steady state)      %7.2f us per call   +%.2f us (paired median '
-          '%+.2f, range %+.2f..%+.2f)' % (on_us, on_us - off_us, float(np.median(diffs)),
-                                         diffs[0], diffs[-1]))
-    print('  report on, first %d calls of a site (results watched, frames compared): '
-          '%.2f us per call' % (watch, 1e6 * np.median(first)))
+    def best(fn, instance, args):
+        def loop():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn(None, instance, args, {})
+            return (time.perf_counter() - t0) / n
+        loop()                                          # past the site's sample
+        return min(loop() for _ in range(repeats))
+
+    costs = []
+    for path, wrapper, instance, args in (('Model.predict', predict, model, (x,)),
+                                          ('Stub.run', adapter.run, session, ('y', feed))):
+        recorded = rep.wrap(path, wrapper)
+        with_report = best(recorded, instance, args)
+        announce, adapter.announce = adapter.announce, None
+        bare = best(wrapper, instance, args)
+        adapter.announce = announce
+        costs.append(1e6 * (with_report - bare))
+    rep.stop_announcing()
+    return costs
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m benchmarks.report_cost')
-    parser.add_argument('--calls', type=int, default=3000)
-    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--calls', type=int, default=400, help='calls per block')
+    parser.add_argument('--pairs', type=int, default=41)
     args = parser.parse_args(argv)
     import numpy as np
     import keras
     from keras import backend as K, layers
     import keras_fastpredict as kfp
     import keras_fastpredict.report  # noqa: F401
-    rep = __import__('sys').modules['keras_fastpredict.report']
+    rep = sys.modules['keras_fastpredict.report']
 
     np.random.seed(0)
     model = keras.models.Sequential([layers.Dense(64, activation='relu', input_shape=(32,)),
                                      layers.Dense(64, activation='relu'), layers.Dense(10)])
-    # Fresh one-row arrays: the fast path alone (read-ahead would hide the per-call cost).
-    rows = [np.random.rand(1, 32).astype('float32') for _ in range(args.calls)]
+    n = args.calls
+    fresh = [np.random.rand(1, 32).astype('float32') for _ in range(n)]
+    X = np.random.rand(n, 32).astype('float32')
+    views = [X[i:i + 1] for i in range(n)]
     sess = K.get_session()
     output, inp = model.output, model.input
+    fn = K.function([inp], [output])
     cases = [
-        ('one-row model.predict calls (fast path)', lambda x: model.predict(x)),
-        ('one-row sess.run(model.output, {model.input: x}) calls (fast path)',
-         lambda x: sess.run(output, {inp: x})),
+        ('model.predict(x), fresh arrays (fast path)', lambda x: model.predict(x), fresh),
+        ('model.predict(X[i:i+1]) (read-ahead)', lambda x: model.predict(x), views),
+        ('sess.run(output, {input: x}), fresh arrays', lambda x: sess.run(output, {inp: x}),
+         fresh),
+        ('sess.run(output, {input: X[i:i+1]}) (read-ahead)',
+         lambda x: sess.run(output, {inp: x}), views),
+        ('K.function([input], [output])([x]), fresh arrays', lambda x: fn([x]), fresh),
     ]
-    for title, call in cases:
-        off, on, first = _measure(kfp, rep, call, rows, args.repeats)
-        _print(np, 'report cost, Dense(64)x2, %d %s, median of %d:' % (
-            args.calls, title, args.repeats), off, on, first, rep.WATCH_CALLS)
-    print('the recorder alone (around a stub wrapper, no TensorFlow): +%.2f us per call'
-          % _recorder_alone(rep))
+    print('report cost per call, steady state, Dense(64)x2, one row per call: median over '
+          '%d pairs of %d-call blocks, off and on interleaved' % (args.pairs, n))
+    print('  %-52s %9s %9s %10s %17s' % ('loop', 'off us', 'on us', 'added us',
+                                         'middle half'))
+    for title, call, xs in cases:
+        pairs = _paired(kfp, call, xs, args.pairs)
+        off = 1e6 * np.median([a for a, _ in pairs])
+        on = 1e6 * np.median([b for _, b in pairs])
+        diffs = 1e6 * np.array([b - a for a, b in pairs])
+        q1, q3 = np.percentile(diffs, [25, 75])
+        print('  %-52s %9.2f %9.2f %+10.2f %+8.2f..%+.2f' % (title, off, on, np.median(diffs),
+                                                          q1, q3))
+    predict_us, announced_us = _stub_costs(rep)
+    print('the recorders alone, around stub entries (no TensorFlow): predict +%.2f us, '
+          'Session.run / K.function (announcing) +%.2f us per call'
+          % (predict_us, announced_us))
+    del cases, fn
+    K.clear_session()       # (callables freed at interpreter teardown print errors)
 
 
 if __name__ == '__main__':

@@ -72,6 +72,8 @@ _ndarray = np.ndarray
 # itself with ``_kfp_call``.
 CALL_PATHS = frozenset(('Model.predict', 'Model.predict_on_batch'))
 WATCH_CALLS = 64        # results watched per site (the sample advice is measured on)
+SAMPLE_CALLS = 2 * WATCH_CALLS   # a site's sample ends after this many calls, whatever
+                                 # its samplers saw (each counts only calls it can use)
 SPAN_CALLS = 16         # consecutive calls per site whose frames are compared
 FRESH_CALLS = 16        # one-row inputs per site checked against arrays in scope
 PLAIN_MAX_ROWS = 1024
@@ -130,14 +132,14 @@ def _classify(code):
 class Site(object):
     __slots__ = ('code', 'file', 'line', 'function', 'entry', 'stats', 'path', 'mark',
                  'instance_ref', 'model_ref', 'rows', 'same_rows',
-                 'time_s', 'served', 'readahead', 'deferred', 'merged', 'keras', 'reasons',
+                 'acc', 'served', 'readahead', 'deferred', 'merged', 'keras', 'reasons',
                  'plain_s', 'unmeasured', 'plain_note', 'plain_rows', 'plain_per_call',
-                 'sampling', 'watch_left', 'watched', 'epoch',
+                 'sampling', 'sample_left', 'watch_left', 'watched', 'epoch',
                  'epoch_start', 'open_watch', 'batches', 'span_left', 'held', 'enclosing',
-                 'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state',
-                 'hot')
+                 'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state')
 
-    def __init__(self, code, line, stats, entry, instance, path=None, model=None, state=None):
+    def __init__(self, code, line, stats, entry, instance, path=None, model=None, state=None,
+                 sampling=True):
         self.code = code
         self.file = code.co_filename if code is not None else '?'
         self.line = line
@@ -152,12 +154,15 @@ class Site(object):
         # graph, the session and their callables.
         self.state = None if state is None else _weak(state)
         self.rows = self.same_rows = self.served = self.readahead = self.deferred = 0
-        self.merged = self.keras = self.unmeasured = self.errors = self.hot = 0
-        self.time_s = self.plain_s = self.plain_per_call = 0.0
+        self.merged = self.keras = self.unmeasured = self.errors = 0
+        self.acc = [0.0, 0]         # time spent, usual calls (a list: see _hot)
+        self.plain_s = self.plain_per_call = 0.0
         self.plain_rows = None      # the row count plain_per_call was estimated for
-        self.sampling = True
-        global _sampling
-        _sampling += 1
+        self.sampling = sampling    # (made under _lock)
+        self.sample_left = SAMPLE_CALLS
+        if sampling:
+            global _sampling
+            _sampling += 1
         self.plain_note = None
         self.reasons = collections.Counter()
         self.watch_left = WATCH_CALLS
@@ -174,6 +179,24 @@ class Site(object):
         self.last_shape = None
         self.dataset = None        # (weakref to the array, its name, last row matched)
         self.walk = 0              # consecutive rows of that array seen
+
+    @property
+    def time_s(self):
+        return self.acc[0]
+
+    @time_s.setter
+    def time_s(self, value):
+        self.acc[0] = value
+
+    @property
+    def hot(self):
+        """Calls counted on the usual path: served, with the rows plain Keras was timed
+        for."""
+        return self.acc[1]
+
+    @hot.setter
+    def hot(self, value):
+        self.acc[1] = value
 
     @property
     def calls(self):
@@ -261,43 +284,62 @@ def wrap(path, wrapper):
 
     # sites: (id(code), line, id(model)) of the user's frame -> Site; by_line: the
     # instruction of the calling frame (f_lasti: read as it is, where f_lineno is computed)
-    # -> its Site, once the site's samples are taken and where that frame is the user's
-    # own. The common call: one lookup, two identity checks, one counter read before and
-    # after, the clock.
+    # -> its site's _hot tuple, once the site's sample is taken and where that frame is
+    # the user's own. The usual call: one lookup, two identity checks, the input's type and
+    # rows, one counter read before and after, the clock. (Names used per call are bound
+    # in this closure: a cell is read faster than a global or a builtin, and default
+    # arguments would take a function call off CPython's fast path.)
+    getframe, perf, ndarray, type_, len_ = _getframe, _perf, _ndarray, type, len
+
     def recorded(wrapped, instance, args, kwargs):
-        f = _getframe(1)
-        site = by_line.get(f.f_lasti)
-        if site is None or site.code is not f.f_code or site.instance_ref() is not instance:
-            site = _find_site(sites, by_line, f, instance, entry_name)
-            if site is None:                        # inside a recorded call: not again
-                return wrapper(wrapped, instance, args, kwargs)
-            return _record(site, f, wrapper, wrapped, instance, args, kwargs)
-        x = args[0] if args else None
-        if type(x) is not _ndarray or not x.ndim or len(x) != site.plain_rows:
-            return _record(site, f, wrapper, wrapped, instance, args, kwargs)
-        # _record's steps, inlined for the usual call: one more Python call is a tenth of
-        # the report's per-call budget.
-        s = site.stats
-        if s.report_owner is not site:
-            _take(s, site)
-        fc = s.fast_calls
-        t0 = _perf()
+        f = getframe(1)
         try:
-            out = wrapper(wrapped, instance, args, kwargs)
-        except BaseException:
-            site.time_s += _perf() - t0
-            site.errors += 1
-            raise
-        elapsed = _perf() - t0
-        site.time_s += elapsed
-        if s.fast_calls != fc:
-            site.hot += 1           # served, with the rows plain Keras was timed for
-        else:
-            _passed_on(site, s, site.plain_rows, elapsed)
+            hot = by_line[f.f_lasti]       # (a subscript: cheaper than .get's call)
+        except KeyError:
+            hot = None
+        if hot is not None:
+            code, ref, rows, s, acc, site = hot
+            if code is f.f_code and ref() is instance:
+                x = args[0] if args else None
+                if type_(x) is ndarray and x.ndim and len_(x) == rows:
+                    # _record's steps, inlined for the usual call.
+                    if s.report_owner is not site:
+                        _take(s, site)
+                    fc = s.fast_calls
+                    t0 = perf()
+                    try:
+                        out = wrapper(wrapped, instance, args, kwargs)
+                    except BaseException:
+                        acc[0] += perf() - t0
+                        site.errors += 1
+                        raise
+                    elapsed = perf() - t0
+                    acc[0] += elapsed
+                    if s.fast_calls != fc:
+                        acc[1] += 1
+                    else:
+                        _passed_on(site, s, rows, elapsed)
+                    return out
+                return _record(site, f, wrapper, wrapped, instance, args, kwargs)
+        site, direct = _find_site(sites, f, instance, entry_name)
+        if site is None:                        # inside a recorded call: not again
+            return wrapper(wrapped, instance, args, kwargs)
+        out = _record(site, f, wrapper, wrapped, instance, args, kwargs)
+        if direct and not site.sampling:
+            by_line[f.f_lasti] = _hot(site, site.stats)
         return out
 
     recorded._kfp_recorder = wrapper
     return recorded
+
+
+def _hot(site, counters):
+    """What a site's usual call reads, in one tuple (unpacked at once, where each
+    attribute read costs about as much as a lookup): the user's code, the instance (or
+    state) weakly, the row count plain Keras was timed for, the counters whose fast_calls
+    tell a served call, the site's accumulators, the site."""
+    return (site.code, site.instance_ref if site.state is None else site.state,
+            site.plain_rows, counters, site.acc, site)
 
 
 def _record(site, f, wrapper, wrapped, instance, args, kwargs):
@@ -329,6 +371,8 @@ def _record(site, f, wrapper, wrapped, instance, args, kwargs):
 def _after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs):
     if s.fast_calls == fc:
         _passed_on(site, s, rows, elapsed)
+        if site.sampling:
+            _sampled(site)
         return out
     site.served += 1
     # Calls of the row count plain Keras was timed for are counted; others add up.
@@ -371,12 +415,12 @@ def _user(f):
     return None
 
 
-def _find_site(sites, by_line, f, instance, entry_name):
+def _find_site(sites, f, instance, entry_name):
     """The site of a call (slow path: a site still sampling, a new site, or a call from a
-    skipped frame)."""
+    skipped frame), and whether its user frame is ``f`` itself."""
     user = _user(f)
     if user is _RECORDED_CODE or user is _ANNOUNCED_CODE:
-        return None
+        return None, False
     code = user.f_code if user is not None else None
     line = user.f_lineno if user is not None else 0
     user_key = (id(code), line, id(instance))
@@ -387,49 +431,73 @@ def _find_site(sites, by_line, f, instance, entry_name):
                 _retired_sites.append(site)       # a freed model's site, kept for the report
             site = sites[user_key] = Site(code, line, _stats.for_model(instance), entry_name,
                                           instance)
-        if user is f and not site.sampling:
-            by_line[f.f_lasti] = site
-    return site
+    return site, user is f
 
 
 # -- announced calls (Session.run, K.function) -------------------------------------------------
 
 class _Calls(threading.local):
-    # This thread's announced call in flight: [user frame, sites, entry name, instance,
-    # site, the state's fast_calls before, the call's first input, the entry's sites by
-    # calling instruction] (a list: made per call).
+    # This thread's announced call in flight (a list: made per call): for a call looked at
+    # whole [user frame, sites, entry name, instance, site, the state's fast_calls before,
+    # the call's first input]; for a steady site's usual call [its _steady tuple, the
+    # state's fast_calls before (-1: not announced yet, -2: announced otherwise), user
+    # frame, the whole call's list where it was announced otherwise].
     current = None
 
 
 _calls = _Calls()
 _announcers = []                    # adapters whose announce this module set
-_USER, _SITES, _ENTRY, _INSTANCE, _SITE, _FC, _X, _BY_LASTI = range(8)
+_USER, _SITES, _ENTRY, _INSTANCE, _SITE, _FC, _X = range(7)
+# A steady announced site (_steady_at): (code, instance weakly, plain rows, state weakly,
+# the site's accumulators, the site, the state's counters, the counters its paths are read
+# from, the recorder's sites, its entry name).
 
 
-def _announce(state, x):
-    call = _calls.current
-    if call is None or call[_SITE] is not None:
-        return                      # not a recorded call, or announced already (nested)
-    user = call[_USER]
-    lasti = user.f_lasti
-    site = call[_BY_LASTI].get(lasti)      # (one int lookup: the usual call)
-    if site is None or site.code is not user.f_code or site.state() is not state:
-        key = (id(user.f_code), lasti, id(state))
+def _announcer():
+    """The adapters' ``announce`` (a closure: see ``recorded``)."""
+    calls, ndarray, type_, len_ = _calls, _ndarray, type, len
+
+    def announce(state, x):
+        call = calls.current
+        if call is None:
+            return                      # not a recorded call
+        steady = call[0]
+        if type_(steady) is tuple:
+            if call[1] != -1:
+                return                  # announced already (a nested call)
+            # (unpacked: an index by a named constant costs a global lookup)
+            _, instance_ref, rows, state_ref, _, site, stats, path, sites, entry = steady
+            # As the site's calls go (its state, its rows, its paths' counters still its
+            # own): the fast_calls to compare with after the call, and nothing else.
+            if (state_ref() is state and type_(x) is ndarray and x.ndim and len_(x) == rows
+                    and path.report_owner is site):
+                call[1] = stats.fast_calls
+                return
+            call[1] = -2
+            call = call[3] = [call[2], sites, entry, instance_ref(), None, 0, None]
+        elif call[_SITE] is not None:
+            return                      # announced already (a nested call)
+        user = call[_USER]
+        key = (id(user.f_code), user.f_lasti, id(state))
         site = call[_SITES].get(key)
         if site is None or site.state() is not state:
             site = _announced_site(call, key, state)
-        call[_BY_LASTI][lasti] = site
-    ce = state.compiled
-    path = state.stats if ce is None else ce.stats
-    if path.report_owner is not site:
-        if ce is not None:
-            model = ce.model_ref()
-            if model is not None and site.model_ref() is not model:
-                site.model_ref = _weak(model)
-        _take(path, site)
-    call[_SITE] = site
-    call[_FC] = state.stats.fast_calls
-    call[_X] = x
+        ce = state.compiled
+        path = state.stats if ce is None else ce.stats
+        if path.report_owner is not site:
+            if ce is not None:
+                model = ce.model_ref()
+                if model is not None and site.model_ref() is not model:
+                    site.model_ref = _weak(model)
+            _take(path, site)
+        call[_SITE] = site
+        call[_FC] = state.stats.fast_calls
+        call[_X] = x
+
+    return announce
+
+
+_announce = _announcer()
 
 
 def _announced_site(call, key, state):
@@ -445,51 +513,122 @@ def _announced_site(call, key, state):
     return site
 
 
+def _steady_at(by_lasti, f, site, sites, entry_name):
+    """The site served at ``f``'s instruction, once its sample is taken, is the one its
+    next calls there are checked against (the layout above)."""
+    if site is not None and not site.sampling:
+        by_lasti[f.f_lasti] = (site.code, site.instance_ref, site.plain_rows, site.state,
+                               site.acc, site, site.stats, site.path, sites, entry_name)
+
+
 def _announced(wrapper, sites, by_lasti, entry_name):
     adapter = getattr(wrapper, '__self__', None)
     if adapter is not None:
         adapter.announce = _announce
         _announcers.append(adapter)
 
+    # by_lasti: the calling instruction -> the _steady tuple of the site last served there,
+    # once its sample is taken and where that frame is the user's own. Its usual call: one
+    # lookup, two identity checks, a small list for announce, the clock; announce checks
+    # the state and the input's rows and reads one counter.
+    getframe, perf, calls = _getframe, _perf, _calls      # (a closure: see recorded)
+
     def announced(wrapped, instance, args, kwargs):
-        user = _getframe(1)
-        if _skip.get(id(user.f_code)) is not False:
-            user = _user(user)
+        f = getframe(1)
+        try:
+            steady = by_lasti[f.f_lasti]
+        except KeyError:
+            steady = None
+        if steady is not None:
+            code, instance_ref, rows, _, acc, site, stats, _, _, _ = steady
+        if (steady is not None and code is f.f_code and instance_ref() is instance
+                and not _sampling):
+            call = calls.current = [steady, -1, f, None]
+            t0 = perf()
+            try:
+                out = wrapper(wrapped, instance, args, kwargs)
+            except BaseException:
+                calls.current = None
+                _steady_error(call, perf() - t0)
+                raise
+            elapsed = perf() - t0
+            calls.current = None
+            fc = call[1]
+            if fc >= 0:
+                acc[0] += elapsed
+                if stats.fast_calls != fc:
+                    acc[1] += 1     # served, with the rows plain TF was timed for
+                else:
+                    _passed_on(site, stats, rows, elapsed)
+                return out
+            if fc == -1:            # the adapter left the call as it was
+                return _announced_after([f, sites, entry_name, instance, None, 0, None],
+                                        out, elapsed, wrapped, instance, args, kwargs)
+            call = call[3]
+            out = _announced_after(call, out, elapsed, wrapped, instance, args, kwargs)
+            _steady_at(by_lasti, f, call[_SITE], sites, entry_name)
+            return out
+        user = f
+        if _skip.get(id(f.f_code)) is not False:
+            user = _user(f)
             if user is None or user is _RECORDED_CODE or user is _ANNOUNCED_CODE:
                 return wrapper(wrapped, instance, args, kwargs)
         if _sampling:               # (only sampled calls give watched results)
             args, kwargs = _unwatch_feeds(args, kwargs)
-        previous = _calls.current
-        call = _calls.current = [user, sites, entry_name, instance, None, 0, None,
-                                 by_lasti]
-        t0 = _perf()
+        previous = calls.current
+        call = calls.current = [user, sites, entry_name, instance, None, 0, None]
+        t0 = perf()
         try:
             out = wrapper(wrapped, instance, args, kwargs)
         except BaseException:
-            _calls.current = previous
-            site = call[_SITE] or _unannounced(call)
-            site.time_s += _perf() - t0
-            site.errors += 1
+            calls.current = previous
+            _announced_error(call, perf() - t0)
             raise
-        elapsed = _perf() - t0
-        _calls.current = previous
-        site = call[_SITE]
-        if site is None:            # the adapter left the call as it was
-            site = _unannounced(call)
-            site.time_s += elapsed
-            _keras_call(site, 1, elapsed, 'not a call the adapter serves (left as it is)')
-            return out
-        site.time_s += elapsed
-        x = call[_X]
-        if (not site.sampling and site.stats.fast_calls != call[_FC] and type(x) is _ndarray
-                and x.ndim and len(x) == site.plain_rows):
-            site.hot += 1           # served, with the rows plain TF was timed for
-            return out
-        return _after(site, site.stats, call[_FC], out, elapsed, user, x, _rows(x), wrapped,
-                      instance, args, kwargs)
+        elapsed = perf() - t0
+        calls.current = previous
+        out = _announced_after(call, out, elapsed, wrapped, instance, args, kwargs)
+        if user is f:
+            _steady_at(by_lasti, f, call[_SITE], sites, entry_name)
+        return out
 
     announced._kfp_recorder = wrapper
     return announced
+
+
+def _announced_after(call, out, elapsed, wrapped, instance, args, kwargs):
+    """A call looked at whole, once it returned: its site's counts, samples, plain cost."""
+    site = call[_SITE]
+    if site is None:                # the adapter left the call as it was
+        site = _unannounced(call)
+        site.time_s += elapsed
+        _keras_call(site, 1, elapsed, 'not a call the adapter serves (left as it is)')
+        return out
+    site.time_s += elapsed
+    x = call[_X]
+    if (not site.sampling and site.stats.fast_calls != call[_FC] and type(x) is _ndarray
+            and x.ndim and len(x) == site.plain_rows):
+        site.hot += 1               # served, with the rows plain TF was timed for
+        return out
+    return _after(site, site.stats, call[_FC], out, elapsed, call[_USER], x, _rows(x),
+                  wrapped, instance, args, kwargs)
+
+
+def _announced_error(call, elapsed):
+    site = call[_SITE] or _unannounced(call)
+    site.time_s += elapsed
+    site.errors += 1
+
+
+def _steady_error(call, elapsed):
+    _, instance_ref, _, _, _, site, _, _, sites, entry = call[0]
+    fc = call[1]
+    if fc >= 0:
+        site.time_s += elapsed
+        site.errors += 1
+    elif fc == -2:
+        _announced_error(call[3], elapsed)
+    else:
+        _announced_error([call[2], sites, entry, instance_ref(), None, 0, None], elapsed)
 
 
 def _unwatch_feeds(args, kwargs):
@@ -521,7 +660,8 @@ def _unannounced(call):
         site = call[_SITES].get(key)
         if site is None or site.instance_ref() is not instance:
             site = call[_SITES][key] = Site(user.f_code, user.f_lineno,
-                                            _stats.ModelStats('-'), call[_ENTRY], instance)
+                                            _stats.ModelStats('-'), call[_ENTRY], instance,
+                                            sampling=False)     # (nothing to sample)
             site.model_ref = lambda: None
     return site
 
@@ -720,11 +860,21 @@ def _used(rec):
     rec.epoch = -1
 
 
-def _sample(site, f, out, x, rows, served_ahead):
+def _sampled(site):
+    """One more call of the site's sample; the last one once every sampler is done or
+    SAMPLE_CALLS calls were sampled (a sampler counts down only on calls it can use: a
+    loop that gives it none must not keep its site on the slow path)."""
     global _sampling
-    site.sampling = bool(site.watch_left or site.span_left or site.fresh_left)
-    if not site.sampling:
-        _sampling -= 1
+    site.sample_left -= 1
+    if site.sample_left <= 0 or not (site.watch_left or site.span_left or site.fresh_left):
+        with _lock:
+            if site.sampling:
+                site.sampling = False
+                _sampling -= 1
+
+
+def _sample(site, f, out, x, rows, served_ahead):
+    _sampled(site)
     if site.span_left and f is not None and rows <= 64:
         _span(site, f)
     if site.fresh_left and rows == 1 and type(x) is _ndarray and not served_ahead:

@@ -524,3 +524,63 @@ def test_runner_stats_json_and_children(tmp_path):
     child = json.loads((tmp_path / children[0]).read_text())
     assert child['pid'] != data['pid'] and child['sites'][0]['calls'] == 20
     assert children[0] == 'report.%d.json' % child['pid']
+
+
+# -- a site's sample ends: every kind of loop reaches the usual (cheap) path -------------------
+
+class _Subclassed(keras.models.Model):
+    def __init__(self):
+        super(_Subclassed, self).__init__()
+        self.dense = layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def _sampling_sites():
+    return [s for s in R._all_sites() if s.sampling]
+
+
+def test_every_loop_kind_ends_its_sample(models):
+    # A site samples its first calls only (results read, spanning function, fresh rows);
+    # afterwards its calls take the usual path. Each loop below once sampled for ever (its
+    # samplers' countdowns only moved on calls of another kind), paying the slow path on
+    # every call: read-ahead views, views with read-ahead off, deferred calls, K.function
+    # input lists, a model left to Keras, Session.run calls the adapter passes on.
+    import tensorflow as tf
+    from keras import backend as K
+    model = models['dense']
+    n = R.SAMPLE_CALLS + 40
+    X = inputs_for('dense', n)
+    sess = K.get_session()
+    f = K.function([model.input], [model.output])
+    sub = _Subclassed()
+    sub.compile('sgd', 'mse')
+    sub.predict(X[:1, :4])                  # built
+    p = tf.compat.v1.placeholder(tf.float32, (None, 3))
+    squared = tf.square(p)
+    opts = tf.compat.v1.RunOptions()
+
+    def loops():
+        out = {}
+        out['ra'] = [model.predict(X[i:i + 1]) for i in range(n)]
+        with kfp.batching():
+            out['deferred'] = [model.predict(np.array(X[i:i + 1])) for i in range(n)]
+        out['fn'] = [f([X[i][None]])[0] for i in range(n)]
+        out['run'] = [sess.run(model.output, {model.input: X[i][None]}) for i in range(n)]
+        out['sub'] = [sub.predict(X[i:i + 1, :4]) for i in range(n)]
+        out['opts'] = [sess.run(squared, {p: X[i:i + 1, :3]}, options=opts) for i in range(n)]
+        return {k: np.concatenate(v) for k, v in out.items()}
+    expected = loops()
+    kfp.patch(report=True)
+    got = loops()
+    kfp.patch(report=True, readahead=False)
+    views = [model.predict(X[i:i + 1]) for i in range(n)]
+    for k in expected:
+        assert_same(got[k], expected[k])
+    assert_same(np.concatenate(views), expected['ra'])
+    assert _sampling_sites() == [] and R._sampling == 0
+    for s in R._all_sites():
+        assert s.calls == n
+        if s.keras < n:                     # served: the later calls took the usual path
+            assert s.hot >= n - R.SAMPLE_CALLS - 2, (s.where(), s.hot)

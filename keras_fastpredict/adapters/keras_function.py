@@ -262,7 +262,10 @@ class KerasFunctionAdapter(object):
                 hooks.graph_event()
                 return wrapped(*args, **kwargs)
         if self.announce is not None:
-            self.announce(st, args[0] if len(args) == 1 and not kwargs else None)
+            x = args[0] if len(args) == 1 and not kwargs else None
+            if (type(x) is list or type(x) is tuple) and len(x) == 1:
+                x = x[0]            # (the report reads rows from one input's array)
+            self.announce(st, x)
         if st.refused is not None or len(args) != 1 or kwargs:
             return self._original(st, wrapped, fn, args, kwargs, None, True,
                                   st.refused or _ARGUMENTS)
