@@ -28,7 +28,9 @@ states serves the call, and that state's counters are read). Per call the record
   models, random draws or variable writes, runs with side effects) nothing is timed, and
   the report says so.
 
-Measured advice (a sample of the first ``WATCH_CALLS`` calls of each site):
+Measured advice, on a sample of each site's first calls (``WATCH_CALLS`` results watched;
+the sample ends after ``SAMPLE_CALLS`` calls whatever the loop, then the site's calls take
+the usual path: ``recorded``'s inlined steps, or for announced calls ``_steady_at``):
 
 * Whether results are read before the next call: a returned plain array is handed back as
   a view of itself of an ndarray subclass that records its first use (numpy functions,
