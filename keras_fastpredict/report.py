@@ -476,7 +476,8 @@ def _announcer():
                 call[1] = stats.fast_calls
                 return
             call[1] = -2
-            call = call[3] = [call[2], sites, entry, instance_ref(), None, 0, None]
+            general = call[3] = [call[2], sites, entry, instance_ref(), None, 0, None]
+            call = general
         elif call[_SITE] is not None:
             return                      # announced already (a nested call)
         user = call[_USER]

@@ -584,3 +584,77 @@ def test_every_loop_kind_ends_its_sample(models):
         assert s.calls == n
         if s.keras < n:                     # served: the later calls took the usual path
             assert s.hot >= n - R.SAMPLE_CALLS - 2, (s.where(), s.hot)
+
+
+def test_steady_session_run_line_with_two_signatures_row_changes_and_errors(models):
+    # One line alternating two Session.run signatures (its steady site's calls announced
+    # as another signature's), row counts that change, and a bad feed once steady: the
+    # same results and errors as plain TF; each call counted once, its rows exact.
+    import tensorflow as tf
+    from keras import backend as K
+    model = models['dense']
+    sess = K.get_session()
+    p = tf.compat.v1.placeholder(tf.float32, (None, 32))
+    q = tf.square(p)
+    X = inputs_for('dense', 400)
+    n = R.SAMPLE_CALLS + 60
+
+    def loop():
+        out = []
+        for i in range(n):
+            rows = 3 if i % 7 == 0 else 1
+            for fetch, feed in ((model.output, model.input), (q, p)):
+                out.append(sess.run(fetch, {feed: X[i:i + rows]}))
+        for bad in (np.zeros((1, 5), 'float32'), np.zeros((2, 5), 'float32')):
+            try:
+                sess.run(q, {p: bad})
+            except Exception as exc:  # noqa: BLE001 - compared with plain TF's
+                out.append((type(exc), str(exc)))
+        return out
+    expected = loop()
+    kfp.patch(report=True)
+    got = loop()
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        if isinstance(e, tuple):
+            assert g == e
+        else:
+            assert_same(g, e)
+    here = loop.__code__.co_firstlineno + 5
+    found = [s for s in kfp.report()['sites'] if s['file'] == HERE and s['line'] == here]
+    rows = sum(3 if i % 7 == 0 else 1 for i in range(n))
+    assert sorted(s['calls'] for s in found) == [n, n]
+    for s in found:
+        assert s['rows'] == rows and sum(s['paths'].values()) == s['calls'], s
+    errors = [s for s in kfp.report()['sites'] if s['file'] == HERE and s['errors']]
+    assert sum(s['errors'] for s in errors) == 2
+
+
+def test_steady_predict_and_k_function_lines_with_two_models_and_row_changes(models):
+    from keras import backend as K
+    a, b = models['dense'], keras.models.Sequential([layers.Dense(2, input_shape=(32,))])
+    fa = K.function([a.input], [a.output])
+    fb = K.function([b.input], [b.output])
+    X = inputs_for('dense', 400)
+    n = R.SAMPLE_CALLS + 60
+
+    def loop():
+        out = []
+        for i in range(n):
+            rows = 3 if i % 7 == 0 else 1
+            for m, f in ((a, fa), (b, fb)):
+                out.append(m.predict(np.array(X[i:i + rows])))
+                out.append(f([np.array(X[i:i + rows])])[0])
+        return out
+    expected = loop()
+    kfp.patch(report=True)
+    got = loop()
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    rows = sum(3 if i % 7 == 0 else 1 for i in range(n))
+    for offset in (5, 6):
+        here = loop.__code__.co_firstlineno + offset
+        found = [s for s in kfp.report()['sites'] if s['file'] == HERE and s['line'] == here]
+        assert sorted(s['calls'] for s in found) == [n, n], found
+        for s in found:
+            assert s['rows'] == rows and sum(s['paths'].values()) == s['calls'], s
