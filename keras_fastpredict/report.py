@@ -544,8 +544,9 @@ def _announced(wrapper, sites, by_lasti, entry_name):
             steady = None
         if steady is not None:
             code, instance_ref, rows, _, acc, site, stats, _, _, _ = steady
-        if (steady is not None and code is f.f_code and instance_ref() is instance
-                and not _sampling):
+        if steady is not None and code is f.f_code and instance_ref() is instance:
+            if _sampling:           # (some site's results may be watched: fed back here)
+                args, kwargs = _unwatch_feeds(args, kwargs)
             call = calls.current = [steady, -1, f, None]
             t0 = perf()
             try:
@@ -873,6 +874,7 @@ def _sampled(site):
         with _lock:
             if site.sampling:
                 site.sampling = False
+                site.held = {}      # frames of the span check: let them go
                 _sampling -= 1
 
 
@@ -880,7 +882,8 @@ def _sample(site, f, out, x, rows, served_ahead):
     _sampled(site)
     if site.span_left and f is not None and rows <= 64:
         _span(site, f)
-    if site.fresh_left and rows == 1 and type(x) is _ndarray and not served_ahead:
+    if (site.fresh_left and rows == 1 and type(x) is _ndarray and x.ndim
+            and not served_ahead):
         _fresh(site, f, x)
     if site.watch_left:
         kind = type(out)
@@ -953,7 +956,8 @@ def _fresh(site, f, x):
         except Exception:
             names = {}
         for name, value in names.items():
-            if (type(value) is _ndarray and value.ndim == x.ndim and len(value) > 1
+            if (type(value) is _ndarray and value.ndim and value.ndim == x.ndim
+                    and len(value) > 1
                     and value.shape[1:] == shape[1:] and value.size <= (1 << 24)):
                 flat = value.reshape(len(value), -1)
                 hits = np.flatnonzero((flat == row).all(axis=1))

@@ -658,3 +658,65 @@ def test_steady_predict_and_k_function_lines_with_two_models_and_row_changes(mod
         assert sorted(s['calls'] for s in found) == [n, n], found
         for s in found:
             assert s['rows'] == rows and sum(s['paths'].values()) == s['calls'], s
+
+
+def test_zero_dimensional_inputs_as_plain(models):
+    # A 0-d feed (a learning rate, a temperature) reached the fresh-rows sampler, whose
+    # len() raised TypeError into the caller after the call had run.
+    import tensorflow as tf
+    from keras import backend as K
+    p = K.placeholder(shape=())
+    f = K.function([p], [p * 2.0])
+    doubled = p * 2.0
+    sess = K.get_session()
+    lr = np.array(0.5, 'float32')
+
+    def loop():
+        return [f([lr])[0] for _ in range(6)] + [sess.run(doubled, {p: lr}) for _ in range(6)]
+    expected = loop()
+    kfp.patch(report=True)
+    got = loop()
+    assert [float(g) for g in got] == [float(e) for e in expected]
+    assert all(s['errors'] == 0 for s in kfp.report()['sites'])
+
+
+def test_a_finished_sample_holds_no_frames(models):
+    # The span check holds the frames of a site's previous call; a sample that ends
+    # before that check is done (calls of more than 64 rows) must let them go.
+    import gc
+    import weakref
+    X = inputs_for('dense', 100)
+    kfp.patch(report=True)
+
+    def loop(plan):
+        m = keras.models.Sequential([layers.Dense(3, input_shape=(32,))])
+        inp = np.array(X)
+        for n in plan:
+            m.predict(inp[:n])
+        return weakref.ref(m), weakref.ref(inp)
+    refs = loop([1] + [100] * (R.SAMPLE_CALLS + 5))
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
+def test_steady_announced_calls_while_other_sites_sample(models, monkeypatch):
+    # Sites of one call each (Keras' own variable initialisation) sample for ever: the
+    # Session.run and K.function sites of a loop still take their usual path.
+    from keras import backend as K
+    model = models['dense']
+    sess = K.get_session()
+    f = K.function([model.input], [model.output])
+    X = inputs_for('dense', 40)
+    kfp.patch(report=True)
+    model.predict(X[:1]); model.predict(X[:2])  # noqa: E702 - sites left sampling
+    assert R._sampling > 0
+    n = R.SAMPLE_CALLS + 40
+    rows = [np.array(X[i % 40:i % 40 + 1]) for i in range(n)]
+    whole = _Counting(lambda depth, real=R._announced_after: real)
+    monkeypatch.setattr(R, '_announced_after', lambda *a: whole()(*a))
+    a = [sess.run(model.output, {model.input: r}) for r in rows]; run_line = line()  # noqa
+    b = [f([r])[0] for r in rows]
+    assert_same(np.concatenate(a), unpatched_predict(model, np.concatenate(rows)))
+    assert_same(np.concatenate(b), unpatched_predict(model, np.concatenate(rows)))
+    # Calls looked at whole: each site's sample and its first steady call, not the rest.
+    assert whole.calls <= 2 * (R.SAMPLE_CALLS + 4), whole.calls
