@@ -295,3 +295,36 @@ def test_model_functions_per_row_equal_keras(models, name):
             for i in range(40)]
     differential(f, rows, exact=False, times=2)
     assert kfp.stats(model)['fast_calls'] >= 70
+
+
+def test_a_thread_calling_while_another_binds_the_model_entry(monkeypatch):
+    """A second thread's call arriving while the first binds the function to its model's
+    compiled entry gets plain Keras' answer (it once read a half-bound state and raised
+    AttributeError: model_pure)."""
+    import sys
+    import threading
+    model = keras.Sequential([layers.Dense(4, input_shape=(3,))])
+    f = K.function([model.input], [model.output])
+    x = np.random.RandomState(2).rand(3, 3).astype('float32')
+    expected = [plain(f, [x[i:i + 1]]) for i in range(3)]
+    seen = {}
+    is_pure = keras_function._State.is_pure
+
+    def binding(st, phase_fed_true):
+        # The first model-path call of this function: another thread calls meanwhile.
+        if not seen and sys._getframe(1).f_code.co_name == '_model_entry':
+            def other():
+                seen['other'] = outcome(f, [x[2:3]])
+            seen['started'] = True
+            th = threading.Thread(target=other)
+            th.start()
+            th.join()
+        return is_pure(st, phase_fed_true)
+
+    monkeypatch.setattr(keras_function._State, 'is_pure', binding)
+    with kfp.patched():
+        got = [f([x[i:i + 1]]) for i in range(2)]
+    assert seen.get('started'), 'the model path was not taken'
+    assert_equal(seen['other'], expected[2], exact=False)
+    for a, e in zip(got, expected):
+        assert_equal(a, e, exact=False)

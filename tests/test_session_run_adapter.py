@@ -523,3 +523,35 @@ def test_a_feed_that_does_not_convert_raises_what_tf_raises_first():
             return found
 
     assert outcomes(True) == outcomes(False)
+
+
+def test_a_thread_calling_while_another_binds_the_model_entry(monkeypatch):
+    """A second thread's call arriving while the first binds a signature to its model's
+    compiled entry gets plain TensorFlow's answer (it once read a half-bound entry and
+    raised AttributeError: model_pure)."""
+    import threading
+    model = keras.Sequential([layers.Dense(4, input_shape=(3,))])
+    sess = K.get_session()
+    x = np.random.RandomState(1).rand(3, 3).astype('float32')
+    expected = [plain(sess, model.output, {model.input: x[i:i + 1]}) for i in range(3)]
+    seen = {}
+    is_pure = session_run._Entry.is_pure
+
+    def binding(entry, phase_fed_true):
+        # The first model-path call of this signature: another thread calls meanwhile.
+        if not seen and sys._getframe(1).f_code.co_name == '_model_entry':
+            def other():
+                seen['other'] = outcome(lambda: sess.run(model.output, {model.input: x[2:3]}))
+            seen['started'] = True
+            th = threading.Thread(target=other)
+            th.start()
+            th.join()
+        return is_pure(entry, phase_fed_true)
+
+    monkeypatch.setattr(session_run._Entry, 'is_pure', binding)
+    with kfp.patched():
+        got = [sess.run(model.output, {model.input: x[i:i + 1]}) for i in range(2)]
+    assert seen.get('started'), 'the model path was not taken'
+    assert_identical(seen['other'], expected[2])
+    for a, e in zip(got, expected):
+        assert_identical(a, e)

@@ -375,29 +375,35 @@ class KerasFunctionAdapter(object):
         if model is None:
             st.model_ref = None
             return None
-        ce = st.compiled = model_entry(model, session)
-        if ce is not None:
-            st.model_id = id(model)
-            st.model_pure = st.is_pure(False)
+        ce = model_entry(model, session)
+        if ce is None:
+            st.compiled = None
+            return None
+        # Bound last: another thread takes the model path once compiled matches, and reads
+        # the rest without a lock.
+        st.model_pure = st.is_pure(False)
+        st.model_id = id(model)
+        st.compiled = ce
         return ce
 
     @staticmethod
     def _find_model(st):
+        # Marked checked last, with model_ref the last field bound: other threads read them
+        # without a lock (one that sees the state unchecked looks for the model itself).
+        found = None
+        if not (st.name in _KERAS_OWN or st.updates or st.refused is not None):
+            feeds = [t for i, t in enumerate(st.inputs) if i != st.phase_index]
+            try:
+                found = find_model(feeds, st.outputs)
+            except Exception:
+                found = None
+        if found is not None:
+            model, feed_order, st.model_outputs = found
+            if st.phase_index is not None:
+                feed_order = [i if i < st.phase_index else i + 1 for i in feed_order]
+            st.model_feeds = feed_order
+            st.model_ref = weakref.ref(model)
         st.model_checked = True
-        if st.name in _KERAS_OWN or st.updates or st.refused is not None:
-            return
-        feeds = [t for i, t in enumerate(st.inputs) if i != st.phase_index]
-        try:
-            found = find_model(feeds, st.outputs)
-        except Exception:
-            found = None
-        if found is None:
-            return
-        model, feed_order, st.model_outputs = found
-        if st.phase_index is not None:
-            feed_order = [i if i < st.phase_index else i + 1 for i in feed_order]
-        st.model_feeds = feed_order
-        st.model_ref = weakref.ref(model)
 
 
 # Why a call went to Keras' own Function.__call__ (the report's reasons).

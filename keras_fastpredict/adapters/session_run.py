@@ -643,10 +643,14 @@ class SessionRunAdapter(object):
             entry.model_ref = None
             return None
         ce = kf.model_entry(model, session)
-        entry.compiled_ref = None if ce is None else weakref.ref(ce)
-        if ce is not None:
-            entry.model_id = id(model)
-            entry.model_pure = entry.is_pure(False)
+        if ce is None:
+            entry.compiled_ref = None
+            return None
+        # Bound last: another thread takes the model path once compiled_ref matches, and
+        # reads the rest without a lock.
+        entry.model_pure = entry.is_pure(False)
+        entry.model_id = id(model)
+        entry.compiled_ref = weakref.ref(ce)
         return ce
 
 
@@ -677,20 +681,19 @@ _kf = None
 
 
 def _find_model(entry):
-    entry.model_checked = True
-    if entry.targets:
-        return
-    keras_function = _keras_function()
-    feeds = [t for i, t in enumerate(entry.feeds) if i != entry.phase_index]
-    found = keras_function.find_model(feeds, entry.fetches)
+    # Marked checked last, with model_ref the last field bound: other threads read them
+    # without a lock (one that sees the entry unchecked looks for the model itself).
+    found = None if entry.targets else _keras_function().find_model(
+        [t for i, t in enumerate(entry.feeds) if i != entry.phase_index], entry.fetches)
     if found is not None:
-        model, entry.model_feeds, entry.model_outputs = found
+        model, model_feeds, entry.model_outputs = found
         if entry.phase_index is not None:
             # arrays hold the phase too: index past it
-            entry.model_feeds = [i if i < entry.phase_index else i + 1
-                                 for i in entry.model_feeds]
+            model_feeds = [i if i < entry.phase_index else i + 1 for i in model_feeds]
+        entry.model_feeds = model_feeds
+        entry.n_model_feeds = len(model_feeds)
         entry.model_ref = weakref.ref(model)
-        entry.n_model_feeds = len(entry.model_feeds)
+    entry.model_checked = True
 
 
 adapter = SessionRunAdapter()
