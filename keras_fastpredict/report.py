@@ -167,6 +167,8 @@ class Site(object):
             _sampling += 1
         self.plain_note = None
         self.reasons = collections.Counter()
+        if stats not in _reasons_seen:      # (reasons from before the report are not its)
+            _note_reasons(stats)
         self.watch_left = WATCH_CALLS
         self.watched = 0
         self.epoch = 0
@@ -313,7 +315,7 @@ def wrap(path, wrapper):
                         out = wrapper(wrapped, instance, args, kwargs)
                     except BaseException:
                         acc[0] += perf() - t0
-                        site.errors += 1
+                        _error(site, s)
                         raise
                     elapsed = perf() - t0
                     acc[0] += elapsed
@@ -363,7 +365,7 @@ def _record(site, f, wrapper, wrapped, instance, args, kwargs):
         out = wrapper(wrapped, instance, args, kwargs)
     except BaseException:
         site.time_s += _perf() - t0
-        site.errors += 1
+        _error(site, s)
         raise
     elapsed = _perf() - t0
     site.time_s += elapsed
@@ -394,8 +396,14 @@ def _passed_on(site, s, rows, elapsed):
     """A call the adapter did not serve itself: left to Keras (or TF) with a reason, or
     passed on as it was (uncounted)."""
     reason = _new_reason(s)
-    _keras_call(site, rows or 1, elapsed,
-                reason or 'arguments passed on to Keras as they are')
+    _keras_call(site, rows, elapsed, reason or 'arguments passed on to Keras as they are')
+
+
+def _error(site, s):
+    """A call that raised: counted apart, its reason (if the adapter noted one) taken, so
+    that it is not the next call's."""
+    site.errors += 1
+    _new_reason(s)
 
 
 _RECORDED_CODE = wrap('(the recorder)', _mark_call(lambda *a: None)).__code__
@@ -605,7 +613,8 @@ def _announced_after(call, out, elapsed, wrapped, instance, args, kwargs):
     if site is None:                # the adapter left the call as it was
         site = _unannounced(call)
         site.time_s += elapsed
-        _keras_call(site, 1, elapsed, 'not a call the adapter serves (left as it is)')
+        _keras_call(site, _passed_rows(call[_ENTRY], args, kwargs), elapsed,
+                    'not a call the adapter serves (left as it is)')
         return out
     site.time_s += elapsed
     x = call[_X]
@@ -617,18 +626,31 @@ def _announced_after(call, out, elapsed, wrapped, instance, args, kwargs):
                   wrapped, instance, args, kwargs)
 
 
+def _passed_rows(entry, args, kwargs):
+    """The rows of a call passed on unannounced: of its first feed (Session.run) or input
+    (a backend function); 0 with none."""
+    if entry == 'run':
+        x = args[1] if len(args) > 1 else kwargs.get('feed_dict')
+    else:
+        x = args[0] if args else kwargs.get('inputs')
+    kind = type(x)
+    if x is None or ((kind is dict or kind is list or kind is tuple) and not x):
+        return 0
+    return _rows(x)
+
+
 def _announced_error(call, elapsed):
     site = call[_SITE] or _unannounced(call)
     site.time_s += elapsed
-    site.errors += 1
+    _error(site, site.stats)
 
 
 def _steady_error(call, elapsed):
-    _, instance_ref, _, _, _, site, _, _, sites, entry = call[0]
+    _, instance_ref, _, _, _, site, stats, _, sites, entry = call[0]
     fc = call[1]
     if fc >= 0:
         site.time_s += elapsed
-        site.errors += 1
+        _error(site, stats)
     elif fc == -2:
         _announced_error(call[3], elapsed)
     else:
@@ -721,6 +743,13 @@ def _rows(x):
         return int(shape[0]) if shape else 1
     except (TypeError, ValueError):
         return 1
+
+
+def _note_reasons(s):
+    try:
+        _reasons_seen[s] = dict(s.fallback_reasons)
+    except RuntimeError:                        # (another thread added one meanwhile)
+        pass
 
 
 def _new_reason(s):

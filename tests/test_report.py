@@ -216,7 +216,7 @@ def test_session_run_and_k_function_sites(models):
     assert [a['kind'] for a in other['advice']] == ['left_to_keras']
     assert other['advice'][0]['text'].startswith('left to TensorFlow: ')
     left = site_at(sites_line + 3)
-    assert left['calls'] == 1 and left['paths']['keras'] == 1
+    assert left['calls'] == 1 and left['paths']['keras'] == 1 and left['rows'] == len(Q)
     assert 'not a call the adapter serves' in list(left['keras_reasons'])[0]
 
 
@@ -720,3 +720,48 @@ def test_steady_announced_calls_while_other_sites_sample(models, monkeypatch):
     assert_same(np.concatenate(b), unpatched_predict(model, np.concatenate(rows)))
     # Calls looked at whole: each site's sample and its first steady call, not the rest.
     assert whole.calls <= 2 * (R.SAMPLE_CALLS + 4), whole.calls
+
+
+def test_reasons_and_rows_of_calls_left_to_keras_after_errors(models):
+    # Calls Keras rejects (counted as errors) between calls left to Keras for a reason:
+    # each site's reasons are the reasons of its own calls left to Keras, before and after
+    # its sample; a call of 0 rows counts 0 rows. Results and errors as plain Keras'.
+    model = models['dense']
+    X = inputs_for('dense', 8)
+    bad = np.zeros((1, 5), 'float32')
+    n = R.SAMPLE_CALLS + 40
+
+    def loop():
+        out = []
+        for i in range(n):
+            for x, kw in ((X[:1], {}), (bad, {}), (X[:1], {'verbose': 1}), (X[:0], {})):
+                try:
+                    out.append(model.predict(x, **kw))
+                except Exception as exc:  # noqa: BLE001 - compared with plain Keras'
+                    out.append((type(exc), str(exc)))
+        return out
+    expected = loop()
+    kfp.patch(report=True)
+    got = loop()
+    for g, e in zip(got, expected):
+        if isinstance(e, tuple):
+            assert g == e
+        else:
+            assert_same(g, e)
+    here = loop.__code__.co_firstlineno + 5
+    s = site_at(here)
+    assert s['calls'] == 4 * n and s['errors'] == n, s
+    assert s['rows'] == 2 * n, s            # (1 + 1 + 0 rows per round, errors aside)
+    assert s['keras_reasons'] == {'verbose, steps or callbacks': n, 'empty input': n}, s
+
+
+def test_reasons_of_calls_left_to_keras_before_the_report_are_not_counted(models):
+    model = models['dense']
+    X = inputs_for('dense', 4)
+    kfp.patch()
+    for _ in range(3):
+        model.predict(X[:1], verbose=1)     # left to Keras before the report is on
+    kfp.patch(report=True)
+    y = model.predict(X[:0]); here = line()  # noqa: E702
+    assert_same(y, unpatched_predict(model, X[:0]))
+    assert site_at(here)['keras_reasons'] == {'empty input': 1}
