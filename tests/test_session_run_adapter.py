@@ -555,3 +555,80 @@ def test_a_thread_calling_while_another_binds_the_model_entry(monkeypatch):
     assert_identical(seen['other'], expected[2])
     for a, e in zip(got, expected):
         assert_identical(a, e)
+
+
+def test_a_thread_calling_while_another_finds_no_model(g, monkeypatch):
+    """A signature of no Keras model: a second thread's first fast call, arriving after the
+    first thread decided to look for a model and before it looked, gets plain TF's answer
+    (it once called the unset model reference and raised TypeError)."""
+    import threading
+    expected = plain(g.sess, g.y, {g.x: X})
+    seen = {}
+    bind = session_run.SessionRunAdapter.__dict__['_model_entry'].__func__
+
+    def binding(entry, session):
+        if not seen:
+            seen['started'] = True
+            th = threading.Thread(target=lambda: seen.__setitem__(
+                'other', outcome(lambda: g.sess.run(g.y, {g.x: X}))))
+            th.start()
+            th.join()
+        return bind(entry, session)
+
+    monkeypatch.setattr(session_run.SessionRunAdapter, '_model_entry', staticmethod(binding))
+    with kfp.patched():
+        g.sess.run(g.y, {g.x: X})           # the signature and its shapes, checked by TF
+        got = outcome(lambda: g.sess.run(g.y, {g.x: X}))
+    assert seen.get('started'), 'the model path was not looked for'
+    assert_identical(seen['other'], expected)
+    assert_identical(got, expected)
+
+
+def test_a_thread_that_waited_for_another_threads_model_scan_finds_its_model(monkeypatch):
+    """Two threads' first fast calls of two new models' outputs: the one that waited while
+    the other scanned for models finds its model among those scanned (it once marked its
+    signature as no model's for good), with plain TF's answers."""
+    import threading
+    from keras_fastpredict.adapters import keras_function
+
+    def dense(seed):
+        np.random.seed(seed)
+        model = keras.Sequential([layers.Dense(8, input_shape=(4,)), layers.Dense(3)])
+        model._make_predict_function()
+        return model
+    m1 = dense(1)
+    sess = K.get_session()
+    v = np.random.RandomState(0).rand(2, 4).astype('float32')
+    seen = {}
+    match = keras_function._match
+
+    def matching(model, *args):
+        # Thread A's first look (at the models known before m2 and m3): B scans meanwhile.
+        if not seen and threading.current_thread() is main:
+            seen['started'] = True
+            th = threading.Thread(target=lambda: seen.__setitem__(
+                'B', outcome(lambda: sess.run(m3.output, {m3.input: v}))))
+            th.start()
+            th.join()
+        return match(model, *args)
+
+    main = threading.current_thread()
+    with kfp.patched():
+        sess.run(m1.output, {m1.input: v})
+        sess.run(m1.output, {m1.input: v})  # m1 is known from here on
+        m2, m3 = dense(2), dense(3)
+        K.get_session()                     # (their variables initialised, as Keras does)
+        expected = {m: plain(sess, m.output, {m.input: v}) for m in (m2, m3)}
+        for m in (m2, m3):                  # each signature checked by TF once
+            sess.run(m.output, {m.input: v})
+        monkeypatch.setattr(keras_function, '_match', matching)
+        got = outcome(lambda: sess.run(m2.output, {m2.input: v}))
+        monkeypatch.setattr(keras_function, '_match', match)
+        before = kfp.stats(m2)['fast_calls']
+        later = sess.run(m2.output, {m2.input: v})
+        served = kfp.stats(m2)['fast_calls'] - before
+    assert seen.get('started'), 'the model scan was not reached'
+    np.testing.assert_allclose(got, expected[m2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(seen['B'], expected[m3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(later, expected[m2], rtol=1e-5, atol=1e-6)
+    assert served == 1                  # on its model's path, not left off it for good

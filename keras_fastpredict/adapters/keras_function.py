@@ -85,8 +85,10 @@ def find_model(feeds, fetches):
         return None
     graph = fetches[0].graph
     seen = set()
+    with _scan_lock:                    # (_known is added to under it, by other threads)
+        known = list(_known)
     candidates = [e.model_ref() for e in compiled.entries()
-                  if e.adapter is keras_adapter] + list(_known)
+                  if e.adapter is keras_adapter] + known
     for model in candidates:
         if model is not None and id(model) not in seen:
             seen.add(id(model))
@@ -94,12 +96,12 @@ def find_model(feeds, fetches):
             if found is not None:
                 return found
     with _scan_lock:
-        if _scanned.get(graph) == graph.version:
-            return None
-        _scanned[graph] = graph.version
-        for model in _scan():
-            _known.add(model)
-    for model in list(_known):
+        if _scanned.get(graph) != graph.version:
+            _scanned[graph] = graph.version
+            for model in _scan():
+                _known.add(model)
+        known = list(_known)        # (scanned here or, meanwhile, by another thread)
+    for model in known:
         if id(model) not in seen:
             found = _match(model, graph, feeds, fetches)
             if found is not None:

@@ -636,9 +636,8 @@ class SessionRunAdapter(object):
         _compiled_entries = kf.compiled_entries
         if not entry.model_checked:
             _find_model(entry)
-            if entry.model_ref is None:
-                return None
-        model = entry.model_ref()
+        ref = entry.model_ref           # (read once: another thread may have looked)
+        model = None if ref is None else ref()
         if model is None:
             entry.model_ref = None
             return None
@@ -683,8 +682,14 @@ _kf = None
 def _find_model(entry):
     # Marked checked last, with model_ref the last field bound: other threads read them
     # without a lock (one that sees the entry unchecked looks for the model itself).
-    found = None if entry.targets else _keras_function().find_model(
-        [t for i, t in enumerate(entry.feeds) if i != entry.phase_index], entry.fetches)
+    found = None
+    if not entry.targets:
+        try:
+            found = _keras_function().find_model(
+                [t for i, t in enumerate(entry.feeds) if i != entry.phase_index],
+                entry.fetches)
+        except Exception:               # (as K.function's: no model path, TF's own run)
+            found = None
     if found is not None:
         model, model_feeds, entry.model_outputs = found
         if entry.phase_index is not None:
