@@ -537,3 +537,83 @@ def test_results_pending_when_their_session_closes_are_settled_first():
     finally:
         K.tensorflow_backend._SESSION = saved
     assert_same(got, expected)
+
+
+def _settled_by_another_thread(wait=None):
+    """Another thread's call that settles pending work (an op run): joined, or after
+    ``wait`` seconds left running (where it waits for this thread) and returned."""
+    import threading
+    import tensorflow as tf
+    sess = K.get_session()
+    with sess.graph.as_default():
+        noop = tf.no_op()
+    th = threading.Thread(target=lambda: sess.run(noop))
+    th.start()
+    th.join(wait)
+    return th
+
+
+def test_row_of_a_pending_result_while_another_thread_settles_it(models, monkeypatch):
+    # y[0] of a pending result, while another thread's op run settles the batch between
+    # the check that it is pending and the derived result's making (it once raised
+    # AttributeError: 'NoneType' object has no attribute 'append').
+    import sys
+    from keras_fastpredict.engine import deferred
+    model = models['dense']
+    x = inputs_for('dense', 5)
+    expected = unpatched_predict(model, x)
+    seen = {}
+    init = deferred._Pending.__init__
+
+    def making(self, *args):
+        if not seen and sys._getframe(1).f_code.co_name == '__getitem__':
+            seen['other'] = _settled_by_another_thread(wait=0.5)
+        init(self, *args)
+
+    model.predict(x)
+    monkeypatch.setattr(deferred._Pending, '__init__', making)
+    with kfp.batching(readahead=False):
+        y = model.predict(x)
+        row = y[0]
+    seen['other'].join()
+    assert 'other' in seen
+    np.testing.assert_allclose(row, expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_reading_a_pending_result_while_another_thread_settles_it(models):
+    # y * 1.0 of a pending result, while another thread's op run settles the batch between
+    # the check that it is pending and its run (it once raised AttributeError:
+    # 'NoneType' object has no attribute 'flush'). Forced with a line trace in this thread.
+    import inspect
+    import sys
+    from keras_fastpredict.engine import deferred
+    model = models['dense']
+    x = inputs_for('dense', 5)
+    expected = unpatched_predict(model, x)
+    code = deferred._Pending._kfp_value.__code__
+    src, first = inspect.getsourcelines(code)
+    after_check = first + next(i for i, l in enumerate(src) if 'results is None' in l) + 1
+    seen = {}
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+
+        def local(frame, event, arg):
+            if event == 'line' and frame.f_lineno == after_check and not seen:
+                seen['hit'] = True
+                _settled_by_another_thread()
+            return local
+        return local
+
+    model.predict(x)
+    with kfp.batching(readahead=False):
+        y = model.predict(x)
+        sys.settrace(tracer)
+        try:
+            got = y * 1.0
+        finally:
+            sys.settrace(None)
+    assert seen.get('hit')
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -165,3 +165,61 @@ def test_keras_names_and_nodes_are_untouched():
     assert all(len(layer._inbound_nodes) == 1 for layer in first.layers)
     assert all(len(layer._outbound_nodes) == (0 if layer is first.layers[-1] else 1)
                for layer in first.layers)
+
+
+def test_a_model_built_in_another_thread_meanwhile_keeps_its_learning_phase():
+    """While the first patched predict of a recurrent model builds its inference graph,
+    another thread building a model with dropout in the same graph gets Keras' learning
+    phase, as plainly (it once got the int 0: no dropout when trained, and
+    K.function([x, K.learning_phase()]) raised)."""
+    import threading
+    from keras import backend as K
+
+    def build_dropout_model(graph):
+        # (built in the window; run later, as the build holds the engine's lock)
+        with graph.as_default():
+            m = keras.models.Sequential([L.Dense(16, input_shape=(8,)), L.Dropout(0.5)])
+            phase = K.learning_phase()
+            try:
+                f = K.function([m.input, phase], [m.output])
+            except Exception as exc:  # noqa: BLE001 - compared with plain Keras'
+                return type(phase).__name__, m.uses_learning_phase, type(exc), str(exc)
+            return type(phase).__name__, m.uses_learning_phase, f
+
+    def dropped(built):
+        if callable(built[-1]):
+            v = np.ones((64, 8), 'float32')
+            f = built[-1]
+            return built[:2] + (bool((f([v, 1])[0] == 0).any()),
+                                bool((f([v, 0])[0] == 0).any()))
+        return built
+
+    def run(patched):
+        model = keras.models.Sequential([L.LSTM(4, input_shape=(5, 3)), L.Dense(2)])
+        graph = model.outputs[0].graph
+        lstm = model.layers[0]
+        seen = {}
+        original = lstm.call
+
+        def call(*args, **kwargs):
+            if not seen and lstm.unroll:        # inside the inference graph's build
+                def other():
+                    try:
+                        seen['other'] = build_dropout_model(graph)
+                    except Exception as exc:  # noqa: BLE001 - compared with plain Keras'
+                        seen['other'] = type(exc), str(exc)
+                th = threading.Thread(target=other)
+                th.start()
+                th.join()
+            return original(*args, **kwargs)
+        lstm.call = call
+        if patched:
+            kfp.patch()
+            model.predict(rand(1, 5, 3))
+            assert keras_adapter.lookup(model).inference_graph != 'off'
+        else:
+            seen['other'] = build_dropout_model(graph)
+        return dropped(seen['other']) if 'other' in seen else None
+    expected = run(patched=False)
+    assert expected[:2] == ('Tensor', True) and expected[2:] == (True, False)
+    assert run(patched=True) == expected

@@ -77,6 +77,10 @@ class KerasAdapter(object):
         """Keras' learning phase per graph (read without creating one)."""
         return self.tfb._GRAPH_LEARNING_PHASES
 
+    def learning_phase_module(self):
+        """The module whose ``_GRAPH_LEARNING_PHASES`` Keras' learning_phase() reads."""
+        return self.tfb
+
     def static_batch_size(self, model):
         """The batch size Keras' predict imposes: its first layer's, if fixed (Keras 2.2.5
         ``_validate_or_infer_batch_size``)."""

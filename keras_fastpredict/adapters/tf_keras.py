@@ -64,6 +64,9 @@ class TfKerasAdapter(KerasAdapter):
         # Read from the module each time: clear_session() binds a new dict.
         return self.tfb._GRAPH_LEARNING_PHASES
 
+    def learning_phase_module(self):
+        return self.tfb
+
     def static_batch_size(self, model):
         """tf.keras ``_validate_or_infer_batch_size``: the first layer's batch size."""
         from tensorflow.python.keras.engine.network import Network

@@ -132,8 +132,9 @@ class _Pending(object):
 
     def _kfp_value(self):
         batch = self._kfp_batch
+        scope = batch.scope     # (first: another thread's run sets results, then clears it)
         if batch.results is None:
-            batch.scope.flush()
+            scope.flush()
         result = batch.results[self._kfp_call]
         if isinstance(result, Exception):
             raise result
@@ -170,12 +171,16 @@ class _Pending(object):
         batch = self._kfp_batch
         if shape is not None and _simple_key(key):
             shape = _shape_after(shape, key)
-            if shape and batch.results is None:
-                proxy = DeferredArray(_Pending(batch, self._kfp_call, self._kfp_output,
-                                               self._kfp_keys + (key,), shape,
-                                               self._kfp_dtype))
-                batch.derived.append(proxy)
-                return proxy
+            scope = batch.scope
+            if shape and scope is not None:
+                with scope.lock:        # (another thread's run settles batches under it)
+                    if batch.results is None:
+                        proxy = DeferredArray(_Pending(batch, self._kfp_call,
+                                                       self._kfp_output,
+                                                       self._kfp_keys + (key,), shape,
+                                                       self._kfp_dtype))
+                        batch.derived.append(proxy)
+                        return proxy
         return self._kfp_value()[key]
 
     def __getattr__(self, name):

@@ -11,6 +11,7 @@ count is in ``stats()``).
 The caller checks the graph's outputs against the model's own on the first calls before
 using it.
 """
+import collections.abc
 import threading
 import weakref
 
@@ -19,6 +20,39 @@ _lock = threading.Lock()
 # the graph was checked equal. Built once: patch()/unpatch() cycles (and @fast_predict
 # calls) must not add ops again.
 _built = weakref.WeakKeyDictionary()
+_SCOPE = 'keras_fastpredict_inference'
+
+
+class _InferencePhase(collections.abc.MutableMapping):
+    """Keras' learning phases per graph, with ``graph``'s read as 0 (inference) by the
+    thread that builds its inference graph alone; every other read and write goes to
+    Keras' own mapping, so other threads see the phases as plain Keras leaves them."""
+
+    def __init__(self, phases, graph):
+        self._phases = phases
+        self._graph = graph
+        self._thread = threading.get_ident()
+
+    def _fixed(self, graph):
+        return graph is self._graph and threading.get_ident() == self._thread
+
+    def __contains__(self, graph):
+        return self._fixed(graph) or graph in self._phases
+
+    def __getitem__(self, graph):
+        return 0 if self._fixed(graph) else self._phases[graph]
+
+    def __setitem__(self, graph, value):
+        self._phases[graph] = value
+
+    def __delitem__(self, graph):
+        del self._phases[graph]
+
+    def __iter__(self):
+        return iter(list(self._phases.keys()))
+
+    def __len__(self):
+        return len(self._phases)
 
 
 class Built(object):
@@ -87,6 +121,14 @@ def get(model, feeds, max_steps, adapter):
     return built
 
 
+def _drop_own(nodes, start):
+    """Removes from ``nodes`` (past ``start``) the nodes of the inference graph."""
+    for node in nodes[start:]:
+        tensors = getattr(node, 'output_tensors', None) or []
+        if any(getattr(t, 'name', '').startswith(_SCOPE + '/') for t in tensors):
+            nodes.remove(node)
+
+
 def _build(model, feeds, max_steps, adapter):
     found, reason = unrollable(model, max_steps, adapter)
     if found is None:
@@ -99,12 +141,12 @@ def _build(model, feeds, max_steps, adapter):
     # Plain placeholders, under a name scope of its own: Keras' name counters (input_1,
     # input_2...) and the user's op names stay as plain Keras leaves them, and Keras adds
     # no nodes for tensors without Keras history.
-    with graph.as_default(), tf.name_scope('keras_fastpredict_inference'):
+    with graph.as_default(), tf.name_scope(_SCOPE):
         inputs = [tf.placeholder(t.dtype.base_dtype, t.shape, name='input') for t in feeds]
-        phases = adapter.learning_phases()
-        had_phase = graph in phases
-        old_phase = phases.get(graph)
-        phases[graph] = 0               # in_train_phase picks the inference branch
+        module = adapter.learning_phase_module()
+        phases = module._GRAPH_LEARNING_PHASES
+        # in_train_phase picks the inference branch: the phase reads 0 in this thread only
+        view = module._GRAPH_LEARNING_PHASES = _InferencePhase(phases, graph)
         for layer in rnns:
             layer.unroll = True
         try:
@@ -115,13 +157,11 @@ def _build(model, feeds, max_steps, adapter):
         finally:
             for layer in rnns:
                 layer.unroll = False
-            if had_phase:
-                phases[graph] = old_phase
-            else:
-                del phases[graph]
+            if module._GRAPH_LEARNING_PHASES is view:    # (not rebound by clear_session)
+                module._GRAPH_LEARNING_PHASES = phases
             for key, layer in layers.items():     # in case a layer registered one anyway
-                inbound, outbound = nodes[key]
-                del layer._inbound_nodes[inbound:]
-                del layer._outbound_nodes[outbound:]
+                inbound, outbound = nodes[key]    # (only those made here: other threads
+                _drop_own(layer._inbound_nodes, inbound)   # may build on the layers)
+                _drop_own(layer._outbound_nodes, outbound)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     return Built(inputs, outputs, len(graph.get_operations()) - before)
