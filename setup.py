@@ -1,4 +1,7 @@
-# Kept so that `pip install -e .` works with the pip that Python 3.7 venvs ship.
-from setuptools import setup
+# Kept so that `pip install -e .` works with the pip that Python 3.7 venvs ship. The C
+# extension is the call-site report's usual call; where it cannot be built, the report
+# runs the same logic in Python.
+from setuptools import Extension, setup
 
-setup()
+setup(ext_modules=[Extension('keras_fastpredict._steady', ['keras_fastpredict/_steady.c'],
+                             extra_compile_args=['-O2', '-std=c99'], optional=True)])

@@ -7,8 +7,9 @@ order flipped every pair, so that the machine's slow drifts cancel); the figure 
 median over pairs of the difference per call. Loops: ``model.predict`` on fresh arrays
 (the fast path alone) and on rows of one array (read-ahead, the default), ``sess.run`` of
 the model's output on both, and ``K.function`` on fresh arrays. Then the recorders alone,
-around stub entries with no TensorFlow (best of repeated loops): the part of the cost
-that is the report's own code. The target: under 1 us per call.
+around stub entries with no TensorFlow (best of repeated loops), with the usual call in C
+and in Python (where the extension is not built): the part of the cost that is the
+report's own code. The target: under 1 us per call.
 """
 import argparse
 import os
@@ -151,10 +152,15 @@ def main(argv=None):
         q1, q3 = np.percentile(diffs, [25, 75])
         print('  %-52s %9.2f %9.2f %+10.2f %+8.2f..%+.2f' % (title, off, on, np.median(diffs),
                                                           q1, q3))
-    predict_us, announced_us = _stub_costs(rep)
-    print('the recorders alone, around stub entries (no TensorFlow): predict +%.2f us, '
-          'Session.run / K.function (announcing) +%.2f us per call'
-          % (predict_us, announced_us))
+    built = rep._Recorder
+    for label in ('C', 'Python') if built is not None else ('Python (C not built)',):
+        if label == 'Python':
+            rep._Recorder = None
+        predict_us, announced_us = _stub_costs(rep)
+        print('the recorders alone, around stub entries (no TensorFlow), usual call in %s: '
+              'predict +%.2f us, Session.run / K.function (announcing) +%.2f us per call'
+              % (label, predict_us, announced_us))
+    rep._Recorder = built
     del cases, fn
     K.clear_session()       # (callables freed at interpreter teardown print errors)
 

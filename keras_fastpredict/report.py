@@ -30,7 +30,10 @@ states serves the call, and that state's counters are read). Per call the record
 
 Measured advice, on a sample of each site's first calls (``WATCH_CALLS`` results watched;
 the sample ends after ``SAMPLE_CALLS`` calls whatever the loop, then the site's calls take
-the usual path: ``recorded``'s inlined steps, or for announced calls ``_steady_at``):
+the usual path: the steps inlined at the top of each recorder's ``rest``, looked up in
+``by_line`` (``_hot``) or, for announced calls, ``by_lasti`` (``_steady_at``). The
+extension ``_steady`` runs these steps in C and leaves every other call to ``rest``;
+without it, the same Python runs them):
 
 * Whether results are read before the next call: a returned plain array is handed back as
   a view of itself of an ndarray subclass that records its first use (numpy functions,
@@ -54,6 +57,7 @@ import os
 import sys
 import threading
 import time
+import types
 import weakref
 
 import numpy as np
@@ -61,6 +65,12 @@ import numpy as np
 from . import counters as _stats
 from .config import settings
 from .engine.deferred import map_nested
+
+try:                        # the usual call in C, where the extension is built
+    from ._steady import Announce as _Announce, AnnouncedRecorder as _AnnouncedRecorder
+    from ._steady import Calls as _CCalls, Recorder as _Recorder
+except ImportError:         # (the same logic in Python: one call layer more)
+    _Recorder = _AnnouncedRecorder = _Announce = _CCalls = None
 
 # Every frame inspection of the report goes through this name (tests count its calls).
 _getframe = sys._getframe
@@ -293,10 +303,10 @@ def wrap(path, wrapper):
     # rows, one counter read before and after, the clock. (Names used per call are bound
     # in this closure: a cell is read faster than a global or a builtin, and default
     # arguments would take a function call off CPython's fast path.)
-    getframe, perf, ndarray, type_, len_ = _getframe, _perf, _ndarray, type, len
+    perf, ndarray, type_, len_ = _perf, _ndarray, type, len
 
-    def recorded(wrapped, instance, args, kwargs):
-        f = getframe(1)
+    def rest(f, wrapped, instance, args, kwargs):
+        """A call from frame ``f`` (the C recorder's calls other than its usual one)."""
         try:
             hot = by_line[f.f_lasti]       # (a subscript: cheaper than .get's call)
         except KeyError:
@@ -333,8 +343,23 @@ def wrap(path, wrapper):
             by_line[f.f_lasti] = _hot(site, site.stats)
         return out
 
+    if _Recorder is not None:
+        return _Recorder(by_line, wrapper, rest, _through, _ndarray, _take, _passed_on, _error)
+    getframe = _getframe
+
+    def recorded(wrapped, instance, args, kwargs):
+        try:
+            f = getframe(1)
+        except ValueError:          # (a thread with no Python frame: no call site)
+            return wrapper(wrapped, instance, args, kwargs)
+        return rest(f, wrapped, instance, args, kwargs)
     recorded._kfp_recorder = wrapper
     return recorded
+
+
+def _through(wrapper, wrapped, instance, args, kwargs):
+    """The C recorder's usual call of the entry (this frame marks a recorded call)."""
+    return wrapper(wrapped, instance, args, kwargs)
 
 
 def _hot(site, counters):
@@ -406,7 +431,11 @@ def _error(site, s):
     _new_reason(s)
 
 
-_RECORDED_CODE = wrap('(the recorder)', _mark_call(lambda *a: None)).__code__
+# The frames of a recorded call in progress: a call made inside it is not recorded again.
+_NESTED = object()
+_RECORDER_CODES = {id(c) for c in wrap.__code__.co_consts
+                   if isinstance(c, types.CodeType) and c.co_name == 'rest'}
+_RECORDER_CODES.add(id(_through.__code__))
 
 
 def _user(f):
@@ -414,8 +443,8 @@ def _user(f):
     one comes first (a call made inside a recorded call), or None."""
     while f is not None:
         code = f.f_code
-        if code is _RECORDED_CODE or code is _ANNOUNCED_CODE:
-            return code
+        if id(code) in _RECORDER_CODES:
+            return _NESTED
         skip = _skip.get(id(code))
         if skip is None:
             skip = _classify(code)
@@ -429,7 +458,7 @@ def _find_site(sites, f, instance, entry_name):
     """The site of a call (slow path: a site still sampling, a new site, or a call from a
     skipped frame), and whether its user frame is ``f`` itself."""
     user = _user(f)
-    if user is _RECORDED_CODE or user is _ANNOUNCED_CODE:
+    if user is _NESTED:
         return None, False
     code = user.f_code if user is not None else None
     line = user.f_lineno if user is not None else 0
@@ -455,7 +484,7 @@ class _Calls(threading.local):
     current = None
 
 
-_calls = _Calls()
+_calls = _Calls() if _Recorder is None else _CCalls()     # (the C recorders read it)
 _announcers = []                    # adapters whose announce this module set
 _USER, _SITES, _ENTRY, _INSTANCE, _SITE, _FC, _X = range(7)
 # A steady announced site (_steady_at): (code, instance weakly, plain rows, state weakly,
@@ -535,17 +564,17 @@ def _steady_at(by_lasti, f, site, sites, entry_name):
 def _announced(wrapper, sites, by_lasti, entry_name):
     adapter = getattr(wrapper, '__self__', None)
     if adapter is not None:
-        adapter.announce = _announce
+        adapter.announce = _announce if _Recorder is None else _Announce(_calls, _announce, _ndarray)
         _announcers.append(adapter)
 
     # by_lasti: the calling instruction -> the _steady tuple of the site last served there,
     # once its sample is taken and where that frame is the user's own. Its usual call: one
     # lookup, two identity checks, a small list for announce, the clock; announce checks
     # the state and the input's rows and reads one counter.
-    getframe, perf, calls = _getframe, _perf, _calls      # (a closure: see recorded)
+    perf, calls = _perf, _calls      # (a closure: see recorded)
 
-    def announced(wrapped, instance, args, kwargs):
-        f = getframe(1)
+    def rest(f, wrapped, instance, args, kwargs):
+        """A call from frame ``f`` (the C recorder's calls other than its usual one)."""
         try:
             steady = by_lasti[f.f_lasti]
         except KeyError:
@@ -573,17 +602,11 @@ def _announced(wrapper, sites, by_lasti, entry_name):
                 else:
                     _passed_on(site, stats, rows, elapsed)
                 return out
-            if fc == -1:            # the adapter left the call as it was
-                return _announced_after([f, sites, entry_name, instance, None, 0, None],
-                                        out, elapsed, wrapped, instance, args, kwargs)
-            call = call[3]
-            out = _announced_after(call, out, elapsed, wrapped, instance, args, kwargs)
-            _steady_at(by_lasti, f, call[_SITE], sites, entry_name)
-            return out
+            return unsteady(call, f, out, elapsed, wrapped, instance, args, kwargs)
         user = f
         if _skip.get(id(f.f_code)) is not False:
             user = _user(f)
-            if user is None or user is _RECORDED_CODE or user is _ANNOUNCED_CODE:
+            if user is None or user is _NESTED:
                 return wrapper(wrapped, instance, args, kwargs)
         if _sampling:               # (only sampled calls give watched results)
             args, kwargs = _unwatch_feeds(args, kwargs)
@@ -603,6 +626,28 @@ def _announced(wrapper, sites, by_lasti, entry_name):
             _steady_at(by_lasti, f, call[_SITE], sites, entry_name)
         return out
 
+    def unsteady(call, f, out, elapsed, wrapped, instance, args, kwargs):
+        """A steady site's call that the adapter left as it was, or announced as
+        another state's: looked at whole."""
+        if call[1] == -1:           # the adapter left the call as it was
+            return _announced_after([f, sites, entry_name, instance, None, 0, None],
+                                    out, elapsed, wrapped, instance, args, kwargs)
+        call = call[3]
+        out = _announced_after(call, out, elapsed, wrapped, instance, args, kwargs)
+        _steady_at(by_lasti, f, call[_SITE], sites, entry_name)
+        return out
+
+    if _Recorder is not None:
+        return _AnnouncedRecorder(by_lasti, wrapper, rest, _through, Watched, calls,
+                                  _passed_on, _steady_error, unsteady)
+    getframe = _getframe
+
+    def announced(wrapped, instance, args, kwargs):
+        try:
+            f = getframe(1)
+        except ValueError:          # (a thread with no Python frame: no call site)
+            return wrapper(wrapped, instance, args, kwargs)
+        return rest(f, wrapped, instance, args, kwargs)
     announced._kfp_recorder = wrapper
     return announced
 
@@ -692,7 +737,8 @@ def _unannounced(call):
     return site
 
 
-_ANNOUNCED_CODE = _announced(announcing(lambda *a: None), {}, {}, '').__code__
+_RECORDER_CODES.update(id(c) for c in _announced.__code__.co_consts
+                       if isinstance(c, types.CodeType) and c.co_name == 'rest')
 
 
 def stop_announcing():

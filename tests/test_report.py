@@ -9,6 +9,7 @@ import textwrap
 import threading
 
 import numpy as np
+import pytest
 import keras
 from keras import layers
 from keras.engine import training
@@ -19,6 +20,17 @@ from conftest import assert_same, inputs_for, unpatched_predict
 R = sys.modules['keras_fastpredict.report']
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
+
+
+@pytest.fixture(autouse=True, params=['C', 'Python'])
+def recorder(request, monkeypatch):
+    """Every test with the usual call in C (the extension, built by the install) and with
+    the report's Python recorder (where the extension is not built)."""
+    if request.param == 'C':
+        assert R._Recorder is not None, 'keras_fastpredict._steady is not built'
+    else:
+        monkeypatch.setattr(R, '_Recorder', None)
+    return request.param
 
 
 def line():
@@ -42,6 +54,16 @@ def kinds(site):
     return [a['kind'] for a in site['advice']]
 
 
+class _CountingCalls(object):
+    def __init__(self, real):
+        self.real = real
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.real(*args)
+
+
 class _Counting(object):
     def __init__(self, real):
         self.real = real
@@ -57,6 +79,8 @@ class _Counting(object):
 def test_off_wraps_nothing_and_inspects_no_frame(models, monkeypatch):
     counting = _Counting(R._getframe)
     monkeypatch.setattr(R, '_getframe', counting)
+    finding = _CountingCalls(R._find_site)
+    monkeypatch.setattr(R, '_find_site', finding)
     model = models['dense']
     X = inputs_for('dense', 40)
     kfp.patch()
@@ -71,13 +95,13 @@ def test_off_wraps_nothing_and_inspects_no_frame(models, monkeypatch):
     t = threading.Thread(target=lambda: model.predict(X[:3]))
     t.start()
     t.join()
-    assert counting.calls == 0
+    assert counting.calls == 0 and finding.calls == 0
     assert kfp.report()['sites'] == []
     kfp.unpatch()
     kfp.patch(report=True)
     assert training.Model.__dict__['predict']._self_wrapper._kfp_recorder is not None
     model.predict(X[:2])
-    assert counting.calls > 0                  # the counter does see the report's lookups
+    assert finding.calls > 0                   # the counter does see the report's lookups
 
 
 def test_report_option_from_environment():
@@ -765,3 +789,27 @@ def test_reasons_of_calls_left_to_keras_before_the_report_are_not_counted(models
     y = model.predict(X[:0]); here = line()  # noqa: E702
     assert_same(y, unpatched_predict(model, X[:0]))
     assert site_at(here)['keras_reasons'] == {'empty input': 1}
+
+
+def test_calls_from_a_thread_with_no_python_frame(models):
+    # A C-level thread's target calling predict and Session.run (no Python frame, so no
+    # call site): plain Keras' and TF's answers, nothing recorded (it once raised).
+    import _thread
+    import functools
+    import time
+    from keras import backend as K
+    model = models['dense']
+    sess = K.get_session()
+    X = inputs_for('dense', 2)
+    expected = [unpatched_predict(model, X), sess.run(model.output, {model.input: X})]
+    kfp.patch(report=True)
+    got = []
+    _thread.start_new_thread(got.extend, (map(model.predict, [X]),))
+    _thread.start_new_thread(got.extend, (map(functools.partial(sess.run, model.output),
+                                              [{model.input: X}]),))
+    deadline = time.time() + 60
+    while len(got) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(got) == 2, 'a call raised (or hung) in the frameless thread'
+    for g in got:
+        assert_same(np.asarray(g), expected[0])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with Python 3.7 and installs the project into it, once.
-# Re-installs only when setup.cfg or constraints.txt changed since the last install.
+# Re-installs only when setup.cfg, setup.py, constraints.txt or the C source changed since
+# the last install (an editable install builds the C extension in place).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -39,7 +40,7 @@ MSG
 fi
 
 stamp="$VENV/.installed"
-want="$(cat setup.cfg constraints.txt | cksum) $EXTRAS"
+want="$(cat setup.cfg setup.py constraints.txt keras_fastpredict/_steady.c | cksum) $EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade 'pip<24' 'setuptools<68' wheel
     "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]"
