@@ -345,6 +345,11 @@ def wrap(path, wrapper):
 
     if _Recorder is not None:
         return _Recorder(by_line, wrapper, rest, _through, _ndarray, _take, _passed_on, _error)
+    return _in_python(wrapper, rest)
+
+
+def _in_python(wrapper, rest):
+    """The recorder where the C extension is not built: the calling frame, then rest."""
     getframe = _getframe
 
     def recorded(wrapped, instance, args, kwargs):
@@ -640,16 +645,7 @@ def _announced(wrapper, sites, by_lasti, entry_name):
     if _Recorder is not None:
         return _AnnouncedRecorder(by_lasti, wrapper, rest, _through, Watched, calls,
                                   _passed_on, _steady_error, unsteady)
-    getframe = _getframe
-
-    def announced(wrapped, instance, args, kwargs):
-        try:
-            f = getframe(1)
-        except ValueError:          # (a thread with no Python frame: no call site)
-            return wrapper(wrapped, instance, args, kwargs)
-        return rest(f, wrapped, instance, args, kwargs)
-    announced._kfp_recorder = wrapper
-    return announced
+    return _in_python(wrapper, rest)
 
 
 def _announced_after(call, out, elapsed, wrapped, instance, args, kwargs):
