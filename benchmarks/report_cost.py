@@ -113,6 +113,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m benchmarks.report_cost')
     parser.add_argument('--calls', type=int, default=400, help='calls per block')
     parser.add_argument('--pairs', type=int, default=41)
+    parser.add_argument('--python', action='store_true',
+                        help='the loops with the usual call in Python (as where the C '
+                             'extension is not built)')
     args = parser.parse_args(argv)
     import numpy as np
     import keras
@@ -120,6 +123,9 @@ def main(argv=None):
     import keras_fastpredict as kfp
     import keras_fastpredict.report  # noqa: F401
     rep = sys.modules['keras_fastpredict.report']
+    built = rep._Recorder
+    if args.python:
+        rep._Recorder = None
 
     np.random.seed(0)
     model = keras.models.Sequential([layers.Dense(64, activation='relu', input_shape=(32,)),
@@ -140,8 +146,9 @@ def main(argv=None):
          lambda x: sess.run(output, {inp: x}), views),
         ('K.function([input], [output])([x]), fresh arrays', lambda x: fn([x]), fresh),
     ]
-    print('report cost per call, steady state, Dense(64)x2, one row per call: median over '
-          '%d pairs of %d-call blocks, off and on interleaved' % (args.pairs, n))
+    print('report cost per call, steady state, usual call in %s, Dense(64)x2, one row per '
+          'call: median over %d pairs of %d-call blocks, off and on interleaved'
+          % ('Python' if rep._Recorder is None else 'C', args.pairs, n))
     print('  %-52s %9s %9s %10s %17s' % ('loop', 'off us', 'on us', 'added us',
                                          'middle half'))
     for title, call, xs in cases:
@@ -152,7 +159,7 @@ def main(argv=None):
         q1, q3 = np.percentile(diffs, [25, 75])
         print('  %-52s %9.2f %9.2f %+10.2f %+8.2f..%+.2f' % (title, off, on, np.median(diffs),
                                                           q1, q3))
-    built = rep._Recorder
+    rep._Recorder = built
     for label in ('C', 'Python') if built is not None else ('Python (C not built)',):
         if label == 'Python':
             rep._Recorder = None
