@@ -68,6 +68,20 @@ def _match(model, graph, feeds, fetches):
     return model, feed_order, output_index
 
 
+def model_of(feeds, fetches, phase_index):
+    """``find_model`` for a call whose feeds hold Keras' learning phase at
+    ``phase_index`` (or None): the model's feed order indexes the call's feeds. None where
+    there is no model, or looking for one failed (the call then runs as it is)."""
+    try:
+        found = find_model([t for i, t in enumerate(feeds) if i != phase_index], fetches)
+    except Exception:
+        return None
+    if found is None or phase_index is None:
+        return found
+    model, feed_order, outputs = found
+    return model, [i if i < phase_index else i + 1 for i in feed_order], outputs
+
+
 def find_model(feeds, fetches):
     """``(model, feed_order, output_index)`` for a Keras model whose inputs are exactly the
     placeholders ``feeds`` and whose outputs include every tensor of ``fetches``:
@@ -394,16 +408,9 @@ class KerasFunctionAdapter(object):
         # without a lock (one that sees the state unchecked looks for the model itself).
         found = None
         if not (st.name in _KERAS_OWN or st.updates or st.refused is not None):
-            feeds = [t for i, t in enumerate(st.inputs) if i != st.phase_index]
-            try:
-                found = find_model(feeds, st.outputs)
-            except Exception:
-                found = None
+            found = model_of(st.inputs, st.outputs, st.phase_index)
         if found is not None:
-            model, feed_order, st.model_outputs = found
-            if st.phase_index is not None:
-                feed_order = [i if i < st.phase_index else i + 1 for i in feed_order]
-            st.model_feeds = feed_order
+            model, st.model_feeds, st.model_outputs = found
             st.model_ref = weakref.ref(model)
         st.model_checked = True
 

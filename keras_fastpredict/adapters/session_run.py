@@ -682,19 +682,10 @@ _kf = None
 def _find_model(entry):
     # Marked checked last, with model_ref the last field bound: other threads read them
     # without a lock (one that sees the entry unchecked looks for the model itself).
-    found = None
-    if not entry.targets:
-        try:
-            found = _keras_function().find_model(
-                [t for i, t in enumerate(entry.feeds) if i != entry.phase_index],
-                entry.fetches)
-        except Exception:               # (as K.function's: no model path, TF's own run)
-            found = None
+    found = None if entry.targets else _keras_function().model_of(
+        entry.feeds, entry.fetches, entry.phase_index)
     if found is not None:
         model, model_feeds, entry.model_outputs = found
-        if entry.phase_index is not None:
-            # arrays hold the phase too: index past it
-            model_feeds = [i if i < entry.phase_index else i + 1 for i in model_feeds]
         entry.model_feeds = model_feeds
         entry.n_model_feeds = len(model_feeds)
         entry.model_ref = weakref.ref(model)
