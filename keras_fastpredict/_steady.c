@@ -28,8 +28,7 @@ typedef struct {
     PyObject *rest;         /* rest(frame, wrapped, instance, args, kwargs) */
     PyObject *through;
     PyObject *type;         /* predict: numpy.ndarray; announced: the report's Watched */
-    PyObject *helper;       /* predict: take(stats, site); announced: the Calls whose
-                             * current_call the recorder sets */
+    PyObject *helper;       /* predict: take(stats, site); announced: None */
     PyObject *passed_on;    /* passed_on(site, stats, rows, elapsed) */
     PyObject *error;        /* predict: error(site, stats); announced: error(call, elapsed) */
     PyObject *unsteady;     /* announced: unsteady(call, frame, out, elapsed, wrapped, ...) */
@@ -113,8 +112,8 @@ static PyObject *
 rest(Recorder *self, PyFrameObject *f, PyObject *wrapped, PyObject *instance,
      PyObject *args, PyObject *kwargs)
 {
-    return PyObject_CallFunctionObjArgs(self->rest, f ? (PyObject *)f : Py_None, wrapped,
-                                        instance, args, kwargs, NULL);
+    return PyObject_CallFunctionObjArgs(self->rest, (PyObject *)f, wrapped, instance, args,
+                                        kwargs, NULL);
 }
 
 /* The site's tuple (borrowed) where the call from f on instance is a site's usual call
@@ -124,7 +123,7 @@ static PyObject *
 site_of(Recorder *self, PyFrameObject *f, PyObject *instance, PyObject *args,
         Py_ssize_t size)
 {
-    if (f == NULL || !PyTuple_CheckExact(args))
+    if (!PyTuple_CheckExact(args))
         return NULL;
     PyObject *key = PyLong_FromLong(f->f_lasti);
     if (key == NULL)
@@ -452,7 +451,7 @@ static PyTypeObject RecorderType = RECORDER_TYPE(
     "Recorder(table, wrapper, rest, through, ndarray, take, passed_on, error): predict's.");
 static PyTypeObject AnnouncedRecorderType = RECORDER_TYPE(
     "AnnouncedRecorder", AnnouncedRecorder_call,
-    "AnnouncedRecorder(table, wrapper, rest, through, watched, calls, passed_on, error, "
+    "AnnouncedRecorder(table, wrapper, rest, through, watched, None, passed_on, error, "
     "unsteady): an announcing adapter's.");
 
 /* The adapters' announce(state, x): a steady site's call announced as its calls go (its
@@ -460,7 +459,7 @@ static PyTypeObject AnnouncedRecorderType = RECORDER_TYPE(
  * other goes to the report's Python announce. */
 typedef struct {
     PyObject_HEAD
-    PyObject *calls, *general, *ndarray;
+    PyObject *general, *ndarray;
 } Announce;
 
 static PyObject *
@@ -486,18 +485,8 @@ Announce_call(Announce *self, PyObject *args, PyObject *kw)
             PyObject *state_ref = PyTuple_GET_ITEM(steady, 3);
             PyObject *rows = PyTuple_GET_ITEM(steady, 2), *site = PyTuple_GET_ITEM(steady, 5);
             PyObject *stats = PyTuple_GET_ITEM(steady, 6), *path = PyTuple_GET_ITEM(steady, 7);
-            Py_ssize_t n = -1;
             if (PyWeakref_CheckRef(state_ref) && PyWeakref_GET_OBJECT(state_ref) == state
-                    && (PyObject *)Py_TYPE(x) == self->ndarray && PyLong_CheckExact(rows)) {
-                n = PyObject_Size(x);           /* (a 0-d array raises: not as it goes) */
-                if (n < 0)
-                    PyErr_Clear();
-                else if (n == 0 || n != PyLong_AsSsize_t(rows)) {
-                    PyErr_Clear();              /* (rows past Py_ssize_t) */
-                    n = -1;
-                }
-            }
-            if (n > 0) {
+                    && same_rows(x, self->ndarray, rows) > 0) {
                 PyObject *owner = PyObject_GetAttr(path, str_report_owner);
                 if (owner == NULL) {
                     Py_DECREF(call);
@@ -524,11 +513,9 @@ Announce_call(Announce *self, PyObject *args, PyObject *kw)
 static int
 Announce_init(Announce *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *calls, *general, *ndarray;
-    if (!PyArg_ParseTuple(args, "O!OO", &CallsType, &calls, &general, &ndarray))
+    PyObject *general, *ndarray;
+    if (!PyArg_ParseTuple(args, "OO", &general, &ndarray))
         return -1;
-    Py_INCREF(calls);
-    Py_XSETREF(self->calls, calls);
     Py_INCREF(general);
     Py_XSETREF(self->general, general);
     Py_INCREF(ndarray);
@@ -539,7 +526,6 @@ Announce_init(Announce *self, PyObject *args, PyObject *kwds)
 static int
 Announce_traverse(Announce *self, visitproc visit, void *arg)
 {
-    Py_VISIT(self->calls);
     Py_VISIT(self->general);
     Py_VISIT(self->ndarray);
     return 0;
@@ -548,7 +534,6 @@ Announce_traverse(Announce *self, visitproc visit, void *arg)
 static int
 Announce_clear(Announce *self)
 {
-    Py_CLEAR(self->calls);
     Py_CLEAR(self->general);
     Py_CLEAR(self->ndarray);
     return 0;

@@ -569,14 +569,14 @@ def _steady_at(by_lasti, f, site, sites, entry_name):
 def _announced(wrapper, sites, by_lasti, entry_name):
     adapter = getattr(wrapper, '__self__', None)
     if adapter is not None:
-        adapter.announce = _announce if _Recorder is None else _Announce(_calls, _announce, _ndarray)
+        adapter.announce = _announce if _Recorder is None else _Announce(_announce, _ndarray)
         _announcers.append(adapter)
 
     # by_lasti: the calling instruction -> the _steady tuple of the site last served there,
     # once its sample is taken and where that frame is the user's own. Its usual call: one
     # lookup, two identity checks, a small list for announce, the clock; announce checks
     # the state and the input's rows and reads one counter.
-    perf, calls = _perf, _calls      # (a closure: see recorded)
+    perf, calls = _perf, _calls      # (a closure: see wrap's rest)
 
     def rest(f, wrapped, instance, args, kwargs):
         """A call from frame ``f`` (the C recorder's calls other than its usual one)."""
@@ -643,7 +643,7 @@ def _announced(wrapper, sites, by_lasti, entry_name):
         return out
 
     if _Recorder is not None:
-        return _AnnouncedRecorder(by_lasti, wrapper, rest, _through, Watched, calls,
+        return _AnnouncedRecorder(by_lasti, wrapper, rest, _through, Watched, None,
                                   _passed_on, _steady_error, unsteady)
     return _in_python(wrapper, rest)
 
