@@ -302,7 +302,6 @@ def test_a_thread_calling_while_another_binds_the_model_entry(monkeypatch):
     compiled entry gets plain Keras' answer (it once read a half-bound state and raised
     AttributeError: model_pure)."""
     import sys
-    import threading
     model = keras.Sequential([layers.Dense(4, input_shape=(3,))])
     f = K.function([model.input], [model.output])
     x = np.random.RandomState(2).rand(3, 3).astype('float32')
@@ -313,12 +312,8 @@ def test_a_thread_calling_while_another_binds_the_model_entry(monkeypatch):
     def binding(st, phase_fed_true):
         # The first model-path call of this function: another thread calls meanwhile.
         if not seen and sys._getframe(1).f_code.co_name == '_model_entry':
-            def other():
-                seen['other'] = outcome(f, [x[2:3]])
             seen['started'] = True
-            th = threading.Thread(target=other)
-            th.start()
-            th.join()
+            run_in_threads(1, lambda _: seen.__setitem__('other', outcome(f, [x[2:3]])))
         return is_pure(st, phase_fed_true)
 
     monkeypatch.setattr(keras_function._State, 'is_pure', binding)

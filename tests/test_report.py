@@ -50,6 +50,16 @@ def site_at(lineno):
     return found[0]
 
 
+def assert_same_outcomes(got, expected):
+    """Loop outcomes, one by one: results as plain Keras', (type, message) of errors."""
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        if isinstance(e, tuple):
+            assert g == e
+        else:
+            assert_same(g, e)
+
+
 def kinds(site):
     return [a['kind'] for a in site['advice']]
 
@@ -637,13 +647,7 @@ def test_steady_session_run_line_with_two_signatures_row_changes_and_errors(mode
         return out
     expected = loop()
     kfp.patch(report=True)
-    got = loop()
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        if isinstance(e, tuple):
-            assert g == e
-        else:
-            assert_same(g, e)
+    assert_same_outcomes(loop(), expected)
     here = loop.__code__.co_firstlineno + 5
     found = [s for s in kfp.report()['sites'] if s['file'] == HERE and s['line'] == here]
     rows = sum(3 if i % 7 == 0 else 1 for i in range(n))
@@ -766,12 +770,7 @@ def test_reasons_and_rows_of_calls_left_to_keras_after_errors(models):
         return out
     expected = loop()
     kfp.patch(report=True)
-    got = loop()
-    for g, e in zip(got, expected):
-        if isinstance(e, tuple):
-            assert g == e
-        else:
-            assert_same(g, e)
+    assert_same_outcomes(loop(), expected)
     here = loop.__code__.co_firstlineno + 5
     s = site_at(here)
     assert s['calls'] == 4 * n and s['errors'] == n, s

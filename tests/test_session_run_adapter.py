@@ -529,7 +529,6 @@ def test_a_thread_calling_while_another_binds_the_model_entry(monkeypatch):
     """A second thread's call arriving while the first binds a signature to its model's
     compiled entry gets plain TensorFlow's answer (it once read a half-bound entry and
     raised AttributeError: model_pure)."""
-    import threading
     model = keras.Sequential([layers.Dense(4, input_shape=(3,))])
     sess = K.get_session()
     x = np.random.RandomState(1).rand(3, 3).astype('float32')
@@ -540,12 +539,9 @@ def test_a_thread_calling_while_another_binds_the_model_entry(monkeypatch):
     def binding(entry, phase_fed_true):
         # The first model-path call of this signature: another thread calls meanwhile.
         if not seen and sys._getframe(1).f_code.co_name == '_model_entry':
-            def other():
-                seen['other'] = outcome(lambda: sess.run(model.output, {model.input: x[2:3]}))
             seen['started'] = True
-            th = threading.Thread(target=other)
-            th.start()
-            th.join()
+            run_in_threads(1, lambda _: seen.__setitem__('other', outcome(
+                lambda: sess.run(model.output, {model.input: x[2:3]}))))
         return is_pure(entry, phase_fed_true)
 
     monkeypatch.setattr(session_run._Entry, 'is_pure', binding)
@@ -561,7 +557,6 @@ def test_a_thread_calling_while_another_finds_no_model(g, monkeypatch):
     """A signature of no Keras model: a second thread's first fast call, arriving after the
     first thread decided to look for a model and before it looked, gets plain TF's answer
     (it once called the unset model reference and raised TypeError)."""
-    import threading
     expected = plain(g.sess, g.y, {g.x: X})
     seen = {}
     bind = session_run.SessionRunAdapter.__dict__['_model_entry'].__func__
@@ -569,10 +564,8 @@ def test_a_thread_calling_while_another_finds_no_model(g, monkeypatch):
     def binding(entry, session):
         if not seen:
             seen['started'] = True
-            th = threading.Thread(target=lambda: seen.__setitem__(
+            run_in_threads(1, lambda _: seen.__setitem__(
                 'other', outcome(lambda: g.sess.run(g.y, {g.x: X}))))
-            th.start()
-            th.join()
         return bind(entry, session)
 
     monkeypatch.setattr(session_run.SessionRunAdapter, '_model_entry', staticmethod(binding))
@@ -606,10 +599,8 @@ def test_a_thread_that_waited_for_another_threads_model_scan_finds_its_model(mon
         # Thread A's first look (at the models known before m2 and m3): B scans meanwhile.
         if not seen and threading.current_thread() is main:
             seen['started'] = True
-            th = threading.Thread(target=lambda: seen.__setitem__(
+            run_in_threads(1, lambda _: seen.__setitem__(
                 'B', outcome(lambda: sess.run(m3.output, {m3.input: v}))))
-            th.start()
-            th.join()
         return match(model, *args)
 
     main = threading.current_thread()
