@@ -4,4 +4,4 @@
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension('keras_fastpredict._steady', ['keras_fastpredict/_steady.c'],
-                             extra_compile_args=['-O2', '-std=c99'], optional=True)])
+                             extra_compile_args=['-O2', '-std=c11'], optional=True)])

@@ -159,10 +159,9 @@ def main(argv=None):
         q1, q3 = np.percentile(diffs, [25, 75])
         print('  %-52s %9.2f %9.2f %+10.2f %+8.2f..%+.2f' % (title, off, on, np.median(diffs),
                                                           q1, q3))
-    rep._Recorder = built
-    for label in ('C', 'Python') if built is not None else ('Python (C not built)',):
-        if label == 'Python':
-            rep._Recorder = None
+    recorders = [('C', built), ('Python', None)] if built else [('Python (C not built)', None)]
+    for label, recorder in recorders:
+        rep._Recorder = recorder
         predict_us, announced_us = _stub_costs(rep)
         print('the recorders alone, around stub entries (no TensorFlow), usual call in %s: '
               'predict +%.2f us, Session.run / K.function (announcing) +%.2f us per call'
