@@ -1,0 +1,172 @@
+"""python -m benchmarks.first_pass [--quick] [--cases PATTERNS] [--repeats N] [--out DIR]
+
+What a legacy script sees: each script in ``benchmarks/scripts`` builds its model, then
+runs its loop, timed as its author would time it (the first call inside the loop). Each
+case runs as a fresh process, plainly (``python script.py``) and under the runner
+(``python -m keras_fastpredict script.py``), alternating, ``--repeats`` times each. Every
+process runs the loop three times: the first pass is the one a script runs, the third is
+the steady state our other benchmarks report. Reported per case: the loop's time plain and
+patched, the first-pass and steady ratios (median, with the lowest and highest of the
+repeats as the noise band), and the whole process's wall time (imports, model build, loop,
+exit). Every patched first pass's outputs are checked against the plain one's (the
+README's tolerance). Writes first_pass.md and first_pass.json into --out; exit status 1
+on a mismatch or a failed run.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = os.path.join(HERE, 'scripts')
+PASSES = 3
+
+# name, script, arguments after the loop length, loop length (full, quick)
+CASES = [
+    ('sliding-window tf.keras LSTM', 'sliding_window_forecast.py', [], (500, 40)),
+    ('char-RNN generation', 'char_rnn_generate.py', [], (1600, 40)),
+    ('per-image sess.run detector', 'detector_sess_run.py', [], (300, 30)),
+    ('per-file conv classifier', 'file_classifier.py', [], (300, 30)),
+    ('fresh rows, predict', 'fresh_rows.py', ['predict'], (2000, 100)),
+    ('fresh rows, predict, 100 calls', 'fresh_rows.py', ['predict'], (100, 100)),
+    ('fresh rows, sess.run', 'fresh_rows.py', ['sess.run'], (2000, 100)),
+    ('fresh rows, K.function', 'fresh_rows.py', ['K.function'], (2000, 100)),
+    ('fresh rows, tf.keras', 'fresh_rows.py', ['tf.keras'], (2000, 100)),
+    ('array rows, predict', 'array_rows.py', [], (2000, 100)),
+    ('array rows, predict, 100 calls', 'array_rows.py', [], (100, 100)),
+    ('array rows, LSTM', 'array_rows.py', ['lstm'], (1000, 50)),
+]
+
+
+def _run(command, out_file):
+    env = dict(os.environ, KFP_BENCH_OUT=out_file, KFP_BENCH_PASSES=str(PASSES))
+    env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    env.setdefault('PYTHONWARNINGS', 'ignore')
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=SCRIPTS, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError('%s exited %d:\n%s' % (' '.join(command), proc.returncode,
+                                                  proc.stderr[-3000:]))
+    with np.load(out_file) as saved:
+        outputs = [saved['out%d' % i] for i in range(len(saved.files) - 1)]
+        return list(saved['times']), wall, outputs
+
+
+def _same(patched, plain):
+    from keras_fastpredict.engine.verification import within_tolerance
+    return len(patched) == len(plain) and all(
+        within_tolerance(a, e) for a, e in zip(patched, plain))
+
+
+def run_case(name, script, args, calls, repeats, say):
+    plain_cmd = [sys.executable, script, str(calls)] + args
+    patched_cmd = [sys.executable, '-m', 'keras_fastpredict', script, str(calls)] + args
+    runs = {'plain': [], 'patched': []}
+    mismatches = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            order = ['plain', 'patched'] if r % 2 == 0 else ['patched', 'plain']
+            got = {}
+            for kind in order:
+                cmd = plain_cmd if kind == 'plain' else patched_cmd
+                got[kind] = _run(cmd, os.path.join(tmp, '%s%d.npz' % (kind, r)))
+                runs[kind].append(got[kind][:2])
+            if not _same(got['patched'][2], got['plain'][2]):
+                mismatches += 1
+    first = [p[0][0] / q[0][0] for p, q in zip(runs['plain'], runs['patched'])]
+    steady = [p[0][-1] / q[0][-1] for p, q in zip(runs['plain'], runs['patched'])]
+    wall = [p[1] / q[1] for p, q in zip(runs['plain'], runs['patched'])]
+    result = dict(
+        name=name, script=script, args=args, calls=calls, repeats=repeats,
+        plain_first_s=float(np.median([p[0][0] for p in runs['plain']])),
+        patched_first_s=float(np.median([q[0][0] for q in runs['patched']])),
+        plain_steady_s=float(np.median([p[0][-1] for p in runs['plain']])),
+        patched_steady_s=float(np.median([q[0][-1] for q in runs['patched']])),
+        plain_wall_s=float(np.median([p[1] for p in runs['plain']])),
+        patched_wall_s=float(np.median([q[1] for q in runs['patched']])),
+        first=_band(first), steady=_band(steady), wall=_band(wall), mismatches=mismatches,
+        runs=runs)
+    say('%-34s first %s  steady %s  process %s%s' % (
+        name, _fmt(result['first']), _fmt(result['steady']), _fmt(result['wall']),
+        '  MISMATCH' if mismatches else ''))
+    return result
+
+
+def _band(ratios):
+    return dict(median=float(np.median(ratios)), low=float(min(ratios)),
+                high=float(max(ratios)))
+
+
+def _fmt(band):
+    return '%.2fx (%.2f-%.2f)' % (band['median'], band['low'], band['high'])
+
+
+def write(results, out, command, seconds):
+    os.makedirs(out, exist_ok=True)
+    machine = '%s, %d cores, Python %s' % (platform.machine(), os.cpu_count(),
+                                           platform.python_version())
+    lines = ['# First pass: each loop run once in a fresh process, as a script runs it', '',
+             '`%s`, %s, %s, %.0f s. Ratios are plain time over patched time (above 1: '
+             'faster), median of the repeats with the lowest and highest in brackets; '
+             '"steady" is the third pass of the loop in the same process.'
+             % (command, time.strftime('%Y-%m-%d %H:%M'), machine, seconds), '',
+             '| case | calls | plain first pass | patched first pass | first pass | steady '
+             '| whole process |', '|---|---|---|---|---|---|---|']
+    for r in results:
+        lines.append('| %s | %d | %.3f s | %.3f s | %s | %s | %s%s |' % (
+            r['name'], r['calls'], r['plain_first_s'], r['patched_first_s'],
+            _fmt(r['first']), _fmt(r['steady']), _fmt(r['wall']),
+            ' (outputs differ)' if r['mismatches'] else ''))
+    text = '\n'.join(lines) + '\n'
+    with open(os.path.join(out, 'first_pass.md'), 'w') as f:
+        f.write(text)
+    with open(os.path.join(out, 'first_pass.json'), 'w') as f:
+        json.dump(dict(command=command, machine=machine, seconds=seconds,
+                       results=results), f, indent=1)
+    return text
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.first_pass', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--quick', action='store_true', help='short loops (for a test)')
+    parser.add_argument('--cases', default='', help='comma-separated substrings of names')
+    parser.add_argument('--repeats', type=int, default=None,
+                        help='processes per variant and case (default 3, 1 with --quick)')
+    parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    wanted = [p.strip() for p in args.cases.split(',') if p.strip()]
+    cases = [c for c in CASES if not wanted or any(w in c[0] for w in wanted)]
+    if not cases:
+        print('no case matches %r' % args.cases)
+        return 1
+    started = time.time()
+    results = []
+    failed = False
+    for name, script, extra, (full, quick) in cases:
+        try:
+            results.append(run_case(name, script, extra, quick if args.quick else full,
+                                    repeats, print))
+        except RuntimeError as exc:
+            print('%s: FAILED\n%s' % (name, exc), file=sys.stderr)
+            failed = True
+    command = ('python -m benchmarks.first_pass ' + ' '.join(argv)).strip()
+    print(write(results, args.out, command, time.time() - started))
+    if any(r['mismatches'] for r in results):
+        print('FAILED: patched outputs differ from plain Keras', file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
