@@ -29,6 +29,7 @@ PASSES = 3
 
 # name, script, arguments after the loop length, loop length (full, quick)
 CASES = [
+    ('no loop: import Keras, build a model', 'no_loop.py', [], (0, 0)),
     ('sliding-window tf.keras LSTM', 'sliding_window_forecast.py', [], (500, 40)),
     ('char-RNN generation', 'char_rnn_generate.py', [], (1600, 40)),
     ('per-image sess.run detector', 'detector_sess_run.py', [], (300, 30)),
@@ -81,8 +82,8 @@ def run_case(name, script, args, calls, repeats, say):
                 runs[kind].append(got[kind][:2])
             if not _same(got['patched'][2], got['plain'][2]):
                 mismatches += 1
-    first = [p[0][0] / q[0][0] for p, q in zip(runs['plain'], runs['patched'])]
-    steady = [p[0][-1] / q[0][-1] for p, q in zip(runs['plain'], runs['patched'])]
+    first = [p[0][0] / max(q[0][0], 1e-9) for p, q in zip(runs['plain'], runs['patched'])]
+    steady = [p[0][-1] / max(q[0][-1], 1e-9) for p, q in zip(runs['plain'], runs['patched'])]
     wall = [p[1] / q[1] for p, q in zip(runs['plain'], runs['patched'])]
     result = dict(
         name=name, script=script, args=args, calls=calls, repeats=repeats,
@@ -105,6 +106,10 @@ def _band(ratios):
                 high=float(max(ratios)))
 
 
+def _ms(seconds):
+    return '%.0f ms' % (1e3 * seconds)
+
+
 def _fmt(band):
     return '%.2fx (%.2f-%.2f)' % (band['median'], band['low'], band['high'])
 
@@ -116,14 +121,21 @@ def write(results, out, command, seconds):
     lines = ['# First pass: each loop run once in a fresh process, as a script runs it', '',
              '`%s`, %s, %s, %.0f s. Ratios are plain time over patched time (above 1: '
              'faster), median of the repeats with the lowest and highest in brackets; '
-             '"steady" is the third pass of the loop in the same process.'
+             '"steady" is the third pass of the loop in the same process. "One-time" is a '
+             "loop's first pass less its steady pass, plain / patched: what the first pass "
+             "paid once (plain Keras' own session start and predict function included). "
+             '"Process" is the whole process\'s wall time, plain / patched.'
              % (command, time.strftime('%Y-%m-%d %H:%M'), machine, seconds), '',
-             '| case | calls | plain first pass | patched first pass | first pass | steady '
-             '| whole process |', '|---|---|---|---|---|---|---|']
+             '| case | calls | first pass, plain / patched | first pass | steady '
+             '| one-time, plain / patched | process, plain / patched | whole process |',
+             '|---|---|---|---|---|---|---|---|']
     for r in results:
-        lines.append('| %s | %d | %.3f s | %.3f s | %s | %s | %s%s |' % (
-            r['name'], r['calls'], r['plain_first_s'], r['patched_first_s'],
-            _fmt(r['first']), _fmt(r['steady']), _fmt(r['wall']),
+        lines.append('| %s | %d | %s / %s | %s | %s | %s / %s | %.2f / %.2f s | %s%s |' % (
+            r['name'], r['calls'], _ms(r['plain_first_s']), _ms(r['patched_first_s']),
+            _fmt(r['first']) if r['calls'] else '-', _fmt(r['steady']) if r['calls'] else '-',
+            _ms(r['plain_first_s'] - r['plain_steady_s']),
+            _ms(r['patched_first_s'] - r['patched_steady_s']),
+            r['plain_wall_s'], r['patched_wall_s'], _fmt(r['wall']),
             ' (outputs differ)' if r['mismatches'] else ''))
     text = '\n'.join(lines) + '\n'
     with open(os.path.join(out, 'first_pass.md'), 'w') as f:

@@ -21,9 +21,11 @@ DEFAULTS = {
     'verify': 'auto',
     'verify_rows': 4,
     # An inference graph per model with recurrent layers: the layers applied again with
-    # the recurrent loops unrolled (up to this many time steps), used once its outputs
-    # equal the model's own on the first calls.
-    'inference_graph': True,
+    # the recurrent loops unrolled (up to this many time steps). 'auto' builds it once the
+    # model's runs have cost what it could have saved (a short loop never pays for it),
+    # and uses it once its outputs equal the model's own and it ran faster; True builds it
+    # at the first call and uses it once equal; False never.
+    'inference_graph': 'auto',
     'unroll_max_steps': 100,
     # Concurrent callers from several threads are merged into batches.
     'concurrent': True,
@@ -47,7 +49,7 @@ def _parse(name, text):
     default = DEFAULTS[name]
     if isinstance(default, bool):
         return _BOOL[text.strip().lower()]
-    if name == 'verify':
+    if name in ('verify', 'inference_graph'):
         return _BOOL.get(text.strip().lower(), text.strip())
     if name in ('timeout', 'max_enqueued_batches'):      # None where unset
         if text.strip().lower() in ('', 'none'):
@@ -78,8 +80,9 @@ class Settings(object):
         unknown = set(options) - set(DEFAULTS)
         if unknown:
             raise TypeError('unknown keras_fastpredict option(s): %s' % ', '.join(sorted(unknown)))
-        if 'verify' in options and options['verify'] not in (True, False, 'auto'):
-            raise ValueError("verify must be True, False or 'auto'")
+        for name in ('verify', 'inference_graph'):
+            if name in options and options[name] not in (True, False, 'auto'):
+                raise ValueError("%s must be True, False or 'auto'" % name)
         with self._lock:
             old = {name: getattr(self, name) for name in options}
             self.__dict__.update(options)

@@ -22,7 +22,8 @@ COUNTERS = ('calls', 'fast_calls', 'fallbacks', 'deferred', 'deferred_batches', 
 
 class ModelStats(object):
     __slots__ = COUNTERS + ('name', 'fallback_reasons', 'batch_sizes', 'queue_wait_s',
-                            'exec_s', 'max_queue_len', 'report_owner', '__weakref__')
+                            'exec_s', 'max_queue_len', 'report_owner', 'one_time',
+                            '__weakref__')
 
     def __init__(self, name):
         self.name = name
@@ -36,6 +37,7 @@ class ModelStats(object):
         self.queue_wait_s = 0.0
         self.exec_s = 0.0
         self.max_queue_len = 0
+        self.one_time = collections.Counter()   # one-time work done for the model: seconds
         self.report_owner = None    # the call-site report's (report.py): whose calls these are
 
     def fallback(self, reason):
@@ -53,6 +55,11 @@ class ModelStats(object):
         self.queue_wait_s += other.queue_wait_s
         self.exec_s += other.exec_s
         self.max_queue_len = max(self.max_queue_len, other.max_queue_len)
+        self.one_time.update(other.one_time)
+
+    def paid(self, what, seconds):
+        """One-time work done for the model (a callable made, a graph built), and its time."""
+        self.one_time[what] += seconds
 
     def batch(self, rows, calls):
         """One session run serving ``calls`` predict calls with ``rows`` rows in all."""
@@ -70,6 +77,7 @@ class ModelStats(object):
         out['mean_queue_wait_ms'] = 1e3 * self.queue_wait_s / self.queued if self.queued else 0.0
         out['mean_exec_ms'] = 1e3 * self.exec_s / self.batches if self.batches else 0.0
         out['max_queue_len'] = self.max_queue_len
+        out['one_time_ms'] = {what: 1e3 * s for what, s in self.one_time.items()}
         return out
 
 
@@ -159,4 +167,7 @@ def format_table(snap=None):
         if s['fallback_reasons']:
             lines.append('                     fallbacks: ' + ', '.join(
                 '%s x%d' % kv for kv in sorted(s['fallback_reasons'].items())))
+        if s.get('one_time_ms'):
+            lines.append('                     one-time work: ' + ', '.join(
+                '%s %.1f ms' % kv for kv in s['one_time_ms'].items()))
     return '\n'.join(lines)

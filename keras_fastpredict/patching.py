@@ -88,6 +88,8 @@ def _on_import(module):
         for name, path, wrapper in ENTRY_POINTS:
             if name == module.__name__:
                 _apply(module, path, wrapper)
+        if module.__name__ == 'keras.engine.network':
+            keras_function.noting.complete = True     # no model was made before
 
 
 def is_patched():
@@ -138,6 +140,7 @@ def unpatch():
             if module is not None:
                 _remove(module, path)
         _active = False
+        keras_function.noting.complete = False      # models made meanwhile go unnoted
         _report.stop_announcing()
     concurrent_batcher.stop_all()
     readahead.forget()

@@ -157,6 +157,15 @@ def flavour(request):
     return FLAVOURS[request.param]
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _kernels_warm():
+    """Read-ahead opens no window while TF's multi-row kernels are still being generated
+    (engine.warmup, on a thread of its own): tests that count windows start after it."""
+    from keras_fastpredict.engine import warmup
+    warmup.start()
+    assert warmup.done.wait(60)
+
+
 @pytest.fixture(autouse=True)
 def _restore():
     """Every test starts and ends unpatched, with default settings and fresh counters."""

@@ -1,6 +1,10 @@
 """The inference graph (issue 10, item 4): recurrent layers unrolled, learning phase fixed
 to inference, shared variables; used only after it agreed with the model's own graph.
-Every result is compared with plain Keras on the same model."""
+Every result is compared with plain Keras on the same model.
+
+Most tests here check the graph itself, so they build it at the first call
+(``inference_graph=True``); the default (``'auto'``: built once the runs have paid for it,
+used only if faster) has tests of its own at the end."""
 import numpy as np
 import pytest
 import keras
@@ -8,7 +12,16 @@ from keras import layers as L
 
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import keras as keras_adapter
+from keras_fastpredict import config
+from keras_fastpredict.engine import compiled, inference_graph
 from conftest import ORIGINAL, assert_same, unpatched_predict
+
+
+@pytest.fixture(autouse=True)
+def build_at_first_call(request, monkeypatch):
+    if 'auto_policy' not in request.keywords:
+        monkeypatch.setitem(config.DEFAULTS, 'inference_graph', True)
+        monkeypatch.setattr(config.settings, 'inference_graph', True)
 
 
 def rand(*shape, seed=0):
@@ -43,7 +56,7 @@ def test_each_recurrent_layer_equals_plain_and_is_unrolled(kind):
                                      L.BatchNormalization(), L.Dense(2)])
     X = rand(40, 5, 7, 4) if kind == 'time_distributed' else rand(40, 7, 4)
     entry = loop_against_plain(model, X)
-    assert entry.inference_graph == 'used'
+    assert entry.inference_graph.startswith('used')
     assert entry.inference_graph_ops > 0
     assert entry.batch_safe is True          # the unrolled graph settles it
     # The model still looks to its user as before (no extra inbound nodes).
@@ -60,7 +73,7 @@ def test_masking_and_several_inputs():
     T = np.random.RandomState(1).randint(0, 20, (40, 6)).astype('int32')
     T[:, 4:] = 0                                      # padded, masked steps
     entry = loop_against_plain(model, [T, rand(40, 3)])
-    assert entry.inference_graph == 'used'
+    assert entry.inference_graph.startswith('used')
 
 
 def test_weights_changed_between_calls_are_seen():
@@ -69,7 +82,7 @@ def test_weights_changed_between_calls_are_seen():
     kfp.patch()
     for i in range(4):
         model.predict(X[i:i + 1].copy())
-    assert keras_adapter.lookup(model).inference_graph == 'used'
+    assert keras_adapter.lookup(model).inference_graph.startswith('used')
     for step in range(3):
         weights = [w * 0.9 + 0.01 * step for w in model.get_weights()]
         model.set_weights(weights)
@@ -148,7 +161,7 @@ def test_built_once_per_model_across_patches():
     assert_same(np.concatenate(again), unpatched_predict(model, X[:6]))
     kfp.patch()
     model.predict(X[:1].copy())
-    assert keras_adapter.lookup(model).inference_graph == 'used'     # checked once already
+    assert keras_adapter.lookup(model).inference_graph.startswith('used')     # checked once already
 
 
 def test_keras_names_and_nodes_are_untouched():
@@ -160,7 +173,7 @@ def test_keras_names_and_nodes_are_untouched():
     kfp.patch()
     for i in range(4):
         first.predict(rand(1, 5, 3, seed=i))
-    assert keras_adapter.lookup(first).inference_graph == 'used'
+    assert keras_adapter.lookup(first).inference_graph.startswith('used')
     assert dict(tfb._GRAPH_UID_DICTS[first.outputs[0].graph]) == counters
     assert all(len(layer._inbound_nodes) == 1 for layer in first.layers)
     assert all(len(layer._outbound_nodes) == (0 if layer is first.layers[-1] else 1)
@@ -223,3 +236,61 @@ def test_a_model_built_in_another_thread_meanwhile_keeps_its_learning_phase():
     expected = run(patched=False)
     assert expected[:2] == ('Tensor', True) and expected[2:] == (True, False)
     assert run(patched=True) == expected
+
+
+# -- the default: built once it has paid for itself, used only if faster -------------------
+
+@pytest.mark.auto_policy
+def test_a_short_loop_builds_nothing():
+    model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    graph = model.outputs[0].graph
+    rows = [np.array(r[None]) for r in rand(30, 7, 4)]
+    expected = [unpatched_predict(model, r) for r in rows]
+    ops = len(graph.get_operations())
+    kfp.patch()
+    got = [model.predict(r) for r in rows]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert keras_adapter.lookup(model).inference_graph.startswith(
+        'waiting: built once runs have cost')
+    assert len(graph.get_operations()) == ops
+    assert 'inference graph' not in kfp.stats(model)['one_time_ms']
+
+
+@pytest.mark.auto_policy
+@pytest.mark.parametrize('slower', ['inference graph', 'own graph'])
+def test_once_paid_for_it_is_used_only_if_faster(monkeypatch, slower):
+    """Built once the runs have cost its estimate (here nothing: the estimate is made
+    0), then used only if its timed runs beat the model's own (one side's runs are
+    made 50 ms slower, so that the outcome does not depend on the machine)."""
+    import time
+    model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    rows = [np.array(r[None]) for r in rand(12, 7, 4)]
+    expected = [unpatched_predict(model, r) for r in rows]
+    monkeypatch.setitem(inference_graph._cost, 'seconds_per_op', 0.0)
+    kfp.patch()
+    got = [model.predict(rows[0]), model.predict(rows[1])]    # due, then built
+    entry = keras_adapter.lookup(model)
+    assert entry.inference_graph in ('building', 'checking')
+    compiled._join_makers()                 # its callable is made on a thread of its own
+    assert entry.inference_graph == 'checking'
+    own = entry._inline._handle
+    run = entry._run_callable
+
+    def slowed(session, handle, arrays, options):
+        candidate = entry._candidate
+        is_candidate = candidate is not None and handle == candidate[0]._handle
+        if (slower == 'own graph' and handle == own) or (
+                slower == 'inference graph' and is_candidate):
+            time.sleep(0.05)
+        return run(session, handle, arrays, options)
+    monkeypatch.setattr(entry, '_run_callable', slowed)
+    got += [model.predict(r) for r in rows[2:]]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert 'inference graph' in kfp.stats(model)['one_time_ms']
+    if slower == 'own graph':
+        assert entry.inference_graph.startswith('used: '), entry.inference_graph
+    else:
+        assert entry.inference_graph.startswith(
+            "not used: no faster than the model's own graph"), entry.inference_graph

@@ -218,3 +218,24 @@ def test_weights_changed_through_a_session_callable_are_seen():
     kfp.patch()
     assert_same(loop(model.predict), expected)
     assert kfp.stats(model)['readahead_hits'] > 0
+
+
+def test_no_window_while_kernels_are_generated(monkeypatch):
+    """Until engine.warmup has run TF's first multi-row product (its kernels are made
+    once per process), rows are served alone; then windows open. Results as plain."""
+    import threading
+    from keras import layers as L
+    from keras_fastpredict.engine import warmup
+    model = keras.models.Sequential([L.Dense(8, input_shape=(4,)), L.Dense(2)])
+    X = np.random.RandomState(3).rand(40, 4).astype('float32')
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(40)]
+    pending = threading.Event()
+    monkeypatch.setattr(warmup, 'done', pending)
+    kfp.patch()
+    got = [model.predict(X[i:i + 1]) for i in range(20)]
+    assert kfp.stats(model)['readahead_windows'] == 0
+    pending.set()
+    got += [model.predict(X[i:i + 1]) for i in range(20, 40)]
+    assert kfp.stats(model)['readahead_windows'] > 0
+    for g, e in zip(got, expected):
+        assert_same(g, e)

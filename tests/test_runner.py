@@ -204,3 +204,36 @@ def test_console_script_sees_what_python_shows_it(tree):
         for key in ('argv', 'path', 'name', 'file', 'main'):
             assert got[key] == want[key], (key, got[key], want[key])
         assert got['patched'] and got['defer'] is True
+
+
+def test_under_the_runner_every_model_is_noted_and_sess_run_finds_it_unscanned(tmp_path):
+    """The runner patches before keras is imported: models are noted as they are made,
+    so Session.run of a model's tensors never scans the heap; results as plain TF."""
+    script = tmp_path / 'noted.py'
+    script.write_text(textwrap.dedent('''
+        import numpy as np
+        from keras import backend as K, layers, models
+        from keras_fastpredict.adapters import keras_function
+        keras_function._scan = lambda: 1 / 0          # a scan would raise
+        model = models.Sequential([layers.Dense(4, input_shape=(3,))])
+        model.set_weights([np.arange(12.).reshape(3, 4) / 10, np.ones(4)])
+        sess = K.get_session()
+        x = np.random.RandomState(0).rand(20, 3).astype('float32')
+        got = np.concatenate([sess.run(model.output, {model.input: x[i:i + 1].copy()})
+                              for i in range(20)])
+        import keras_fastpredict
+        print('NOTED', keras_function.noting.complete,
+              keras_fastpredict.stats(model)['fast_calls'] >= 19)
+        np.save(%r, got)
+    ''' % str(tmp_path / 'got.npy')))
+    out = call(RUNNER + [str(script)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'NOTED True True' in out.stdout, out.stdout
+    import numpy as np
+    from keras import backend as K, layers, models
+    model = models.Sequential([layers.Dense(4, input_shape=(3,))])     # plain TF, here
+    model.set_weights([np.arange(12.).reshape(3, 4) / 10, np.ones(4)])
+    x = np.random.RandomState(0).rand(20, 3).astype('float32')
+    plain = K.get_session().run(model.output, {model.input: x})
+    np.testing.assert_allclose(np.load(str(tmp_path / 'got.npy')), plain, rtol=1e-5,
+                               atol=1e-6)

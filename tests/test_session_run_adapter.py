@@ -623,3 +623,40 @@ def test_a_thread_that_waited_for_another_threads_model_scan_finds_its_model(mon
     np.testing.assert_allclose(seen['B'], expected[m3], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(later, expected[m2], rtol=1e-5, atol=1e-6)
     assert served == 1                  # on its model's path, not left off it for good
+
+
+def test_models_made_while_patched_are_found_without_a_heap_scan(monkeypatch):
+    """Each graph network is noted as Keras makes it: where every model of the process
+    was made while patched (keras imported after patch(), as under the runner), a
+    Session.run of a model's tensors finds it with no gc scan (20-60 ms, once, inside
+    the loop), and a run of tensors of no model does not scan either."""
+    from keras_fastpredict.adapters import keras_function
+    monkeypatch.setattr(keras_function.noting, 'complete', True)
+    monkeypatch.setattr(keras_function, '_scan',
+                        lambda: pytest.fail('scanned the heap for models'))
+    sess = K.get_session()
+    x = inputs_for('dense', 40)
+    with kfp.patched():
+        model = keras.models.Sequential([layers.Dense(16, activation='relu',
+                                                      input_shape=(32,)), layers.Dense(3)])
+        hidden = model.layers[0].output
+        expected = unpatched_predict(model, x)
+        expected_hidden = sess.run(hidden, {model.input: x})
+        got = [sess.run(model.output, {model.input: np.array(x[i:i + 1])}) for i in range(40)]
+        got_hidden = [sess.run(hidden, {model.input: np.array(x[i:i + 1])})
+                      for i in range(40)]
+    np.testing.assert_allclose(np.concatenate(got), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(got_hidden), expected_hidden, rtol=1e-5,
+                               atol=1e-6)
+    assert kfp.stats(model)['fast_calls'] >= 39         # the model's engine served them
+
+
+def test_noting_is_complete_only_for_models_made_since_import():
+    """Patched after keras was imported (models may exist unnoted), or unpatched once
+    (models made meanwhile go unnoted), the scan stays."""
+    from keras_fastpredict.adapters import keras_function
+    kfp.patch()
+    assert keras_function.noting.complete is False
+    keras_function.noting.complete = True
+    kfp.unpatch()
+    assert keras_function.noting.complete is False

@@ -134,12 +134,12 @@ def test_lstm_inference_graph_is_used(tfm):
     model = tfm['lstm']
     x = inputs('lstm', 10, seed=9)
     expected = [plain(model, x[i:i + 1]) for i in range(10)]
-    with kfp.patched(readahead=False):
+    with kfp.patched(readahead=False, inference_graph=True):    # built at the first call
         got = [model.predict(x[i:i + 1]) for i in range(10)]
         stats = kfp.stats(model)
     for g, e in zip(got, expected):
         assert_same(g, e)
-    assert stats['inference_graph'] == 'used' and stats['batched'] is True, stats
+    assert stats['inference_graph'].startswith('used') and stats['batched'] is True, stats
 
 
 def test_dropout_is_inference_and_lambda_batch_mixing_as_plain(tfm):

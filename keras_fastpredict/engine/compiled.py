@@ -18,12 +18,13 @@ import numpy as np
 
 from .. import counters as _stats
 from ..config import settings
-from . import batch_safety, inference_graph, verification
+from . import batch_safety, inference_graph, verification, warmup
 
 build_lock = threading.RLock()    # also guards Keras' lazy predict-function build (keras#6124)
 _entries = {}          # id(model) -> CompiledModel
 _excluded = set()      # id(model) of models the user excluded from batching
 _CALIBRATION_RUNS = 3
+_CHECKS = 3            # timed equal runs before the inference graph is used
 
 
 class Refusal(object):
@@ -111,72 +112,186 @@ class CompiledModel(object):
         self.warned = False        # told the user once that this model is not batched
         self.excluded = id(model) in _excluded
         self.batcher = None        # the concurrent batcher, made on first use
-        self._pool_choice = {}     # log2(rows) -> ([inline times], [pool times]), then bool
+        self._pool_choice = {}     # log2(rows) -> [inline s, fastest inline s, pool runs], then bool
         # The fastest session run timed so far (of any size): a model that ran that fast
         # once is too quick to gain from queueing concurrent calls.
         self.fastest_run_s = float('inf')
-        self._inline = self._make_callable(feeds, self.outputs_list, inline=True)
-        self._pool = self._make_callable(feeds, self.outputs_list, inline=False)
+        # The graph the callables run: (feeds, fetches, whether Keras' target runs too).
+        self._io = (feeds, self.outputs_list, True)
+        start = time.perf_counter()
+        self._inline = self._make_callable(feeds, self.outputs_list, True)
+        self.make_s = time.perf_counter() - start
+        self.stats.paid('callable', self.make_s)
+        # TF's inter-op pool: made only when a concurrent call needs it, or once runs have
+        # cost enough that trying it may pay (see _calibrate).
+        self._pool = None
         from tensorflow.python import pywrap_tensorflow
         self._run_callable = pywrap_tensorflow.TF_SessionRunCallable
-        # The inference graph, while it is being checked against the model's own.
+        warmup.start()
+        # One-time work in progress: a bound method every run goes through (the inference
+        # graph waiting to pay for itself, or under check), else None.
+        self._pending = None
         self._candidate = None
+        self.unroll_ready = False  # the inference graph is due: built at the next call
         self.inference_graph = 'off'
         self.inference_graph_ops = 0
         if settings.inference_graph and updates is None and not side_effects:
-            self._prepare_candidate(model, feeds)
+            self._plan_inference_graph(model, feeds)
 
-    def _prepare_candidate(self, model, feeds):
+    # -- the inference graph: built once it pays, used once equal and faster ----------------
+
+    def _plan_inference_graph(self, model, feeds):
+        built = inference_graph.built(model)
+        if built is None:
+            cost, reason = inference_graph.estimate(model, settings.unroll_max_steps,
+                                                    self.adapter)
+            if reason is not None:
+                self.inference_graph = 'not used: ' + reason
+                return
+            if settings.inference_graph == 'auto':
+                # Rent, then buy: build once the runs on the model's own graph have cost
+                # what unrolling could have saved by now (it saves at most about half a
+                # run), so a short loop never pays more for it than it can gain.
+                self._rent_s = 0.0
+                self._rent_due = cost / inference_graph.GAIN
+                self._pending = self._rent
+                self.inference_graph = 'waiting: built once runs have cost %.0f ms' % (
+                    1e3 * self._rent_due)
+                return
+        self._prepare_candidate(model, feeds)
+
+    def _rent(self, arrays, pool):
+        start = time.perf_counter()
+        outs = self._run(arrays, pool)
+        self._rent_s += time.perf_counter() - start
+        if self._rent_s >= self._rent_due:
+            self.unroll_ready = True    # built at the caller's next call (route.serve)
+        return outs
+
+    def build_inference_graph(self):
+        """Build the inference graph now (the caller's thread, at the top of a call)."""
+        with build_lock:
+            if self._pending != self._rent:
+                return
+            self._pending = None
+            self.unroll_ready = False
+            model = self.model_ref()
+            if model is not None:
+                self._prepare_candidate(model, self._io[0], beside=True)
+
+    def _prepare_candidate(self, model, feeds, beside=False):
+        """Build the inference graph (or take the one built under an earlier patch) and
+        make its callable; ``beside``: made on a thread of its own (TensorFlow releases
+        the GIL while it makes one), the model's own graph serving calls meanwhile."""
         built = inference_graph.get(model, feeds, settings.unroll_max_steps, self.adapter)
         if built.reason is not None:
             self.inference_graph = 'not used: ' + built.reason
             return
         if built.verdict is False:
-            self.inference_graph = 'not used: its outputs differed from the model\'s'
+            self.inference_graph = 'not used: ' + built.why_not
             return
         self.inference_graph_ops = built.ops
-        candidate = [self._make_callable(built.inputs, built.outputs, True, target=False),
-                     self._make_callable(built.inputs, built.outputs, False, target=False),
-                     built, 0]
+        if not beside or built.verdict is not None:
+            self._make_candidate(built)
+            return
+        self.inference_graph = 'building'
+        maker = threading.Thread(target=self._make_candidate, args=(built,), daemon=True,
+                                 name='keras_fastpredict-inference-graph')
+        with _makers_lock:
+            _makers.add(maker)
+        maker.start()
+
+    def _make_candidate(self, built):
+        start = time.perf_counter()
+        try:
+            inline = self._make_callable(built.inputs, built.outputs, True, target=False)
+        except Exception as exc:        # (a session closed meanwhile, say)
+            self.inference_graph = 'not used: no callable: %s' % str(exc).split('\n')[0]
+            return
+        finally:
+            with _makers_lock:
+                _makers.discard(threading.current_thread())
+        self._candidate_make_s = time.perf_counter() - start
+        if built.verdict is None:
+            self.stats.paid('inference graph', built.seconds)
+            self.stats.paid('inference graph callable', self._candidate_make_s)
+            inference_graph.learn_cost(built.ops, built.seconds)
+        # [inline callable, pool callable (made on use), built, checks, own s, its s]
+        candidate = [inline, None, built, 0, 0.0, 0.0]
         if built.verdict:
             self._adopt(candidate)      # checked under an earlier patch
         else:
-            self._candidate = candidate
+            self._candidate = candidate     # (set before the hook that reads it)
+            self._pending = self._check_candidate
             self.inference_graph = 'checking'
 
     def _check_candidate(self, arrays, pool):
-        """Run the model's own graph (its outputs are returned) and the inference graph;
-        after three equal answers the inference graph takes over."""
+        """Run the model's own graph (its outputs are returned) and the inference graph,
+        each timed; after CHECKS equal answers the inference graph takes over if it was
+        the faster (the first pair, a new callable's first run, is not timed)."""
         candidate = self._candidate
         if candidate is None:           # another thread just decided
             return self.call(arrays, pool)
-        fn = self._pool if pool else self._inline
+        fn = self._pool_callable() if pool else self._inline
+        start = time.perf_counter()
         outs = self._run_callable(self.session._session, fn._handle, arrays, None)
-        cfn = candidate[1] if pool else candidate[0]
+        middle = time.perf_counter()
         try:
+            cfn = self._candidate_pool(candidate) if pool else candidate[0]
             alt = self._run_callable(self.session._session, cfn._handle, arrays, None)
+            end = time.perf_counter()
             same = all(verification.within_tolerance(a, o) for a, o in zip(alt, outs))
         except Exception:
             same = False
+        built = candidate[2]
         if not same:
-            self._candidate = None
-            candidate[2].verdict = False
-            self.inference_graph = 'not used: its outputs differed from the model\'s'
+            self._reject(candidate, "its outputs differed from the model's")
             return outs
+        if candidate[3]:
+            candidate[4] += middle - start
+            candidate[5] += end - middle
         candidate[3] += 1
-        if candidate[3] >= 3:
-            candidate[2].verdict = True
-            self._adopt(candidate)
+        if candidate[3] > _CHECKS:
+            own, its = candidate[4], candidate[5]
+            if its < own or settings.inference_graph is True:
+                built.verdict = True
+                built.saving = (own - its) / _CHECKS
+                self._adopt(candidate)
+            else:
+                self._reject(candidate, 'no faster than the model\'s own graph '
+                                        '(%.3f ms against %.3f ms a run)'
+                             % (1e3 * its / _CHECKS, 1e3 * own / _CHECKS))
         return outs
 
+    def _reject(self, candidate, why):
+        if self._candidate is candidate:
+            self._candidate = self._pending = None
+        built = candidate[2]
+        built.verdict, built.why_not = False, why
+        self.inference_graph = 'not used: ' + why
+
+    def _candidate_pool(self, candidate):
+        if candidate[1] is None:
+            with build_lock:
+                if candidate[1] is None:
+                    built = candidate[2]
+                    candidate[1] = self._make_callable(built.inputs, built.outputs, False,
+                                                       target=False)
+        return candidate[1]
+
     def _adopt(self, candidate):
-        self._candidate = None
+        built = candidate[2]
         self._inline, self._pool = candidate[0], candidate[1]
+        self._io = (built.inputs, built.outputs, False)
+        self._candidate = self._pending = None
+        self.make_s = self._candidate_make_s
         self._pool_choice = {}          # timings of the other graph do not carry over
         self.fastest_run_s = float('inf')
         self.inference_graph = 'used'
+        if built.saving is not None:
+            self.inference_graph = 'used: %.3f ms %s a run' % (
+                1e3 * abs(built.saving), 'faster' if built.saving >= 0 else 'slower')
         if self.batch_safe is None:     # the unrolled graph may settle it
-            built = candidate[2]
             safe, reason, _ = _batch_safety(self.session, built.inputs, built.outputs)
             if safe is not None:
                 self.batch_safe, self.batching_reason = safe, reason
@@ -202,10 +317,13 @@ class CompiledModel(object):
     def call(self, arrays, pool=False):
         """One session run; returns the list of outputs. ``pool``: run on TF's inter-op
         pool (for calls made while others run), else wherever this model ran faster."""
-        if self._candidate is not None:
-            return self._check_candidate(arrays, pool)
+        if self._pending is not None:
+            return self._pending(arrays, pool)
+        return self._run(arrays, pool)
+
+    def _run(self, arrays, pool):
         if pool:
-            fn = self._pool
+            fn = self._pool_callable()
         else:
             choice = self._pool_choice.get(arrays[0].shape[0].bit_length())
             if choice is True:
@@ -216,24 +334,46 @@ class CompiledModel(object):
                 return self._calibrate(arrays)
         return self._run_callable(self.session._session, fn._handle, arrays, None)
 
+    def _pool_callable(self):
+        fn = self._pool
+        if fn is None:
+            with build_lock:
+                fn = self._pool
+                if fn is None:
+                    start = time.perf_counter()
+                    feeds, fetches, target = self._io
+                    fn = self._pool = self._make_callable(feeds, fetches, False, target)
+                    self.stats.paid('pool callable', time.perf_counter() - start)
+        return fn
+
     def _calibrate(self, arrays):
         # The caller's thread is faster for small models (no hand-off to TF's pool), the
         # pool for some larger ones (MobileNet, even one row at a time): for each size
-        # (about a power of two), the first runs alternate and the faster way is kept.
+        # (about a power of two) runs are timed inline; once they have cost twice what the
+        # inline callable cost to make (the pool's costs as much, and saves at most part
+        # of a run), the pool is made and tried, alternating, and the faster way is kept.
         bucket = arrays[0].shape[0].bit_length()
-        times = self._pool_choice.setdefault(bucket, ([], []))
-        if type(times) is not tuple:
-            return self.call(arrays)
-        use_pool = len(times[1]) < len(times[0])
-        fn = self._pool if use_pool else self._inline
+        times = self._pool_choice.get(bucket)
+        if times is None:
+            times = self._pool_choice.setdefault(bucket, [0.0, float('inf'), [], 0])
+        if type(times) is not list:
+            return self._run(arrays, False)
+        use_pool = times[0] >= 2 * self.make_s and times[3] % 2 == 1
+        fn = self._pool_callable() if use_pool else self._inline
         start = time.perf_counter()
         out = self._run_callable(self.session._session, fn._handle, arrays, None)
         elapsed = time.perf_counter() - start
-        times[use_pool].append(elapsed)
         if elapsed < self.fastest_run_s:
             self.fastest_run_s = elapsed
-        if len(times[1]) >= _CALIBRATION_RUNS and len(times[0]) >= _CALIBRATION_RUNS:
-            self._pool_choice[bucket] = min(times[1]) < min(times[0])
+        if use_pool:
+            times[2].append(elapsed)
+        else:
+            times[0] += elapsed
+            times[1] = min(times[1], elapsed)
+        if times[0] >= 2 * self.make_s:
+            times[3] += 1               # trying: pool and inline alternate
+            if len(times[2]) >= _CALIBRATION_RUNS and times[3] >= 2 * _CALIBRATION_RUNS:
+                self._pool_choice[bucket] = min(times[2]) < times[1]
         return out
 
     def run(self, arrays, batch_size=None, pool=False, on_batch=False):
@@ -377,7 +517,21 @@ def clear_at_exit():
     _entries.clear()
 
 
+_makers = set()        # threads making an inference graph's callable
+_makers_lock = threading.Lock()
+
+
+def _join_makers(timeout=10.0):
+    # At exit, not while TensorFlow is torn down around a callable being made.
+    with _makers_lock:
+        makers = list(_makers)
+    deadline = time.monotonic() + timeout
+    for maker in makers:
+        maker.join(max(0.0, deadline - time.monotonic()))
+
+
 atexit.register(clear_at_exit)
+atexit.register(_join_makers)           # (atexit runs last registered first)
 
 
 def invalidate(model):

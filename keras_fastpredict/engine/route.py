@@ -44,6 +44,8 @@ def serve(entry, x, arrays, rows, batch_size):
     the fast path choose, 0 is ``predict_on_batch``. Returns the outputs, or RERUN (above);
     any other failure, or one of a model whose failed run may have changed state,
     propagates. (One function: it is on every call's path.)"""
+    if entry.unroll_ready:          # one-time work that has paid for itself: done here,
+        entry.build_inference_graph()   # at the top of a caller's own call
     stats = entry.stats
     stats.calls += 1
     stats.fast_calls += 1

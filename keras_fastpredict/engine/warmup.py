@@ -1,0 +1,50 @@
+"""TensorFlow's first matrix product of more than one row in a process generates its CPU
+kernels (MKL-DNN's JIT GEMM: 25-40 ms on this machine, once per process). A plain
+one-row loop never pays it; read-ahead, deferral and merged calls run several rows, and
+would pay it inside the loop. It is paid once, on a thread of its own, as soon as the
+first model gets the fast path (a session exists by then, so no fork is made unsafe).
+The product runs on a private graph and session through TensorFlow's own calls, never
+through the patched entry points (which would settle the user's pending work)."""
+import threading
+
+_started = False
+_lock = threading.Lock()
+done = threading.Event()
+
+
+def start():
+    global _started
+    if _started:
+        return
+    with _lock:
+        if _started:
+            return
+        _started = True
+    threading.Thread(target=_warm, name='keras_fastpredict-warmup', daemon=True).start()
+
+
+def _warm():
+    try:
+        import numpy as np
+        import tensorflow as tf
+        from tensorflow.core.protobuf import config_pb2
+        from tensorflow.python import pywrap_tensorflow
+        graph = tf.Graph()
+        with graph.as_default():
+            x = tf.compat.v1.placeholder(tf.float32, (None, 8))
+            y = tf.matmul(x, tf.ones((8, 8)))
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=1,
+                                          inter_op_parallelism_threads=1)
+        session = tf.compat.v1.Session(graph=graph, config=config)
+        try:
+            options = config_pb2.CallableOptions(feed=[x.name], fetch=[y.name])
+            fn = session._make_callable_from_options(options)
+            pywrap_tensorflow.TF_SessionRunCallable(
+                session._session, fn._handle, [np.ones((2, 8), np.float32)], None)
+            del fn
+        finally:
+            session.close()
+    except Exception:       # a warm-up only: whatever fails here costs the loop 25 ms
+        pass
+    finally:
+        done.set()
