@@ -239,3 +239,21 @@ def test_no_window_while_kernels_are_generated(monkeypatch):
     assert kfp.stats(model)['readahead_windows'] > 0
     for g, e in zip(got, expected):
         assert_same(g, e)
+
+
+def test_rows_loaded_one_by_one_keep_no_window():
+    """``np.expand_dims(row, 0)`` of a row loaded on its own is a view of a one-row array:
+    nothing can be read ahead, so no window is made or kept for it (one was made per
+    call). Results as plain Keras."""
+    from keras import layers as L
+    from keras_fastpredict.engine import readahead
+    model = keras.models.Sequential([L.Dense(8, input_shape=(4,)), L.Dense(2)])
+    rows = [np.array(r) for r in np.random.RandomState(4).rand(30, 4).astype('float32')]
+    expected = [unpatched_predict(model, np.expand_dims(r, 0)) for r in rows]
+    kfp.patch()
+    readahead.forget()
+    got = [model.predict(np.expand_dims(r, 0)) for r in rows]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert readahead._windows() == {}
+    assert kfp.stats(model)['fast_calls'] == 30

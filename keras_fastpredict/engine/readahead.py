@@ -78,6 +78,10 @@ def serve(entry, xs, limit):
             return None
         while isinstance(base.base, np.ndarray):      # views of views (a memmap's rows)
             base = base.base
+        if base.nbytes < 2 * x.nbytes:
+            # Too small to hold another row (np.expand_dims of a row loaded on its own):
+            # nothing to read ahead, and no window to keep for it.
+            return None
         bases.append(base)
     ptrs = [x.__array_interface__['data'][0] for x in xs]
     if (w is None or w.entry_ref() is not entry
