@@ -29,19 +29,19 @@ PASSES = 3
 
 # name, script, arguments after the loop length, loop length (full, quick)
 CASES = [
-    ('no loop: import Keras, build a model', 'no_loop.py', [], (0, 0)),
+    ('no loop (import Keras, build a model)', 'no_loop.py', [], (0, 0)),
     ('sliding-window tf.keras LSTM', 'sliding_window_forecast.py', [], (500, 40)),
     ('char-RNN generation', 'char_rnn_generate.py', [], (1600, 40)),
     ('per-image sess.run detector', 'detector_sess_run.py', [], (300, 30)),
     ('per-file conv classifier', 'file_classifier.py', [], (300, 30)),
-    ('fresh rows, predict', 'fresh_rows.py', ['predict'], (2000, 100)),
-    ('fresh rows, predict, 100 calls', 'fresh_rows.py', ['predict'], (100, 100)),
-    ('fresh rows, sess.run', 'fresh_rows.py', ['sess.run'], (2000, 100)),
-    ('fresh rows, K.function', 'fresh_rows.py', ['K.function'], (2000, 100)),
-    ('fresh rows, tf.keras', 'fresh_rows.py', ['tf.keras'], (2000, 100)),
-    ('array rows, predict', 'array_rows.py', [], (2000, 100)),
-    ('array rows, predict, 100 calls', 'array_rows.py', [], (100, 100)),
-    ('array rows, LSTM', 'array_rows.py', ['lstm'], (1000, 50)),
+    ('fresh rows: predict', 'fresh_rows.py', ['predict'], (2000, 100)),
+    ('fresh rows: predict, 100 calls', 'fresh_rows.py', ['predict'], (100, 100)),
+    ('fresh rows: sess.run', 'fresh_rows.py', ['sess.run'], (2000, 100)),
+    ('fresh rows: K.function', 'fresh_rows.py', ['K.function'], (2000, 100)),
+    ('fresh rows: tf.keras', 'fresh_rows.py', ['tf.keras'], (2000, 100)),
+    ('array rows: predict', 'array_rows.py', [], (2000, 100)),
+    ('array rows: predict, 100 calls', 'array_rows.py', [], (100, 100)),
+    ('array rows: LSTM', 'array_rows.py', ['lstm'], (1000, 50)),
 ]
 
 
@@ -151,7 +151,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m benchmarks.first_pass', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='short loops (for a test)')
-    parser.add_argument('--cases', default='', help='comma-separated substrings of names')
+    parser.add_argument('--cases', default='',
+                        help='comma-separated substrings of case names, e.g. "sess.run,LSTM"')
     parser.add_argument('--repeats', type=int, default=None,
                         help='processes per variant and case (default 3, 1 with --quick)')
     parser.add_argument('--out', default=os.path.join(HERE, 'results'))

@@ -1,4 +1,5 @@
 """The benchmark suite runs end to end on a tiny configuration (and its check bites)."""
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,19 @@ def test_processes_quick_pool_plain_against_runner(tmp_path):
     text = (tmp_path / 'processes.md').read_text()
     assert '| Pool(4) fork, 800 rows, predict per row | runner |' in text
     assert 'all patched runs agree with the plain run' in text
+
+
+def test_first_pass_quick_runs_scripts_plain_and_under_the_runner(tmp_path):
+    # benchmarks.first_pass end to end on two of its scripts: each run in fresh processes
+    # plainly and under the runner, outputs compared (exit status 1 on a mismatch).
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.first_pass', '--quick', '--cases',
+         'fresh rows: sess.run,array rows: LSTM', '--out', str(tmp_path)],
+        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / 'first_pass.md').read_text()
+    assert '| fresh rows: sess.run | 100 |' in text and '| array rows: LSTM | 50 |' in text
+    assert 'outputs differ' not in text
+    saved = json.loads((tmp_path / 'first_pass.json').read_text())
+    assert [r['mismatches'] for r in saved['results']] == [0, 0]
