@@ -37,8 +37,10 @@ without it, the same Python runs them):
 
 * Whether results are read before the next call: a returned plain array is handed back as
   a view of itself of an ndarray subclass that records its first use (numpy functions,
-  ufuncs, methods, conversions, iteration, printing, pickling; shape, dtype, len and basic
-  slicing are not uses, as a deferred result answers them without running). Values,
+  ufuncs, methods, conversions, iteration, printing, pickling, indexing and slicing;
+  shape, dtype and len are not uses, as a deferred result answers them without running).
+  ``np.asarray(y)`` of the result itself is not seen (numpy makes the plain array without
+  a call the subclass sees); of a view it cannot happen, as taking the view is a use. Values,
   dtype, shape and memory are the array's own; anything computed from it is a plain
   ndarray; it pickles as a plain ndarray; only ``type(y) is np.ndarray`` is false (as for
   deferred results). Not done where deferral is on. "Batch size it would reach": calls
@@ -1051,16 +1053,12 @@ class Watched(np.ndarray):
         return getattr(_ndarray.view(self, _ndarray), name)
 
     def __getitem__(self, key):
-        plain = _ndarray.view(self, _ndarray)
-        if _basic(key):
-            value = plain[key]
-            if type(value) is _ndarray:
-                rec = _ndarray.__getattribute__(self, '__dict__').get('_kfp_use')
-                return _watch(value, rec) if rec is not None else value
-            _mark(self)
-            return value
+        # Any item or view is a use. A view could be watched too, but not its reads:
+        # np.asarray(view) (Keras' own text generator does it) makes a plain array of an
+        # ndarray subclass without a call the subclass sees, and deferral would run there.
+        # So `y[0]` counts as read: the report may miss advice, never give wrong advice.
         _mark(self)
-        return plain[key]
+        return _ndarray.view(self, _ndarray)[key]
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         inputs = tuple(_plain_of(v) for v in inputs)

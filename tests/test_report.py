@@ -386,8 +386,9 @@ def test_watched_results_behave_as_plain_arrays(models):
                   y.reshape(-1), pickle.loads(pickle.dumps(y)), np.asarray(y)):
         assert type(value) is np.ndarray
     fresh = model.predict(X[2:4])[1]
-    assert type(fresh[0]) is not np.ndarray and isinstance(fresh[0], np.ndarray)  # watched
-    assert type(fresh + 0) is np.ndarray and type(fresh[0]) is np.ndarray  # used: plain
+    assert type(fresh) is not np.ndarray and isinstance(fresh, np.ndarray)      # watched
+    assert type(fresh[0]) is np.ndarray             # an item or view is a use: plain
+    assert_same(fresh[0], unpatched_predict(model, X[2:4])[1][0])
     assert float(y[0, 0]) == float(expected[0][0, 0])
     assert repr(y) == repr(expected[0]) and str(y) == str(expected[0])
     np.testing.assert_array_equal(np.array([y, y]), np.array([expected[0]] * 2))
@@ -812,3 +813,56 @@ def test_calls_from_a_thread_with_no_python_frame(models):
     assert len(got) == 2, 'a call raised (or hung) in the frameless thread'
     for g in got:
         assert_same(np.asarray(g), expected[0])
+
+
+def _sample(preds):
+    # Keras' examples/lstm_text_generation.py: the row is read through np.asarray, which
+    # an ndarray subclass cannot see.
+    preds = np.asarray(preds).astype('float64')
+    return int(np.argmax(np.log(preds + 1e-9)))
+
+
+@pytest.mark.parametrize('read', ['sample', 'argmax of [0]'])
+def test_advice_for_a_result_indexed_then_read_at_once(models, read):
+    """Issue 21: the char-RNN generator's shape, `preds = model.predict(x)[0]` then a
+    read of `preds` before the next call. The report advised @fast_predict ("results
+    are not read before the next call"); following it would batch nothing. A view of a
+    watched result counts as a use now: no deferral advice. Results as plain Keras."""
+    model = models['dense']
+    x0 = inputs_for('dense', 1)
+
+    def generate(predict, x, n):
+        picked = []
+        for _ in range(n):
+            preds = predict(x)[0]
+            k = _sample(preds) if read == 'sample' else int(np.argmax(preds))
+            picked.append(k)
+            x = np.roll(x, k, axis=1)
+        return picked
+    expected = generate(lambda x: unpatched_predict(model, x), x0, 40)
+    kfp.patch(report=True)
+    assert generate(model.predict, x0, 40) == expected
+    s = sites(function='generate')[0]
+    assert s['calls'] == 40
+    assert 'fast_predict' not in kinds(s) and 'batching' not in kinds(s), s['advice']
+    assert kinds(s) == ['used_at_once'], s['advice']
+
+
+def test_advice_collect_loop_of_indexed_results_is_not_given(models):
+    """`out.append(model.predict(x)[0])` reads nothing before the loop ends, but a view's
+    reads cannot be watched (np.asarray of it, above): the report stays silent rather than
+    risk advice that would batch nothing. Results as plain Keras."""
+    model = models['dense']
+    X = inputs_for('dense', 30)
+    rows = [np.array(X[i:i + 1]) for i in range(30)]
+
+    def score(rows):
+        out = []
+        for r in rows:
+            out.append(model.predict(r)[0])
+        return out
+    kfp.patch(report=True)
+    got = score(rows)
+    assert_same(np.array(got), unpatched_predict(model, X))
+    s = sites(function='score')[0]
+    assert 'fast_predict' not in kinds(s), s['advice']
