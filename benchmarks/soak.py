@@ -12,7 +12,13 @@ result differs from plain Keras.
 model's output on fresh rows and walking an array, ``K.function`` per row, and
 ``sess.run`` of a hidden layer with the learning phase fed 0 (a plain cached callable).
 
-    .venv/bin/python benchmarks/soak.py [--calls 1000000] [--rss-tolerance-mb 50] [--mode tf1]
+``--mode decoder`` soaks a recurrent decoder (issue 21): a seq2seq decoder's inference
+loop, LSTM(128) one step per call, its token and states fed back, so that its inference
+graph is built, checked and used along the way. Its one-time ops are counted after the
+warm-up (then no op may be added).
+
+    .venv/bin/python benchmarks/soak.py [--calls 1000000] [--rss-tolerance-mb 50]
+        [--mode tf1|decoder]
 """
 import argparse
 import gc
@@ -28,6 +34,7 @@ warnings.filterwarnings('ignore')
 import numpy as np  # noqa: E402
 
 MODES = ('fast', 'readahead', 'batching', 'threads')
+DECODER_MODES = ('decoder',)
 TF1_MODES = ('sess_run', 'sess_run_rows', 'k_function', 'sess_run_layer')
 OFF_ENGINE = ('sess_run_layer',)    # served by a cached callable, not the model's engine
 THREADS = 4
@@ -49,7 +56,7 @@ class Soak(object):
         self.x = x
         self.expected = expected
         self.chunk = chunk            # calls per mode per round
-        self.calls = {mode: 0 for mode in MODES + TF1_MODES}
+        self.calls = {mode: 0 for mode in MODES + TF1_MODES + DECODER_MODES}
         self.modes = MODES
         self.mismatches = 0
         self._pos = 0
@@ -170,9 +177,48 @@ class Soak(object):
         self._pos += n
         self.calls['sess_run_layer'] += n
 
+    def decoder(self, n):
+        # One step per call, the sampled token and the states fed back (Keras blog's loop).
+        model, state = self.model, self._start      # each round decodes from the start
+        for i in range(n):
+            token, h, c = state
+            odds, h, c = model.predict([token, h, c])
+            if i == 0 and self._expected_first is not None and not all(
+                    within(a, e) for a, e in zip((odds, h, c), self._expected_first)):
+                self.mismatches += 1
+            token = np.zeros((1, 1, 40), 'float32')
+            token[0, 0, int(odds[0, 0].argmax())] = 1
+            state = (token, h, c)
+        self.calls['decoder'] += n
+
     def round(self, n):
         for mode in self.modes:
             getattr(self, mode)(n)
+
+
+def within(actual, expected):
+    from keras_fastpredict.engine.verification import within_tolerance
+    return within_tolerance(np.asarray(actual), expected)
+
+
+def _decoder_soak(graph, session, chunk):
+    """The seq2seq decoder of benchmarks/models.py, its plain first step, and its soak."""
+    import keras_fastpredict as kfp
+    try:
+        from . import models as bench_models
+    except ImportError:                 # run as a script: benchmarks/ is sys.path[0]
+        import models as bench_models
+    model = bench_models._seq2seq_decoder()
+    token = np.zeros((1, 1, 40), 'float32')
+    token[0, 0, 0] = 1
+    state = (token, np.zeros((1, 128), 'float32'), np.zeros((1, 128), 'float32'))
+    expected = model.predict(list(state))         # plain Keras, before patching
+    kfp.patch()
+    soak = Soak(model, graph, session, None, None, chunk)
+    soak.modes = DECODER_MODES
+    soak._start = state
+    soak._expected_first = expected
+    return model, soak
 
 
 def main(argv=None):
@@ -187,7 +233,7 @@ def main(argv=None):
     parser.add_argument('--features', type=int, default=16)
     parser.add_argument('--report-every', type=float, default=2.0,
                         help='seconds between progress lines (default 2)')
-    parser.add_argument('--mode', choices=('predict', 'tf1'), default='predict',
+    parser.add_argument('--mode', choices=('predict', 'tf1', 'decoder'), default='predict',
                         help='predict (default): predict\'s ways in; tf1: Session.run and '
                              'K.function')
     args = parser.parse_args(argv)
@@ -201,13 +247,17 @@ def main(argv=None):
     graph = tf.Graph()
     session = tf.compat.v1.Session(graph=graph)
     with graph.as_default(), session.as_default():
-        inp = layers.Input((args.features,))
-        hidden = layers.Dense(32, activation='relu')(inp)
-        model = Model(inp, layers.Dense(4)(hidden), name='soak_dense')
-        x = np.random.RandomState(0).rand(512, args.features).astype('float32')
-        expected = model.predict(x)          # plain Keras, before patching
-        kfp.patch()
-        soak = Soak(model, graph, session, x, expected, args.chunk)
+        if args.mode == 'decoder':
+            model, soak = _decoder_soak(graph, session, args.chunk)
+            x = None
+        else:
+            inp = layers.Input((args.features,))
+            hidden = layers.Dense(32, activation='relu')(inp)
+            model = Model(inp, layers.Dense(4)(hidden), name='soak_dense')
+            x = np.random.RandomState(0).rand(512, args.features).astype('float32')
+            expected = model.predict(x)          # plain Keras, before patching
+            kfp.patch()
+            soak = Soak(model, graph, session, x, expected, args.chunk)
         if args.mode == 'tf1':
             from keras import backend as K
             soak.modes = TF1_MODES
@@ -230,7 +280,12 @@ def main(argv=None):
             if rss_warm is None and done >= warm:
                 gc.collect()
                 rss_warm = rss_mb()
-                print('soak: after warm-up (%d calls): RSS %.1f MB' % (done, rss_warm))
+                if args.mode == 'decoder':        # its inference graph was built by now
+                    from keras_fastpredict.engine import compiled
+                    compiled._join_makers()
+                    ops_start = len(graph.get_operations())
+                print('soak: after warm-up (%d calls): RSS %.1f MB, %d ops'
+                      % (done, rss_warm, ops_start))
                 chunk = args.chunk
             n = max(THREADS, min(chunk, (args.calls - done) // len(soak.modes)))
             n -= n % THREADS
@@ -272,6 +327,8 @@ def main(argv=None):
     # The first call of each Session.run / K.function signature is the original's.
     on_engine = done - sum(soak.calls[m] for m in OFF_ENGINE) - (
         4 if args.mode == 'tf1' else 0)
+    if args.mode == 'decoder':
+        print('soak: inference graph: %s' % stats.get('inference_graph'))
     if stats['fast_calls'] < on_engine:
         failures.append('only %d of %d calls took the fast path' % (stats['fast_calls'], done))
     soak._function = None       # Keras' callable freed while TensorFlow is whole
