@@ -21,6 +21,7 @@ import time
 import weakref
 
 from .engine import merge as engine
+from .engine import warmup
 from .config import settings
 
 _all = weakref.WeakSet()
@@ -73,6 +74,8 @@ class Batcher(object):
         return self._enqueue(entry, arrays, rows)
 
     def _enqueue(self, entry, arrays, rows):
+        if not warmup.done.is_set():
+            warmup.start()      # merged runs of several rows need TF's multi-row kernels
         req = engine.Request(entry, arrays, rows)
         # A held lock as the "done" signal: cheaper than an Event; the worker releases it.
         req.event = threading.Lock()

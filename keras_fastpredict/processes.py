@@ -246,13 +246,7 @@ def totals(records):
 
 def _note_session(wrapped, instance, args, kwargs):
     state.session_created = True
-    result = wrapped(*args, **kwargs)
-    patching = sys.modules.get('keras_fastpredict.patching')
-    if patching is not None and patching.is_patched():
-        # While the script still builds its model, not inside its loop (engine.warmup).
-        from .engine import warmup
-        warmup.start()
-    return result
+    return wrapped(*args, **kwargs)
 
 
 def _watch_sessions(module):

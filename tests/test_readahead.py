@@ -257,3 +257,45 @@ def test_rows_loaded_one_by_one_keep_no_window():
         assert_same(g, e)
     assert readahead._windows() == {}
     assert kfp.stats(model)['fast_calls'] == 30
+
+
+WARMUP_SCRIPT = '''
+import sys
+import numpy as np
+import keras_fastpredict as kfp
+from keras_fastpredict.engine import warmup
+from keras import layers, models
+model = models.Sequential([layers.Dense(8, input_shape=(4,)), layers.Dense(2)])
+X = np.random.RandomState(0).rand(300, 4).astype('float32')
+plain = model.predict(X)
+kfp.patch()
+fresh = [model.predict(np.expand_dims(np.array(x), 0)) for x in X[:100]]
+print('AFTER_FRESH', warmup._started)
+walked = [model.predict(X[i:i + 1]) for i in range(300)]
+assert warmup.done.wait(60)
+walked += [model.predict(X[i:i + 1]) for i in range(300)]
+print('AFTER_WALK', warmup._started, kfp.stats(model)['readahead_windows'] > 0)
+np.save(sys.argv[1], np.concatenate(fresh + walked))
+np.save(sys.argv[2], plain)
+'''
+
+
+def test_kernels_are_made_only_for_a_loop_that_batches(tmp_path):
+    """In a fresh process: a loop of rows loaded one by one (never several rows in a run)
+    never starts engine.warmup; a loop walking an array starts it, is served row by row
+    until it is done, then read ahead. Results as plain Keras in the same process."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / 'warm.py'
+    script.write_text(WARMUP_SCRIPT)
+    got, plain = tmp_path / 'got.npy', tmp_path / 'plain.npy'
+    out = subprocess.run([sys.executable, str(script), str(got), str(plain)],
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'AFTER_FRESH False' in out.stdout and 'AFTER_WALK True True' in out.stdout
+    plain = np.load(str(plain))
+    expected = np.concatenate([plain[:100], plain, plain])
+    assert_same(np.load(str(got)), expected)

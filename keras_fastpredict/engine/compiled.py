@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import counters as _stats
 from ..config import settings
-from . import batch_safety, inference_graph, verification, warmup
+from . import batch_safety, inference_graph, verification
 
 build_lock = threading.RLock()    # also guards Keras' lazy predict-function build (keras#6124)
 _entries = {}          # id(model) -> CompiledModel
@@ -127,7 +127,6 @@ class CompiledModel(object):
         self._pool = None
         from tensorflow.python import pywrap_tensorflow
         self._run_callable = pywrap_tensorflow.TF_SessionRunCallable
-        warmup.start()
         # One-time work in progress: a bound method every run goes through (the inference
         # graph waiting to pay for itself, or under check), else None.
         self._pending = None

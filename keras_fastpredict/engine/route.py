@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import concurrent_batcher
 from ..config import settings
-from . import deferred, readahead, verification
+from . import deferred, readahead, verification, warmup
 
 _ndarray = np.ndarray
 
@@ -81,6 +81,8 @@ def serve(entry, x, arrays, rows, batch_size):
             if outs is not None:
                 return outs
         if scope is not None and rows < scope.max_batch_size and scope.wants(entry):
+            if not warmup.done.is_set():
+                warmup.start()      # TF's multi-row kernels, made while calls queue up
             return scope.defer(entry, arrays, rows)
         batch_size = batch_size or (rows if batch_size == 0 else None)
         if settings.concurrent:

@@ -1,10 +1,12 @@
 """TensorFlow's first matrix product of more than one row in a process generates its CPU
 kernels (MKL-DNN's JIT GEMM: 25-40 ms on this machine, once per process). A plain
 one-row loop never pays it; read-ahead, deferral and merged calls run several rows, and
-would pay it inside the loop. It is paid once, on a thread of its own, as soon as the
-first model gets the fast path (a session exists by then, so no fork is made unsafe).
-The product runs on a private graph and session through TensorFlow's own calls, never
-through the patched entry points (which would settle the user's pending work)."""
+would pay it inside the loop. It is paid once, on a thread of its own, when the engine
+first wants several rows in one run (a session exists by then, so no fork is made
+unsafe): read-ahead serves rows alone until it is done; a deferred or merged batch that
+comes first waits for it. A loop that never batches never pays it. The product runs on
+a private graph and session through TensorFlow's own calls, never through the patched
+entry points (which would settle the user's pending work)."""
 import threading
 
 _started = False
