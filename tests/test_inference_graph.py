@@ -215,7 +215,8 @@ def test_a_model_built_in_another_thread_meanwhile_keeps_its_learning_phase():
         original = lstm.call
 
         def call(*args, **kwargs):
-            if not seen and lstm.unroll:        # inside the inference graph's build
+            inside = graph.get_name_scope().startswith(inference_graph._SCOPE)
+            if not seen and inside:             # inside the inference graph's build
                 def other():
                     try:
                         seen['other'] = build_dropout_model(graph)
@@ -268,6 +269,7 @@ def test_once_paid_for_it_is_used_only_if_faster(monkeypatch, slower):
     rows = [np.array(r[None]) for r in rand(12, 7, 4)]
     expected = [unpatched_predict(model, r) for r in rows]
     monkeypatch.setitem(inference_graph._cost, 'seconds_per_op', 0.0)
+    monkeypatch.setattr(compiled, '_other_threads', lambda: [])   # (pytest-xdist's own)
     kfp.patch()
     got = [model.predict(rows[0]), model.predict(rows[1])]    # due, then built
     entry = keras_adapter.lookup(model)
@@ -294,3 +296,67 @@ def test_once_paid_for_it_is_used_only_if_faster(monkeypatch, slower):
     else:
         assert entry.inference_graph.startswith(
             "not used: no faster than the model's own graph"), entry.inference_graph
+
+
+@pytest.mark.auto_policy
+def test_not_built_in_the_middle_of_a_loop_while_other_threads_run(monkeypatch):
+    """TF 1.15 keeps one control-flow context per graph: ops built while another thread
+    builds a while loop land in each other's loops (a reviewer's repro: the other thread's
+    models then failed with 'has inputs from different frames'). Plain Keras builds
+    nothing mid-loop, so when the inference graph falls due while other Python threads
+    run, it is not built; the loop stays on the model's own graph, results as plain."""
+    import threading
+    model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    graph = model.outputs[0].graph
+    rows = [np.array(r[None]) for r in rand(12, 7, 4)]
+    expected = [unpatched_predict(model, r) for r in rows]
+    ops = len(graph.get_operations())
+    monkeypatch.setitem(inference_graph._cost, 'seconds_per_op', 0.0)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name='user-thread')
+    other.start()
+    try:
+        kfp.patch()
+        got = [model.predict(r) for r in rows]
+    finally:
+        stop.set()
+        other.join()
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    entry = keras_adapter.lookup(model)
+    assert entry.inference_graph.startswith('not used: other threads were running'), \
+        entry.inference_graph
+    assert 'user-thread' in entry.inference_graph
+    assert entry.unroll_ready is False
+    assert len(graph.get_operations()) == ops
+
+
+def test_other_threads_never_see_the_layers_unrolled():
+    """The layers unroll in the building thread only: another thread reading the model
+    while its inference graph is built sees the layer's own settings (`unroll` was once
+    set on the shared layer objects for the build). Results as plain."""
+    import threading
+    from keras_fastpredict.engine import step_copies
+    model = keras.models.Sequential([L.LSTM(5, input_shape=(6, 3)), L.Dense(2)])
+    x = rand(1, 6, 3)
+    expected = unpatched_predict(model, x)
+    seen = []
+    copy = step_copies._Template.copy
+
+    def copying(self, flat):
+        if not seen:                    # inside the build: look from another thread
+            t = threading.Thread(target=lambda: seen.append(
+                (model.layers[0].unroll, '"unroll": true' in model.to_json())))
+            t.start()
+            t.join()
+        return copy(self, flat)
+    step_copies._Template.copy = copying
+    try:
+        kfp.patch()
+        got = model.predict(x)
+    finally:
+        step_copies._Template.copy = copy
+    assert_same(got, expected)
+    assert keras_adapter.lookup(model).inference_graph in ('checking', 'used', 'building') \
+        or keras_adapter.lookup(model).inference_graph.startswith('used')
+    assert seen == [(False, False)]

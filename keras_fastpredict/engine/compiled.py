@@ -170,10 +170,19 @@ class CompiledModel(object):
     def build_inference_graph(self):
         """Build the inference graph now (the caller's thread, at the top of a call)."""
         with build_lock:
-            if self._pending != self._rent:
+            self.unroll_ready = False     # (a thread still in _rent may set it again:
+            if self._pending != self._rent:   # it is cleared here for good)
                 return
             self._pending = None
-            self.unroll_ready = False
+            others = _other_threads()
+            if others:
+                # TF 1.15 keeps one control-flow context per graph, not per thread: ops
+                # built now could land inside another thread's while loop, and its inside
+                # ours. Plain Keras builds nothing in the middle of a loop: neither do we.
+                self.inference_graph = ('not used: other threads were running when it was '
+                                        'due (%s); building it then could break their '
+                                        'graph building' % ', '.join(others[:3]))
+                return
             model = self.model_ref()
             if model is not None:
                 self._prepare_candidate(model, self._io[0], beside=True)
@@ -456,6 +465,13 @@ class CompiledModel(object):
             return False
         self.signatures.add(key)
         return True
+
+
+def _other_threads():
+    """Names of the live Python threads other than this one and the engine's own."""
+    me = threading.current_thread()
+    return [t.name for t in threading.enumerate()
+            if t is not me and not t.name.startswith('keras_fastpredict-') and t.is_alive()]
 
 
 def _keras_assembled(parts, spans, rows):

@@ -181,7 +181,7 @@ def _build(model, feeds, max_steps, adapter):
     found, reason = unrollable(model, max_steps, adapter)
     if found is None:
         return Built(reason=reason)
-    rnns, layers, _ = found
+    layers = found[1]
     import time
     import tensorflow as tf
     start = time.perf_counter()
@@ -197,17 +197,15 @@ def _build(model, feeds, max_steps, adapter):
         phases = module._GRAPH_LEARNING_PHASES
         # in_train_phase picks the inference branch: the phase reads 0 in this thread only
         view = module._GRAPH_LEARNING_PHASES = _InferencePhase(phases, graph)
-        for layer in rnns:
-            layer.unroll = True
         try:
+            # The recurrent layers unroll in this thread only (step_copies): their own
+            # `unroll` stays as it is for every other thread (and for to_json()).
             with step_copies.copying_steps(adapter.K, graph):
                 outputs = model(inputs if len(inputs) > 1 else inputs[0])
         except Exception as exc:       # a layer that cannot be applied again: don't use it
             return Built(reason='could not apply the layers again: %s'
                          % str(exc).split('\n')[0])
         finally:
-            for layer in rnns:
-                layer.unroll = False
             if module._GRAPH_LEARNING_PHASES is view:    # (not rebound by clear_session)
                 module._GRAPH_LEARNING_PHASES = phases
             for key, layer in layers.items():     # in case a layer registered one anyway

@@ -110,7 +110,8 @@ class _Step(object):
 @contextlib.contextmanager
 def copying_steps(backend, graph):
     """Within the block, recurrent layers applied by this thread through ``backend.rnn``
-    copy their step's ops instead of running their step function per time step."""
+    are unrolled, and copy their step's ops instead of running their step function per
+    time step. Other threads' calls are left as they are."""
     from tensorflow.python import pywrap_tensorflow as c_api
     from tensorflow.python.framework import c_api_util
     original, original_new = backend.rnn, c_api_util.new_tf_operations
@@ -119,6 +120,10 @@ def copying_steps(backend, graph):
 
     def rnn(step_function, *args, **kwargs):
         if threading.get_ident() == thread:
+            # A recurrent layer's loop, unrolled (TimeDistributed's own loop over time
+            # is left as its layer asks).
+            if not getattr(step_function, '__qualname__', '').startswith('TimeDistributed.'):
+                kwargs['unroll'] = True
             step_function = _Step(step_function)
         return original(step_function, *args, **kwargs)
 
