@@ -15,6 +15,17 @@ def rand(*shape, seed=0):
     return np.random.RandomState(seed).rand(*shape).astype('float32')
 
 
+def built_at_first_call_against_plain(model, rows):
+    """Each row predicted plainly, then patched with the inference graph built at the
+    first call; results compared; the graph must be in use."""
+    expected = [unpatched_predict(model, r) for r in rows]
+    kfp.patch(inference_graph=True)
+    got = [model.predict(r) for r in rows]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert keras_adapter.lookup(model).inference_graph.startswith('used')
+
+
 @pytest.mark.parametrize('layer', [
     lambda: L.LSTM(8, input_shape=(9, 3)),
     lambda: L.GRU(5, return_sequences=True, go_backwards=True, input_shape=(9, 3)),
@@ -35,12 +46,7 @@ def test_copies_equal_plain_keras_and_one_template_per_layer(monkeypatch, layer)
     monkeypatch.setattr(step_copies._Template, 'copy', copied)
     model = keras.models.Sequential([layer(), L.Dense(2)])
     rows = [rand(1, 9, 3, seed=i) for i in range(8)] + [rand(16, 9, 3, seed=9)]
-    expected = [unpatched_predict(model, r) for r in rows]
-    kfp.patch(inference_graph=True)
-    got = [model.predict(r) for r in rows]
-    for g, e in zip(got, expected):
-        assert_same(g, e)
-    assert keras_adapter.lookup(model).inference_graph.startswith('used')
+    built_at_first_call_against_plain(model, rows)
     rnns = 2 if isinstance(model.layers[0], L.Bidirectional) else 1
     assert len(templates) == rnns
     assert len(copies) == 9 * rnns          # every time step of every layer a copy
@@ -52,10 +58,4 @@ def test_a_step_that_cannot_be_copied_runs_keras_own(monkeypatch):
         raise ValueError('cannot copy')
     monkeypatch.setattr(step_copies._Template, 'copy', broken)
     model = keras.models.Sequential([L.LSTM(4, input_shape=(6, 3)), L.Dense(2)])
-    rows = [rand(1, 6, 3, seed=i) for i in range(6)]
-    expected = [unpatched_predict(model, r) for r in rows]
-    kfp.patch(inference_graph=True)
-    got = [model.predict(r) for r in rows]
-    for g, e in zip(got, expected):
-        assert_same(g, e)
-    assert keras_adapter.lookup(model).inference_graph.startswith('used')
+    built_at_first_call_against_plain(model, [rand(1, 6, 3, seed=i) for i in range(6)])
