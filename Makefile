@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: venv demo test bench bench-full soak upstream-test clean
+.PHONY: venv demo test bench first-pass bench-full soak upstream-test clean
 
 venv:
 	@bash tools/bootstrap.sh
@@ -20,6 +20,10 @@ test: venv
 
 bench: venv
 	$(PY) -m benchmarks
+
+# Each legacy script run once in a fresh process, plain and under the runner.
+first-pass: venv
+	$(PY) -m benchmarks.first_pass
 
 soak: venv
 	$(PY) benchmarks/soak.py
