@@ -30,21 +30,21 @@ def test_deferred_value_behaves_as_ndarray(models):
         row = y[0]
         assert type(row) is DeferredArray and row.shape == (10,)
         assert loop_stats(model)['batches'] == 0
-        np.testing.assert_allclose(row, expected[0], rtol=1e-5)     # reading runs the batch
+        np.testing.assert_allclose(row, expected[0], rtol=1e-5, atol=1e-6)  # reading runs it
         assert loop_stats(model)['batches'] == 1
-        np.testing.assert_allclose(y * 2 + 1, expected * 2 + 1, rtol=1e-5)
-        np.testing.assert_allclose(1 - y, 1 - expected, rtol=1e-5)
+        np.testing.assert_allclose(y * 2 + 1, expected * 2 + 1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(1 - y, 1 - expected, rtol=1e-5, atol=1e-6)
         assert float(y[0, 3]) == pytest.approx(float(expected[0, 3]), rel=1e-5)
         assert np.argmax(y) == np.argmax(expected)
         assert str(y) == str(np.asarray(y)) and repr(y) == repr(np.asarray(y))
         assert (y > 0).all()
         restored = pickle.loads(pickle.dumps(y))
         assert type(restored) is np.ndarray
-        np.testing.assert_allclose(restored, expected, rtol=1e-5)
+        np.testing.assert_allclose(restored, expected, rtol=1e-5, atol=1e-6)
         assert type(copy.deepcopy(y)) is np.ndarray
         z = model.predict(x[1:2])
         z += 1                                              # in place, as on an ndarray
-        np.testing.assert_allclose(z, unpatched_predict(model, x[1:2]) + 1, rtol=1e-5)
+        np.testing.assert_allclose(z, unpatched_predict(model, x[1:2]) + 1, rtol=1e-5, atol=1e-6)
 
 
 def test_concatenate_many_deferred(models):

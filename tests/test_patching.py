@@ -84,7 +84,7 @@ TF_KERAS_SCRIPT = textwrap.dedent('''
     original = Model.predict.__wrapped__
     keras_fastpredict.unpatch()
     assert Model.predict is original
-    np.testing.assert_allclose(y, m.predict(x), rtol=1e-5)
+    np.testing.assert_allclose(y, m.predict(x), rtol=1e-5, atol=1e-6)
     print('ok')
 ''')
 
@@ -107,7 +107,7 @@ def test_patch_before_keras_is_imported(which):
         original = Model.predict.__wrapped__
         keras_fastpredict.unpatch()
         assert Model.predict is original
-        np.testing.assert_allclose(y, m.predict(x), rtol=1e-5)
+        np.testing.assert_allclose(y, m.predict(x), rtol=1e-5, atol=1e-6)
         print('ok')
     ''') if which == 'keras' else TF_KERAS_SCRIPT
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT)
