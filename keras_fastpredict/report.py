@@ -35,15 +35,15 @@ the usual path: the steps inlined at the top of each recorder's ``rest``, looked
 extension ``_steady`` runs these steps in C and leaves every other call to ``rest``;
 without it, the same Python runs them):
 
-* Whether results are read before the next call: a returned plain array is handed back in
-  deferral's own proxy (``DeferredArray`` around a ``_WatchedValue``), which records its
-  first use: whatever a deferred result would run on (numpy functions and
-  ``np.asarray``, ufuncs, methods, conversions, iteration, printing, pickling); shape,
-  dtype, len and basic indexing are not uses (a deferred result answers them without
-  running; ``y[0]`` is a watched part). Values are the array's own; anything computed
-  from it is a plain ndarray; it pickles as a plain ndarray; only
-  ``type(y) is np.ndarray`` is false (as for deferred results). Not done where deferral
-  is on. "Batch size it would reach": calls
+* Whether results are read before the next call: a returned plain array is handed back as
+  a view of itself of an ndarray subclass that records its first use (numpy functions,
+  ufuncs, methods, conversions, iteration, printing, pickling, indexing and slicing;
+  shape, dtype and len are not uses, as a deferred result answers them without running).
+  ``np.asarray(y)`` of the result itself is not seen (numpy makes the plain array without
+  a call the subclass sees); of a view it cannot happen, as taking the view is a use. Values,
+  dtype, shape and memory are the array's own; anything computed from it is a plain
+  ndarray; it pickles as a plain ndarray; only ``type(y) is np.ndarray`` is false (as for
+  deferred results). Not done where deferral is on. "Batch size it would reach": calls
   made between a result and the first use that would have flushed it.
 * Which function spans consecutive calls (the one ``@fast_predict`` would batch): frames
   of the previous sampled call are held until the next one; the innermost frame present
@@ -66,7 +66,6 @@ import numpy as np
 
 from . import counters as _stats
 from .config import settings
-from .engine import deferred
 from .engine.deferred import map_nested
 
 try:                        # the usual call in C, where the extension is built
@@ -1041,49 +1040,95 @@ def _fresh(site, f, x):
         g = g.f_back
 
 
-class _WatchedValue(deferred._Pending):
-    """What a watched result's proxy wraps: the computed array, answering exactly what a
-    deferred result answers without running (dtype, shape, len, basic indexing, which
-    gives a watched part) and recording the first use of anything else. The proxy is
-    deferral's own (``DeferredArray``), so the watch sees every use deferral would run
-    on, ``np.asarray(y)`` and ``np.asarray(y[0])`` included (numpy reads the proxy's
-    ``__array_struct__``; an ndarray subclass would have been read unseen)."""
-    __slots__ = ('_kfp_array', '_kfp_rec')
+class Watched(np.ndarray):
+    """A result being watched for its first use (see the module docs)."""
 
-    def __init__(self, array, rec):
-        self._kfp_array = array
-        self._kfp_rec = rec
-        self._kfp_shape = array.shape
-        self._kfp_dtype = array.dtype
-        self._kfp_keys = ()
+    def __array_finalize__(self, obj):
+        pass
 
-    def _kfp_value(self):
-        rec = self._kfp_rec
-        if rec is not None:
-            self._kfp_rec = None
-            if rec.epoch != -1:
-                _used(rec)
-        return self._kfp_array
+    def __getattribute__(self, name):
+        if name in _QUIET:
+            return _ndarray.__getattribute__(self, name)
+        _mark(self)
+        return getattr(_ndarray.view(self, _ndarray), name)
 
     def __getitem__(self, key):
-        rec = self._kfp_rec
-        if rec is not None and deferred._simple_key(key):
-            part = self._kfp_array[key]
-            if type(part) is _ndarray and part.shape:      # not a use, as for deferral
-                return Watched(_WatchedValue(part, rec))
-        return self._kfp_value()[key]
+        # Any item or view is a use. A view could be watched too, but not its reads:
+        # np.asarray(view) (Keras' own text generator does it) makes a plain array of an
+        # ndarray subclass without a call the subclass sees, and deferral would run there.
+        # So `y[0]` counts as read: the report may miss advice, never give wrong advice.
+        _mark(self)
+        return _ndarray.view(self, _ndarray)[key]
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        inputs = tuple(_plain_of(v) for v in inputs)
+        out = kwargs.get('out')
+        if out:
+            kwargs['out'] = tuple(_plain_of(v) for v in out)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return func(*_plain_deep(args), **_plain_deep(kwargs))
+
+    def __array__(self, dtype=None):
+        _mark(self)
+        plain = _ndarray.view(self, _ndarray)
+        return plain if dtype is None else plain.astype(dtype, copy=False)
+
+    def __array_wrap__(self, array, context=None):
+        return _ndarray.view(array, _ndarray)
+
+    def __reduce__(self):
+        _mark(self)
+        return _ndarray.view(self, _ndarray).__reduce__()
+
+    def __reduce_ex__(self, protocol):
+        _mark(self)
+        return _ndarray.view(self, _ndarray).__reduce_ex__(protocol)
 
 
-Watched = deferred.DeferredArray       # the type of a watched result
+Watched.__name__ = Watched.__qualname__ = 'ndarray'
+_QUIET = frozenset(('shape', 'dtype', 'ndim', 'size', 'itemsize', '__dict__', '__class__',
+                    '__array_finalize__', '__array_priority__', '__array_ufunc__',
+                    '__array_function__', '__array_wrap__', '__array__', '__len__',
+                    '__getitem__', 'base', 'view'))
+
+
+def _forward(name):
+    def method(self, *args):
+        _mark(self)
+        return getattr(_ndarray.view(self, _ndarray), name)(*args)
+    method.__name__ = name
+    return method
+
+
+for _name in ('float int index complex bool iter repr str format contains setitem '
+              'delitem copy deepcopy').split():
+    setattr(Watched, '__%s__' % _name, _forward('__%s__' % _name))
+
+
+def _basic(key):
+    if type(key) is tuple:
+        return all(type(k) in (int, slice) or k is None or k is Ellipsis for k in key)
+    return type(key) in (int, slice)
+
+
+def _mark(w):
+    rec = _ndarray.__getattribute__(w, '__dict__').pop('_kfp_use', None)
+    if rec is not None and rec.epoch != -1:
+        _used(rec)
 
 
 def _watch(array, rec):
-    return Watched(_WatchedValue(array, rec))
+    w = _ndarray.view(array, Watched)
+    w._kfp_use = rec
+    return w
 
 
 def _plain_of(v):
     if type(v) is Watched:
-        return deferred.resolve(v)      # (a watched result's first use, if it is one)
+        _mark(v)
+        return _ndarray.view(v, _ndarray)
     return v
 
 

@@ -82,7 +82,7 @@ def resolve(value):
     """The real ndarray behind ``value`` (running its batch if need be)."""
     if type(value) is DeferredArray:
         inner = value.__wrapped__
-        if type(inner) is _Pending or isinstance(inner, _Pending):  # (the report's watch)
+        if type(inner) is _Pending:
             return inner._kfp_value()
         return inner
     return value
