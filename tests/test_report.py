@@ -866,3 +866,24 @@ def test_advice_collect_loop_of_indexed_results_is_not_given(models):
     assert_same(np.array(got), unpatched_predict(model, X))
     s = sites(function='score')[0]
     assert 'fast_predict' not in kinds(s), s['advice']
+
+
+@pytest.mark.xfail(strict=True, reason='known limit (README): np.asarray of a whole watched '
+                   'result is unseen by an ndarray subclass, so such a loop is advised '
+                   'deferral that would batch nothing')
+def test_advice_for_results_read_only_through_np_asarray(models):
+    model = models['dense']
+    x0 = inputs_for('dense', 1)
+
+    def generate(predict, x, n):
+        picked = []
+        for _ in range(n):
+            k = int(np.asarray(predict(x)).argmax())
+            picked.append(k)
+            x = np.roll(x, k, axis=1)
+        return picked
+    expected = generate(lambda x: unpatched_predict(model, x), x0, 40)
+    kfp.patch(report=True)
+    assert generate(model.predict, x0, 40) == expected
+    s = sites(function='generate')[0]
+    assert kinds(s) == ['used_at_once'], s['advice']
