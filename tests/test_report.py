@@ -822,7 +822,10 @@ def _sample(preds):
     return int(np.argmax(np.log(preds + 1e-9)))
 
 
-@pytest.mark.parametrize('read', ['sample', 'argmax of [0]'])
+@pytest.mark.parametrize('read', ['sample', 'argmax of [0]', pytest.param(
+    'np.asarray', marks=pytest.mark.xfail(strict=True, reason=(
+        'known limit (README): np.asarray of a whole watched result is unseen by an '
+        'ndarray subclass, so such a loop is advised deferral that would batch nothing')))])
 def test_advice_for_a_result_indexed_then_read_at_once(models, read):
     """Issue 21: the char-RNN generator's shape, `preds = model.predict(x)[0]` then a
     read of `preds` before the next call. The report advised @fast_predict ("results
@@ -834,8 +837,11 @@ def test_advice_for_a_result_indexed_then_read_at_once(models, read):
     def generate(predict, x, n):
         picked = []
         for _ in range(n):
-            preds = predict(x)[0]
-            k = _sample(preds) if read == 'sample' else int(np.argmax(preds))
+            if read == 'np.asarray':
+                k = int(np.asarray(predict(x)).argmax())
+            else:
+                preds = predict(x)[0]
+                k = _sample(preds) if read == 'sample' else int(np.argmax(preds))
             picked.append(k)
             x = np.roll(x, k, axis=1)
         return picked
@@ -866,24 +872,3 @@ def test_advice_collect_loop_of_indexed_results_is_not_given(models):
     assert_same(np.array(got), unpatched_predict(model, X))
     s = sites(function='score')[0]
     assert 'fast_predict' not in kinds(s), s['advice']
-
-
-@pytest.mark.xfail(strict=True, reason='known limit (README): np.asarray of a whole watched '
-                   'result is unseen by an ndarray subclass, so such a loop is advised '
-                   'deferral that would batch nothing')
-def test_advice_for_results_read_only_through_np_asarray(models):
-    model = models['dense']
-    x0 = inputs_for('dense', 1)
-
-    def generate(predict, x, n):
-        picked = []
-        for _ in range(n):
-            k = int(np.asarray(predict(x)).argmax())
-            picked.append(k)
-            x = np.roll(x, k, axis=1)
-        return picked
-    expected = generate(lambda x: unpatched_predict(model, x), x0, 40)
-    kfp.patch(report=True)
-    assert generate(model.predict, x0, 40) == expected
-    s = sites(function='generate')[0]
-    assert kinds(s) == ['used_at_once'], s['advice']
