@@ -74,8 +74,7 @@ class Batcher(object):
         return self._enqueue(entry, arrays, rows)
 
     def _enqueue(self, entry, arrays, rows):
-        if not warmup.done.is_set():
-            warmup.start()      # merged runs of several rows need TF's multi-row kernels
+        warmup.start()          # merged runs of several rows need TF's multi-row kernels
         req = engine.Request(entry, arrays, rows)
         # A held lock as the "done" signal: cheaper than an Event; the worker releases it.
         req.event = threading.Lock()

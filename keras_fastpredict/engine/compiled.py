@@ -112,7 +112,8 @@ class CompiledModel(object):
         self.warned = False        # told the user once that this model is not batched
         self.excluded = id(model) in _excluded
         self.batcher = None        # the concurrent batcher, made on first use
-        self._pool_choice = {}     # log2(rows) -> [inline s, fastest inline s, pool runs], then bool
+        # log2(rows) -> [inline s in all, fastest inline s, [pool s], runs tried], then bool
+        self._pool_choice = {}
         # The fastest session run timed so far (of any size): a model that ran that fast
         # once is too quick to gain from queueing concurrent calls.
         self.fastest_run_s = float('inf')

@@ -13,9 +13,9 @@ using it.
 """
 import collections.abc
 import threading
+import weakref
 
 from . import step_copies
-import weakref
 
 _lock = threading.Lock()
 # Per model, for the model's life: (inputs, outputs, ops added) or a reason, and whether

@@ -154,9 +154,9 @@ def _rows_ahead(x, base, ptr, step, size):
 
 def _open(entry, w, xs, bases, ptrs, size):
     """Predict ``size`` rows from ``xs`` on, each input stepping through its array."""
-    if not warmup.done.is_set():
-        warmup.start()      # a run of several rows would wait for TF's kernels: made on
-        return None         # a thread of their own, rows served alone meanwhile
+    if not warmup.ready():
+        return None         # a run of several rows would wait for TF's kernels: they are
+                            # made on a thread of their own, rows served alone meanwhile
     # Memory is bounded in bytes, not rows: a wide decoder's rows are large.
     size = min(size, settings.readahead_bytes // entry.row_bytes)
     views = [_rows_ahead(x, b, p, s, size) for x, b, p, s in zip(xs, bases, ptrs, w.steps)]

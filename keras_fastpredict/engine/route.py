@@ -81,8 +81,7 @@ def serve(entry, x, arrays, rows, batch_size):
             if outs is not None:
                 return outs
         if scope is not None and rows < scope.max_batch_size and scope.wants(entry):
-            if not warmup.done.is_set():
-                warmup.start()      # TF's multi-row kernels, made while calls queue up
+            warmup.start()          # TF's multi-row kernels, made while calls queue up
             return scope.defer(entry, arrays, rows)
         batch_size = batch_size or (rows if batch_size == 0 else None)
         if settings.concurrent:

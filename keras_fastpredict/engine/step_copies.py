@@ -34,7 +34,6 @@ class _Template(object):
             output, new_states = step(self.placeholders[0], type(states)(self.placeholders[1:]))
         ops = [graph._nodes_by_id[i] for i in range(first + 1, graph._last_id + 1)
                if i in graph._nodes_by_id]
-        self.ops = len(ops)
         outs = [output] + list(new_states)
         if not all(isinstance(t, tf.Tensor) for t in outs):
             raise TypeError('not a flat list of tensors')

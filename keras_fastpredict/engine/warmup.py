@@ -14,6 +14,14 @@ _lock = threading.Lock()
 done = threading.Event()
 
 
+def ready():
+    """Whether the kernels are made; starts making them if nobody has yet."""
+    if done.is_set():
+        return True
+    start()
+    return False
+
+
 def start():
     global _started
     if _started:
