@@ -537,6 +537,11 @@ _makers = set()        # threads making an inference graph's callable
 _makers_lock = threading.Lock()
 
 
+def making():
+    """Whether an inference graph's callable is being made on another thread now."""
+    return bool(_makers)
+
+
 def _join_makers(timeout=10.0):
     # At exit, not while TensorFlow is torn down around a callable being made.
     with _makers_lock:
