@@ -18,7 +18,7 @@ from .adapters import keras_function, session_run
 from .adapters import tf_keras as tf_keras_adapter
 from .config import settings
 from . import report as _report         # the call-site report (only when on)
-from .engine import compiled, hooks, readahead
+from .engine import compiled, deferred, hooks, readahead
 
 # (module, class.attribute, wrapper(wrapped, instance, args, kwargs)): each adapter's
 # entry points, then TensorFlow's, before which pending work is settled.
@@ -27,6 +27,10 @@ ENTRY_POINTS = keras_adapter.adapter.entry_points() + tf_keras_adapter.adapter.e
     # What Session.make_callable's functions run (they may assign variables too).
     ('tensorflow.python.client.session', 'BaseSession._call_tf_sessionrun',
      hooks.before_graph_use),
+    # Shuffling a deferred result in place (numpy's module-level function; the same
+    # object under both names).
+    ('numpy.random', 'shuffle', deferred.resolving_first_argument),
+    ('numpy.random.mtrand', 'shuffle', deferred.resolving_first_argument),
 )
 
 _lock = threading.RLock()
