@@ -249,3 +249,30 @@ def test_scenarios_match_plain_keras_in_fresh_processes():
         lines[mode] = [ln for ln in done.stdout.splitlines() if ln.strip()]
     assert len(lines['plain']) == 10
     assert lines['patched'] == lines['plain']
+
+
+def _pool_made(monkeypatch, min_run_s):
+    """Whether 60 fresh one-row calls of a model made TF's inter-op pool callable, with
+    its runs counted past the rent (make_s 0) and the pool's threshold at ``min_run_s``;
+    each result as plain Keras'."""
+    monkeypatch.setattr(compiled, 'POOL_MIN_RUN_S', min_run_s)
+    model = small_model()
+    x = np.random.RandomState(0).rand(60, 4).astype('float32')
+    expected = [unpatched_predict(model, x[i:i + 1]) for i in range(60)]
+    with kfp.patched():
+        model.predict(x[:1].copy())
+        entry = compiled.get(model)
+        entry.make_s = 0.0
+        for i in range(60):
+            assert_same(model.predict(x[i:i + 1].copy()), expected[i])
+        return entry._pool is not None, kfp.stats(model)['one_time_ms']
+
+
+def test_runs_too_fast_to_gain_from_the_pool_do_not_make_its_callable(monkeypatch):
+    made, one_time = _pool_made(monkeypatch, float('inf'))
+    assert not made and 'pool callable' not in one_time
+
+
+def test_slower_runs_try_the_pool(monkeypatch):
+    made, one_time = _pool_made(monkeypatch, 0.0)
+    assert made and 'pool callable' in one_time
