@@ -40,7 +40,7 @@ MSG
 fi
 
 stamp="$VENV/.installed"
-want="$(cat setup.cfg setup.py constraints.txt keras_fastpredict/_steady.c | cksum) $EXTRAS"
+want="$(cat setup.cfg setup.py constraints.txt keras_fastpredict/report/_steady.c | cksum) $EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade 'pip<24' 'setuptools<68' wheel
     "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]"
