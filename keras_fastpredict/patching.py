@@ -14,7 +14,7 @@ import wrapt
 
 from . import concurrent_batcher
 from .adapters import keras as keras_adapter
-from .adapters import keras_function, session_run
+from .adapters import keras_function, model_path, session_run
 from .adapters import tf_keras as tf_keras_adapter
 from .config import settings
 from . import report as _report         # the call-site report (only when on)
@@ -45,7 +45,7 @@ def _ours(owner, name, current):
     return current is not None and _installed.get((id(owner), name)) is current
 
 
-def _owner(module, path):
+def owner_of(module, path):
     owner = module
     parts = path.split('.')
     for part in parts[:-1]:
@@ -54,7 +54,7 @@ def _owner(module, path):
 
 
 def _apply(module, path, wrapper):
-    owner, name = _owner(module, path)
+    owner, name = owner_of(module, path)
     current = owner.__dict__.get(name)
     if current is None or _ours(owner, name, current):
         return
@@ -77,7 +77,7 @@ def replace(owner, name, wrapper):
 
 
 def _remove(module, path):
-    owner, name = _owner(module, path)
+    owner, name = owner_of(module, path)
     current = owner.__dict__.get(name)
     if _ours(owner, name, current):
         setattr(owner, name, current.__wrapped__)
@@ -93,7 +93,7 @@ def _on_import(module):
             if name == module.__name__:
                 _apply(module, path, wrapper)
         if module.__name__ == 'keras.engine.network':
-            keras_function.noting.complete = True     # no model was made before
+            model_path.noting.complete = True     # no model was made before
 
 
 def is_patched():
@@ -144,7 +144,7 @@ def unpatch():
             if module is not None:
                 _remove(module, path)
         _active = False
-        keras_function.noting.complete = False      # models made meanwhile go unnoted
+        model_path.noting.complete = False      # models made meanwhile go unnoted
         _report.stop_announcing()
     concurrent_batcher.stop_all()
     readahead.forget()

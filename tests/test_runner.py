@@ -213,8 +213,8 @@ def test_under_the_runner_every_model_is_noted_and_sess_run_finds_it_unscanned(t
     script.write_text(textwrap.dedent('''
         import numpy as np
         from keras import backend as K, layers, models
-        from keras_fastpredict.adapters import keras_function
-        keras_function._scan = lambda: 1 / 0          # a scan would raise
+        from keras_fastpredict.adapters import model_path
+        model_path._scan = lambda: 1 / 0          # a scan would raise
         model = models.Sequential([layers.Dense(4, input_shape=(3,))])
         model.set_weights([np.arange(12.).reshape(3, 4) / 10, np.ones(4)])
         sess = K.get_session()
@@ -222,7 +222,7 @@ def test_under_the_runner_every_model_is_noted_and_sess_run_finds_it_unscanned(t
         got = np.concatenate([sess.run(model.output, {model.input: x[i:i + 1].copy()})
                               for i in range(20)])
         import keras_fastpredict
-        print('NOTED', keras_function.noting.complete,
+        print('NOTED', model_path.noting.complete,
               keras_fastpredict.stats(model)['fast_calls'] >= 19)
         np.save(%r, got)
     ''' % str(tmp_path / 'got.npy')))

@@ -22,6 +22,7 @@ from . import batch_safety, inference_graph, verification
 
 build_lock = threading.RLock()    # also guards Keras' lazy predict-function build (keras#6124)
 _entries = {}          # id(model) -> CompiledModel
+by_model_id = _entries  # (the adapters read it without a lock, per call)
 _excluded = set()      # id(model) of models the user excluded from batching
 _CALIBRATION_RUNS = 3
 _CHECKS = 3            # timed equal runs before the inference graph is used
@@ -51,7 +52,7 @@ class CompiledModel(object):
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
         # How the adapter's predict loop puts runs together (Keras 2.2.5's by default).
-        self._assemble = getattr(adapter, 'assemble', _keras_assembled)
+        self._assemble = getattr(adapter, 'assemble', keras_assembled)
         self.session = session
         self.graph = session.graph
         self.function = model.predict_function
@@ -475,7 +476,7 @@ def _other_threads():
             if t is not me and not t.name.startswith('keras_fastpredict-') and t.is_alive()]
 
 
-def _keras_assembled(parts, spans, rows):
+def keras_assembled(parts, spans, rows):
     """Outputs put together as Keras' predict loop does: zeros of the first run's row
     shape, each run assigned to its rows (so outputs whose row count is not the input's
     broadcast, or raise, exactly as in plain Keras)."""

@@ -461,7 +461,7 @@ def settle_session(session):
             _retired.append([p for part in retired for p in part])
 
 
-hooks._flush_all = flush_all
+hooks.flush_all = flush_all
 
 
 def implicit_scope():

@@ -115,7 +115,7 @@ def recorder(wrapper, table, by_lasti, entry_name):
     # once its sample is taken and where that frame is the user's own. Its usual call: one
     # lookup, two identity checks, a small list for announce, the clock; announce checks
     # the state and the input's rows and reads one counter.
-    perf, in_flight = _perf, _in_flight    # (a closure: see predict_calls' rest)
+    in_flight = _in_flight      # (a closure: see predict_calls' rest)
 
     def rest(f, wrapped, instance, args, kwargs):
         """A call from frame ``f`` (the C recorder's calls other than its usual one)."""
@@ -128,16 +128,9 @@ def recorder(wrapper, table, by_lasti, entry_name):
         if steady is not None and code is f.f_code and instance_ref() is instance:
             if sites.sampling_count:    # (some site's results may be watched: fed back here)
                 args, kwargs = watch.unwatch_feeds(args, kwargs)
-            call = in_flight.current = [steady, -1, f, None]
-            t0 = perf()
-            try:
-                out = wrapper(wrapped, instance, args, kwargs)
-            except BaseException:
-                in_flight.current = None
-                _steady_error(call, perf() - t0)
-                raise
-            elapsed = perf() - t0
-            in_flight.current = None
+            call = [steady, -1, f, None]
+            out, elapsed = _timed(call, None, _steady_error, wrapper, wrapped, instance,
+                                  args, kwargs)
             fc = call[1]
             if fc >= 0:
                 acc[0] += elapsed
@@ -154,17 +147,9 @@ def recorder(wrapper, table, by_lasti, entry_name):
                 return wrapper(wrapped, instance, args, kwargs)
         if sites.sampling_count:        # (only sampled calls give watched results)
             args, kwargs = watch.unwatch_feeds(args, kwargs)
-        previous = in_flight.current
-        call = in_flight.current = [user, table, entry_name, instance, None, 0, None]
-        t0 = perf()
-        try:
-            out = wrapper(wrapped, instance, args, kwargs)
-        except BaseException:
-            in_flight.current = previous
-            _announced_error(call, perf() - t0)
-            raise
-        elapsed = perf() - t0
-        in_flight.current = previous
+        call = [user, table, entry_name, instance, None, 0, None]
+        out, elapsed = _timed(call, in_flight.current, _announced_error, wrapper, wrapped,
+                              instance, args, kwargs)
         out = _announced_after(call, out, elapsed, wrapped, instance, args, kwargs)
         if user is f:
             _steady_at(by_lasti, f, call[_SITE], table, entry_name)
@@ -185,6 +170,22 @@ def recorder(wrapper, table, by_lasti, entry_name):
         return calls.AnnouncedRecorder(by_lasti, wrapper, rest, calls.through, watch.Watched,
                                        None, sites.passed_on, _steady_error, unsteady)
     return calls.in_python(wrapper, rest)
+
+
+def _timed(call, previous, on_error, wrapper, wrapped, instance, args, kwargs):
+    """The call, with ``call`` this thread's call in flight (for announce), then
+    ``previous`` again; and its time. An error goes to ``on_error``."""
+    _in_flight.current = call
+    t0 = _perf()
+    try:
+        out = wrapper(wrapped, instance, args, kwargs)
+    except BaseException:
+        _in_flight.current = previous
+        on_error(call, _perf() - t0)
+        raise
+    elapsed = _perf() - t0
+    _in_flight.current = previous
+    return out, elapsed
 
 
 def _announced_after(call, out, elapsed, wrapped, instance, args, kwargs):

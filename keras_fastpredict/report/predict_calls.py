@@ -21,7 +21,7 @@ def recorder(wrapper, table, by_line, entry_name):
     # rows, one counter read before and after, the clock. (Names used per call are bound
     # in this closure: a cell is read faster than a global or a builtin, and default
     # arguments would take a function call off CPython's fast path.)
-    perf, ndarray, type_, len_ = _perf, _ndarray, type, len
+    ndarray, type_, len_ = _ndarray, type, len
 
     def rest(f, wrapped, instance, args, kwargs):
         """A call from frame ``f`` (the C recorder's calls other than its usual one)."""
@@ -34,19 +34,11 @@ def recorder(wrapper, table, by_line, entry_name):
             if code is f.f_code and ref() is instance:
                 x = args[0] if args else None
                 if type_(x) is ndarray and x.ndim and len_(x) == rows:
-                    # _record's steps, inlined for the usual call.
+                    # _record's steps, fewer, for the usual call.
                     if s.report_owner is not site:
                         sites.take(s, site)
                     fc = s.fast_calls
-                    t0 = perf()
-                    try:
-                        out = wrapper(wrapped, instance, args, kwargs)
-                    except BaseException:
-                        acc[0] += perf() - t0
-                        sites.error(site, s)
-                        raise
-                    elapsed = perf() - t0
-                    acc[0] += elapsed
+                    out, elapsed = timed(wrapper, wrapped, instance, args, kwargs, site, s)
                     if s.fast_calls != fc:
                         acc[1] += 1
                     else:
@@ -80,6 +72,20 @@ def hot_tuple(site, counters):
             site.plain_rows, counters, site.acc, site)
 
 
+def timed(wrapper, wrapped, instance, args, kwargs, site, s):
+    """The call and its time, added to the site's; an error counted as the site's."""
+    t0 = _perf()
+    try:
+        out = wrapper(wrapped, instance, args, kwargs)
+    except BaseException:
+        site.acc[0] += _perf() - t0
+        sites.error(site, s)
+        raise
+    elapsed = _perf() - t0
+    site.acc[0] += elapsed
+    return out, elapsed
+
+
 def _record(site, f, wrapper, wrapped, instance, args, kwargs):
     """A call, every part of it looked at (a site's first calls, other input shapes)."""
     x = args[0] if args else kwargs.get('x')
@@ -94,13 +100,5 @@ def _record(site, f, wrapper, wrapped, instance, args, kwargs):
     if s.report_owner is not site:
         sites.take(s, site)
     fc = s.fast_calls
-    t0 = _perf()
-    try:
-        out = wrapper(wrapped, instance, args, kwargs)
-    except BaseException:
-        site.time_s += _perf() - t0
-        sites.error(site, s)
-        raise
-    elapsed = _perf() - t0
-    site.time_s += elapsed
+    out, elapsed = timed(wrapper, wrapped, instance, args, kwargs, site, s)
     return calls.after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs)
