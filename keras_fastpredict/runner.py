@@ -42,13 +42,13 @@ def _parser():
     p.add_argument('--stats', action='store_true',
                    help='print what was sped up, batched or left to Keras when the script ends')
     p.add_argument('--defer', action='store_true',
-                   help='return deferred results and run calls in batches (see README)')
+                   help='return deferred results and run calls in batches (docs/how-it-works.md)')
     p.add_argument('--no-readahead', action='store_true',
                    help='do not predict rows ahead when a loop walks an array')
     p.add_argument('--no-concurrent', action='store_true',
                    help='do not merge calls made from several threads at once')
     p.add_argument('--stats-json', metavar='FILE',
-                   help='write the call-site report (README: schema) as JSON at exit; '
+                   help='write the call-site report (docs/report.md: schema) as JSON at exit; '
                         "child processes write FILE named by their pid")
     p.add_argument('--max-batch-size', type=int)
     p.add_argument('--verify', choices=['auto', 'true', 'false'])

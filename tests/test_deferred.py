@@ -643,7 +643,7 @@ def test_shuffle_of_a_deferred_result_permutes_its_rows_as_plain():
     assert np.random.shuffle is _SHUFFLE and np.random.mtrand.shuffle is _SHUFFLE
 
 
-@pytest.mark.xfail(strict=True, reason='known limit (README): a RandomState or Generator '
+@pytest.mark.xfail(strict=True, reason='known limit (docs/limits.md): a RandomState or Generator '
                    'instance\'s shuffle cannot be wrapped (a C type); it duplicates rows')
 def test_shuffle_by_a_random_state_of_a_deferred_result():
     model = keras.models.Sequential([layers.Dense(3, input_shape=(4,))])

@@ -149,7 +149,7 @@ def _sample(preds):
 
 @pytest.mark.parametrize('read', ['sample', 'argmax of [0]', pytest.param(
     'np.asarray', marks=pytest.mark.xfail(strict=True, reason=(
-        'known limit (README): np.asarray of a whole watched result is unseen by an '
+        'known limit (docs/limits.md): np.asarray of a whole watched result is unseen by an '
         'ndarray subclass, so such a loop is advised deferral that would batch nothing')))])
 def test_advice_for_a_result_indexed_then_read_at_once(models, read):
     """Issue 21: the char-RNN generator's shape, `preds = model.predict(x)[0]` then a

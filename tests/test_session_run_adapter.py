@@ -284,7 +284,7 @@ def test_session_of_a_model_loop_freed_as_plain(tmp_path):
     # The cache on the session held the model's entry, which holds the session: a cycle
     # that one collection did not free. The graph waits for one more collection: the
     # engine's entry for the model holds it until the model's finalizer drops the entry
-    # (README, known limits). In fresh processes: K.clear_session() resets the process.
+    # (docs/limits.md). In fresh processes: K.clear_session() resets the process.
     script = tmp_path / 'freed.py'
     script.write_text(_FREED_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -40,7 +40,7 @@ def site_dict(site):
 
 def report():
     """The call-site report of this process: a dict (``sites`` sorted by time spent), the
-    data of the table and the JSON file (schema in the README)."""
+    data of the table and the JSON file (schema in docs/report.md)."""
     found = sites.all_sites()
     for site in found:
         site.held = {}                   # frames held for the span check: let them go
