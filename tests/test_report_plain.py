@@ -11,7 +11,7 @@ import pytest
 
 import keras_fastpredict as kfp
 from conftest import assert_same, inputs_for, unpatched_predict
-from keras_fastpredict.report import plain
+from keras_fastpredict.report import plain, sites as S
 from report_support import kinds, line, site_at, recorder  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,3 +117,63 @@ def test_runs_with_the_learning_phase_fed_1_are_not_run_again(tmp_path):
                            stdout=subprocess.PIPE, check=True).stdout.decode()
             for mode in ('plain', 'report')]
     assert outs[0].count('[') == 2 and outs[1] == outs[0]
+
+
+# Found by review (calls that waited for our one-time work).
+
+def _site_object(lineno):
+    found = [s for s in S.all_sites() if s.line == lineno and s.file == __file__]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_site_whose_sample_ended_while_plain_waited_takes_the_usual_path(models,
+                                                                         monkeypatch):
+    """Our one-time work may outlast a fast model's sample (128 calls of 15 us while an
+    inference graph's callable is made): plain is timed once it is over, and the site's
+    later calls must still take the usual path (predict_calls' hot tuple), as any
+    other served loop's do (test_every_loop_kind_ends_its_sample)."""
+    model = models['dense']
+    n = S.SAMPLE_CALLS + 100
+    X = inputs_for('dense', n)
+    busy = [True]
+    monkeypatch.setattr(plain, '_busy', lambda: busy[0])
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(n)]
+    kfp.patch(report=True)
+    for i in range(n):
+        if i == S.SAMPLE_CALLS + 10:
+            busy[0] = False             # our one-time work is over
+        y = model.predict(np.array(X[i:i + 1])); here = line()  # noqa: E702
+        assert_same(y, expected[i])
+    s = _site_object(here)
+    assert not s.sampling and s.calls == n
+    assert site_at(here)['plain_estimate'] == 'measured'
+    assert s.hot >= n - (S.SAMPLE_CALLS + 10) - 2, s.hot
+
+
+def test_calls_that_waited_count_at_their_own_row_count_cost(models, monkeypatch):
+    """Calls that waited for our one-time work are counted once plain is timed: at the
+    cost of their own row count, not scaled from another row count's figure (a loop of
+    varying batch sizes: 512-row calls waited, then a one-row call was the first timed).
+    Timings are the stub's, by row count, so the figures are exact."""
+    model = models['dense']
+    X = inputs_for('dense', 512)
+    busy = [True]
+    monkeypatch.setattr(plain, '_busy', lambda: busy[0])
+    cost = {1: 1e-3, 512: 4e-3}         # plain Keras: 1 ms for a row, 4 ms for 512
+
+    def fake_time(wrapped, args, kwargs):
+        return [cost[len(args[0])]] * 3
+    monkeypatch.setattr(plain, '_time', fake_time)
+    sizes = [512] * 5 + [1] * 10 + [512] * 5
+    expected = [unpatched_predict(model, X[:n]) for n in sizes]
+    kfp.patch(report=True)
+    for i, n in enumerate(sizes):
+        if i == 5:
+            busy[0] = False             # our one-time work is over
+        y = model.predict(np.array(X[:n])); here = line()  # noqa: E702
+        assert_same(y, expected[i])
+    s = site_at(here)
+    assert s['plain_estimate'] == 'measured' and s['plain_estimate_calls'] == len(sizes)
+    assert s['rows'] == sum(sizes)
+    assert s['plain_estimate_s'] == pytest.approx(10 * 4e-3 + 10 * 1e-3)

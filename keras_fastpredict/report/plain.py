@@ -45,25 +45,26 @@ def add(site, rows, wrapped, instance, args, kwargs, x):
             site.plain_rows, site.plain_per_call = rows, per_call
         else:
             site.plain_s += per_call
-        if site.waiting:        # calls that waited for our one-time work: counted now
-            _count_waited(site, plain)
+        waited = site.waiting.pop(bucket, None) if site.waiting else None
+        if waited is not None:  # calls that waited for our one-time work: counted now
+            _count_waited(site, plain, rows, waited)
     else:
         site.unmeasured += 1
         site.plain_note = plain
-        if plain is _WAITING:
-            site.waiting += 1
-            site.waited_rows += rows
+        if plain is _WAITING:   # (by row bucket: each is counted at its own bucket's cost)
+            waited = site.waiting.setdefault(bucket, [0, 0])
+            waited[0] += 1
+            waited[1] += rows
 
 
-def _count_waited(site, plain):
-    site.unmeasured -= site.waiting
-    if site.waited_rows == site.waiting * site.plain_rows:     # (the usual: all alike)
-        site.rows -= site.waited_rows
-        site.same_rows += site.waiting
+def _count_waited(site, plain, rows, waited):
+    calls, waited_rows = waited
+    site.unmeasured -= calls
+    if rows == site.plain_rows and waited_rows == calls * rows:    # (the usual: all alike)
+        site.rows -= waited_rows
+        site.same_rows += calls
     else:
-        site.plain_s += (plain[0] * site.waited_rows / plain[1] if plain[1]
-                         else plain[0] * site.waiting)
-    site.waiting = site.waited_rows = 0
+        site.plain_s += (plain[0] * waited_rows / plain[1] if plain[1] else plain[0] * calls)
 
 
 def _head(x, n):
