@@ -41,6 +41,19 @@ _hooks_registered = set()
 _installed = {}             # (id(owner), attribute) -> the wrapper we put there
 
 
+class _Pickled(wrapt.FunctionWrapper):
+    """A wrapper that pickles as the function it wraps (numpy's shuffle: a closure that
+    names it may be sent to another process, where it is the original)."""
+
+    def __reduce_ex__(self, protocol):
+        return self.__wrapped__.__reduce_ex__(protocol)
+
+
+def _wrapper_type(wrapper):
+    return _Pickled if getattr(wrapper, '_kfp_pickled_as_original', False) else \
+        wrapt.FunctionWrapper
+
+
 def _ours(owner, name, current):
     return current is not None and _installed.get((id(owner), name)) is current
 
@@ -60,7 +73,7 @@ def _apply(module, path, wrapper):
         return
     if settings.report:         # off: nothing wrapped, no frame ever looked at
         wrapper = _report.wrap(path, wrapper)
-    patched = _installed[(id(owner), name)] = wrapt.FunctionWrapper(current, wrapper)
+    patched = _installed[(id(owner), name)] = _wrapper_type(wrapper)(current, wrapper)
     setattr(owner, name, patched)
 
 

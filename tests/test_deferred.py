@@ -643,6 +643,25 @@ def test_shuffle_of_a_deferred_result_permutes_its_rows_as_plain():
     assert np.random.shuffle is _SHUFFLE and np.random.mtrand.shuffle is _SHUFFLE
 
 
+def test_numpy_random_shuffle_pickles_while_patched():
+    """numpy.random.shuffle pickles (a bound method of numpy's global RandomState): code
+    that ships it to another process (multiprocessing, a Spark task's closure over a
+    ``from numpy.random import shuffle``) worked plainly; while patched, the patch table's
+    wrapt wrapper raised NotImplementedError('object proxy must define __reduce_ex__()')."""
+    import pickle
+
+    def shuffled_by_copy():
+        np.random.seed(5)
+        fn = pickle.loads(pickle.dumps(np.random.shuffle))
+        a = np.arange(12).reshape(6, 2)
+        fn(a)
+        return a
+    expected = shuffled_by_copy()
+    with kfp.patched():
+        got = shuffled_by_copy()
+    assert np.array_equal(got, expected)
+
+
 @pytest.mark.xfail(strict=True, reason='known limit (docs/limits.md): a RandomState or Generator '
                    'instance\'s shuffle cannot be wrapped (a C type); it duplicates rows')
 def test_shuffle_by_a_random_state_of_a_deferred_result():

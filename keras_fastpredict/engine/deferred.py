@@ -109,6 +109,9 @@ def resolving_first_argument(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
+resolving_first_argument._kfp_pickled_as_original = True
+
+
 def map_nested(obj, leaf):
     """``obj`` with ``leaf`` applied to everything in it that is no list, tuple or dict
     (the containers Keras takes inputs in and functions return results in)."""

@@ -98,7 +98,7 @@ def _announced_site(call, key, state):
 def _steady_at(by_lasti, f, site, table, entry_name):
     """The site served at ``f``'s instruction, once its sample is taken, is the one its
     next calls there are checked against (the layout above)."""
-    if site is not None and not site.sampling:
+    if site is not None and not (site.sampling or site.retime_left):
         by_lasti[f.f_lasti] = (site.code, site.instance_ref, site.plain_rows, site.state,
                                site.acc, site, site.stats, site.path, table, entry_name)
 

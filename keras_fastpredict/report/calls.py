@@ -58,4 +58,6 @@ def after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs
         out = sampling.sample(site, f, out, x, rows, site.readahead != ahead)
         if not site.sampling and rows == site.plain_rows:
             plain.retime(site, rows, wrapped, instance, args, kwargs, x)
+    elif site.retime_left and rows == site.plain_rows:
+        plain.retime(site, rows, wrapped, instance, args, kwargs, x)
     return out

@@ -11,6 +11,8 @@ from . import advice, plain, sites
 def site_dict(site):
     """One site as the report shows it (the JSON schema in docs)."""
     stats = site.stats
+    if site.waiting:
+        plain.count_waiting(site)
     batches = list(site.batches)
     if site.open_watch:
         batches.append(site.calls - site.epoch_start)

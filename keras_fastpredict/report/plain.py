@@ -11,6 +11,7 @@ _ndarray = np.ndarray
 
 PLAIN_MAX_ROWS = 1024
 PLAIN_WAIT_CALLS = 256  # calls a site waits for our one-time work before timing plain anyway
+RETIME_CALLS = 4096     # calls that may then wait for it to end, to time plain again
 _cache = {}                        # (stats, row bucket) -> (seconds, rows) or reason str
 
 PLAIN_METHOD = ('calls left to Keras are their own measure; otherwise the original '
@@ -121,9 +122,11 @@ def _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x):
         except Exception:
             return 'not timed yet: no session'
         graph = entry.graph
-        if _busy() and site.plain_waits < PLAIN_WAIT_CALLS:
-            site.plain_waits += 1
-            return _WAITING
+        if _busy():
+            if site.plain_waits < PLAIN_WAIT_CALLS:
+                site.plain_waits += 1
+                return _WAITING
+            site.retime_left = RETIME_CALLS     # timed anyway: again once our work is over
         n = min(rows, PLAIN_MAX_ROWS)
         if n < rows:
             xs = _head(x, n)
@@ -143,9 +146,11 @@ def _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x):
         if reason is not None:
             _cache[key] = reason
             return reason
-        if _busy() and site.plain_waits < PLAIN_WAIT_CALLS:
-            site.plain_waits += 1
-            return _WAITING
+        if _busy():
+            if site.plain_waits < PLAIN_WAIT_CALLS:
+                site.plain_waits += 1
+                return _WAITING
+            site.retime_left = RETIME_CALLS     # timed anyway: again once our work is over
         n = rows
     try:
         if graph is not None:
@@ -173,13 +178,18 @@ def _busy():
 
 
 def retime(site, rows, wrapped, instance, args, kwargs, x):
-    """Time plain Keras again at the end of the site's sample, when the first calls'
-    one-time work is over, and keep the lower figure: the estimate never claims a gain
-    that a moment of contention made."""
+    """Time plain Keras again at the end of the site's sample, or once our one-time work
+    is over where plain was timed while it ran (``retime_left`` calls at most), and keep
+    the lower figure: the estimate never claims a gain that a moment of contention made."""
     key = (site.stats, rows.bit_length())
     old = _cache.get(key)
-    if type(old) is not tuple or _busy():
+    if type(old) is not tuple:
+        site.retime_left = 0
         return
+    if _busy():
+        site.retime_left = max(0, site.retime_left - 1)
+        return
+    site.retime_left = 0
     new = _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x)
     if type(new) is not tuple:
         _cache[key] = old
@@ -188,6 +198,17 @@ def retime(site, rows, wrapped, instance, args, kwargs, x):
         _cache[key] = new = old
     per_call = new[0] * rows / new[1] if new[1] else new[0]
     site.plain_per_call = min(site.plain_per_call, per_call)
+
+
+def count_waiting(site):
+    """Calls of the site that waited for our one-time work, counted where their row
+    bucket has been timed since (by another site of the same model, say)."""
+    for bucket in list(site.waiting):
+        plain = _cache.get((site.stats, bucket))
+        if type(plain) is tuple:
+            calls, rows = site.waiting.pop(bucket)
+            site.unmeasured -= calls
+            site.plain_s += plain[0] * rows / plain[1] if plain[1] else plain[0] * calls
 
 
 def _time(wrapped, args, kwargs):

@@ -45,14 +45,14 @@ def recorder(wrapper, table, by_line, entry_name):
                         sites.passed_on(site, s, rows, elapsed)
                     return out
                 out = _record(site, f, wrapper, wrapped, instance, args, kwargs)
-                if rows != site.plain_rows and not site.sampling:
+                if rows != site.plain_rows and not (site.sampling or site.retime_left):
                     by_line[f.f_lasti] = hot_tuple(site, s)   # plain timed since: rows known
                 return out
         site, direct = frames.find_site(table, f, instance, entry_name)
         if site is None:                        # inside a recorded call: not again
             return wrapper(wrapped, instance, args, kwargs)
         out = _record(site, f, wrapper, wrapped, instance, args, kwargs)
-        if direct and not site.sampling:
+        if direct and not (site.sampling or site.retime_left):
             by_line[f.f_lasti] = hot_tuple(site, site.stats)
         return out
 

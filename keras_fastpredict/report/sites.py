@@ -30,7 +30,7 @@ class Site(object):
                  'instance_ref', 'model_ref', 'rows', 'same_rows',
                  'acc', 'served', 'readahead', 'deferred', 'merged', 'keras', 'reasons',
                  'plain_s', 'unmeasured', 'plain_note', 'plain_rows', 'plain_per_call',
-                 'plain_waits', 'waiting',
+                 'plain_waits', 'waiting', 'retime_left',
                  'sampling', 'sample_left', 'watch_left', 'watched', 'epoch',
                  'epoch_start', 'open_watch', 'batches', 'span_left', 'held', 'enclosing',
                  'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state')
@@ -57,6 +57,8 @@ class Site(object):
         self.plain_rows = None      # the row count plain_per_call was estimated for
         self.plain_waits = 0        # calls not timed while our one-time work ran
         self.waiting = {}           # of them, not yet counted: row bucket -> [calls, rows]
+        self.retime_left = 0        # calls that may yet time plain again (kept off the
+                                    # usual path meanwhile)
         self.sampling = sampling    # (made under lock)
         self.sample_left = SAMPLE_CALLS
         if sampling:
