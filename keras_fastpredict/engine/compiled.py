@@ -378,6 +378,7 @@ class CompiledModel(object):
             return self._run(arrays, False)
         if times[0] >= 2 * self.make_s and times[1] < POOL_MIN_RUN_S:
             self._pool_choice[bucket] = False       # too fast a run to gain from the pool
+            return self._run(arrays, False)
         use_pool = times[0] >= 2 * self.make_s and times[3] % 2 == 1
         fn = self._pool_callable() if use_pool else self._inline
         start = time.perf_counter()
