@@ -2,6 +2,7 @@
 ``model.predict`` per row in a ``mapPartitions`` function, as such jobs were written.
 
     python examples/spark_scoring.py [--rows N] [--master local[2]] [--out scores.npy]
+    spark-submit --master spark://host:7077 examples/spark_scoring.py ...   # a cluster
     python -m keras_fastpredict examples/spark_scoring.py ...    # executors patched too
     python examples/spark_scoring.py --fast-predict ...           # the one-line decorator
 
@@ -80,11 +81,17 @@ def score(spark, model_path, rows, partitions, fast_predict=False):
     return np.array(scored, dtype='float64'), seconds
 
 
-def session(master='local[2]', app='keras_fastpredict spark example'):
+def session(master=None, app='keras_fastpredict spark example'):
+    """The job's session: on ``master``; without one, on spark-submit's ``--master``
+    when spark-submit started this script, else on ``local[2]``."""
     os.environ.setdefault('PYSPARK_PYTHON', sys.executable)   # executors: this Python
     from pyspark.sql import SparkSession
-    return (SparkSession.builder.master(master).appName(app)
-            .config('spark.ui.enabled', 'false')
+    builder = SparkSession.builder.appName(app)
+    # spark-submit hands the driver its conf (--master, --conf) through the gateway it
+    # started (PYSPARK_GATEWAY_PORT): a master set here would override its --master.
+    if master or 'PYSPARK_GATEWAY_PORT' not in os.environ:
+        builder = builder.master(master or 'local[2]')
+    return (builder.config('spark.ui.enabled', 'false')
             .config('spark.sql.shuffle.partitions', '4')
             .getOrCreate())
 
@@ -93,7 +100,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--rows', type=int, default=40000)
     parser.add_argument('--partitions', type=int, default=4)
-    parser.add_argument('--master', default='local[2]')
+    parser.add_argument('--master', help="default: spark-submit's --master, else local[2]")
     parser.add_argument('--model', help='a saved .h5 model (default: made by the driver)')
     parser.add_argument('--out', help='write the (id, score) rows here (.npy)')
     parser.add_argument('--fast-predict', action='store_true',
