@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: venv demo test bench first-pass bench-full soak upstream-test clean
+.PHONY: venv demo test bench first-pass bench-full soak upstream-test cluster-demo clean
 
 venv:
 	@bash tools/bootstrap.sh
@@ -24,6 +24,11 @@ bench: venv
 # Each legacy script run once in a fresh process, plain and under the runner.
 first-pass: venv
 	$(PY) -m benchmarks.first_pass
+
+# The Spark scoring job on a standalone cluster started here (a master, two workers), plain
+# and with the executors patched: times, ratios, the executors' reports; then it is stopped.
+cluster-demo: venv
+	$(PY) -m benchmarks.cluster_demo
 
 soak: venv
 	$(PY) benchmarks/soak.py

@@ -29,6 +29,7 @@ from benchmarks.spark_cluster import StandaloneCluster
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EXAMPLE = os.path.join(ROOT, 'examples', 'spark_scoring.py')
+PHASES = os.path.join(HERE, 'spark_phases.py')
 # Jobs start once both executors are up: the first job is the same for every run.
 JOB_CONF = {'spark.scheduler.minRegisteredResourcesRatio': '1.0'}
 
@@ -86,6 +87,9 @@ def main(argv=None):
     parser.add_argument('--partitions', type=int, default=4)
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--quick', action='store_true', help='2,000 rows, one round')
+    parser.add_argument('--phases', action='store_true',
+                        help='then where the tasks\' time goes (benchmarks/spark_phases.py), '
+                             'plain and patched')
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.rounds = 2000, 1
@@ -162,6 +166,20 @@ def main(argv=None):
             print('%s, last table per Python worker:' % os.path.relpath(log, cluster.folder))
             for block in last_tables(log).values():
                 print('\n'.join('  ' + line for line in block))
+        if args.phases:
+            print('\nwhere the time goes (benchmarks/spark_phases.py: the same loop, timed '
+                  'in phases inside each task):')
+            for variant in ('plain', 'patched'):
+                conf = dict(JOB_CONF)
+                if variant == 'patched':
+                    os.makedirs(os.path.join(work, 'reports-phases'))
+                    conf.update(patched_conf(os.path.join(work, 'reports-phases')))
+                done = cluster.submit(PHASES, ['--model', model, '--rows', args.rows,
+                                               '--partitions', args.partitions],
+                                      conf=conf).check()
+                for line in done.stdout.splitlines():
+                    if line.startswith('job '):
+                        print('  %-8s %s' % (variant, line))
     finally:
         left = cluster.stop()
         survivors = cluster.survivors()

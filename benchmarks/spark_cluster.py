@@ -204,7 +204,7 @@ class StandaloneCluster(object):
 
     def stop(self, timeout=20, keep_folder=False):
         """End everything the cluster started; returns the pids that outlived the daemons
-        and had to be killed one by one (an empty list when Spark cleaned up)."""
+        by 5 s and had to be killed one by one (an empty list when Spark cleaned up)."""
         # Workers first (each ends its executors, each executor its Python workers),
         # then the master.
         for _, proc, _ in reversed(self._daemons):
@@ -222,6 +222,10 @@ class StandaloneCluster(object):
                 pass
             proc.wait()
         self._daemons = []
+        # An executor's Python workers end when their executor is gone, a moment later.
+        deadline = time.monotonic() + 5
+        while self.survivors() and time.monotonic() < deadline:
+            time.sleep(0.1)
         left = self.survivors()
         for pid in left:
             try:
