@@ -13,10 +13,11 @@ demo: venv
 	$(PY) examples/legacy_loop.py
 
 # The test command (CI runs exactly this): Keras' and keras-rl's own suites plainly, patched
-# and deferred, then ours.
+# and deferred, then ours (tests marked with one xdist_group share a worker: the Spark
+# cluster's tests, one cluster).
 test: venv
 	bash tools/upstream_tests.sh
-	$(PY) -m pytest -q -n 2 --timeout 600 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --timeout 600 tests
 
 bench: venv
 	$(PY) -m benchmarks

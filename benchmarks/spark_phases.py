@@ -12,6 +12,7 @@ rows included, as the example reads them), and the rest of the task as the drive
 per job: the job's time, then the sums over its tasks of each phase.
 """
 import argparse
+import collections
 import os
 import sys
 import time
@@ -62,9 +63,10 @@ def main(argv=None):
             # Tasks run on two executors at once: the sums are task-seconds, not the
             # job's wall time; per row is the loop's time over the rows it read.
             print('job %d: %.2f s; over %d tasks: import keras %.2f s, load_model %.2f s, '
-                  'row loop %.2f s (%.0f us a row), inside tasks %.2f s; workers %s'
+                  'row loop %.2f s (%.0f us a row), inside tasks %.2f s; tasks per worker %s'
                   % (job, seconds, len(tasks), imports, loads, loops, 1e6 * loops / rows,
-                     inside, sorted({t[0] for t in tasks})), flush=True)
+                     inside, sorted(collections.Counter(t[0] for t in tasks).values())),
+                  flush=True)
     finally:
         spark.stop()
     return 0

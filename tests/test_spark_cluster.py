@@ -11,6 +11,8 @@ pyspark comes with the project's ``spark`` extra and Java is on CI: a missing on
 these tests, it does not skip them.
 """
 import os
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -25,7 +27,8 @@ ROWS, PARTITIONS = 400, 2
 JOB_CONF = {'spark.scheduler.minRegisteredResourcesRatio': '1.0'}   # both executors up
 SUBMIT_TIMEOUT = 150
 
-pytestmark = pytest.mark.timeout(300)
+# One cluster for the module: its tests go to one xdist worker (make test: --dist loadgroup).
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group('spark_cluster')]
 
 
 @pytest.fixture(scope='module')
@@ -42,7 +45,6 @@ def cluster():
 @pytest.fixture(scope='module')
 def model_path(cluster, tmp_path_factory):
     path = str(tmp_path_factory.mktemp('model') / 'model.h5')
-    import subprocess
     subprocess.run([sys.executable, '-c', 'import sys; sys.path.insert(0, "examples"); '
                     'import spark_scoring; spark_scoring.make_model(sys.argv[1])', path],
                    cwd=ROOT, env=cluster.env(), check=True, timeout=120,
@@ -81,6 +83,9 @@ def assert_fast_in_reports(folder, cluster, app_id):
     total = processes.totals(records)
     assert total['calls'] == total['fast_calls'] == ROWS, total
     assert total['fallbacks'] == 0 and total['batches'] == 0, total
+    # What the driver (or python -m keras_fastpredict.spark reports DIR) prints of them.
+    assert ('%d predicted, %d calls, %d fast, 0 fallbacks' % (len(records), ROWS, ROWS)
+            in spark.summary(str(folder)))
     # Each reporting Python worker also wrote its table into its executor's stderr log,
     # the one Spark's UI shows.
     text = '\n'.join(logs_text(cluster, app_id))
@@ -93,7 +98,7 @@ def test_plain_job_is_plain(cluster, plain):
     assert scores.shape == (ROWS, 2)
     assert (scores[:, 0] == np.arange(ROWS)).all()
     for text in logs_text(cluster, done.app_id):     # the cluster patches nothing itself
-        assert 'keras_fastpredict' not in text
+        assert not re.search(r'keras_fastpredict( \[pid \d+\])?: ', text), text[-3000:]
 
 
 def test_executors_patched_by_submit_flags(cluster, model_path, plain, tmp_path):
@@ -131,3 +136,47 @@ def test_cluster_deploy_mode_is_refused_for_python_apps(cluster, model_path, tmp
     assert done.returncode != 0
     assert ('Cluster deploy mode is currently not supported for python applications on '
             'standalone clusters') in done.stderr, done.stderr[-2000:]
+
+
+# --- keras_fastpredict.spark without a cluster: what configure() sets -------------------
+
+def test_conf_options_from_the_environment_and_arguments(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.startswith('KERAS_FASTPREDICT_'):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv('KERAS_FASTPREDICT_DEFER', '1')
+    monkeypatch.setenv('KERAS_FASTPREDICT_STATS_DIR', str(tmp_path))
+    got = spark.conf(max_batch_size=8)
+    paths = got.pop('spark.executorEnv.PYTHONPATH').split(os.pathsep)
+    assert paths[0] == processes.BOOTSTRAP_DIR
+    assert got == {'spark.executorEnv.KERAS_FASTPREDICT_DEFER': '1',
+                   'spark.executorEnv.KERAS_FASTPREDICT_MAX_BATCH_SIZE': '8',
+                   'spark.executorEnv.KERAS_FASTPREDICT_STATS_DIR': str(tmp_path)}
+    # A packed environment's relative bootstrap folder, as the executors see it.
+    packed = 'env/lib/python3.7/site-packages/keras_fastpredict/bootstrap'
+    got = spark.conf(bootstrap=packed, stats=True, defer=False)
+    assert got['spark.executorEnv.PYTHONPATH'] == packed
+    assert got['spark.executorEnv.KERAS_FASTPREDICT_STATS'] == '1'
+    assert got['spark.executorEnv.KERAS_FASTPREDICT_DEFER'] == '0'
+    with pytest.raises(TypeError, match='bogus'):
+        spark.conf(bogus=1)
+    with pytest.raises(ValueError):
+        spark.conf(verify='sometimes')
+
+
+def test_configure_sets_a_conf_and_a_builder_keeping_their_pythonpath(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith('KERAS_FASTPREDICT_'):
+            monkeypatch.delenv(name)
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+    conf = SparkConf(loadDefaults=False).set('spark.executorEnv.PYTHONPATH', '/opt/libs')
+    assert spark.configure(conf, bootstrap='/b', defer=True) is conf
+    assert conf.get('spark.executorEnv.PYTHONPATH') == os.pathsep.join(['/b', '/opt/libs'])
+    assert conf.get('spark.executorEnv.KERAS_FASTPREDICT_DEFER') == '1'
+    builder = SparkSession.Builder().config('spark.executorEnv.PYTHONPATH', '/opt/libs')
+    assert spark.configure(builder, bootstrap='/b') is builder
+    assert builder._options['spark.executorEnv.PYTHONPATH'] == \
+        os.pathsep.join(['/b', '/opt/libs'])
+    with pytest.raises(TypeError):
+        spark.configure({'spark.master': 'local'})
