@@ -122,7 +122,7 @@ def main(argv=None):
         sys.argv = ['-m'] + args
         sys.path[0] = os.getcwd()
         try:
-            runpy._get_module_details(module, runpy._Error)
+            found = runpy._get_module_details(module, runpy._Error)
         except runpy._Error as e:
             return _fail(e, 1)
     else:
@@ -143,7 +143,11 @@ def main(argv=None):
     runner_pid = os.getpid()
     try:
         if module is not None:
-            runpy.run_module(module, run_name='__main__', alter_sys=True)
+            # What runpy.run_module(alter_sys=True) does, with the module found above: a
+            # second lookup fails for a package that replaces itself in sys.modules by a
+            # module without __spec__, as celery's does (python -m looks up once).
+            _, spec, code = found
+            runpy._run_module_code(code, None, '__main__', spec)
         else:
             runpy.run_path(script, run_name='__main__')
     finally:

@@ -156,6 +156,23 @@ def test_module_sees_what_python_shows_it(tree):
         assert fast.returncode == 3
 
 
+def test_package_that_replaces_its_module_runs_as_python_runs_it(tree):
+    # As celery does (`python -m celery worker`): its __init__ puts another module object,
+    # one without __spec__, in sys.modules; python -m looks the package up only once.
+    pkg = tree / 'work' / 'selfswap'
+    pkg.mkdir()
+    (pkg / '__init__.py').write_text(textwrap.dedent('''
+        import sys, types
+        new = types.ModuleType(__name__)      # its __spec__ is None
+        new.__path__, new.__file__ = __path__, __file__
+        sys.modules[__name__] = new
+    '''))
+    (pkg / '__main__.py').write_text(PROBE)
+    want, got, _, _ = same_as_python(['-m', 'selfswap', 'a'], ['-m', 'selfswap', 'a'],
+                                     cwd=str(tree / 'work'))
+    assert got['argv'][1:] == ['a'] and got['name'] == '__main__'
+
+
 def test_directory_with_main_sees_what_python_shows_it(tree):
     (tree / 'work' / 'app').mkdir()
     (tree / 'work' / 'app' / '__main__.py').write_text(PROBE)
