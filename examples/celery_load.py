@@ -18,7 +18,6 @@ errors and wrong answers; exits 1 if any task failed or was answered wrong.
 import argparse
 import collections
 import contextlib
-import gc
 import os
 import shutil
 import sys
@@ -43,7 +42,7 @@ class Redis(Server):
     PORT = None
     READY = r'(?i)ready to accept connections'
 
-    def __init__(self, startup_timeout=30.0):
+    def __init__(self, startup_timeout=30.0, wait=True):
         self.folder = tempfile.mkdtemp(prefix='kfp-redis-')
         self.socket = os.path.join(self.folder, 'redis.sock')
         self.url = 'redis+socket://' + self.socket
@@ -51,7 +50,7 @@ class Redis(Server):
                '--unixsocketperm', '700', '--dir', self.folder, '--save', '',
                '--appendonly', 'no', '--daemonize', 'no', '--loglevel', 'notice']
         try:
-            self._start(cmd, {}, 1, startup_timeout)
+            self._start(cmd, {}, 1, startup_timeout, wait=wait)
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
@@ -73,7 +72,7 @@ class Worker(Server):
     READY = r'celery_tasks: model ready'
 
     def __init__(self, url, unpatched=False, seed=0, concurrency=2, runner_args=(),
-                 env=None, startup_timeout=120.0):
+                 env=None, startup_timeout=120.0, wait=True):
         cmd = [sys.executable]
         if not unpatched:
             cmd += ['-m', 'keras_fastpredict'] + list(runner_args)
@@ -84,14 +83,19 @@ class Worker(Server):
         self.url = url
         self.concurrency = concurrency
         self._start(cmd, dict(env or {}, CELERY_BROKER_URL=url, MODEL_SEED=str(seed)),
-                    concurrency, startup_timeout, cwd=EXAMPLES)
+                    concurrency, startup_timeout, cwd=EXAMPLES, wait=wait)
 
 
 def send(app, task, payload, timeout):
-    """One task's round trip: its result, as a numpy array."""
-    result = app.send_task('celery_tasks.' + task, args=[payload])
+    """One task's round trip (``payload`` its argument, None for none): its result, as a
+    numpy array."""
+    result = app.send_task('celery_tasks.' + task, args=[] if payload is None else [payload])
     out = np.asarray(result.get(timeout=timeout, interval=0.002))
-    result.forget()                    # its file in the result folder
+    result.forget()                    # its key in Redis
+    # What the result's __del__ does (unsubscribe from its Redis channel), now: freed
+    # later, once Redis is stopped, it would retry to reconnect for minutes.
+    result.backend.remove_pending_result(result)
+    result.backend = None
     return out
 
 
@@ -162,9 +166,6 @@ def run_load(url, task='predict_row', clients=16, rows_per_client=8, rows_per_ta
         for t in threads:
             t.join(max(0.0, deadline + timeout + 1 - time.monotonic()))
         elapsed = time.monotonic() - start
-        # The clients' results, freed with their threads' locals: each unsubscribes as it
-        # is freed, so free them now, while Redis is up.
-        gc.collect()
         if not record:
             return None
         lat = np.array([x for per in latencies for x in per]) * 1e3

@@ -19,6 +19,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,34 +50,45 @@ def get_stats(port, timeout=10.0):
         return json.loads(resp.read().decode())
 
 
+def _with_parent(cmd):
+    """``cmd`` run so that it gets SIGTERM when the thread that started it ends (its
+    process dies, even of SIGKILL): a gunicorn master, a Celery worker or Redis then shut
+    down as on stop(). util-linux's setpriv where there is one; else as it is."""
+    setpriv = shutil.which('setpriv')
+    return [setpriv, '--pdeathsig', 'TERM', '--'] + cmd if setpriv else cmd
+
+
 class Server(object):
     """examples/flask_server.py in a subprocess; its output is kept for error reports.
 
     The process gets a session of its own, so that stop() also ends any worker it forked
-    (a gunicorn master's, see Gunicorn)."""
+    (a gunicorn master's, see Gunicorn). With ``wait=False`` the constructor returns at
+    once and ``wait_ready()`` waits: several servers then start side by side."""
 
     PORT = r'listening on http://127\.0\.0\.1:(\d+)'     # the line that gives the port
     READY = PORT                                            # a line per ready process
 
-    def __init__(self, unpatched=False, seed=0, startup_timeout=120.0):
+    def __init__(self, unpatched=False, seed=0, startup_timeout=120.0, wait=True):
         cmd = [sys.executable, SERVER, '--port', '0', '--seed', str(seed)]
         if unpatched:
             cmd.append('--unpatched')
-        self._start(cmd, {}, 1, startup_timeout)
+        self._start(cmd, {}, 1, startup_timeout, wait=wait)
 
-    def _start(self, cmd, env, ready, startup_timeout, cwd=None):
-        """Runs ``cmd``; returns once it printed its port (if PORT) and ``ready`` READY
-        lines."""
-        env = dict(os.environ, **env)
+    def _start(self, cmd, env, ready, startup_timeout, cwd=None, wait=True):
+        """Runs ``cmd``; ready once it printed its port (if PORT) and ``ready`` READY
+        lines. ``env`` is added to this process' environment (a None value removes)."""
+        env = {k: v for k, v in dict(os.environ, **env).items() if v is not None}
         env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=env, universal_newlines=True, start_new_session=True,
-                                     cwd=cwd)
-        self.output = collections.deque(maxlen=200)
+        self.proc = subprocess.Popen(_with_parent(cmd), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                     universal_newlines=True, start_new_session=True)
+        self.output = collections.deque(maxlen=400)
         self.port = None
         self.ready = 0
-        found = threading.Event()
+        self._needed = ready
+        self._deadline = time.monotonic() + startup_timeout
+        self._found = found = threading.Event()
 
         def read():
             for line in self.proc.stdout:      # drained to the end: the pipe never fills
@@ -91,14 +103,21 @@ class Server(object):
             found.set()
 
         threading.Thread(target=read, daemon=True).start()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self):
+        """Returns once the server is ready; stops it and raises RuntimeError if it is not
+        by its start-up deadline (or exited)."""
         try:
-            if (not found.wait(startup_timeout) or self.ready < ready
-                    or (self.PORT and self.port is None)):
-                raise RuntimeError('server did not start within %.0f s:\n%s'
-                                   % (startup_timeout, self.tail()))
+            self._found.wait(max(0.0, self._deadline - time.monotonic()))
+            if self.ready < self._needed or (self.PORT and self.port is None):
+                raise RuntimeError('%s did not start in time:\n%s'
+                                   % (' '.join(self.cmd[:6]), self.tail()))
         except BaseException:
             self.stop()
             raise
+        return self
 
     def tail(self):
         return '\n'.join(self.output)
@@ -127,14 +146,14 @@ class Gunicorn(Server):
     READY = r'wsgi: model ready'
 
     def __init__(self, unpatched=False, seed=0, workers=2, worker_class='sync', threads=4,
-                 preload=False, timeout=30, runner_args=(), env=None,
-                 startup_timeout=120.0):
+                 preload=False, timeout=30, graceful_timeout=10, runner_args=(), env=None,
+                 startup_timeout=120.0, wait=True):
         cmd = [sys.executable]
         if not unpatched:
             cmd += ['-m', 'keras_fastpredict'] + list(runner_args)
         cmd += ['-m', 'gunicorn', '--chdir', os.path.dirname(SERVER), '-b', '%s:0' % HOST,
                 '-w', str(workers), '-k', worker_class, '--timeout', str(timeout),
-                '--graceful-timeout', '10']
+                '--graceful-timeout', str(graceful_timeout)]
         if worker_class == 'gthread':
             cmd += ['--threads', str(threads)]
         if preload:
@@ -142,7 +161,7 @@ class Gunicorn(Server):
         cmd.append('wsgi:app')
         self.workers = workers
         self._start(cmd, dict(env or {}, MODEL_SEED=str(seed)), 1 if preload else workers,
-                    startup_timeout)
+                    startup_timeout, wait=wait)
 
 
 def run_load(port, clients, requests, rows_per_client, duration, timeout, seed):
