@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-test,bench,examples,spark}
+EXTRAS=${EXTRAS:-test,bench,examples,spark,celery}
 
 find_python37() {
     local candidates=()
