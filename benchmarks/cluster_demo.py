@@ -18,6 +18,7 @@ stderr logs); then the cluster is stopped and no process of it may be left.
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,7 @@ def main(argv=None):
     finally:
         left = cluster.stop()
         survivors = cluster.survivors()
+        shutil.rmtree(work, ignore_errors=True)
         print('\ncluster stopped: %s' % (
             'no process left' if not left and not survivors else
             '%d process(es) outlived Spark\'s shutdown and were killed' % len(left)))
