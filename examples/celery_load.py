@@ -63,7 +63,8 @@ class Redis(Server):
 
 
 class Worker(Server):
-    """``celery -A celery_tasks worker --pool prefork -c N`` on the broker ``url``, plain
+    """``celery -A celery_tasks worker --pool prefork -c N`` (``app``: another module
+    that uses celery_tasks' app) on the broker ``url``, plain
     or under ``python -m keras_fastpredict [runner_args]``; ready once every pool process
     has built its model. ``stop()`` is a warm shutdown (SIGTERM), then SIGKILL to anything
     left of its session."""
@@ -72,11 +73,11 @@ class Worker(Server):
     READY = r'celery_tasks: model ready'
 
     def __init__(self, url, unpatched=False, seed=0, concurrency=2, runner_args=(),
-                 env=None, startup_timeout=120.0, wait=True):
+                 env=None, startup_timeout=120.0, wait=True, app='celery_tasks'):
         cmd = [sys.executable]
         if not unpatched:
             cmd += ['-m', 'keras_fastpredict'] + list(runner_args)
-        cmd += ['-m', 'celery', '-A', 'celery_tasks', 'worker', '--pool', 'prefork',
+        cmd += ['-m', 'celery', '-A', app, 'worker', '--pool', 'prefork',
                 '-c', str(concurrency), '-n', '%s@%%h' % ('plain' if unpatched else 'patched'),
                 '--without-mingle', '--without-gossip', '--without-heartbeat',
                 '-l', 'warning']
@@ -90,13 +91,15 @@ def send(app, task, payload, timeout):
     """One task's round trip (``payload`` its argument, None for none): its result, as a
     numpy array."""
     result = app.send_task('celery_tasks.' + task, args=[] if payload is None else [payload])
-    out = np.asarray(result.get(timeout=timeout, interval=0.002))
-    result.forget()                    # its key in Redis
-    # What the result's __del__ does (unsubscribe from its Redis channel), now: freed
-    # later, once Redis is stopped, it would retry to reconnect for minutes.
-    result.backend.remove_pending_result(result)
-    result.backend = None
-    return out
+    try:
+        out = np.asarray(result.get(timeout=timeout, interval=0.002))
+        result.forget()                # its key in Redis
+        return out
+    finally:
+        # What the result's __del__ does (unsubscribe from its Redis channel), now: freed
+        # later, once Redis is stopped, it would retry to reconnect for minutes.
+        result.backend.remove_pending_result(result)
+        result.backend = None
 
 
 @contextlib.contextmanager

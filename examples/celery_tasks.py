@@ -58,8 +58,9 @@ def model():
 @signals.worker_process_init.connect
 def _build_model(**_):
     model()
-    print('celery_tasks: model ready (pid %d)' % os.getpid(), file=sys.__stdout__,
-          flush=True)
+    # One write to the worker's own stdout (Celery redirects sys.stdout to its log): the
+    # pool processes' lines must not run together.
+    os.write(1, b'celery_tasks: model ready (pid %d)\n' % os.getpid())
 
 
 @app.task

@@ -96,8 +96,8 @@ class Server(object):
                 m = self.PORT and re.search(self.PORT, line)
                 if m and self.port is None:
                     self.port = int(m.group(1))
-                if re.search(self.READY, line):
-                    self.ready += 1
+                # (Lines of processes writing at once may run together.)
+                self.ready += len(re.findall(self.READY, line))
                 if (self.port is not None or not self.PORT) and self.ready >= ready:
                     found.set()
             found.set()

@@ -28,4 +28,5 @@ model = flask_server.build_model(int(os.environ.get('MODEL_SEED', '0')))
 model._make_predict_function()
 graph = tf.get_default_graph()
 app = flask_server.create_app(model, graph)
-print('wsgi: model ready (pid %d)' % os.getpid(), flush=True)
+# One write: the workers' lines must not run together.
+os.write(1, b'wsgi: model ready (pid %d)\n' % os.getpid())

@@ -19,7 +19,10 @@ import pytest
 
 from keras_fastpredict import processes
 
-pytest.importorskip('celery')         # the `celery` extra: tools/bootstrap.sh installs it
+# celery and redis-py come with the `celery` extra (tools/bootstrap.sh installs it): a
+# missing one fails these tests, it does not skip them.
+import celery  # noqa: E402,F401
+import redis  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, 'examples')
@@ -38,8 +41,9 @@ finally:
 def _env(**extra):
     """This checkout's package first (for the pool processes too), no options inherited."""
     env = {k: None for k in os.environ if k.startswith('KERAS_FASTPREDICT_')}
-    return dict(env, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', PYTHONWARNINGS='ignore',
-                **extra)
+    env.update(PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', PYTHONWARNINGS='ignore')
+    env.update(extra)
+    return env
 
 
 @contextlib.contextmanager
@@ -159,3 +163,33 @@ def test_results_equal_plain_and_pool_processes_on_the_fast_path(tmp_path):
     calls = len(rows) + batches.shape[0] * batches.shape[1]
     assert sum(m['calls'] for m in mlp) == sum(m['fast_calls'] for m in mlp) == calls, mlp
     assert all(m['fallbacks'] == 0 for m in mlp), mlp
+
+
+# The tasks of examples/celery_tasks.py with the model built when the module is imported:
+# in the worker's main process, before the prefork pool forks (the --preload of Celery).
+EAGER = """
+import celery_tasks
+from celery_tasks import app  # noqa: F401
+celery_tasks.model()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_model_built_before_the_fork_raises_where_plain_celery_hangs(tmp_path):
+    (tmp_path / 'eager_tasks.py').write_text(EAGER)
+    path = os.pathsep.join([ROOT, EXAMPLES, str(tmp_path)])
+    with workers(dict(unpatched=True, app='eager_tasks', env={'PYTHONPATH': path}),
+                 dict(app='eager_tasks', env={'PYTHONPATH': path})) as (plain, fast):
+        # Under the runner: the task fails at once with the error, raised by get() here.
+        with celery_load.client_app(fast.url) as app:
+            for _ in range(4):
+                with pytest.raises(processes.ForkedAfterSessionError) as caught:
+                    celery_load.send(app, 'predict_row', [0.0] * N_FEATURES, timeout=60)
+                assert 'after TensorFlow had created a session there' in str(caught.value)
+                assert 'was forked from process %d ' % fast.proc.pid in str(caught.value)
+        # Plain Keras in the same pool process: predict never returns, nor does the task.
+        with celery_load.client_app(plain.url) as app:
+            from celery.exceptions import TimeoutError as CeleryTimeout
+            with pytest.raises(CeleryTimeout):
+                celery_load.send(app, 'predict_row', [0.0] * N_FEATURES, timeout=8)
+        plain.stop(grace=3)            # (warm shutdown would wait for the stuck task)

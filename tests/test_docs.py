@@ -38,7 +38,7 @@ MAX_FRAGMENTS = 3
 LANGUAGES = {'python', 'sh', 'bash', 'console', 'text'}
 # Pages other branches are adding (Spark standalone cluster; gunicorn and Celery; the
 # concurrent batcher). Linked now; drop each name here once its page is merged.
-PAGES_BEING_WRITTEN = {'docs/servers.md', 'docs/threads.md'}
+PAGES_BEING_WRITTEN = {'docs/threads.md'}
 # Written by `make bench`, not kept in the repository.
 GENERATED = ('benchmarks/results/',)
 # Programs of other projects a page may show (servers, clusters, set-up): their lines are
