@@ -12,13 +12,12 @@ import threading
 
 import wrapt
 
-from . import concurrent_batcher
 from .adapters import keras as keras_adapter
 from .adapters import keras_function, model_path, session_run
 from .adapters import tf_keras as tf_keras_adapter
 from .config import settings
 from . import report as _report         # the call-site report (only when on)
-from .engine import compiled, deferred, hooks, readahead
+from .engine import compiled, concurrent_batcher, deferred, hooks, readahead
 
 # (module, class.attribute, wrapper(wrapped, instance, args, kwargs)): each adapter's
 # entry points, then TensorFlow's, before which pending work is settled.

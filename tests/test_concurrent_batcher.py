@@ -11,7 +11,7 @@ import keras
 from keras import layers
 
 import keras_fastpredict as kfp
-from keras_fastpredict import concurrent_batcher
+from keras_fastpredict.engine import concurrent_batcher
 from keras_fastpredict.adapters import keras as keras_adapter
 from conftest import assert_same, unpatched_predict
 
@@ -369,7 +369,7 @@ def test_interpreter_exit_while_threads_predict():
         import numpy as np
         import keras
         import keras_fastpredict as kfp
-        from keras_fastpredict import concurrent_batcher
+        from keras_fastpredict.engine import concurrent_batcher
         from keras.engine.training import Model
         concurrent_batcher._QUEUE_COST_S = 0.0     # every call may queue
         model = keras.models.Sequential([      # slow enough for calls to wait in the queue

@@ -20,9 +20,9 @@ import threading
 import time
 import weakref
 
-from .engine import merge as engine
-from .engine import warmup
-from .config import settings
+from ..config import settings
+from . import merge as engine
+from . import warmup
 
 _all = weakref.WeakSet()
 _all_lock = threading.Lock()
