@@ -55,9 +55,9 @@ def workers(*specs):
         for spec in specs:
             spec = dict(spec)
             env = _env(**spec.pop('env', {}))
-            redis = celery_load.Redis()
-            started.append(redis)
-            started.append(celery_load.Worker(redis.url, seed=SEED, env=env, wait=False,
+            broker = celery_load.Redis()
+            started.append(broker)
+            started.append(celery_load.Worker(broker.url, seed=SEED, env=env, wait=False,
                                               startup_timeout=150, **spec))
         for server in started:
             server.wait_ready()
