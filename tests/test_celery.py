@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from keras_fastpredict import processes
+from server_support import plain_keras
 
 # celery and redis-py come with the `celery` extra (tools/bootstrap.sh installs it): a
 # missing one fails these tests, it does not skip them.
@@ -70,22 +71,7 @@ def workers(*specs):
 
 
 def _plain_keras(rows):
-    """The same seeded model in this process, on its own graph: plain ``Model.predict``."""
-    import tensorflow as tf
-    from keras.engine.training import Model
-    sys.path.insert(0, EXAMPLES)
-    try:
-        import flask_server
-    finally:
-        sys.path.remove(EXAMPLES)
-    predict = Model.__dict__['predict']
-    predict = getattr(predict, '__wrapped__', predict)     # unpatched even if patched here
-    graph = tf.Graph()
-    with graph.as_default(), tf.compat.v1.Session(graph=graph).as_default() as session:
-        try:
-            return predict(flask_server.build_model(SEED), rows)
-        finally:
-            session.close()
+    return plain_keras(SEED, rows)
 
 
 def _concurrent_results(url, task, payloads):
