@@ -58,6 +58,14 @@ def _with_parent(cmd):
     return [setpriv, '--pdeathsig', 'TERM', '--'] + cmd if setpriv else cmd
 
 
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+
+
 class Server(object):
     """examples/flask_server.py in a subprocess; its output is kept for error reports.
 
@@ -124,12 +132,17 @@ class Server(object):
 
     def stop(self, grace=15.0):
         """SIGTERM, then SIGKILL to the process and all it started (its session)."""
+        deadline = time.monotonic() + grace
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
+        # Its workers may outlive it by a moment (a prefork pool's processes write their
+        # reports as they end): they get the rest of the grace time, then SIGKILL.
+        while time.monotonic() < deadline and _group_alive(self.proc.pid):
+            time.sleep(0.05)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)   # workers left behind, if any
         except OSError:                                # none: the group is gone
