@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -49,16 +50,21 @@ def _run(command, out_file):
     env = dict(os.environ, KFP_BENCH_OUT=out_file, KFP_BENCH_PASSES=str(PASSES))
     env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     env.setdefault('PYTHONWARNINGS', 'ignore')
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=SCRIPTS, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True)
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time, user and system, all its threads: far less moved by other load than wall
+    # time (whole-process wall times of one case vary by +-200 ms on this machine).
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode:
         raise RuntimeError('%s exited %d:\n%s' % (' '.join(command), proc.returncode,
                                                   proc.stderr[-3000:]))
     with np.load(out_file) as saved:
         outputs = [saved['out%d' % i] for i in range(len(saved.files) - 1)]
-        return list(saved['times']), wall, outputs
+        return list(saved['times']), wall, cpu, outputs
 
 
 def _same(patched, plain):
@@ -79,12 +85,13 @@ def run_case(name, script, args, calls, repeats, say):
             for kind in order:
                 cmd = plain_cmd if kind == 'plain' else patched_cmd
                 got[kind] = _run(cmd, os.path.join(tmp, '%s%d.npz' % (kind, r)))
-                runs[kind].append(got[kind][:2])
-            if not _same(got['patched'][2], got['plain'][2]):
+                runs[kind].append(got[kind][:3])
+            if not _same(got['patched'][3], got['plain'][3]):
                 mismatches += 1
     first = [p[0][0] / max(q[0][0], 1e-9) for p, q in zip(runs['plain'], runs['patched'])]
     steady = [p[0][-1] / max(q[0][-1], 1e-9) for p, q in zip(runs['plain'], runs['patched'])]
     wall = [p[1] / q[1] for p, q in zip(runs['plain'], runs['patched'])]
+    cpu = [p[2] / q[2] for p, q in zip(runs['plain'], runs['patched'])]
     result = dict(
         name=name, script=script, args=args, calls=calls, repeats=repeats,
         plain_first_s=float(np.median([p[0][0] for p in runs['plain']])),
@@ -93,10 +100,14 @@ def run_case(name, script, args, calls, repeats, say):
         patched_steady_s=float(np.median([q[0][-1] for q in runs['patched']])),
         plain_wall_s=float(np.median([p[1] for p in runs['plain']])),
         patched_wall_s=float(np.median([q[1] for q in runs['patched']])),
-        first=_band(first), steady=_band(steady), wall=_band(wall), mismatches=mismatches,
+        plain_cpu_s=float(np.median([p[2] for p in runs['plain']])),
+        patched_cpu_s=float(np.median([q[2] for q in runs['patched']])),
+        first=_band(first), steady=_band(steady), wall=_band(wall), cpu=_band(cpu),
+        mismatches=mismatches,
         runs=runs)
-    say('%-34s first %s  steady %s  process %s%s' % (
+    say('%-34s first %s  steady %s  process %s  CPU %s%s' % (
         name, _fmt(result['first']), _fmt(result['steady']), _fmt(result['wall']),
+        _fmt(result['cpu']),
         '  MISMATCH' if mismatches else ''))
     return result
 
@@ -124,18 +135,23 @@ def write(results, out, command, seconds):
              '"steady" is the third pass of the loop in the same process. "One-time" is a '
              "loop's first pass less its steady pass, plain / patched: what the first pass "
              "paid once (plain Keras' own session start and predict function included). "
-             '"Process" is the whole process\'s wall time, plain / patched.'
+             '"Process" is the whole process\'s wall time, plain / patched; "process CPU" '
+             'its CPU time (user and system, every thread), which other load moves far '
+             'less than wall time.'
              % (command, time.strftime('%Y-%m-%d %H:%M'), machine, seconds), '',
              '| case | calls | first pass, plain / patched | first pass | steady '
-             '| one-time, plain / patched | process, plain / patched | whole process |',
-             '|---|---|---|---|---|---|---|---|']
+             '| one-time, plain / patched | process, plain / patched | whole process '
+             '| process CPU, plain / patched | process CPU |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for r in results:
-        lines.append('| %s | %d | %s / %s | %s | %s | %s / %s | %.2f / %.2f s | %s%s |' % (
+        lines.append('| %s | %d | %s / %s | %s | %s | %s / %s | %.2f / %.2f s | %s '
+                     '| %.2f / %.2f s | %s%s |' % (
             r['name'], r['calls'], _ms(r['plain_first_s']), _ms(r['patched_first_s']),
             _fmt(r['first']) if r['calls'] else '-', _fmt(r['steady']) if r['calls'] else '-',
             _ms(r['plain_first_s'] - r['plain_steady_s']),
             _ms(r['patched_first_s'] - r['patched_steady_s']),
             r['plain_wall_s'], r['patched_wall_s'], _fmt(r['wall']),
+            r['plain_cpu_s'], r['patched_cpu_s'], _fmt(r['cpu']),
             ' (outputs differ)' if r['mismatches'] else ''))
     text = '\n'.join(lines) + '\n'
     with open(os.path.join(out, 'first_pass.md'), 'w') as f:

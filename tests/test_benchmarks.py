@@ -87,3 +87,4 @@ def test_first_pass_quick_runs_scripts_plain_and_under_the_runner(tmp_path):
     assert 'outputs differ' not in text
     saved = json.loads((tmp_path / 'first_pass.json').read_text())
     assert [r['mismatches'] for r in saved['results']] == [0, 0]
+    assert all(r['plain_cpu_s'] > 0 and r['patched_cpu_s'] > 0 for r in saved['results'])
