@@ -360,3 +360,32 @@ def test_other_threads_never_see_the_layers_unrolled():
     assert keras_adapter.lookup(model).inference_graph in ('checking', 'used', 'building') \
         or keras_adapter.lookup(model).inference_graph.startswith('used')
     assert seen == [(False, False)]
+
+
+def test_where_the_pool_lost_on_the_own_graph_it_is_not_tried_again_on_the_inference_graph(
+        monkeypatch):
+    """Making a callable holds the GIL (LSTM(128) x 40 steps: the caller's call waited 214
+    ms for the unrolled graph's pool callable at its 1,241st call, and the pool lost there
+    too): a row count whose calls ran faster inline than on TF's pool keeps that verdict
+    when the inference graph takes over; one still calibrating starts again."""
+    model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    rows = [np.array(r[None]) for r in rand(30, 7, 4)]
+    pairs = [np.array(r) for r in rand(30, 2, 7, 4, seed=1)]
+    expected = [unpatched_predict(model, r) for r in rows + pairs]
+    monkeypatch.setattr(compiled, 'POOL_MIN_RUN_S', 0.0)
+    monkeypatch.setattr(compiled, '_other_threads', lambda: [])   # (pytest-xdist's own)
+    kfp.patch()
+    got = [model.predict(rows[0]), model.predict(pairs[0])]
+    entry = keras_adapter.lookup(model)
+    entry._pool_choice[1] = False           # one row: the pool lost on the model's graph
+    compiled._join_makers()
+    assert entry.inference_graph == 'checking', entry.inference_graph
+    got += [model.predict(r) for r in rows[1:10]]
+    assert entry.inference_graph.startswith('used'), entry.inference_graph
+    entry.make_s = 0.0                      # the pool may be tried at once
+    got += [model.predict(r) for r in rows[10:]]
+    assert entry._pool_choice[1] is False and entry._pool is None   # not tried again
+    got += [model.predict(p) for p in pairs[1:]]
+    for g, e in zip(got, [expected[0], expected[30]] + expected[1:30] + expected[31:]):
+        assert_same(g, e)
+    assert 2 in entry._pool_choice and entry._pool is not None   # two rows: calibrated anew

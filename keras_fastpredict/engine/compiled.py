@@ -198,8 +198,9 @@ class CompiledModel(object):
 
     def _prepare_candidate(self, model, feeds, beside=False):
         """Build the inference graph (or take the one built under an earlier patch) and
-        make its callable; ``beside``: made on a thread of its own (TensorFlow releases
-        the GIL while it makes one), the model's own graph serving calls meanwhile."""
+        make its callable; ``beside``: made on a thread of its own, the model's own graph
+        serving calls meanwhile (TF 1.15 holds the GIL while it makes a callable, so the
+        caller's calls slow down, in 5 ms turns, rather than stop)."""
         built = inference_graph.get(model, feeds, settings.unroll_max_steps, self.adapter)
         if built.reason is not None:
             self.inference_graph = 'not used: ' + built.reason
@@ -302,7 +303,12 @@ class CompiledModel(object):
         self._io = (built.inputs, built.outputs, False)
         self._candidate = self._pending = None
         self.make_s = self._candidate_make_s
-        self._pool_choice = {}          # timings of the other graph do not carry over
+        # Timings of the other graph do not carry over, save one verdict: where TF's pool
+        # lost to inline runs, it is not tried again (making its callable holds the GIL,
+        # so the caller waits: 214 ms at the 1,241st call of a char-RNN loop, LSTM(128) x
+        # 40 steps, whose pool lost on both graphs).
+        self._pool_choice = {size: False for size, way in self._pool_choice.items()
+                             if way is False}
         self.fastest_run_s = float('inf')
         self.inference_graph = 'used'
         if built.saving is not None:
