@@ -17,11 +17,13 @@ process the script starts is patched too (``keras_fastpredict.processes``): the 
 puts the bootstrap folder first on ``PYTHONPATH`` and its options in ``KERAS_FASTPREDICT_*``.
 """
 import argparse
+import importlib.machinery
 import os
 import runpy
 import shutil
 import sys
 import tempfile
+import types
 import zipfile
 
 from . import config, patching, processes
@@ -143,13 +145,16 @@ def main(argv=None):
     runner_pid = os.getpid()
     try:
         if module is not None:
-            # What runpy.run_module(alter_sys=True) does, with the module found above: a
-            # second lookup fails for a package that replaces itself in sys.modules by a
-            # module without __spec__, as celery's does (python -m looks up once).
+            # With the module found above: a second lookup fails for a package that
+            # replaces itself in sys.modules by a module without __spec__, as celery's
+            # does (python -m looks up once).
             _, spec, code = found
-            runpy._run_module_code(code, None, '__main__', spec)
-        else:
+            sys.argv[0] = spec.origin
+            _run_as_main(code, spec, None)
+        elif os.path.isdir(script) or _is_zip(script):
             runpy.run_path(script, run_name='__main__')
+        else:
+            _run_as_main(runpy._get_code_from_file('__main__', script)[0], None, script)
     finally:
         # A child forked without exec that ends with sys.exit() (a gunicorn worker) comes
         # through here too: the job's table, JSON file and stats folder are the runner's;
@@ -157,6 +162,23 @@ def main(argv=None):
         if os.getpid() == runner_pid:
             _end(show_stats, ns.stats_json, stats_dir)
     return 0
+
+
+def _run_as_main(code, spec, script):
+    """Run ``code`` as python runs a script or ``-m`` module: in a module that stays
+    ``sys.modules['__main__']`` to the end. (runpy runs it in a module it then takes out:
+    the script's objects lived on in cycles until after TensorFlow's modules were torn down
+    at exit, where a kept K.function's callables printed "Exception ignored in ...
+    _Callable.__del__" twice.)"""
+    main = types.ModuleType('__main__')
+    if spec is None:
+        main.__dict__.update(__file__=script, __cached__=None, __package__=None, __spec__=None,
+                             __loader__=importlib.machinery.SourceFileLoader('__main__', script))
+    else:
+        main.__dict__.update(__file__=spec.origin, __cached__=spec.cached, __spec__=spec,
+                             __package__=spec.parent, __loader__=spec.loader)
+    sys.modules['__main__'] = main
+    exec(code, main.__dict__)
 
 
 def _end(show_stats, stats_json, stats_dir):

@@ -40,6 +40,8 @@ PROBE = textwrap.dedent('''
     from keras_fastpredict.config import settings
     seen = {'argv': sys.argv, 'path': sys.path, 'name': __name__,
             'file': os.path.realpath(__file__), 'main': sys.modules['__main__'].__name__,
+            'package': __package__, 'loader': type(__loader__).__name__,
+            'is_main': sys.modules['__main__'].__dict__ is globals(),
             'patched': 'keras_fastpredict.patching' in sys.modules
                        and sys.modules['keras_fastpredict.patching'].is_patched(),
             'defer': settings.defer, 'max_batch_size': settings.max_batch_size}
@@ -73,7 +75,7 @@ def same_as_python(python_args, runner_args, cwd, **extra):
     plain = call([sys.executable] + python_args, cwd=cwd, **extra)
     fast = call(RUNNER + runner_args, cwd=cwd, **extra)
     want, got = probed(plain), probed(fast)
-    for key in ('argv', 'path', 'name', 'file', 'main'):
+    for key in ('argv', 'path', 'name', 'file', 'main', 'package', 'loader', 'is_main'):
         assert got[key] == want[key], (key, got[key], want[key])
     assert fast.returncode == plain.returncode, (fast.stderr[-3000:], plain.stderr[-3000:])
     assert not want['patched'] and got['patched']
@@ -218,7 +220,7 @@ def test_console_script_sees_what_python_shows_it(tree):
         plain = call([sys.executable] + python_args, cwd=str(tree / 'work'))
         fast = call([CONSOLE_SCRIPT, '--defer'] + runner_args, cwd=str(tree / 'work'))
         want, got = probed(plain), probed(fast)
-        for key in ('argv', 'path', 'name', 'file', 'main'):
+        for key in ('argv', 'path', 'name', 'file', 'main', 'package', 'loader', 'is_main'):
             assert got[key] == want[key], (key, got[key], want[key])
         assert got['patched'] and got['defer'] is True
 
@@ -299,3 +301,41 @@ def test_a_forked_child_ending_with_sys_exit_leaves_the_runners_work_to_it(tmp_p
     children = [p for p in tmp_path.iterdir() if p.name.startswith('sites.') and p.name
                 != 'sites.json']
     assert len(children) == 1 and json.loads(children[0].read_text())['pid'] != parent
+
+
+EXIT_SCRIPT = textwrap.dedent('''
+    import numpy as np
+    import tensorflow as tf             # (imported first, as many scripts do)
+    import keras
+    from keras import backend as K
+    model = keras.models.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+    model.set_weights([np.arange(6.).reshape(3, 2) / 7, np.array([.5, -.25])])
+    f = K.function([model.input], [model.output])
+    rows = np.random.RandomState(0).rand(40, 3).astype('float32')
+
+
+    def predict(x):
+        return f([x])[0]
+
+
+    out = np.concatenate([predict(np.array(r[None])) for r in rows])
+    print('SUM %.6f' % out.sum())
+''')
+
+
+@pytest.mark.parametrize('how', ['script', 'module'])
+def test_objects_of_the_script_are_freed_at_exit_as_python_frees_them(tmp_path, how):
+    """Found by the first-pass benchmark: a K.function kept by a script's globals printed
+    "Exception ignored in: BaseSession._Callable.__del__ ... AttributeError" twice at exit
+    under the runner (its callables outlived TensorFlow's modules), never under python.
+    The script's namespace is __main__ until the end, as python keeps it."""
+    (tmp_path / 'exitmod.py').write_text(EXIT_SCRIPT)
+    args = [str(tmp_path / 'exitmod.py')] if how == 'script' else ['-m', 'exitmod']
+    plain = call([sys.executable] + args, cwd=str(tmp_path))
+    fast = call(RUNNER + args, cwd=str(tmp_path))
+    assert plain.returncode == fast.returncode == 0, fast.stderr[-3000:]
+    sums = [[ln for ln in out.stdout.splitlines() if ln.startswith('SUM')]
+            for out in (plain, fast)]
+    assert sums[0] == sums[1] and len(sums[0]) == 1
+    assert 'Exception ignored' not in plain.stderr
+    assert 'Exception ignored' not in fast.stderr, fast.stderr[-3000:]
