@@ -19,6 +19,7 @@ from .. import counters as _stats
 from ..engine import compiled, deferred, hooks, route
 
 _ndarray = np.ndarray
+by_model_id = compiled.by_model_id
 
 
 def _bind_predict(x, batch_size=None, verbose=0, steps=None, callbacks=None,
@@ -63,6 +64,7 @@ class KerasAdapter(object):
     def _bind_tf(self):
         from tensorflow.python.framework import errors, ops
         self._default_session = ops.get_default_session
+        self._session_stack = ops._default_session_stack   # (read by still_serves)
         self.default_graph = ops.get_default_graph
         self.OpError = errors.OpError
 
@@ -71,6 +73,16 @@ class KerasAdapter(object):
         if self.tfb is None:
             self.bind()
         return self._default_session() or self.tfb._SESSION
+
+    def still_serves(self, model, entry):
+        """Whether ``lookup(model)`` would return ``entry`` now (auto-batch asks on every
+        call: ``current_session`` and ``_cached`` inlined, the default session read from
+        TensorFlow's stack as ``get_default_session`` reads it)."""
+        stack = self._session_stack.stack
+        session = stack[-1] if stack else self.tfb._SESSION
+        return (session is entry.session and by_model_id.get(id(model)) is entry
+                and entry.function is model.__dict__.get('predict_function')
+                and not session._closed)
 
     def keras_session(self):
         """The session Keras' own predict would use now, made and initialised as Keras

@@ -117,6 +117,11 @@ class TfKerasAdapter(KerasAdapter):
                 session = None
         return self._cached(model, session) or self._build(model)
 
+    def still_serves(self, model, entry):
+        """As ``KerasAdapter.still_serves``, by ``lookup`` (its per-call checks of the
+        process' and the caller's context)."""
+        return self.lookup(model) is entry
+
     def unsupported_reason(self, model):
         from tensorflow.python.framework import ops
         if getattr(model, '_distribution_strategy', None) is not None:

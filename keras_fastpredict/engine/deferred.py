@@ -9,6 +9,8 @@ requests of its thread and runs them together.
 import collections
 import os
 import threading
+import time
+import weakref
 
 import numpy as np
 import wrapt
@@ -254,9 +256,10 @@ _Pending.__repr__ = _forward('__repr__')
 class _Batch(object):
     """One model's deferred calls in a scope: their rows, copied into one input buffer."""
     __slots__ = ('scope', 'entry', 'buffers', 'n', 'pieces', 'proxies', 'derived',
-                 'results')
+                 'results', 'owner')
 
     def __init__(self, scope, entry, buffers):
+        self.owner = None         # auto-batch: the site (its Auto) of the first call
         self.scope = scope
         self.entry = entry
         self.buffers = buffers
@@ -467,6 +470,84 @@ def settle_session(session):
 hooks.flush_all = flush_all
 
 
+class AutoScope(Scope):
+    """A thread's scope for auto-batched call sites (``engine.autobatch``): never on the
+    thread's stack (a site's calls come here one by one, from ``Auto``), flushed as any
+    scope is (a read, a full batch, graph use, a session closing) and at exit or fork.
+    Each batch tells the site of its first call whether it ran a lone call because its
+    value was read at once: past a limit, that site goes back to the fast path."""
+
+    def defer_row(self, entry, x, rows, shape, owner):
+        """One call of a single-input model (``x``: its array, cast when copied in, as
+        Keras casts it; ``shape``: its one output's, or None): its deferred result (a list
+        of them for several outputs)."""
+        with self.lock:
+            batch = self._open.get(entry)
+            if batch is not None and batch.n + rows > len(batch.buffers[0]):
+                _retired.append(self._run(batch, lone_read=False))
+                batch = None
+            if batch is None:
+                batch = self._new_batch(entry, rows)
+                batch.owner = owner
+            start = batch.n
+            stop = batch.n = start + rows
+            batch.buffers[0][start:stop] = x
+            call = len(batch.pieces)
+            batch.pieces.append((start, stop))
+            if entry.n_outputs == 1:
+                result = DeferredArray(_Pending(batch, call, 0, (), shape,
+                                                entry.output_dtypes[0]))
+                batch.proxies.append(result)
+            else:
+                result = [DeferredArray(_Pending(batch, call, i, (),
+                                                 None if row is None else (rows,) + row, dtype))
+                          for i, (row, dtype) in enumerate(zip(entry.row_shapes,
+                                                               entry.output_dtypes))]
+                batch.proxies.append(result)
+            entry.stats.deferred += 1
+            if stop >= self.max_batch_size:
+                self.calling = True         # (its run is timed as part of the call)
+                try:
+                    _retired.append(self._run(batch, lone_read=False))
+                finally:
+                    self.calling = False
+        return result
+
+    calling = False
+
+    def _run(self, batch, lone_read):
+        owner = batch.owner
+        lone = lone_read and len(batch.pieces) == 1
+        start = time.perf_counter()
+        retired = Scope._run(self, batch, lone_read)
+        if owner is not None:
+            owner.ran(lone, 0.0 if self.calling else time.perf_counter() - start)
+        return retired
+
+
+def auto_scope():
+    """This thread's auto-batch scope."""
+    scope = getattr(_local, 'auto', None)
+    if scope is None:
+        scope = _local.auto = AutoScope()
+        with _scopes_lock:
+            _auto_scopes.add(scope)
+    return scope
+
+
+_auto_scopes = weakref.WeakSet()    # every live thread's AutoScope
+
+
+def flush_auto():
+    """Run every auto-batch scope's pending calls (at exit, before a fork)."""
+    if not _auto_scopes:
+        return
+    with _scopes_lock:
+        scopes = list(_auto_scopes)
+    for scope in scopes:
+        scope.flush(lone_read=False)
+
+
 def implicit_scope():
     """This thread's scope for ``defer=True`` without a ``batching()`` block: it runs its
     calls when a value is read, when the batch is full, before graph use, and at exit."""
@@ -484,4 +565,7 @@ def _after_fork_in_child():
     _active = len(getattr(_local, 'stack', None) or ())
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# A forked child must not run its parent's session: auto-deferred calls (which plain
+# Keras would have run at the call) run in the parent first. (Opt-in deferral's are the
+# caller's scope: left as they were.)
+os.register_at_fork(before=flush_auto, after_in_child=_after_fork_in_child)

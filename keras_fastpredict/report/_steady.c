@@ -131,7 +131,9 @@ site_of(Recorder *self, PyFrameObject *f, PyObject *instance, PyObject *args,
         return NULL;
     PyObject *site = PyDict_GetItemWithError(self->table, key);
     Py_DECREF(key);
-    if (site == NULL || !PyTuple_CheckExact(site) || PyTuple_GET_SIZE(site) != size)
+    /* (a predict site's tuple has one item more where the site is auto-batched) */
+    if (site == NULL || !PyTuple_CheckExact(site) || (PyTuple_GET_SIZE(site) != size
+            && !(size == 6 && PyTuple_GET_SIZE(site) == 7)))
         return NULL;
     PyObject *ref = PyTuple_GET_ITEM(site, 1), *acc = PyTuple_GET_ITEM(site, 4);
     if (PyTuple_GET_ITEM(site, 0) != (PyObject *)f->f_code || !PyWeakref_CheckRef(ref)
@@ -253,6 +255,26 @@ Recorder_call(Recorder *self, PyObject *callargs, PyObject *callkw)
         PyObject *r = PyObject_CallFunctionObjArgs(self->helper, stats, site, NULL);
         if (r == NULL)
             goto done;
+        Py_DECREF(r);
+    }
+    if (PyTuple_GET_SIZE(hot) == 7) {
+        /* Auto-batched (predict_calls.hot_tuple): the site's Auto.call gives the call's
+         * deferred result, counted as a usual call, or None for the usual path. */
+        double t0 = now();
+        PyObject *r = PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(hot, 6), instance, args,
+                                                   kwargs, NULL);
+        if (r == NULL)
+            goto done;
+        if (r != Py_None) {
+            PyObject *one = PyLong_FromLong(1);
+            elapsed = PyFloat_FromDouble(now() - t0);
+            if (one == NULL || elapsed == NULL || add_to(acc, 0, elapsed) < 0
+                    || add_to(acc, 1, one) < 0)
+                Py_CLEAR(r);
+            Py_XDECREF(one);
+            out = r;
+            goto done;
+        }
         Py_DECREF(r);
     }
     fc = PyObject_GetAttr(stats, str_fast_calls);

@@ -33,7 +33,8 @@ class Site(object):
                  'plain_waits', 'waiting', 'retime_left',
                  'sampling', 'sample_left', 'watch_left', 'watched', 'epoch',
                  'epoch_start', 'open_watch', 'batches', 'span_left', 'held', 'enclosing',
-                 'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state')
+                 'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state',
+                 'auto', 'auto_note')
 
     def __init__(self, code, line, stats, entry, instance, path=None, model=None, state=None,
                  sampling=True):
@@ -82,6 +83,8 @@ class Site(object):
         self.last_shape = None
         self.dataset = None        # (weakref to the array, its name, last row matched)
         self.walk = 0              # consecutive rows of that array seen
+        self.auto = None           # auto-batch: the site's Auto once its calls are deferred
+        self.auto_note = None      # auto-batch: why its calls are not (report/auto.py)
 
     @property
     def time_s(self):
