@@ -157,3 +157,58 @@ def test_without_the_flag_nothing_is_deferred(tmp_path):
     with open(out, 'rb') as f:
         got = pickle.load(f)
     assert got['in_list:deferred'] == 0 and got['in_list:sites'] == []
+
+
+# -- in this process: patch(auto_batch=True) ----------------------------------------------
+
+def _collect(model, x, n):
+    return [model.predict(np.array(x[i])[None]) for i in range(n)]
+
+
+@pytest.mark.parametrize('name', ['dense', 'multi_out', 'conv'])
+def test_patch_option_collect_loop_as_plain(flavour, name):
+    from conftest import inputs_for
+    model = flavour.models[name]
+    x = inputs_for(name, 150)
+    plain = _collect(model, x, 150)
+    import keras_fastpredict as kfp
+    kfp.patch(auto_batch=True)
+    got = _collect(model, x, 150)
+    deferred = kfp.stats(model)['deferred']
+    kfp.unpatch()
+    assert deferred > 0
+    if isinstance(plain[0], list):
+        for i in range(len(plain[0])):
+            assert_same(np.concatenate([g[i] for g in got]),
+                        np.concatenate([p[i] for p in plain]))
+    else:
+        assert_same(np.concatenate(got), np.concatenate(plain))
+
+
+def test_multi_input_model_is_not_auto_batched(models):
+    from conftest import inputs_for
+    model = models['multi_in']
+    a, b = inputs_for('multi_in', 120)
+    plain = [model.predict([a[i:i + 1].copy(), b[i:i + 1].copy()]) for i in range(120)]
+    import keras_fastpredict as kfp
+    kfp.patch(auto_batch=True)
+    got = [model.predict([a[i:i + 1].copy(), b[i:i + 1].copy()]) for i in range(120)]
+    deferred = kfp.stats(model)['deferred']
+    kfp.unpatch()
+    assert deferred == 0
+    assert_same(np.concatenate(got), np.concatenate(plain))
+
+
+def test_off_wraps_nothing_more_and_on_wraps_only_predict():
+    import keras_fastpredict as kfp
+    from keras.engine.training import Model
+    from keras_fastpredict.adapters import keras as keras_adapter
+    from tensorflow.python.client.session import BaseSession
+    kfp.patch()
+    assert Model.__dict__['predict']._self_wrapper == keras_adapter.adapter.predict
+    run = BaseSession.__dict__['run']._self_wrapper
+    kfp.patch(auto_batch=True)                       # re-wraps predict with the recorder
+    assert Model.__dict__['predict']._self_wrapper != keras_adapter.adapter.predict
+    assert BaseSession.__dict__['run']._self_wrapper == run
+    kfp.patch(auto_batch=False)
+    assert Model.__dict__['predict']._self_wrapper == keras_adapter.adapter.predict
