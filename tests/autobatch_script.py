@@ -139,19 +139,24 @@ def threads():
     got = {}
 
     graph = tf.compat.v1.get_default_graph()
+    # Plain Keras 2.2.5's predict is not thread-safe (a thread may fail with IndexError,
+    # or break the model's graph for the others): plainly, the threads take turns.
+    import contextlib
+    import keras_fastpredict
+    turns = contextlib.suppress() if keras_fastpredict.is_patched() else threading.Lock()
 
     def work(t):
         out = []
         with graph.as_default():        # (plain Keras 2.2.5 needs it in a new thread)
             for x in rows(seed=10 + t):
-                out.append(model.predict(x[None]))
+                with turns:
+                    out.append(model.predict(x[None]))
         got[t] = np.concatenate(out)
     ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
     for th in ts:
         th.start()
     for th in ts:
         th.join()
-    # (plain Keras 2.2.5's predict is not thread-safe: a thread may fail, IndexError)
     return model, {'got': {str(t): got[t] for t in sorted(got)},
                    'want': {str(t): original_predict(model, np.array(rows(seed=10 + t)))
                             for t in range(4)}}

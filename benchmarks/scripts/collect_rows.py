@@ -1,8 +1,7 @@
 """A collect loop: one row per call on fresh arrays, Dense(64)x2, each result kept and
 used after the loop (``np.concatenate``). The first-pass driver runs it plainly and under
-``--auto-batch``. The script also times, after its loop, the hand-batched ``predict(X)``
-of the same rows (written to ``KFP_BENCH_OUT`` as ``hand_s``)."""
-import os
+``--auto-batch``. After the loop's passes the script times the hand-batched
+``predict(X)`` of the same rows (saved as ``extra_hand_s``)."""
 import time
 
 import numpy as np
@@ -29,4 +28,16 @@ def loop():
     return np.concatenate(out)
 
 
-_harness.run(loop)
+def hand_batched():
+    # The same rows hand-batched, as a user who rewrote the loop would: one predict(X)
+    # after the loop's passes (warm), timed 3 times, the median.
+    X = np.stack(rows)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model.predict(X)
+        times.append(time.perf_counter() - start)
+    return {'hand_s': sorted(times)[1]}
+
+
+_harness.run(loop, hand_batched)

@@ -4,11 +4,12 @@ The call-site report samples each site's first calls (``report/sampling.py``); w
 sample showed that results are not read before later calls, on a model whose rows may
 share a run, ``report/auto.py`` gives the site an ``Auto``. The report's recorder then
 hands each later call of the site, from the same line on the same model with an array of
-the sampled rows, to ``Auto.call``: a deferred result, as inside ``batching()``, in this
-thread's ``AutoScope`` (flushed as any scope: a read, a full batch, graph use), or None
-where the call must take the usual path (other arguments, another session, a signature
-Keras has not validated, an opt-in scope active). A site whose batches keep running one
-call at a time (its results are read at once again) goes back to the fast path.
+the sampled rows, to ``Auto.call`` (``deferred.auto_caller``): a deferred result, as
+inside ``batching()``, in this thread's ``AutoScope`` (flushed as any scope: a read, a
+full batch, graph use), or None where the call must take the usual path (other
+arguments, another session, a signature Keras has not validated, an opt-in scope
+active). A site whose batches keep running one call at a time (its results are read at
+once again) goes back to the fast path.
 """
 import atexit
 
@@ -32,7 +33,7 @@ class Auto(object):
         self.lone_batches = 0
         self.stopped = None         # why it went back to the fast path
         self.outside_s = 0.0        # time of its batches run outside its calls (at a read)
-        self.call = _server(self)
+        self.call = deferred.auto_caller(entry, self, entry.adapter.still_serves, _renewed)
         warmup.start()              # TF's multi-row kernels, made while calls queue up
         _at_exit()
 
@@ -52,39 +53,10 @@ class Auto(object):
                             % LONE_LIMIT)
 
 
-def _server(auto):
-    """``auto.call(model, args, kwargs)``: a call of the site, deferred, or None (a
-    closure: its names are cells, read faster than attributes or globals)."""
-    entry = auto.entry
-    stats = entry.stats
-    serves = entry.adapter.still_serves
-    signatures = entry.signatures
-    single = entry.n_outputs == 1
-    row = entry.row_shapes[0] if single else None
-    one_row = None if row is None else (1,) + row
-    auto_scope, current = deferred.auto_scope, deferred.current
-    len_ = len
-
-    def call(model, args, kwargs):
-        if not auto.on or kwargs or len_(args) != 1:
-            return None
-        x = args[0]                 # (the recorder checked: an ndarray of the site's rows)
-        if (entry.batch_safe is not True or entry.excluded or entry.unroll_ready
-                or not serves(model, entry) or current() is not None or settings.defer
-                or (x.dtype, x.shape[1:]) not in signatures):
-            return None
-        rows = len_(x)
-        if rows == 1:
-            shape = one_row
-        elif 0 < rows < settings.max_batch_size:
-            shape = None if row is None else (rows,) + row
-        else:
-            return None
-        stats.calls += 1
-        stats.fast_calls += 1
-        auto.calls += 1
-        return auto_scope().defer_row(entry, x, rows, shape, auto)
-    return call
+def _renewed(model):
+    """The entry serving ``model`` now, where its calls may be auto-batched (or None)."""
+    entry = compiled.get(model)
+    return entry if eligible(entry) is None else None
 
 
 _registered = []

@@ -256,10 +256,11 @@ _Pending.__repr__ = _forward('__repr__')
 class _Batch(object):
     """One model's deferred calls in a scope: their rows, copied into one input buffer."""
     __slots__ = ('scope', 'entry', 'buffers', 'n', 'pieces', 'proxies', 'derived',
-                 'results', 'owner')
+                 'results', 'owner', 'capacity')
 
     def __init__(self, scope, entry, buffers):
         self.owner = None         # auto-batch: the site (its Auto) of the first call
+        self.capacity = len(buffers[0])
         self.scope = scope
         self.entry = entry
         self.buffers = buffers
@@ -472,48 +473,19 @@ hooks.flush_all = flush_all
 
 class AutoScope(Scope):
     """A thread's scope for auto-batched call sites (``engine.autobatch``): never on the
-    thread's stack (a site's calls come here one by one, from ``Auto``), flushed as any
-    scope is (a read, a full batch, graph use, a session closing) and at exit or fork.
+    thread's stack (a site's calls come here one by one, from ``auto_caller``), flushed as
+    any scope is (a read, a full batch, graph use, a session closing) and at exit or fork.
     Each batch tells the site of its first call whether it ran a lone call because its
     value was read at once: past a limit, that site goes back to the fast path."""
 
-    def defer_row(self, entry, x, rows, shape, owner):
-        """One call of a single-input model (``x``: its array, cast when copied in, as
-        Keras casts it; ``shape``: its one output's, or None): its deferred result (a list
-        of them for several outputs)."""
-        with self.lock:
-            batch = self._open.get(entry)
-            if batch is not None and batch.n + rows > len(batch.buffers[0]):
-                _retired.append(self._run(batch, lone_read=False))
-                batch = None
-            if batch is None:
-                batch = self._new_batch(entry, rows)
-                batch.owner = owner
-            start = batch.n
-            stop = batch.n = start + rows
-            batch.buffers[0][start:stop] = x
-            call = len(batch.pieces)
-            batch.pieces.append((start, stop))
-            if entry.n_outputs == 1:
-                result = DeferredArray(_Pending(batch, call, 0, (), shape,
-                                                entry.output_dtypes[0]))
-                batch.proxies.append(result)
-            else:
-                result = [DeferredArray(_Pending(batch, call, i, (),
-                                                 None if row is None else (rows,) + row, dtype))
-                          for i, (row, dtype) in enumerate(zip(entry.row_shapes,
-                                                               entry.output_dtypes))]
-                batch.proxies.append(result)
-            entry.stats.deferred += 1
-            if stop >= self.max_batch_size:
-                self.calling = True         # (its run is timed as part of the call)
-                try:
-                    _retired.append(self._run(batch, lone_read=False))
-                finally:
-                    self.calling = False
-        return result
+    calling = False     # a full batch run inside a call (timed as part of the call)
 
-    calling = False
+    def run_full(self, batch):
+        self.calling = True
+        try:
+            _retired.append(self._run(batch, lone_read=False))
+        finally:
+            self.calling = False
 
     def _run(self, batch, lone_read):
         owner = batch.owner
@@ -523,6 +495,91 @@ class AutoScope(Scope):
         if owner is not None:
             owner.ran(lone, 0.0 if self.calling else time.perf_counter() - start)
         return retired
+
+
+def auto_caller(entry, owner, serves, renewed):
+    """The call of an auto-batched site of a single-input model: ``call(model, args,
+    kwargs)`` gives its deferred result (a list of them for several outputs), or None
+    where the call must take the usual path: not ``owner.on``, other arguments than one
+    array (the recorder checked its type and rows), a model no longer batched as it was,
+    an opt-in scope or ``defer=True``, ``serves(model, entry)`` false (another session or
+    predict function: the call goes the usual way, and ``renewed(model)`` gives the entry
+    that then serves it, if it may be auto-batched too), an input signature Keras has not
+    validated for the model, too many rows. The array is copied into the batch's buffer
+    now (cast as Keras casts it). The checks and the deferral as ``Scope.defer`` does
+    them, in one function: it is on every call of such a site."""
+    stats = signatures = single = dtype = row = one_row = None
+    seen = [None, None]             # the input signature last checked: dtype, shape[1:]
+    local, len_, Pending, Proxy = _local, len, _Pending, DeferredArray
+
+    def bind(new):
+        nonlocal entry, stats, signatures, single, dtype, row, one_row
+        entry, stats, signatures = new, new.stats, new.signatures
+        single = entry.n_outputs == 1
+        dtype = entry.output_dtypes[0]
+        row = entry.row_shapes[0] if single else None
+        one_row = None if row is None else (1,) + row
+        seen[0] = seen[1] = None
+    bind(entry)
+
+    def call(model, args, kwargs):
+        if kwargs or len_(args) != 1 or not owner.on:
+            return None
+        x = args[0]
+        if (entry.batch_safe is not True or entry.excluded or entry.unroll_ready
+                or settings.defer or (_active and current() is not None)):
+            return None
+        if not serves(model, entry):
+            new = renewed(model)            # (compiled again, a new session...)
+            if new is None or new is entry:
+                return None
+            bind(new)
+            if not serves(model, entry):
+                return None
+        tail = x.shape[1:]
+        if x.dtype is not seen[0] or tail != seen[1]:
+            if (x.dtype, tail) not in signatures:
+                return None
+            seen[0], seen[1] = x.dtype, tail
+        rows = len_(x)
+        if rows == 1:
+            shape = one_row
+        elif rows < settings.max_batch_size:
+            shape = None if row is None else (rows,) + row
+        else:
+            return None
+        try:
+            scope = local.auto
+        except AttributeError:
+            scope = auto_scope()
+        stats.calls += 1
+        stats.fast_calls += 1
+        owner.calls += 1
+        with scope.lock:
+            batch = scope._open.get(entry)
+            if batch is not None and batch.n + rows > batch.capacity:
+                scope.run_full(batch)
+                batch = None
+            if batch is None:
+                batch = scope._new_batch(entry, rows)
+                batch.owner = owner
+            start = batch.n
+            stop = batch.n = start + rows
+            batch.buffers[0][start:stop] = x
+            i = len_(batch.pieces)
+            batch.pieces.append((start, stop))
+            if single:
+                result = Proxy(Pending(batch, i, 0, (), shape, dtype))
+            else:
+                result = [Proxy(Pending(batch, i, k, (), None if r is None else (rows,) + r, d))
+                          for k, (r, d) in enumerate(zip(entry.row_shapes,
+                                                         entry.output_dtypes))]
+            batch.proxies.append(result)
+            stats.deferred += 1
+            if stop >= scope.max_batch_size:
+                scope.run_full(batch)
+        return result
+    return call
 
 
 def auto_scope():
