@@ -228,3 +228,29 @@ def test_a_site_goes_on_deferring_after_its_model_is_compiled_again(models):
     assert before > 0 and after - before >= 100      # (one call takes the usual path)
     assert_same(first, plain)
     assert_same(second, plain)
+
+
+def _freed_after_a_collect_loop(**options):
+    import gc
+    import weakref
+    import keras
+    import keras_fastpredict as kfp
+    from conftest import inputs_for
+    kfp.patch(**options)
+    model = keras.models.Sequential([keras.layers.Dense(4, input_shape=(32,))])
+    x = inputs_for('dense', 100)
+    results = np.concatenate(_collect(model, x, 100))
+    deferred = kfp.stats(model)['deferred']
+    from keras_fastpredict.engine import compiled
+    refs = [weakref.ref(model), weakref.ref(compiled.get(model))]   # (its entry: session)
+    del model
+    gc.collect()
+    kfp.unpatch()
+    return all(r() is None for r in refs), deferred, results
+
+
+def test_a_model_auto_batched_is_freed_as_without_the_flag():
+    freed, deferred, _ = _freed_after_a_collect_loop()
+    assert freed and deferred == 0
+    freed, deferred, _ = _freed_after_a_collect_loop(auto_batch=True)
+    assert freed and deferred > 0

@@ -20,12 +20,12 @@ LONE_LIMIT = 16     # lone flushes in a row after which a site stops deferring
 
 
 class Auto(object):
-    """One auto-batched site: its model's entry, whether it defers, and its counts."""
-    __slots__ = ('entry', 'on', 'lone', 'calls', 'batches', 'lone_batches', 'stopped',
-                 'outside_s', 'call')
+    """One auto-batched site: whether it defers, its counts, and its call (which finds
+    the model's entry per call: none is held, see ``deferred.auto_caller``)."""
+    __slots__ = ('on', 'lone', 'calls', 'batches', 'lone_batches', 'stopped', 'outside_s',
+                 'call')
 
     def __init__(self, entry):
-        self.entry = entry
         self.on = True
         self.lone = 0               # lone flushes in a row
         self.calls = 0              # calls deferred
@@ -33,7 +33,8 @@ class Auto(object):
         self.lone_batches = 0
         self.stopped = None         # why it went back to the fast path
         self.outside_s = 0.0        # time of its batches run outside its calls (at a read)
-        self.call = deferred.auto_caller(entry, self, entry.adapter.still_serves, _renewed)
+        self.call = deferred.auto_caller(compiled.by_model_id, self,
+                                         entry.adapter.still_serves, _eligible)
         warmup.start()              # TF's multi-row kernels, made while calls queue up
         _at_exit()
 
@@ -53,10 +54,8 @@ class Auto(object):
                             % LONE_LIMIT)
 
 
-def _renewed(model):
-    """The entry serving ``model`` now, where its calls may be auto-batched (or None)."""
-    entry = compiled.get(model)
-    return entry if eligible(entry) is None else None
+def _eligible(entry):
+    return eligible(entry) is None
 
 
 _registered = []

@@ -497,45 +497,48 @@ class AutoScope(Scope):
         return retired
 
 
-def auto_caller(entry, owner, serves, renewed):
+def auto_caller(entries, owner, serves, eligible):
     """The call of an auto-batched site of a single-input model: ``call(model, args,
     kwargs)`` gives its deferred result (a list of them for several outputs), or None
-    where the call must take the usual path: not ``owner.on``, other arguments than one
-    array (the recorder checked its type and rows), a model no longer batched as it was,
-    an opt-in scope or ``defer=True``, ``serves(model, entry)`` false (another session or
-    predict function: the call goes the usual way, and ``renewed(model)`` gives the entry
-    that then serves it, if it may be auto-batched too), an input signature Keras has not
-    validated for the model, too many rows. The array is copied into the batch's buffer
+    where the call must take the usual path: not ``owner.on``; other arguments than one
+    array (the recorder checked its type and rows); the model's entry (in ``entries``, by
+    id: none is held here, so a freed model's session is not kept) not ``eligible`` or no
+    longer batched as it was; an opt-in scope or ``defer=True``; ``serves(model, entry)``
+    false (another session or predict function); an input signature Keras has not
+    validated for the model; too many rows. The array is copied into the batch's buffer
     now (cast as Keras casts it). The checks and the deferral as ``Scope.defer`` does
     them, in one function: it is on every call of such a site."""
     stats = signatures = single = dtype = row = one_row = None
+    bound = [_dead]                 # the entry the names above are of, weakly
     seen = [None, None]             # the input signature last checked: dtype, shape[1:]
-    local, len_, Pending, Proxy = _local, len, _Pending, DeferredArray
+    local, len_, Pending, Proxy, entries_get = _local, len, _Pending, DeferredArray, \
+        entries.get
 
-    def bind(new):
-        nonlocal entry, stats, signatures, single, dtype, row, one_row
-        entry, stats, signatures = new, new.stats, new.signatures
+    def bind(entry):
+        nonlocal stats, signatures, single, dtype, row, one_row
+        stats, signatures = entry.stats, entry.signatures
         single = entry.n_outputs == 1
         dtype = entry.output_dtypes[0]
         row = entry.row_shapes[0] if single else None
         one_row = None if row is None else (1,) + row
         seen[0] = seen[1] = None
-    bind(entry)
+        bound[0] = weakref.ref(entry)
 
     def call(model, args, kwargs):
         if kwargs or len_(args) != 1 or not owner.on:
             return None
+        entry = entries_get(id(model))
+        if entry is None:
+            return None
+        if bound[0]() is not entry:         # (first call, compiled again, a new session)
+            if not eligible(entry):
+                return None
+            bind(entry)
         x = args[0]
         if (entry.batch_safe is not True or entry.excluded or entry.unroll_ready
-                or settings.defer or (_active and current() is not None)):
+                or settings.defer or (_active and current() is not None)
+                or not serves(model, entry)):
             return None
-        if not serves(model, entry):
-            new = renewed(model)            # (compiled again, a new session...)
-            if new is None or new is entry:
-                return None
-            bind(new)
-            if not serves(model, entry):
-                return None
         tail = x.shape[1:]
         if x.dtype is not seen[0] or tail != seen[1]:
             if (x.dtype, tail) not in signatures:
@@ -580,6 +583,10 @@ def auto_caller(entry, owner, serves, renewed):
                 scope.run_full(batch)
         return result
     return call
+
+
+def _dead():
+    return None
 
 
 def auto_scope():
