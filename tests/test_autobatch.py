@@ -254,3 +254,39 @@ def test_a_model_auto_batched_is_freed_as_without_the_flag():
     assert freed and deferred == 0
     freed, deferred, _ = _freed_after_a_collect_loop(auto_batch=True)
     assert freed and deferred > 0
+
+
+def _two_sessions(model, x):
+    """A collect loop on Keras' session, then the same line with another default session
+    whose weights differ (set within it)."""
+    import keras
+    import tensorflow as tf
+    first = np.concatenate(_collect(model, x, 120))
+    other = tf.compat.v1.Session(graph=keras.backend.get_session().graph)
+    weights = model.get_weights()
+    with other.as_default():
+        model.set_weights([w + 0.5 for w in weights])
+        second = np.concatenate(_collect(model, x, 120))
+    third = np.concatenate(_collect(model, x, 120))
+    other.close()
+    return first, second, third
+
+
+def test_a_site_follows_the_session_keras_uses():
+    import keras
+    import keras_fastpredict as kfp
+    from conftest import inputs_for
+    x = inputs_for('dense', 120)
+    results = {}
+    for auto in (None, True):
+        np.random.seed(3)
+        model = keras.models.Sequential([keras.layers.Dense(4, input_shape=(32,))])
+        if auto:
+            kfp.patch(auto_batch=True)
+        results[auto] = _two_sessions(model, x)
+        deferred = kfp.stats(model)['deferred']
+        kfp.unpatch()
+    assert deferred >= 280     # (after the sample, all but one call a session change)
+    assert np.abs(results[None][1] - results[None][0]).max() > 0.1   # the weights differ
+    for got, want in zip(results[True], results[None]):
+        assert_same(got, want)

@@ -19,7 +19,6 @@ from .. import counters as _stats
 from ..engine import compiled, deferred, hooks, route
 
 _ndarray = np.ndarray
-by_model_id = compiled.by_model_id
 
 
 def _bind_predict(x, batch_size=None, verbose=0, steps=None, callbacks=None,
@@ -64,7 +63,7 @@ class KerasAdapter(object):
     def _bind_tf(self):
         from tensorflow.python.framework import errors, ops
         self._default_session = ops.get_default_session
-        self._session_stack = ops._default_session_stack   # (read by still_serves)
+        self._session_stack = ops._default_session_stack   # (read by serving_check)
         self.default_graph = ops.get_default_graph
         self.OpError = errors.OpError
 
@@ -74,15 +73,22 @@ class KerasAdapter(object):
             self.bind()
         return self._default_session() or self.tfb._SESSION
 
-    def still_serves(self, model, entry):
-        """Whether ``lookup(model)`` would return ``entry`` now (auto-batch asks on every
-        call: ``current_session`` and ``_cached`` inlined, the default session read from
+    def serving_check(self):
+        """``serves(model, entry)``: whether ``lookup(model)`` would return ``entry`` now,
+        for an entry found by the model's id (auto-batch asks on every call: a closure
+        with ``current_session`` and ``_cached`` inlined, the default session read from
         TensorFlow's stack as ``get_default_session`` reads it)."""
-        stack = self._session_stack.stack
-        session = stack[-1] if stack else self.tfb._SESSION
-        return (session is entry.session and by_model_id.get(id(model)) is entry
-                and entry.function is model.__dict__.get('predict_function')
-                and not session._closed)
+        if self.tfb is None:
+            self.bind()
+        stack_of, tfb = self._session_stack, self.tfb
+
+        def serves(model, entry):
+            stack = stack_of.stack
+            session = stack[-1] if stack else tfb._SESSION
+            return (session is entry.session
+                    and entry.function is model.__dict__.get('predict_function')
+                    and not session._closed)
+        return serves
 
     def keras_session(self):
         """The session Keras' own predict would use now, made and initialised as Keras

@@ -117,10 +117,11 @@ class TfKerasAdapter(KerasAdapter):
                 session = None
         return self._cached(model, session) or self._build(model)
 
-    def still_serves(self, model, entry):
-        """As ``KerasAdapter.still_serves``, by ``lookup`` (its per-call checks of the
+    def serving_check(self):
+        """As ``KerasAdapter.serving_check``, by ``lookup`` (its per-call checks of the
         process' and the caller's context)."""
-        return self.lookup(model) is entry
+        lookup = self.lookup
+        return lambda model, entry: lookup(model) is entry
 
     def unsupported_reason(self, model):
         from tensorflow.python.framework import ops

@@ -34,7 +34,7 @@ class Auto(object):
         self.stopped = None         # why it went back to the fast path
         self.outside_s = 0.0        # time of its batches run outside its calls (at a read)
         self.call = deferred.auto_caller(compiled.by_model_id, self,
-                                         entry.adapter.still_serves, _eligible)
+                                         entry.adapter.serving_check(), _eligible)
         warmup.start()              # TF's multi-row kernels, made while calls queue up
         _at_exit()
 
