@@ -59,7 +59,8 @@ class DeferredArray(wrapt.ObjectProxy):
 
     # numpy looks these up when converting; defined here they skip a failed attribute
     # lookup on the proxy (np.concatenate of many results is a common next step).
-    # (ndarray's own priority: looked up on a pending proxy, it ran the batch.)
+    # (ndarray's own priority, found on the class: no lookup forwarded to the wrapped
+    # object, which for a pending one would run its batch.)
     __array_priority__ = 0.0
 
     # numpy functions (np.concatenate, np.stack, ...) get the real arrays: numpy's own
