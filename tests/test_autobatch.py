@@ -290,3 +290,21 @@ def test_a_site_follows_the_session_keras_uses():
     assert np.abs(results[None][1] - results[None][0]).max() > 0.1   # the weights differ
     for got, want in zip(results[True], results[None]):
         assert_same(got, want)
+
+
+@pytest.mark.parametrize('scenario', ['in_list', 'use_at_once'])
+def test_stats_show_which_sites_were_auto_batched(tmp_path, scenario):
+    out = str(tmp_path / 'out.pkl')
+    proc = run(RUNNER + ['--auto-batch', '--stats', SCRIPT, out, scenario])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    auto = [line for line in proc.stderr.splitlines() if 'auto-batch:' in line]
+    with open(out, 'rb') as f:
+        got = pickle.load(f)
+    if scenario == 'in_list':
+        assert len(auto) == 1 and 'calls deferred after the sample' in auto[0], auto
+        assert 'x plain Keras' in auto[0]
+        # (the calls after the site's sample: the report's 64 with --stats)
+        assert got['in_list:deferred'] == 135 and got['in_list:sites'][0]['calls'] == 135
+    else:
+        assert auto == ['      auto-batch: not deferred: each result is read before the '
+                        'next call'], auto
