@@ -145,6 +145,7 @@ def _recording():
 
 def _rewrap():
     _report.stop_announcing()
+    _report.forget_steady()
     for name, path, wrapper in ENTRY_POINTS:
         module = sys.modules.get(name)
         if module is not None:

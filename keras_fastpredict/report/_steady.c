@@ -244,6 +244,10 @@ Recorder_call(Recorder *self, PyObject *callargs, PyObject *callkw)
     if (PyTuple_GET_SIZE(args) == 0 || same_rows(PyTuple_GET_ITEM(args, 0), self->type,
                                                  rows) < 0)
         return rest(self, f, wrapped, instance, args, kwargs);
+    /* Auto-batch alone, a site it does not batch: nothing to count (no report is shown). */
+    if (PyTuple_GET_SIZE(hot) == 7 && PyTuple_GET_ITEM(hot, 6) == Py_None)
+        return PyObject_CallFunctionObjArgs(self->through, self->wrapper, wrapped, instance,
+                                            args, kwargs, NULL);
     /* Held for the call (another thread may replace the site's tuple meanwhile). */
     Py_INCREF(hot);
     PyObject *out = NULL, *fc = NULL, *elapsed = NULL;
@@ -257,7 +261,7 @@ Recorder_call(Recorder *self, PyObject *callargs, PyObject *callkw)
             goto done;
         Py_DECREF(r);
     }
-    if (PyTuple_GET_SIZE(hot) == 7) {
+    if (PyTuple_GET_SIZE(hot) == 7) {       /* (its item is not None: see above) */
         /* Auto-batched (predict_calls.hot_tuple): the site's Auto.call gives the call's
          * deferred result, counted as a usual call, or None for the usual path. */
         double t0 = now();

@@ -5,6 +5,7 @@ import types
 
 import numpy as np
 
+from ..config import settings
 from . import calls, frames, sites, watch
 
 
@@ -32,16 +33,18 @@ def recorder(wrapper, table, by_line, entry_name):
         if hot is not None:
             if len_(hot) == 6:
                 code, ref, rows, s, acc, site = hot
-                auto = None
-            else:                   # auto-batched: the site's Auto.call first
+                auto = False
+            else:                   # auto-batch: the site's Auto.call, or None (see below)
                 code, ref, rows, s, acc, site, auto = hot
             if code is f.f_code and ref() is instance:
                 x = args[0] if args else None
                 if type_(x) is ndarray and x.ndim and len_(x) == rows:
                     # _record's steps, fewer, for the usual call.
+                    if auto is None:        # auto-batch alone, a site it does not batch
+                        return wrapper(wrapped, instance, args, kwargs)
                     if s.report_owner is not site:
                         sites.take(s, site)
-                    if auto is not None:    # a deferred result, or the usual path
+                    if auto is not False:   # a deferred result, or the usual path
                         t0 = _perf()
                         out = auto(instance, args, kwargs)
                         if out is not None:
@@ -82,11 +85,14 @@ def hot_tuple(site, counters):
     attribute read costs about as much as a lookup): the user's code, the instance (or
     state) weakly, the row count plain Keras was timed for, the counters whose fast_calls
     tell a served call, the site's accumulators, the site; for an auto-batched site, then
-    its ``Auto.call`` (a deferred result, or None for the usual path)."""
+    its ``Auto.call`` (a deferred result, or None for the usual path); for a site auto-batch
+    alone (no report shown) decided not to batch, None: its calls pass on uncounted."""
     hot = (site.code, site.instance_ref if site.state is None else site.state,
            site.plain_rows, counters, site.acc, site)
     if site.auto is not None:       # auto-batch: the site's calls go to its Auto first
         hot += (site.auto.call,)
+    elif site.auto_note is not None and not settings.report:
+        hot += (None,)              # auto-batch alone, not batched: calls pass uncounted
     return hot
 
 
