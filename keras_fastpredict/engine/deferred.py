@@ -526,21 +526,22 @@ def auto_caller(entries, owner, serves, eligible):
     them, in one function: it is on every call of such a site."""
     stats = signatures = single = dtype = row = one_row = None
     bound = [_dead]                 # the entry the names above are of, weakly
-    seen = [None, None]             # the input signature last checked: dtype, shape[1:]
+    seen_dtype = seen_tail = None   # the input signature last checked: dtype, shape[1:]
     local, len_, Pending, Proxy, entries_get = _local, len, _Pending, DeferredArray, \
         entries.get
 
     def bind(entry):
-        nonlocal stats, signatures, single, dtype, row, one_row
+        nonlocal stats, signatures, single, dtype, row, one_row, seen_dtype, seen_tail
         stats, signatures = entry.stats, entry.signatures
         single = entry.n_outputs == 1
         dtype = entry.output_dtypes[0]
         row = entry.row_shapes[0] if single else None
         one_row = None if row is None else (1,) + row
-        seen[0] = seen[1] = None
+        seen_dtype = seen_tail = None
         bound[0] = weakref.ref(entry)
 
     def call(model, args, kwargs):
+        nonlocal seen_dtype, seen_tail
         if kwargs or len_(args) != 1 or not owner.on:
             return None
         entry = entries_get(id(model))
@@ -556,10 +557,10 @@ def auto_caller(entries, owner, serves, eligible):
                 or not serves(model, entry)):
             return None
         tail = x.shape[1:]
-        if x.dtype is not seen[0] or tail != seen[1]:
+        if x.dtype is not seen_dtype or tail != seen_tail:
             if (x.dtype, tail) not in signatures:
                 return None
-            seen[0], seen[1] = x.dtype, tail
+            seen_dtype, seen_tail = x.dtype, tail
         rows = len_(x)
         if rows == 1:
             shape = one_row
