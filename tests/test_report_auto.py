@@ -48,3 +48,13 @@ def test_use_at_once_site_passes_calls_on_then_counts_with_the_report(models):
     assert site[0]['calls'] > N
     np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(again, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_on_batch_collect_site_deferred_as_plain(flavour):
+    model, x = flavour.models['multi_out'], inputs_for('multi_out', N)
+    plain = [flavour.unpatched_predict_on_batch(model, np.array(r)[None]) for r in x]
+    kfp.patch(auto_batch=True)
+    got = [model.predict_on_batch(np.array(r)[None]) for r in x]
+    assert kfp.stats(model)['deferred'] == N - 17
+    for i in range(2):
+        assert_same(np.concatenate([g[i] for g in got]), np.concatenate([p[i] for p in plain]))
