@@ -12,7 +12,8 @@
  * recorder, with the calling frame.
  *
  * Tables: a predict site's hot tuple (predict_calls.hot_tuple: code, instance weakly,
- * rows, stats, acc, site); an announced site's steady tuple (announced._steady_at: code,
+ * rows, stats, acc, site, and under auto-batch a seventh item: the site's Auto.call, or
+ * None where its calls pass on uncounted); an announced site's steady tuple (announced._steady_at: code,
  * instance weakly, rows, state weakly, acc, site, the state's stats, the stats its paths
  * are read from, the site table, entry name), whose call in flight is this thread's
  * ``_in_flight.current``: [steady, the state's fast_calls before (-1: not announced yet,
