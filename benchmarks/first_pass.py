@@ -43,6 +43,10 @@ CASES = [
     ('array rows: predict', 'array_rows.py', [], (2000, 100)),
     ('array rows: predict, 100 calls', 'array_rows.py', [], (100, 100)),
     ('array rows: LSTM', 'array_rows.py', ['lstm'], (1000, 50)),
+    # Under --auto-batch (the runner's flags are the fifth item); the table also gives the
+    # loop's time against the hand-batched predict(X) of its rows, plain Keras (issue 25).
+    ('collect rows: --auto-batch', 'collect_rows.py', [], (3000, 200), ['--auto-batch']),
+    ('collect rows: runner alone', 'collect_rows.py', [], (3000, 200)),
 ]
 
 
@@ -63,8 +67,11 @@ def _run(command, out_file):
         raise RuntimeError('%s exited %d:\n%s' % (' '.join(command), proc.returncode,
                                                   proc.stderr[-3000:]))
     with np.load(out_file) as saved:
-        outputs = [saved['out%d' % i] for i in range(len(saved.files) - 1)]
-        return list(saved['times']), wall, cpu, outputs
+        outputs = [saved['out%d' % i] for i in range(sum(f.startswith('out')
+                                                          for f in saved.files))]
+        extra = {f[len('extra_'):]: float(saved[f]) for f in saved.files
+                 if f.startswith('extra_')}
+        return list(saved['times']), wall, cpu, outputs, extra
 
 
 def _same(patched, plain):
@@ -73,10 +80,12 @@ def _same(patched, plain):
         within_tolerance(a, e) for a, e in zip(patched, plain))
 
 
-def run_case(name, script, args, calls, repeats, say):
+def run_case(name, script, args, calls, repeats, say, flags=()):
     plain_cmd = [sys.executable, script, str(calls)] + args
-    patched_cmd = [sys.executable, '-m', 'keras_fastpredict', script, str(calls)] + args
+    patched_cmd = [sys.executable, '-m', 'keras_fastpredict'] + list(flags) + [
+        script, str(calls)] + args
     runs = {'plain': [], 'patched': []}
+    hand_ratios = []
     mismatches = 0
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
@@ -86,6 +95,9 @@ def run_case(name, script, args, calls, repeats, say):
                 cmd = plain_cmd if kind == 'plain' else patched_cmd
                 got[kind] = _run(cmd, os.path.join(tmp, '%s%d.npz' % (kind, r)))
                 runs[kind].append(got[kind][:3])
+            hand = got['plain'][4].get('hand_s')
+            if hand:        # the patched first pass against plain Keras' hand-batched
+                hand_ratios.append(got['patched'][0][0] / hand)
             if not _same(got['patched'][3], got['plain'][3]):
                 mismatches += 1
     first = [p[0][0] / max(q[0][0], 1e-9) for p, q in zip(runs['plain'], runs['patched'])]
@@ -103,12 +115,13 @@ def run_case(name, script, args, calls, repeats, say):
         plain_cpu_s=float(np.median([p[2] for p in runs['plain']])),
         patched_cpu_s=float(np.median([q[2] for q in runs['patched']])),
         first=_band(first), steady=_band(steady), wall=_band(wall), cpu=_band(cpu),
-        mismatches=mismatches,
-        runs=runs)
-    say('%-34s first %s  steady %s  process %s  CPU %s%s' % (
+        mismatches=mismatches, runs=runs, flags=list(flags),
+        over_hand=_band(hand_ratios) if hand_ratios else None)
+    say('%-34s first %s  steady %s  process %s  CPU %s%s%s' % (
         name, _fmt(result['first']), _fmt(result['steady']), _fmt(result['wall']),
         _fmt(result['cpu']),
-        '  MISMATCH' if mismatches else ''))
+        '  first pass / plain hand-batched predict(X) %s' % _fmt(result['over_hand'])
+        if hand_ratios else '', '  MISMATCH' if mismatches else ''))
     return result
 
 
@@ -153,6 +166,11 @@ def write(results, out, command, seconds):
             r['plain_wall_s'], r['patched_wall_s'], _fmt(r['wall']),
             r['plain_cpu_s'], r['patched_cpu_s'], _fmt(r['cpu']),
             ' (outputs differ)' if r['mismatches'] else ''))
+    hand = [r for r in results if r.get('over_hand')]
+    if hand:
+        lines += ['', 'The patched first pass against plain Keras\' hand-batched `predict(X)` '
+                  'of the same rows (timed warm in the plain process; below 1: faster):', '']
+        lines += ['- %s: %s' % (r['name'], _fmt(r['over_hand'])) for r in hand]
     text = '\n'.join(lines) + '\n'
     with open(os.path.join(out, 'first_pass.md'), 'w') as f:
         f.write(text)
@@ -182,10 +200,10 @@ def main(argv=None):
     started = time.time()
     results = []
     failed = False
-    for name, script, extra, (full, quick) in cases:
+    for name, script, extra, (full, quick), *flags in cases:
         try:
             results.append(run_case(name, script, extra, quick if args.quick else full,
-                                    repeats, print))
+                                    repeats, print, flags[0] if flags else ()))
         except RuntimeError as exc:
             print('%s: FAILED\n%s' % (name, exc), file=sys.stderr)
             failed = True

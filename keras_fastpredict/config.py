@@ -14,6 +14,10 @@ DEFAULTS = {
     # Deferral: predict returns placeholders resolved in batches (opt-in: a scope, or defer=True).
     'defer': False,
     'max_batch_size': 1024,
+    # Auto-batch: a call site whose sample (the call-site report's) showed that its results
+    # are not read before its later calls has those later calls deferred (see
+    # engine/autobatch.py); a site whose results are read at once again goes back.
+    'auto_batch': False,
     # Batch safety is read from the graph. 'auto' verifies what the graph cannot settle
     # (batched against one-by-one results on distinct rows) before batching it; True
     # verifies every model; False batches what the graph cannot settle unverified.

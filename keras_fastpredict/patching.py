@@ -72,6 +72,10 @@ def _apply(module, path, wrapper):
         return
     if settings.report:         # off: nothing wrapped, no frame ever looked at
         wrapper = _report.wrap(path, wrapper)
+    elif settings.auto_batch and path in _report.CALL_PATHS:
+        # Auto-batch alone: predict's call sites are sampled (silently) to find collect
+        # loops; other entries stay as they are.
+        wrapper = _report.wrap(path, wrapper)
     patched = _installed[(id(owner), name)] = _wrapper_type(wrapper)(current, wrapper)
     setattr(owner, name, patched)
 
@@ -114,14 +118,14 @@ def is_patched():
 
 def patch(**options):
     """Speed up ``Model.predict`` and its siblings (see the package docs for options).
-    A second call only updates the options (turning the report on or off re-wraps the
-    entry points: calls in flight finish as they began)."""
+    A second call only updates the options (turning the report or auto-batch on or off
+    re-wraps the entry points: calls in flight finish as they began)."""
     global _active
     with _lock:
-        was_report = bool(settings.report)
+        was_recording = _recording()
         settings.update(**options)
         if _active:
-            if bool(settings.report) != was_report:
+            if _recording() != was_recording:
                 _rewrap()
             return
         _active = True
@@ -134,8 +138,14 @@ def patch(**options):
                 wrapt.register_post_import_hook(_on_import, name)
 
 
+def _recording():
+    """What the call entries are wrapped with: the report, auto-batch alone, or neither."""
+    return (bool(settings.report), bool(settings.auto_batch) and not settings.report)
+
+
 def _rewrap():
     _report.stop_announcing()
+    _report.forget_steady()
     for name, path, wrapper in ENTRY_POINTS:
         module = sys.modules.get(name)
         if module is not None:

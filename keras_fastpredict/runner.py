@@ -28,6 +28,7 @@ import zipfile
 
 from . import config, patching, processes
 from . import counters as _stats
+from .engine import deferred as _deferred
 from .report import JSON_ENV as _REPORT_JSON_ENV, at_exit as _report_at_exit
 
 # The runner's options that take a value (``--opt value``; ``--opt=value`` also works).
@@ -45,6 +46,9 @@ def _parser():
                    help='print what was sped up, batched or left to Keras when the script ends')
     p.add_argument('--defer', action='store_true',
                    help='return deferred results and run calls in batches (docs/how-it-works.md)')
+    p.add_argument('--auto-batch', action='store_true',
+                   help='defer the calls of each site measured not to read its results before '
+                        'its next calls, and run them in batches (docs/how-it-works.md)')
     p.add_argument('--no-readahead', action='store_true',
                    help='do not predict rows ahead when a loop walks an array')
     p.add_argument('--no-concurrent', action='store_true',
@@ -84,6 +88,8 @@ def options_from(ns):
     options = config.from_environ()
     if ns.defer:
         options['defer'] = True
+    if ns.auto_batch:
+        options['auto_batch'] = True
     if ns.no_readahead:
         options['readahead'] = False
     if ns.no_concurrent:
@@ -160,6 +166,7 @@ def main(argv=None):
         # through here too: the job's table, JSON file and stats folder are the runner's;
         # such a child reports as every child does (processes.report, with its pid).
         if os.getpid() == runner_pid:
+            _deferred.flush_auto()      # auto-batched calls still pending: the script's end
             _end(show_stats, ns.stats_json, stats_dir)
     return 0
 

@@ -27,7 +27,9 @@ def seed(value=0):
     tf.compat.v1.set_random_seed(value)
 
 
-def run(loop):
+def run(loop, extra=None):
+    """``extra``: a function called after the passes, returning more figures to save
+    (name -> float, saved as ``extra_<name>``)."""
     passes = int(os.environ.get('KFP_BENCH_PASSES', '1'))
     times, first = [], None
     for _ in range(passes):
@@ -37,8 +39,12 @@ def run(loop):
         if first is None:
             first = outputs
     print('loop: %s s' % ', '.join('%.3f' % t for t in times))
+    figures = extra() if extra is not None else {}
+    for name, value in figures.items():
+        print('%s: %.4f' % (name, value))
     out = os.environ.get('KFP_BENCH_OUT')
     if out:
         first = first if isinstance(first, (list, tuple)) else [first]
-        np.savez(out, times=np.array(times),
-                 **{'out%d' % i: np.asarray(o) for i, o in enumerate(first)})
+        arrays = {'out%d' % i: np.asarray(o) for i, o in enumerate(first)}
+        arrays.update(('extra_' + k, np.array(v)) for k, v in figures.items())
+        np.savez(out, times=np.array(times), **arrays)

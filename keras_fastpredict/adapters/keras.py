@@ -63,6 +63,7 @@ class KerasAdapter(object):
     def _bind_tf(self):
         from tensorflow.python.framework import errors, ops
         self._default_session = ops.get_default_session
+        self._session_stack = ops._default_session_stack   # (read by serving_check)
         self.default_graph = ops.get_default_graph
         self.OpError = errors.OpError
 
@@ -71,6 +72,23 @@ class KerasAdapter(object):
         if self.tfb is None:
             self.bind()
         return self._default_session() or self.tfb._SESSION
+
+    def serving_check(self):
+        """``serves(model, entry)``: whether ``lookup(model)`` would return ``entry`` now,
+        for an entry found by the model's id (auto-batch asks on every call: a closure
+        with ``current_session`` and ``_cached`` inlined, the default session read from
+        TensorFlow's stack as ``get_default_session`` reads it)."""
+        if self.tfb is None:
+            self.bind()
+        stack_of, tfb = self._session_stack, self.tfb
+
+        def serves(model, entry):
+            stack = stack_of.stack
+            session = stack[-1] if stack else tfb._SESSION
+            return (session is entry.session
+                    and entry.function is model.__dict__.get('predict_function')
+                    and not session._closed)
+        return serves
 
     def keras_session(self):
         """The session Keras' own predict would use now, made and initialised as Keras

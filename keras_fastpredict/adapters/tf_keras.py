@@ -117,6 +117,12 @@ class TfKerasAdapter(KerasAdapter):
                 session = None
         return self._cached(model, session) or self._build(model)
 
+    def serving_check(self):
+        """As ``KerasAdapter.serving_check``, by ``lookup`` (its per-call checks of the
+        process' and the caller's context)."""
+        lookup = self.lookup
+        return lambda model, entry: lookup(model) is entry
+
     def unsupported_reason(self, model):
         from tensorflow.python.framework import ops
         if getattr(model, '_distribution_strategy', None) is not None:

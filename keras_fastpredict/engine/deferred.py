@@ -9,6 +9,8 @@ requests of its thread and runs them together.
 import collections
 import os
 import threading
+import time
+import weakref
 
 import numpy as np
 import wrapt
@@ -57,6 +59,19 @@ class DeferredArray(wrapt.ObjectProxy):
 
     # numpy looks these up when converting; defined here they skip a failed attribute
     # lookup on the proxy (np.concatenate of many results is a common next step).
+    # (ndarray's own priority, found on the class: no lookup forwarded to the wrapped
+    # object, which for a pending one would run its batch.)
+    __array_priority__ = 0.0
+
+    # numpy functions (np.concatenate, np.stack, ...) get the real arrays: numpy's own
+    # conversion of each proxy cost 1.5-2.5 us against 0.2 a real array. Functions that
+    # read only the shape get the proxies as they are (a pending one answers without
+    # running its batch).
+    def __array_function__(self, func, types, args, kwargs):
+        if func in _SHAPE_ONLY:
+            return func._implementation(*args, **kwargs)
+        return func(*materialize(args), **materialize(kwargs))
+
     @property
     def __array_struct__(self):
         return resolve(self).__array_struct__
@@ -89,6 +104,9 @@ class DeferredArray(wrapt.ObjectProxy):
         if type(result) is tuple:
             return tuple(o if type(o) is DeferredArray else r for o, r in zip(out, result))
         return out[0] if type(out[0]) is DeferredArray and result is not None else result
+
+
+_SHAPE_ONLY = frozenset((np.shape, np.ndim, np.size))
 
 
 def resolve(value):
@@ -254,9 +272,11 @@ _Pending.__repr__ = _forward('__repr__')
 class _Batch(object):
     """One model's deferred calls in a scope: their rows, copied into one input buffer."""
     __slots__ = ('scope', 'entry', 'buffers', 'n', 'pieces', 'proxies', 'derived',
-                 'results')
+                 'results', 'owner', 'capacity')
 
     def __init__(self, scope, entry, buffers):
+        self.owner = None         # auto-batch: the site (its Auto) of the first call
+        self.capacity = len(buffers[0])
         self.scope = scope
         self.entry = entry
         self.buffers = buffers
@@ -467,6 +487,148 @@ def settle_session(session):
 hooks.flush_all = flush_all
 
 
+class AutoScope(Scope):
+    """A thread's scope for auto-batched call sites (``engine.autobatch``): never on the
+    thread's stack (a site's calls come here one by one, from ``auto_caller``), flushed as
+    any scope is (a read, a full batch, graph use, a session closing) and at exit or fork.
+    Each batch tells the site of its first call whether it ran a lone call because its
+    value was read at once: past a limit, that site goes back to the fast path."""
+
+    calling = False     # a full batch run inside a call (timed as part of the call)
+
+    def run_full(self, batch):
+        self.calling = True
+        try:
+            _retired.append(self._run(batch, lone_read=False))
+        finally:
+            self.calling = False
+
+    def _run(self, batch, lone_read):
+        owner = batch.owner
+        lone = lone_read and len(batch.pieces) == 1
+        start = time.perf_counter()
+        retired = Scope._run(self, batch, lone_read)
+        if owner is not None:
+            owner.ran(lone, 0.0 if self.calling else time.perf_counter() - start)
+        return retired
+
+
+def auto_caller(entries, owner, serves, eligible):
+    """The call of an auto-batched site of a single-input model: ``call(model, args,
+    kwargs)`` gives its deferred result (a list of them for several outputs), or None
+    where the call must take the usual path: not ``owner.on``; other arguments than one
+    array (the recorder checked its type and rows); the model's entry (in ``entries``, by
+    id: none is held here, so a freed model's session is not kept) not ``eligible`` or no
+    longer batched as it was; an opt-in scope or ``defer=True``; ``serves(model, entry)``
+    false (another session or predict function); an input signature Keras has not
+    validated for the model; too many rows. The array is copied into the batch's buffer
+    now (cast as Keras casts it). The checks and the deferral as ``Scope.defer`` does
+    them, in one function: it is on every call of such a site."""
+    stats = signatures = single = dtype = row = one_row = None
+    bound = [_dead]                 # the entry the names above are of, weakly
+    seen_dtype = seen_tail = None   # the input signature last checked: dtype, shape[1:]
+    local, len_, Pending, Proxy, entries_get = _local, len, _Pending, DeferredArray, \
+        entries.get
+
+    def bind(entry):
+        nonlocal stats, signatures, single, dtype, row, one_row, seen_dtype, seen_tail
+        stats, signatures = entry.stats, entry.signatures
+        single = entry.n_outputs == 1
+        dtype = entry.output_dtypes[0]
+        row = entry.row_shapes[0] if single else None
+        one_row = None if row is None else (1,) + row
+        seen_dtype = seen_tail = None
+        bound[0] = weakref.ref(entry)
+
+    def call(model, args, kwargs):
+        nonlocal seen_dtype, seen_tail
+        if kwargs or len_(args) != 1 or not owner.on:
+            return None
+        entry = entries_get(id(model))
+        if entry is None:
+            return None
+        if bound[0]() is not entry:         # (first call, compiled again, a new session)
+            if not eligible(entry):
+                return None
+            bind(entry)
+        x = args[0]
+        if (entry.batch_safe is not True or entry.excluded or entry.unroll_ready
+                or settings.defer or (_active and current() is not None)
+                or not serves(model, entry)):
+            return None
+        tail = x.shape[1:]
+        if x.dtype is not seen_dtype or tail != seen_tail:
+            if (x.dtype, tail) not in signatures:
+                return None
+            seen_dtype, seen_tail = x.dtype, tail
+        rows = len_(x)
+        if rows == 1:
+            shape = one_row
+        elif rows < settings.max_batch_size:
+            shape = None if row is None else (rows,) + row
+        else:
+            return None
+        try:
+            scope = local.auto
+        except AttributeError:
+            scope = auto_scope()
+        stats.calls += 1
+        stats.fast_calls += 1
+        owner.calls += 1
+        with scope.lock:
+            batch = scope._open.get(entry)
+            if batch is not None and batch.n + rows > batch.capacity:
+                scope.run_full(batch)
+                batch = None
+            if batch is None:
+                batch = scope._new_batch(entry, rows)
+                batch.owner = owner
+            start = batch.n
+            stop = batch.n = start + rows
+            batch.buffers[0][start:stop] = x
+            i = len_(batch.pieces)
+            batch.pieces.append((start, stop))
+            if single:
+                result = Proxy(Pending(batch, i, 0, (), shape, dtype))
+            else:
+                result = [Proxy(Pending(batch, i, k, (), None if r is None else (rows,) + r, d))
+                          for k, (r, d) in enumerate(zip(entry.row_shapes,
+                                                         entry.output_dtypes))]
+            batch.proxies.append(result)
+            stats.deferred += 1
+            if stop >= scope.max_batch_size:
+                scope.run_full(batch)
+        return result
+    return call
+
+
+def _dead():
+    return None
+
+
+def auto_scope():
+    """This thread's auto-batch scope."""
+    scope = getattr(_local, 'auto', None)
+    if scope is None:
+        scope = _local.auto = AutoScope()
+        with _scopes_lock:
+            _auto_scopes.add(scope)
+    return scope
+
+
+_auto_scopes = weakref.WeakSet()    # every live thread's AutoScope
+
+
+def flush_auto():
+    """Run every auto-batch scope's pending calls (at exit, before a fork)."""
+    if not _auto_scopes:
+        return
+    with _scopes_lock:
+        scopes = list(_auto_scopes)
+    for scope in scopes:
+        scope.flush(lone_read=False)
+
+
 def implicit_scope():
     """This thread's scope for ``defer=True`` without a ``batching()`` block: it runs its
     calls when a value is read, when the batch is full, before graph use, and at exit."""
@@ -484,4 +646,7 @@ def _after_fork_in_child():
     _active = len(getattr(_local, 'stack', None) or ())
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# A forked child must not run its parent's session: auto-deferred calls (which plain
+# Keras would have run at the call) run in the parent first. (Opt-in deferral's are the
+# caller's scope: left as they were.)
+os.register_at_fork(before=flush_auto, after_in_child=_after_fork_in_child)

@@ -81,6 +81,14 @@ def announcing(fn):
     return fn
 
 
+def forget_steady():
+    """Each site's usual-call tuple is made again at its next call (the report or
+    auto-batch turned on or off: what the tuples hold depends on them)."""
+    with sites.lock:
+        for _, by_line in sites.tables.values():
+            by_line.clear()
+
+
 def is_call_entry(path, wrapper):
     return bool(getattr(wrapper, '_kfp_call', False)) or path in CALL_PATHS
 
@@ -98,5 +106,5 @@ def wrap(path, wrapper):
 
 
 __all__ = ['CALL_PATHS', 'JSON_ENV', 'Watched', 'announcing', 'at_exit', 'child_path',
-           'format_table', 'in_child', 'is_call_entry', 'report', 'reset', 'stop_announcing',
-           'wrap', 'write_json']
+           'forget_steady', 'format_table', 'in_child', 'is_call_entry', 'report', 'reset',
+           'stop_announcing', 'wrap', 'write_json']

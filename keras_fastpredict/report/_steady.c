@@ -12,7 +12,8 @@
  * recorder, with the calling frame.
  *
  * Tables: a predict site's hot tuple (predict_calls.hot_tuple: code, instance weakly,
- * rows, stats, acc, site); an announced site's steady tuple (announced._steady_at: code,
+ * rows, stats, acc, site, and under auto-batch a seventh item: the site's Auto.call, or
+ * None where its calls pass on uncounted); an announced site's steady tuple (announced._steady_at: code,
  * instance weakly, rows, state weakly, acc, site, the state's stats, the stats its paths
  * are read from, the site table, entry name), whose call in flight is this thread's
  * ``_in_flight.current``: [steady, the state's fast_calls before (-1: not announced yet,
@@ -131,7 +132,9 @@ site_of(Recorder *self, PyFrameObject *f, PyObject *instance, PyObject *args,
         return NULL;
     PyObject *site = PyDict_GetItemWithError(self->table, key);
     Py_DECREF(key);
-    if (site == NULL || !PyTuple_CheckExact(site) || PyTuple_GET_SIZE(site) != size)
+    /* (a predict site's tuple has one item more where the site is auto-batched) */
+    if (site == NULL || !PyTuple_CheckExact(site) || (PyTuple_GET_SIZE(site) != size
+            && !(size == 6 && PyTuple_GET_SIZE(site) == 7)))
         return NULL;
     PyObject *ref = PyTuple_GET_ITEM(site, 1), *acc = PyTuple_GET_ITEM(site, 4);
     if (PyTuple_GET_ITEM(site, 0) != (PyObject *)f->f_code || !PyWeakref_CheckRef(ref)
@@ -242,6 +245,10 @@ Recorder_call(Recorder *self, PyObject *callargs, PyObject *callkw)
     if (PyTuple_GET_SIZE(args) == 0 || same_rows(PyTuple_GET_ITEM(args, 0), self->type,
                                                  rows) < 0)
         return rest(self, f, wrapped, instance, args, kwargs);
+    /* Auto-batch alone, a site it does not batch: nothing to count (no report is shown). */
+    if (PyTuple_GET_SIZE(hot) == 7 && PyTuple_GET_ITEM(hot, 6) == Py_None)
+        return PyObject_CallFunctionObjArgs(self->through, self->wrapper, wrapped, instance,
+                                            args, kwargs, NULL);
     /* Held for the call (another thread may replace the site's tuple meanwhile). */
     Py_INCREF(hot);
     PyObject *out = NULL, *fc = NULL, *elapsed = NULL;
@@ -253,6 +260,26 @@ Recorder_call(Recorder *self, PyObject *callargs, PyObject *callkw)
         PyObject *r = PyObject_CallFunctionObjArgs(self->helper, stats, site, NULL);
         if (r == NULL)
             goto done;
+        Py_DECREF(r);
+    }
+    if (PyTuple_GET_SIZE(hot) == 7) {       /* (its item is not None: see above) */
+        /* Auto-batched (predict_calls.hot_tuple): the site's Auto.call gives the call's
+         * deferred result, counted as a usual call, or None for the usual path. */
+        double t0 = now();
+        PyObject *r = PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(hot, 6), instance, args,
+                                                   kwargs, NULL);
+        if (r == NULL)
+            goto done;
+        if (r != Py_None) {
+            PyObject *one = PyLong_FromLong(1);
+            elapsed = PyFloat_FromDouble(now() - t0);
+            if (one == NULL || elapsed == NULL || add_to(acc, 0, elapsed) < 0
+                    || add_to(acc, 1, one) < 0)
+                Py_CLEAR(r);
+            Py_XDECREF(one);
+            out = r;
+            goto done;
+        }
         Py_DECREF(r);
     }
     fc = PyObject_GetAttr(stats, str_fast_calls);

@@ -2,7 +2,8 @@
 Python where it is not, and a call's accounting once it returned."""
 import sys
 
-from . import frames, plain, sampling, sites
+from ..config import settings
+from . import auto, frames, plain, sampling, sites
 
 
 try:                        # the usual call in C, where the extension is built
@@ -56,8 +57,11 @@ def after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs
         if site.path.report_owner is site:
             sites.settle(site)
         out = sampling.sample(site, f, out, x, rows, site.readahead != ahead)
-        if not site.sampling and rows == site.plain_rows:
-            plain.retime(site, rows, wrapped, instance, args, kwargs, x)
+        if not site.sampling:
+            if settings.auto_batch and site.auto is None:
+                auto.decide(site)   # (before the site's steady tuple is made)
+            if rows == site.plain_rows:
+                plain.retime(site, rows, wrapped, instance, args, kwargs, x)
     elif site.retime_left and rows == site.plain_rows:
         plain.retime(site, rows, wrapped, instance, args, kwargs, x)
     return out

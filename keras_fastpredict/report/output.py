@@ -37,7 +37,23 @@ def site_dict(site):
             ('batch_it_would_reach', None)])),
     ])
     d['advice'] = advice.advice(site, d)
+    d['auto_batch'] = _auto_dict(site)
+    if site.plain_note is plain.NOT_SHOWN:
+        d['plain_estimate_s'] = None
     return d
+
+
+def _auto_dict(site):
+    """What auto-batch did at the site (None: it was off, or the site still sampling)."""
+    auto = site.auto
+    if auto is None:
+        if site.auto_note is None:
+            return None
+        return collections.OrderedDict([('deferring', False), ('note', site.auto_note)])
+    return collections.OrderedDict([
+        ('deferring', auto.on), ('note', auto.stopped),
+        ('calls', auto.calls), ('batches', auto.batches),
+        ('lone_batches', auto.lone_batches), ('run_after_calls_s', auto.outside_s)])
 
 
 def report():
@@ -89,7 +105,25 @@ def format_table(data=None):
             lines.append('      plain: %s' % d['plain_estimate'])
         for a in d['advice']:
             lines.append('      advice: %s' % a['text'])
+        auto = d.get('auto_batch')
+        if auto is not None:
+            lines.append('      auto-batch: %s' % _auto_text(d, auto))
     return '\n'.join(lines)
+
+
+def _auto_text(d, auto):
+    if 'calls' not in auto:
+        return 'not deferred: %s' % auto['note']
+    text = ('%d calls deferred after the sample, run in %d batches (mean %.1f calls), '
+            '%.1f ms of runs after the calls' % (
+                auto['calls'], auto['batches'], auto['calls'] / max(1, auto['batches']),
+                1e3 * auto['run_after_calls_s']))
+    if d['plain_estimate_s'] is not None and d['time_s'] + auto['run_after_calls_s'] > 0:
+        text += '; site %.1fx plain Keras with those runs' % (
+            d['plain_estimate_s'] / (d['time_s'] + auto['run_after_calls_s']))
+    if not auto['deferring']:
+        text += '; then back to the fast path: %s' % auto['note']
+    return text
 
 
 def write_json(path, data=None):

@@ -5,6 +5,8 @@ import time
 
 import numpy as np
 
+from ..config import settings
+
 
 _perf = time.perf_counter
 _ndarray = np.ndarray
@@ -36,6 +38,8 @@ def add(site, rows, wrapped, instance, args, kwargs, x):
     bucket = rows.bit_length()
     key = (site.stats, bucket)      # (a model's or a cached state's own counters)
     plain = _cache.get(key)
+    if plain is None and not settings.report:
+        plain = NOT_SHOWN           # auto-batch alone samples sites: no extra run for it
     if plain is None:
         plain = _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x)
     if type(plain) is tuple:
@@ -52,6 +56,8 @@ def add(site, rows, wrapped, instance, args, kwargs, x):
     else:
         site.unmeasured += 1
         site.plain_note = plain
+        if plain is NOT_SHOWN and site.plain_rows is None:
+            site.plain_rows = rows  # (the rows a steady site's usual call is checked for)
         if plain is _WAITING:   # (by row bucket: each is counted at its own bucket's cost)
             waited = site.waiting.setdefault(bucket, [0, 0])
             waited[0] += 1
@@ -166,6 +172,7 @@ def _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x):
     return result
 
 
+NOT_SHOWN = 'not timed: the report was off (auto-batch alone)'
 _WAITING = 'not timed yet: our one-time work ran on another thread'
 
 

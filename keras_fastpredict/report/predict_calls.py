@@ -5,6 +5,7 @@ import types
 
 import numpy as np
 
+from ..config import settings
 from . import calls, frames, sites, watch
 
 
@@ -30,13 +31,26 @@ def recorder(wrapper, table, by_line, entry_name):
         except KeyError:
             hot = None
         if hot is not None:
-            code, ref, rows, s, acc, site = hot
+            if len_(hot) == 6:
+                code, ref, rows, s, acc, site = hot
+                auto = False
+            else:                   # auto-batch: the site's Auto.call, or None (see below)
+                code, ref, rows, s, acc, site, auto = hot
             if code is f.f_code and ref() is instance:
                 x = args[0] if args else None
                 if type_(x) is ndarray and x.ndim and len_(x) == rows:
                     # _record's steps, fewer, for the usual call.
+                    if auto is None:        # auto-batch alone, a site it does not batch
+                        return wrapper(wrapped, instance, args, kwargs)
                     if s.report_owner is not site:
                         sites.take(s, site)
+                    if auto is not False:   # a deferred result, or the usual path
+                        t0 = _perf()
+                        out = auto(instance, args, kwargs)
+                        if out is not None:
+                            acc[0] += _perf() - t0
+                            acc[1] += 1
+                            return out
                     fc = s.fast_calls
                     out, elapsed = timed(wrapper, wrapped, instance, args, kwargs, site, s)
                     if s.fast_calls != fc:
@@ -70,9 +84,16 @@ def hot_tuple(site, counters):
     """What a site's usual call reads, in one tuple (unpacked at once, where each
     attribute read costs about as much as a lookup): the user's code, the instance (or
     state) weakly, the row count plain Keras was timed for, the counters whose fast_calls
-    tell a served call, the site's accumulators, the site."""
-    return (site.code, site.instance_ref if site.state is None else site.state,
-            site.plain_rows, counters, site.acc, site)
+    tell a served call, the site's accumulators, the site; for an auto-batched site, then
+    its ``Auto.call`` (a deferred result, or None for the usual path); for a site auto-batch
+    alone (no report shown) decided not to batch, None: its calls pass on uncounted."""
+    hot = (site.code, site.instance_ref if site.state is None else site.state,
+           site.plain_rows, counters, site.acc, site)
+    if site.auto is not None:       # auto-batch: the site's calls go to its Auto first
+        hot += (site.auto.call,)
+    elif site.auto_note is not None and not settings.report:
+        hot += (None,)              # auto-batch alone, not batched: calls pass uncounted
+    return hot
 
 
 def timed(wrapper, wrapped, instance, args, kwargs, site, s):

@@ -7,11 +7,14 @@ import os
 import threading
 import weakref
 
+from ..config import settings
 
 # The counters a model's fast calls' ways are read from (one C call).
 _paths = operator.attrgetter('deferred', 'readahead_hits', 'readahead_windows', 'queued')
 
 WATCH_CALLS = 64        # results watched per site (the sample advice is measured on)
+AUTO_WATCH_CALLS = 16   # with auto-batch alone (no report shown): results watched, and
+                        # nothing else sampled (the span and fresh rows are for advice)
 SAMPLE_CALLS = 2 * WATCH_CALLS   # a site's sample ends after this many calls, whatever
                                  # its samplers saw (each counts only calls it can use)
 SPAN_CALLS = 16         # consecutive calls per site whose frames are compared
@@ -33,7 +36,8 @@ class Site(object):
                  'plain_waits', 'waiting', 'retime_left',
                  'sampling', 'sample_left', 'watch_left', 'watched', 'epoch',
                  'epoch_start', 'open_watch', 'batches', 'span_left', 'held', 'enclosing',
-                 'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state')
+                 'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state',
+                 'auto', 'auto_note')
 
     def __init__(self, code, line, stats, entry, instance, path=None, model=None, state=None,
                  sampling=True):
@@ -78,10 +82,14 @@ class Site(object):
         self.held = {}             # thread id -> frames of its previous sampled call
         self.enclosing = collections.Counter()
         self.fresh_left = FRESH_CALLS
+        if not settings.report:    # (auto-batch alone: only what it decides on)
+            self.watch_left, self.span_left, self.fresh_left = AUTO_WATCH_CALLS, 0, 0
         self.fresh = 0             # one-row fresh inputs of the previous call's shape
         self.last_shape = None
         self.dataset = None        # (weakref to the array, its name, last row matched)
         self.walk = 0              # consecutive rows of that array seen
+        self.auto = None           # auto-batch: the site's Auto once its calls are deferred
+        self.auto_note = None      # auto-batch: why its calls are not (report/auto.py)
 
     @property
     def time_s(self):

@@ -7,6 +7,8 @@ in the controller and in every xdist worker. ``KFP_UPSTREAM_MODE`` picks the run
 * ``patch``: ``keras_fastpredict.patch()`` for the whole session (default options).
 * ``defer``: ``keras_fastpredict.patch(defer=True)``: every eligible predict call returns a
   deferred result, resolved in batches when it is read (the implicit per-thread scope).
+* ``auto``: ``keras_fastpredict.patch(auto_batch=True)``: predict call sites sampled, and
+  those measured to keep their results for later deferred (``--auto-batch``).
 
 With ``KFP_UPSTREAM_OUT`` set, the process that reports (the xdist controller) writes the
 outcome of every test to ``results.json`` there, and each process that runs tests writes its
@@ -18,7 +20,7 @@ import os
 
 import pytest
 
-MODES = {'plain': None, 'patch': {}, 'defer': {'defer': True}}
+MODES = {'plain': None, 'patch': {}, 'defer': {'defer': True}, 'auto': {'auto_batch': True}}
 
 _totals = {}
 _outcomes = {}
