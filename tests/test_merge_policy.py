@@ -1,0 +1,146 @@
+"""The merge policy alone: made-up latencies in, the way per load level out (no clock, no
+threads, no TensorFlow)."""
+import pytest
+
+from keras_fastpredict.engine import merge_policy
+from keras_fastpredict.engine.merge_policy import DIRECT, MERGE, GAP_FIRST, GAP_MAX
+
+
+def policy(first=DIRECT, slots=2):
+    return merge_policy.Policy(slots, lambda: first)
+
+
+def epoch(p, key, cost):
+    """Calls at level ``key`` until its epoch ends; each timed call takes cost[way] (a
+    number, or a function of the call's index in the epoch). Returns (way, calls made)."""
+    calls = 0
+    while True:
+        way, ticket = p.way(key)
+        level = p.levels[key]
+        if calls == 0:
+            first, number = way, level.current[1]
+        calls += 1
+        if ticket is not None:
+            c = cost[way]
+            p.record(ticket, c(calls) if callable(c) else c)
+        if level.current[1] != number:
+            return first, calls
+
+
+def ways(p, key, cost, epochs):
+    return [epoch(p, key, cost)[0] for _ in range(epochs)]
+
+
+def test_levels_are_powers_of_two_above_the_slots():
+    p = policy(slots=2)
+    assert [p.level(c) for c in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == \
+        [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    p = policy(slots=1)
+    assert [p.level(c) for c in (1, 2, 3, 4, 5)] == [0, 1, 2, 2, 3]
+
+
+def test_an_epoch_times_the_calls_after_its_first_arrivals():
+    p = policy(slots=2)
+    key = p.level(16)                   # 9-16 callers: settle 8, time 32
+    tickets = [p.way(key)[1] for _ in range(50)]
+    assert tickets[:8] == [None] * 8
+    assert all(t is not None for t in tickets[8:40])
+    assert tickets[40:] == [None] * 10
+    level = p.levels[key]
+    assert (level.settle, level.calls) == (8, 32)
+
+
+def test_the_faster_way_is_found_and_kept():
+    # Prior DIRECT; merging is twice as fast: the first trial switches for good.
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    seen = ways(p, key, {DIRECT: 2.0, MERGE: 1.0}, 40)
+    assert seen[:GAP_FIRST + 1] == [DIRECT] * GAP_FIRST + [MERGE]
+    assert seen.count(DIRECT) < 2 * GAP_FIRST          # later trials of it only
+    assert p.levels[key].best == MERGE
+
+
+def test_a_prior_that_is_wrong_is_corrected():
+    p = policy(first=MERGE)
+    key = p.level(4)
+    seen = ways(p, key, {DIRECT: 1.0, MERGE: 1.5}, 20)
+    assert seen[GAP_FIRST] == DIRECT and p.levels[key].best == DIRECT
+    assert p.levels[key].switches == 1
+
+
+def test_a_losing_way_is_tried_ever_less_often():
+    p = policy(first=DIRECT)
+    key = p.level(8)
+    seen = ways(p, key, {DIRECT: 1.0, MERGE: 3.0}, 600)
+    trials = [i for i, w in enumerate(seen) if w == MERGE]
+    gaps = [b - a - 1 for a, b in zip([-1] + trials, trials)]
+    # Each loss doubles the gap before the next trial, up to GAP_MAX epochs.
+    assert gaps[:5] == [GAP_FIRST, 2 * GAP_FIRST, 4 * GAP_FIRST, 8 * GAP_FIRST,
+                        16 * GAP_FIRST]
+    assert max(gaps) == GAP_MAX and len(trials) <= 9
+    assert p.levels[key].best == DIRECT and p.levels[key].switches == 0
+
+
+def test_a_trial_that_cannot_win_ends_early():
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    level = p.levels.setdefault(key, merge_policy.Level(key, 2, DIRECT))
+    full = level.settle + level.calls
+    for _ in range(GAP_FIRST):
+        assert epoch(p, key, {DIRECT: 1.0, MERGE: 4.0}) == (DIRECT, full)
+    way, calls = epoch(p, key, {DIRECT: 1.0, MERGE: 4.0})
+    # Four times slower: its sum passes the best's whole epoch after a quarter of it.
+    assert way == MERGE and calls == level.settle + level.calls // 4 + 1
+    assert level.current[0] == DIRECT
+
+
+def test_a_change_of_load_is_followed():
+    # Merging wins, then stops winning (a model's runs got cheaper, other load...): the
+    # level goes back within the longest gap.
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    ways(p, key, {DIRECT: 2.0, MERGE: 1.0}, 300)
+    assert p.levels[key].best == MERGE
+    later = ways(p, key, {DIRECT: 1.0, MERGE: 2.0}, GAP_MAX + 2)
+    assert later.index(DIRECT) <= GAP_MAX          # the next trial of DIRECT switches
+    assert p.levels[key].best == DIRECT and p.levels[key].switches == 2
+
+
+def test_the_best_way_is_compared_with_its_latest_epoch():
+    # The best way's mean is its last epoch's, so a trial is judged against the load of
+    # the moment: here the load doubled all latencies before the trial.
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    ways(p, key, {DIRECT: 1.0, MERGE: 1.5}, GAP_FIRST - 1)
+    seen = ways(p, key, {DIRECT: 2.0, MERGE: 1.8}, 2)
+    assert seen == [DIRECT, MERGE] and p.levels[key].best == MERGE
+
+
+def test_calls_of_an_ended_epoch_are_not_counted():
+    # A trial that lost early leaves timed calls in flight: their latencies come after
+    # the next epoch began, and do not count in it.
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    ways(p, key, {DIRECT: 1.0, MERGE: 1.0}, GAP_FIRST)
+    level = p.levels[key]
+    tickets = [p.way(key) for _ in range(level.settle + level.calls)]
+    assert tickets[-1][0] == MERGE and level.trying
+    in_flight = [t for _, t in tickets if t is not None]
+    while level.trying:
+        p.record(in_flight.pop(0), 10.0)
+    assert in_flight and level.current[0] == DIRECT
+    before = (level.n, level.total, level.current)
+    for ticket in in_flight:
+        p.record(ticket, 10.0)
+    assert (level.n, level.total, level.current) == before
+
+
+def test_each_level_keeps_its_own_way():
+    p = policy(first=DIRECT)
+    low, high = p.level(4), p.level(16)
+    ways(p, low, {DIRECT: 1.0, MERGE: 2.0}, 20)
+    ways(p, high, {DIRECT: 2.0, MERGE: 1.0}, 20)
+    assert (p.levels[low].best, p.levels[high].best) == (DIRECT, MERGE)
+    described = {d['callers']: d for d in p.describe()}
+    assert described['3-4']['way'] == DIRECT and described['9-16']['way'] == MERGE
+    assert described['9-16']['merge_ms'] == pytest.approx(1000.0)
