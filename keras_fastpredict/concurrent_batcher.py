@@ -170,15 +170,30 @@ class Batcher(object):
                 self.cond.notify()
         timeout = settings.timeout
         deadline = None if timeout is None else req.enqueued + timeout
-        while True:
-            if req.lead:
-                self._lead(req, me)
-            if req.outputs is not None or req.error is not None:
-                break
-            self._wait(req, deadline)
+        try:
+            while True:
+                if req.lead:
+                    self._lead(req, me)
+                if req.outputs is not None or req.error is not None:
+                    break
+                self._wait(req, deadline)
+        except BaseException:
+            self._abandon(req)
+            raise
         if req.error is not None:
             raise req.error
         return req.outputs
+
+    def _abandon(self, req):
+        """This caller leaves (timed out, interrupted while waiting or leading): its call
+        leaves the queue, and if it was chosen to lead, another caller is."""
+        with self.lock:
+            if req in self.queue:
+                self.queue.remove(req)
+                self.queued_rows -= req.rows
+            if self.waking is req:
+                self.waking = None
+            self._wake_leader()
 
     def _wait(self, req, deadline):
         """Until ``req`` is served or chosen to lead; PredictTimeoutError past
@@ -190,10 +205,7 @@ class Batcher(object):
                 if req.lead or req.outputs is not None or req.error is not None:
                     req.event.acquire()     # signalled meanwhile: released already
                 elif req in self.queue:
-                    self.queue.remove(req)
-                    self.queued_rows -= req.rows
                     self.stats.timeouts += 1
-                    req.arrays = req.entry = None
                     raise PredictTimeoutError(
                         'keras_fastpredict: predict on model %r not served within %.3f s'
                         % (self.stats.name, settings.timeout))

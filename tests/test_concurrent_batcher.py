@@ -712,3 +712,26 @@ def test_measured_way_and_one_latency_per_timed_call():
                                                     ('ticket', 3)]
     assert all(latency > 0 for _, latency in policy.recorded)
     assert entry.runs == [[0], [1], [-2, 3], [-2], [3]]
+
+
+class InterruptedWhenChosen(concurrent_batcher.Batcher):
+    """A caller (the one whose row is tagged 1) is interrupted just as it is woken to
+    lead, as KeyboardInterrupt may hit the main thread while it waits."""
+
+    def _wait(self, req, deadline):
+        super(InterruptedWhenChosen, self)._wait(req, deadline)
+        if req.lead and req.arrays[0][0, 0] == 1:
+            raise KeyboardInterrupt
+
+
+def test_a_caller_interrupted_when_chosen_to_lead_hands_the_lead_on(always_queue):
+    entry = FakeEntry()
+    batcher = InterruptedWhenChosen(entry)
+    holder = holding(batcher, entry)
+    queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3)])
+    finish(entry, [holder] + queued)
+    assert isinstance(queued[0].error, KeyboardInterrupt)
+    for c in [holder] + queued[1:]:
+        assert_own(c)
+    assert entry.runs == [[0], [2, 3]]          # its call left the queue with it
+    assert not batcher.queue and not batcher.running and batcher.waking is None
