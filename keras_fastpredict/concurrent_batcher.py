@@ -131,14 +131,19 @@ class Batcher(object):
         running = self.running
         running.add(me)
         try:
-            return entry.run(arrays, batch_size)
-        finally:
+            out = entry.run(arrays, batch_size)
+        except BaseException:
             running.discard(me)
-            # (After the discard: a caller queueing meanwhile either saw the slot free and
-            # leads, or queued before this look and is woken here.)
             if self.queue:
                 with self.lock:
                     self._wake_leader()
+            raise
+        running.discard(me)
+        # (After the discard: a caller queueing meanwhile either saw the slot free and
+        # leads, or queued before this look and is served from here.)
+        if self.queue:
+            self._lead(None, me)
+        return out
 
     def _queued(self, entry, arrays, rows, batch_size, me):
         warmup.start()          # merged runs of several rows need TF's multi-row kernels
@@ -163,11 +168,11 @@ class Batcher(object):
             self.queued_rows += rows
             if len(self.queue) > self.stats.max_queue_len:
                 self.stats.max_queue_len = len(self.queue)
-            if self.waking is None and len(self.running) < self.slots:
+            if self.filling:
+                self.cond.notify()
+            elif self.waking is None and len(self.running) < self.slots:
                 self.waking = req           # a free slot: lead now, nobody to wake
                 req.lead = True
-            elif self.filling:
-                self.cond.notify()
         timeout = settings.timeout
         deadline = None if timeout is None else req.enqueued + timeout
         try:
@@ -221,49 +226,73 @@ class Batcher(object):
 
     def _wake_leader(self):
         """(Under self.lock.) Wake the first queued caller to lead the next batch, unless
-        one is being woken already."""
+        one is being woken already or a leader is gathering its batch."""
         self._record()
-        if self.waking is None and self.queue:
+        if self.waking is None and not self.filling and self.queue:
             req = self.waking = self.queue[0]
             req.lead = True
             req.released = _clock()
             req.event.release()
 
     def _lead(self, own, me):
-        """Take a batch from the head of the queue and run it in this thread."""
+        """Run batches from the head of the queue in this thread: until its own call
+        (``own``; None: a caller whose own run is done) is served, then one more if calls
+        wait. The caller whose run ends holds a slot and the GIL: it starts the next batch
+        at once, where waking another caller for it costs a hand-off and a wait for the
+        GIL behind the callers just served. Its own return waits one run at most."""
         cond = self.cond
         with cond:
-            own.lead = False
-            wait_s = settings.batch_timeout_micros / 1e6
-            if wait_s > 0 and self.queued_rows < settings.max_batch_size:
-                self._fill(self.queue[0].enqueued + wait_s)
-            self.waking = None
-            batch = self._take()
-            self.running.add(me)
-            if self.queue and len(self.running) < self.slots:
-                self._wake_leader()         # another free slot: its own leader
-        try:
-            self._run(batch)
-        except BaseException:
-            # Interrupted (KeyboardInterrupt, SystemExit): the calls not served go back
-            # to the head of the queue for the next leader; only this caller sees it.
+            if own is not None:
+                own.lead = False
+            elif self.waking is not None or self.filling or not self.queue:
+                return                      # (a direct run's end: a leader is coming)
+            batch = self._next_batch(me)
+        extra = 1 if own is not None else 0
+        while True:
+            try:
+                self._run(batch)
+            except BaseException:
+                # Interrupted (KeyboardInterrupt, SystemExit): the calls not served go
+                # back to the head of the queue for the next leader; only this caller
+                # sees it.
+                with cond:
+                    for req in reversed(batch):
+                        if req is not own and req.outputs is None and req.error is None:
+                            self.queue.appendleft(req)
+                            self.queued_rows += req.rows
+                    self.running.discard(me)
+                    self._wake_leader()
+                raise
             with cond:
-                for req in reversed(batch):
-                    if req is not own and req.outputs is None and req.error is None:
-                        self.queue.appendleft(req)
-                        self.queued_rows += req.rows
+                now = _clock()
+                for req in batch:
+                    req.arrays = req.entry = None   # nothing of the model stays referenced
+                    if req is not own:
+                        req.released = now
+                        req.event.release()
+                pending = own is not None and own.outputs is None and own.error is None
+                if (self.queue and self.waking is None and not self.filling
+                        and (pending or extra)):
+                    if not pending:
+                        extra -= 1
+                    batch = self._next_batch(me)
+                    continue
                 self.running.discard(me)
                 self._wake_leader()
-            raise
-        with cond:
-            now = _clock()
-            for req in batch:
-                req.arrays = req.entry = None   # nothing of the model stays referenced
-                if req is not own:
-                    req.released = now
-                    req.event.release()
-            self.running.discard(me)
-            self._wake_leader()
+                return
+
+    def _next_batch(self, me):
+        """(Under self.lock.) Gather (``batch_timeout_micros``) and take the next batch
+        for this caller to run; wake another leader if a slot is still free."""
+        wait_s = settings.batch_timeout_micros / 1e6
+        self.waking = None
+        if wait_s > 0 and self.queued_rows < settings.max_batch_size:
+            self._fill(self.queue[0].enqueued + wait_s)
+        batch = self._take()
+        self.running.add(me)
+        if self.queue and len(self.running) < self.slots:
+            self._wake_leader()             # another free slot: its own leader
+        return batch
 
     def _fill(self, end):
         """(Under self.lock.) Wait until ``end`` or until max_batch_size rows queue."""

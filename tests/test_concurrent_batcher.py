@@ -525,6 +525,7 @@ class FakeEntry(object):
         self.stats = counters.ModelStats('fake')
         self.batcher = None
         self.runs = []
+        self.threads = []               # the thread of each run
         self.gate = threading.Event()
         self.gate.set()
         self.at_gate = threading.Semaphore(0)
@@ -533,6 +534,7 @@ class FakeEntry(object):
     def run(self, arrays, batch_size=None):
         x = arrays[0]
         self.runs.append(x[:, 0].tolist())
+        self.threads.append(threading.current_thread())
         self.at_gate.release()
         assert self.gate.wait(30)
         if self.interrupt_on is not None and (x[:, 0] == self.interrupt_on).any():
@@ -623,19 +625,40 @@ def test_a_failing_call_fails_alone_with_its_own_error(always_queue):
     assert (type(error), str(error)) == plain
     # The merged run failed; each call was then run alone.
     assert entry.runs == [[0], [1, -2, 3, 4], [1], [-2], [3, 4], [-2]]
+    assert entry.threads[1:5] == [holder] * 4
+
+
+def test_the_caller_whose_run_ends_runs_the_next_batch_itself(always_queue):
+    # No hand-off to start a batch: the holder's run ends, it serves the queue (one batch
+    # past its own call), then the next batch's first caller is woken to lead it.
+    settings.update(max_batch_size=2)
+    entry = FakeEntry()
+    batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry)
+    queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3),
+                                             rows_of(4), rows_of(5), rows_of(6),
+                                             rows_of(7)])
+    finish(entry, [holder] + queued)
+    for c in [holder] + queued:
+        assert_own(c)
+    assert entry.runs == [[0], [1, 2], [3, 4], [5, 6], [7]]
+    # The holder runs [1, 2]; call 3, woken, leads its own batch and one more; call 7
+    # is woken for the last.
+    assert entry.threads == [holder, holder, queued[2], queued[2], queued[6]]
 
 
 def test_an_interrupted_leader_hands_its_batch_back(always_queue):
     entry = FakeEntry()
     batcher = concurrent_batcher.Batcher(entry)
     holder = holding(batcher, entry)
-    entry.interrupt_on = 1.0                # the first leader's (call 1's) merged run
+    entry.interrupt_on = 1.0                # the merged run the holder leads, once
     queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3)])
     finish(entry, [holder] + queued)
-    assert isinstance(queued[0].error, KeyboardInterrupt)    # only the leader sees it
-    for c in [holder] + queued[1:]:
+    assert isinstance(holder.error, KeyboardInterrupt)       # only the leader sees it
+    for c in queued:
         assert_own(c)
-    assert entry.runs == [[0], [1, 2, 3], [2, 3]]
+    assert entry.runs == [[0], [1, 2, 3], [1, 2, 3]]
+    assert entry.threads[1:] == [holder, queued[0]]
     assert not batcher.queue and not batcher.running and batcher.waking is None
 
 
@@ -727,11 +750,13 @@ class InterruptedWhenChosen(concurrent_batcher.Batcher):
 def test_a_caller_interrupted_when_chosen_to_lead_hands_the_lead_on(always_queue):
     entry = FakeEntry()
     batcher = InterruptedWhenChosen(entry)
-    holder = holding(batcher, entry)
+    holder = holding(batcher, entry, tag=-1.0)      # its run fails: a queued call is woken
     queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3)])
     finish(entry, [holder] + queued)
+    assert isinstance(holder.error, ValueError)
     assert isinstance(queued[0].error, KeyboardInterrupt)
-    for c in [holder] + queued[1:]:
+    for c in queued[1:]:
         assert_own(c)
-    assert entry.runs == [[0], [2, 3]]          # its call left the queue with it
+    assert entry.runs == [[-1], [2, 3]]         # its call left the queue with it
+    assert entry.threads[1] is queued[1]
     assert not batcher.queue and not batcher.running and batcher.waking is None

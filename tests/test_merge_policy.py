@@ -56,7 +56,10 @@ def test_the_faster_way_is_found_and_kept():
     key = p.level(16)
     seen = ways(p, key, {DIRECT: 2.0, MERGE: 1.0}, 40)
     assert seen[:GAP_FIRST + 1] == [DIRECT] * GAP_FIRST + [MERGE]
-    assert seen.count(DIRECT) < 2 * GAP_FIRST          # later trials of it only
+    # Later, DIRECT only in trials, ever rarer: 40 epochs hold at most 6 of them.
+    trials = [i for i, w in enumerate(seen) if w == DIRECT][GAP_FIRST:]
+    assert len(trials) <= (40 // GAP_FIRST).bit_length()
+    assert all(seen[i - 1] == seen[i + 1] == MERGE for i in trials if i + 1 < len(seen))
     assert p.levels[key].best == MERGE
 
 
@@ -77,7 +80,9 @@ def test_a_losing_way_is_tried_ever_less_often():
     # Each loss doubles the gap before the next trial, up to GAP_MAX epochs.
     assert gaps[:5] == [GAP_FIRST, 2 * GAP_FIRST, 4 * GAP_FIRST, 8 * GAP_FIRST,
                         16 * GAP_FIRST]
-    assert max(gaps) == GAP_MAX and len(trials) <= 9
+    assert max(gaps) == GAP_MAX
+    doubling = (GAP_MAX // GAP_FIRST).bit_length()          # trials until the gap is full
+    assert len(trials) <= doubling + 600 // GAP_MAX
     assert p.levels[key].best == DIRECT and p.levels[key].switches == 0
 
 

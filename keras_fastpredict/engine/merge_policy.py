@@ -27,7 +27,8 @@ import itertools
 DIRECT, MERGE = 'direct', 'merge'
 OTHER = {DIRECT: MERGE, MERGE: DIRECT}
 
-GAP_FIRST = 4        # epochs of the better way before the other is tried (again)
+GAP_FIRST = 1        # epochs of the better way before the other is tried (again): a
+                     # wrong first guess costs one epoch
 GAP_MAX = 128        # the gap doubles each time the other way loses, up to this
 MIN_CALLS = 16       # timed calls per epoch, at least (more for higher levels)
 MAX_CALLS = 256
