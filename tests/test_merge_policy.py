@@ -10,6 +10,12 @@ def policy(first=DIRECT, slots=2):
     return merge_policy.Policy(slots, lambda: first)
 
 
+def opened(p, key):
+    """The level ``key`` of policy ``p``, made as a first call makes it."""
+    p.levels.setdefault(key, merge_policy.Level(key, p.slots, p.prior()))
+    return p.levels[key]
+
+
 def epoch(p, key, cost):
     """Calls at level ``key`` until its epoch ends; each timed call takes cost[way] (a
     number, or a function of the call's index in the epoch). Returns (way, calls made)."""
@@ -39,15 +45,50 @@ def test_levels_are_powers_of_two_above_the_slots():
     assert [p.level(c) for c in (1, 2, 3, 4, 5)] == [0, 1, 2, 2, 3]
 
 
-def test_an_epoch_times_the_calls_after_its_first_arrivals():
+def test_an_epoch_times_its_first_arrivals():
     p = policy(slots=2)
-    key = p.level(16)                   # 9-16 callers: settle 8, time 32
+    key = p.level(16)                   # 9-16 callers: 32 calls timed per epoch
     tickets = [p.way(key)[1] for _ in range(50)]
-    assert tickets[:8] == [None] * 8
-    assert all(t is not None for t in tickets[8:40])
-    assert tickets[40:] == [None] * 10
-    level = p.levels[key]
-    assert (level.settle, level.calls) == (8, 32)
+    assert [t[2] for t in tickets] == [True] * 32 + [False] * 18
+    assert p.levels[key].calls == 32
+
+
+def test_after_a_switch_calls_are_timed_once_the_previous_way_drained():
+    # Calls made the old way and still out (queued, say) would make the first calls of
+    # the new way look faster or slower than they are: none is timed before they return.
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    level = opened(p, key)
+    for _ in range(level.calls - 1):
+        p.record(p.way(key)[1], 1.0)
+    last = p.way(key)[1]
+    out = [p.way(key)[1] for _ in range(5)]        # untimed, still out at the switch
+    assert last[2] and not any(t[2] for t in out)
+    p.record(last, 1.0)
+    assert level.current[:2] == (MERGE, 1) and level.trying    # the first trial
+    early = [p.way(key)[1] for _ in range(7)]
+    assert not any(t[2] for t in early)            # the old way's calls are still out
+    for ticket in out:
+        p.record(ticket, 1.0)
+    later = [p.way(key)[1] for _ in range(level.calls + 1)]
+    assert [t[2] for t in later] == [True] * level.calls + [False]
+    for ticket in early + later:
+        p.record(ticket, 0.5)
+    assert level.best == MERGE and level.means == {DIRECT: 1.0, MERGE: 0.5}
+
+
+def test_the_same_way_goes_on_timing_without_a_pause():
+    p = policy(first=MERGE)
+    key = p.level(16)
+    level = opened(p, key)
+    level.gap = 1000                                 # no trial for a while
+    for _ in range(level.calls - 1):
+        p.record(p.way(key)[1], 1.0)
+    last = p.way(key)[1]
+    out = p.way(key)[1]                              # untimed, out across the new epoch
+    p.record(last, 1.0)
+    assert level.current[:2] == (MERGE, 1) and not out[2]
+    assert p.way(key)[1][2]                          # the next arrival is timed at once
 
 
 def test_the_faster_way_is_found_and_kept():
@@ -89,13 +130,12 @@ def test_a_losing_way_is_tried_ever_less_often():
 def test_a_trial_that_cannot_win_ends_early():
     p = policy(first=DIRECT)
     key = p.level(16)
-    level = p.levels.setdefault(key, merge_policy.Level(key, 2, DIRECT))
-    full = level.settle + level.calls
+    level = opened(p, key)
     for _ in range(GAP_FIRST):
-        assert epoch(p, key, {DIRECT: 1.0, MERGE: 4.0}) == (DIRECT, full)
+        assert epoch(p, key, {DIRECT: 1.0, MERGE: 4.0}) == (DIRECT, level.calls)
     way, calls = epoch(p, key, {DIRECT: 1.0, MERGE: 4.0})
     # Four times slower: its sum passes the best's whole epoch after a quarter of it.
-    assert way == MERGE and calls == level.settle + level.calls // 4 + 1
+    assert way == MERGE and calls == level.calls // 4 + 1
     assert level.current[0] == DIRECT
 
 
@@ -123,21 +163,22 @@ def test_the_best_way_is_compared_with_its_latest_epoch():
 
 def test_calls_of_an_ended_epoch_are_not_counted():
     # A trial that lost early leaves timed calls in flight: their latencies come after
-    # the next epoch began, and do not count in it.
+    # the next epoch began; they end its wait for them, and are not timed in it.
     p = policy(first=DIRECT)
     key = p.level(16)
     ways(p, key, {DIRECT: 1.0, MERGE: 1.0}, GAP_FIRST)
     level = p.levels[key]
-    tickets = [p.way(key) for _ in range(level.settle + level.calls)]
+    tickets = [p.way(key) for _ in range(level.calls)]
     assert tickets[-1][0] == MERGE and level.trying
-    in_flight = [t for _, t in tickets if t is not None]
+    in_flight = [t for _, t in tickets]
     while level.trying:
         p.record(in_flight.pop(0), 10.0)
-    assert in_flight and level.current[0] == DIRECT
-    before = (level.n, level.total, level.current)
+    assert in_flight and level.current[:2] == (DIRECT, GAP_FIRST + 1)
+    assert level.current[3] is None                  # waiting for the trial's calls
     for ticket in in_flight:
         p.record(ticket, 10.0)
-    assert (level.n, level.total, level.current) == before
+    assert (level.n, level.total) == (0, 0.0) and level.current[3] is not None
+    assert level.current[:2] == (DIRECT, GAP_FIRST + 1)
 
 
 def test_each_level_keeps_its_own_way():

@@ -9,9 +9,11 @@ on the load, so it is measured, per model and per load level: the number of call
 inside at once, in powers of two above the slots (3-4, 5-8, 9-16... on 2 slots).
 
 Each level's calls are timed from arrival to return (queueing, hand-offs and runs
-included) in epochs of the way in use: an epoch times the calls that arrive in it (after
-a few that still meet the previous way's runs), and ends when all of them have returned,
-so slow calls weigh as much as fast ones. With n callers inside, the mean latency is the
+included) in epochs of the way in use. An epoch times calls that arrive once every call
+of the previous epoch has returned (until then callers still meet the other way: just
+after a switch from merging, most of them wait in the queue and leave the cores to the
+first direct runs, which would look fast), and ends when all the calls it timed have
+returned, so slow calls weigh as much as fast ones. With n callers inside, the mean latency is the
 cost per call (Little's law: calls served per second = n / latency), so the way with
 the lower mean also serves more calls. Now and then an epoch tries the other way; if its
 mean is lower it is kept. A way that keeps losing is tried less and less often (the gap
@@ -37,28 +39,27 @@ MAX_CALLS = 256
 class Level(object):
     """One load level's measurements and choice."""
     __slots__ = ('key', 'current', 'best', 'best_mean', 'trying', 'n', 'total', 'gap',
-                 'since', 'calls', 'settle', 'trials', 'switches', 'means')
+                 'since', 'calls', 'trials', 'switches', 'means', 'returned', 'draining')
 
     def __init__(self, key, slots, first):
         self.key = key
-        callers = slots << key           # the most callers at this level
-        self.calls = max(MIN_CALLS, min(MAX_CALLS, 2 * callers))
-        # Calls that arrive just after a change still meet the other way's runs and
-        # queue: an epoch's first arrivals are not timed.
-        self.settle = callers // 2
+        self.calls = max(MIN_CALLS, min(MAX_CALLS, 2 * (slots << key)))  # timed per epoch
         self.best = first
         self.best_mean = None
         self.trying = False
-        self.n = 0
+        self.n = 0                  # timed calls returned, and their latencies' sum
         self.total = 0.0
         self.gap = GAP_FIRST
         self.since = 0
         self.trials = 0
         self.switches = 0
         self.means = {DIRECT: None, MERGE: None}     # the last epoch's mean of each way
-        # (way, epoch, arrivals): read by callers without a lock; next() on the counter
-        # is atomic, so each arrival gets its own number.
-        self.current = (first, 0, itertools.count())
+        self.returned = 0           # calls of this epoch returned (timed or not)
+        self.draining = None        # [calls of the previous epoch not returned yet]
+        # (way, epoch, arrivals, timed): read by callers without a lock. next() on a
+        # counter is atomic: each arrival gets its own number; ``timed`` counts the
+        # arrivals timed, None while the previous epoch drains.
+        self.current = (first, 0, itertools.count(), itertools.count())
 
 
 class Policy(object):
@@ -75,22 +76,32 @@ class Policy(object):
         return ((callers - 1) // self.slots).bit_length()
 
     def way(self, key):
-        """(way, ticket) for a call at level ``key``; a ticket (not None) asks for the
-        call's latency: pass it back to ``record``."""
+        """(way, ticket) for a call at level ``key``; pass the ticket back to ``record``
+        with the call's latency, whatever became of the call."""
         level = self.levels.get(key)
         if level is None:
             level = self.levels.setdefault(key, Level(key, self.slots, self.prior()))
-        way, epoch, arrivals = level.current
-        i = next(arrivals) - level.settle
-        return way, ((key, epoch) if 0 <= i < level.calls else None)
+        way, epoch, arrivals, timed = level.current
+        next(arrivals)
+        return way, (key, epoch, timed is not None and next(timed) < level.calls)
 
     def record(self, ticket, latency):
-        """The latency (seconds) of a call ``way`` gave ``ticket``. Call under a lock:
-        epochs end here."""
-        key, epoch = ticket
+        """The latency (seconds) of the call ``way`` gave ``ticket``. Call under a lock:
+        epochs begin and end here."""
+        key, epoch, timed = ticket
         level = self.levels[key]
-        if level.current[1] != epoch:
-            return                       # an epoch ended early (a trial that lost)
+        way, current, arrivals, counter = level.current
+        if epoch != current:
+            draining = level.draining
+            if draining is not None and epoch == current - 1:
+                draining[0] -= 1
+                if draining[0] <= 0:            # the previous way's calls are all back
+                    level.draining = None
+                    level.current = (way, current, arrivals, itertools.count())
+            return
+        level.returned += 1
+        if not timed:
+            return
         level.n += 1
         level.total += latency
         if (level.trying and level.best_mean is not None
@@ -101,7 +112,7 @@ class Policy(object):
 
     def _end(self, level, lost=False):
         mean = level.total / level.n
-        way = level.current[0]
+        way, epoch, arrivals, _ = level.current
         level.means[way] = mean
         if level.trying:
             level.trying = False
@@ -112,16 +123,25 @@ class Policy(object):
                 level.switches += 1
             else:
                 level.gap = min(2 * level.gap, GAP_MAX)
-            way = level.best
+            next_way = level.best
         else:
             level.best_mean = mean         # the latest epoch: load changes over time
             level.since += 1
+            next_way = way
             if level.since >= level.gap:
                 level.trying = True
                 level.trials += 1
-                way = OTHER[level.best]
+                next_way = OTHER[level.best]
         level.n, level.total = 0, 0.0
-        level.current = (way, level.current[1] + 1, itertools.count())
+        # Calls of this epoch still out: next(arrivals) is one past the arrivals so far.
+        out = next(arrivals) - 1 - level.returned
+        level.returned = 0
+        if next_way == way or out <= 0:
+            level.draining = None
+            level.current = (next_way, epoch + 1, itertools.count(), itertools.count())
+        else:
+            level.draining = [out]
+            level.current = (next_way, epoch + 1, itertools.count(), None)
 
     def describe(self):
         """Per level: callers, way in use, the last epoch's mean latency of each way (ms),
