@@ -45,7 +45,6 @@ _clock = time.perf_counter
 # A first guess of one thread hand-off (waking a queued caller), refined per model by the
 # wakes measured: a level first merges only for a model whose fastest run took longer.
 _HANDOFF_S = 50e-6
-_RECORD_EVERY = 8       # a caller running directly records latencies in bunches
 
 
 def cores():
@@ -72,15 +71,14 @@ class Batcher(object):
         self.cond = threading.Condition(self.lock)   # a leader filling a batch waits here
         self.queue = collections.deque()
         self.queued_rows = 0
-        # Thread idents: set operations are atomic, so the usual call takes no lock.
-        self.inside = set()         # callers inside submit (the load level)
-        self.running = set()        # callers running a session run of this model
+        # Thread idents of the callers running a session run of this model: set
+        # operations are atomic, so the usual call takes no lock.
+        self.running = set()
         self.waking = None          # the queued request woken (or about) to lead next
         self.filling = False        # a leader waits for its batch to fill
         self.slots = settings.num_batch_threads or cores()
         self.handoff_s = _HANDOFF_S
         self.policy = merge_policy.Policy(self.slots, self._prior(entry))
-        self.done = collections.deque()     # (ticket, latency) not yet recorded
 
     def _prior(self, entry):
         # A level starts merging when a run costs more than waking a queued caller does;
@@ -96,36 +94,30 @@ class Batcher(object):
     # -- the call -------------------------------------------------------------------------
 
     def submit(self, entry, arrays, rows, batch_size):
+        """A call that found every slot busy or calls waiting (see ``submit`` below)."""
         me = _get_ident()
-        inside = self.inside
-        inside.add(me)
+        merge = settings.merge
+        ticket = None
+        if merge == 'auto':
+            # The load level: runs in flight, calls queued, and this one.
+            callers = len(self.running) + len(self.queue) + 1
+            policy = self.policy
+            way, ticket = policy.way(((callers - 1) // policy.slots).bit_length())
+        else:
+            way = MERGE if merge else DIRECT
+        if ticket is None:
+            if way is DIRECT:
+                return self._direct(entry, arrays, batch_size, me)
+            return self._queued(entry, arrays, rows, batch_size, me)
+        start = _clock()
         try:
-            callers = len(inside)
-            ticket = None
-            if callers <= self.slots:           # a slot is free
-                if not self.queue:
-                    return self._direct(entry, arrays, batch_size, me)
-                way = MERGE                     # join the calls waiting: one run for all
-            else:
-                merge = settings.merge
-                if merge == 'auto':
-                    start = _clock()
-                    way, ticket = self.policy.way(self.policy.level(callers))
-                else:
-                    way = MERGE if merge else DIRECT
-            try:
-                if way is DIRECT:
-                    return self._direct(entry, arrays, batch_size, me)
-                return self._queued(entry, arrays, rows, batch_size, me)
-            finally:
-                if ticket is not None:      # (a failed call too: its epoch waits for it)
-                    done = self.done
-                    done.append((ticket, _clock() - start))
-                    if len(done) >= _RECORD_EVERY:
-                        with self.lock:
-                            self._record()
+            if way is DIRECT:
+                return self._direct(entry, arrays, batch_size, me)
+            return self._queued(entry, arrays, rows, batch_size, me)
         finally:
-            inside.discard(me)
+            latency = _clock() - start      # (a failed call too: its epoch waits for it)
+            with self.lock:
+                self.policy.record(ticket, latency)
 
     def _direct(self, entry, arrays, batch_size, me):
         running = self.running
@@ -133,10 +125,7 @@ class Batcher(object):
         try:
             out = entry.run(arrays, batch_size)
         except BaseException:
-            running.discard(me)
-            if self.queue:
-                with self.lock:
-                    self._wake_leader()
+            self._failed(me)
             raise
         running.discard(me)
         # (After the discard: a caller queueing meanwhile either saw the slot free and
@@ -144,6 +133,12 @@ class Batcher(object):
         if self.queue:
             self._lead(None, me)
         return out
+
+    def _failed(self, me):
+        self.running.discard(me)
+        if self.queue:
+            with self.lock:
+                self._wake_leader()
 
     def _queued(self, entry, arrays, rows, batch_size, me):
         warmup.start()          # merged runs of several rows need TF's multi-row kernels
@@ -227,7 +222,6 @@ class Batcher(object):
     def _wake_leader(self):
         """(Under self.lock.) Wake the first queued caller to lead the next batch, unless
         one is being woken already or a leader is gathering its batch."""
-        self._record()
         if self.waking is None and not self.filling and self.queue:
             req = self.waking = self.queue[0]
             req.lead = True
@@ -342,18 +336,27 @@ class Batcher(object):
                 if req.outputs is None and req.error is None:
                     req.error = exc
 
-    def _record(self):
-        """(Under self.lock.) Hand the latencies measured so far to the policy."""
-        done = self.done
-        record = self.policy.record
-        while done:
-            record(*done.popleft())
-
 
 def submit(entry, arrays, rows, batch_size):
+    """Run one call of ``entry``'s model from any thread; returns its outputs."""
     batcher = entry.batcher
     if batcher is None:
         batcher = entry.batcher = Batcher(entry)
+    running = batcher.running
+    if len(running) < batcher.slots and not batcher.queue:
+        # A free slot, nobody waiting: run at once. The usual call: set operations, no
+        # lock, one frame (this is Batcher._direct, inlined).
+        me = _get_ident()
+        running.add(me)
+        try:
+            out = entry.run(arrays, batch_size)
+        except BaseException:
+            batcher._failed(me)
+            raise
+        running.discard(me)
+        if batcher.queue:
+            batcher._lead(None, me)
+        return out
     return batcher.submit(entry, arrays, rows, batch_size)
 
 

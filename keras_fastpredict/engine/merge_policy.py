@@ -8,67 +8,80 @@ run of many rows may cost about what one row costs, or many times it), on the ma
 on the load, so it is measured, per model and per load level: the number of callers
 inside at once, in powers of two above the slots (3-4, 5-8, 9-16... on 2 slots).
 
-Each level's calls are timed from arrival to return (queueing, hand-offs and runs
-included) in epochs of the way in use. An epoch times calls that arrive once every call
-of the previous epoch has returned (until then callers still meet the other way: just
-after a switch from merging, most of them wait in the queue and leave the cores to the
-first direct runs, which would look fast), and ends when all the calls it timed have
-returned, so slow calls weigh as much as fast ones. With n callers inside, the mean latency is the
-cost per call (Little's law: calls served per second = n / latency), so the way with
-the lower mean also serves more calls. Now and then an epoch tries the other way; if its
-mean is lower it is kept. A way that keeps losing is tried less and less often (the gap
-doubles up to GAP_MAX epochs), and a trial that can no longer win ends at once, so
-checking costs at most about one epoch of the better way per trial.
+A level goes the way that measured faster (its first way is a guess, ``prior``), and now
+and then checks the other: an epoch of the way in use (the reference), then an epoch of
+the other (the trial); the trial's way is kept if its mean latency was lower. Calls are
+timed from arrival to return, queueing, hand-offs and runs included; with n callers
+inside, the mean latency is the cost per call (Little's law: calls served per second =
+n / latency), so the way with the lower mean also serves more calls. An epoch times the
+first calls that arrive in it and ends when all of them have returned, so slow calls
+weigh as much as fast ones. After a change of way no call is timed until the other way's
+calls have had time to return (twice the slowest latency of the epoch before): just
+after a switch from merging, most callers still wait in the queue and leave the cores to
+the first direct runs, which would look fast. A way that keeps losing is checked less and
+less often (the gap between checks doubles, up to GAP_MAX epochs' worth of calls), and a
+trial that can no longer win ends at once, so checking costs at most about one epoch of
+the better way per check. Between checks calls are not timed: the usual call costs a
+dictionary lookup and a counter.
 
-Pure bookkeeping: callers pass latencies in (``record``, under their lock), read the way
-to go without a lock (``way``), so it is tested with made-up latencies.
+Pure bookkeeping: callers take the way without a lock (``way``) and hand latencies back
+under their lock (``record``); the clock is a parameter, so it is tested with made-up
+latencies and time.
 """
-
 import itertools
+import time
 
 DIRECT, MERGE = 'direct', 'merge'
 OTHER = {DIRECT: MERGE, MERGE: DIRECT}
 
-GAP_FIRST = 1        # epochs of the better way before the other is tried (again): a
+GAP_FIRST = 1        # epochs' worth of calls of the better way before the next check: a
                      # wrong first guess costs one epoch
 GAP_MAX = 128        # the gap doubles each time the other way loses, up to this
 MIN_CALLS = 16       # timed calls per epoch, at least (more for higher levels)
 MAX_CALLS = 256
+DRAIN = 2.0          # after a switch, no call is timed for this many slowest latencies
+
+# Phases of a level: untimed calls of the best way; a timed epoch of it; a timed trial
+# of the other way.
+GAP, REFERENCE, TRIAL = 'gap', 'reference', 'trial'
+_TURN = 'turn'       # the ticket of the call that ends a gap
 
 
 class Level(object):
     """One load level's measurements and choice."""
-    __slots__ = ('key', 'current', 'best', 'best_mean', 'trying', 'n', 'total', 'gap',
-                 'since', 'calls', 'trials', 'switches', 'means', 'returned', 'draining')
+    __slots__ = ('key', 'current', 'best', 'best_mean', 'n', 'total', 'slowest', 'gap',
+                 'calls', 'checks', 'switches', 'means', 'epochs', 'resume')
 
     def __init__(self, key, slots, first):
         self.key = key
         self.calls = max(MIN_CALLS, min(MAX_CALLS, 2 * (slots << key)))  # timed per epoch
         self.best = first
         self.best_mean = None
-        self.trying = False
-        self.n = 0                  # timed calls returned, and their latencies' sum
+        self.n = 0                  # timed calls returned, their latencies' sum and max
         self.total = 0.0
+        self.slowest = 0.0
         self.gap = GAP_FIRST
-        self.since = 0
-        self.trials = 0
+        self.checks = 0
         self.switches = 0
+        self.epochs = 0
         self.means = {DIRECT: None, MERGE: None}     # the last epoch's mean of each way
-        self.returned = 0           # calls of this epoch returned (timed or not)
-        self.draining = None        # [calls of the previous epoch not returned yet]
-        # (way, epoch, arrivals, timed): read by callers without a lock. next() on a
-        # counter is atomic: each arrival gets its own number; ``timed`` counts the
-        # arrivals timed, None while the previous epoch drains.
-        self.current = (first, 0, itertools.count(), itertools.count())
+        self.resume = None          # a lost trial's calls may be out until then
+        # (way, phase, arrivals, timed, start, turn): read by callers without a lock; a
+        # new tuple for each phase, so a ticket names its phase by its counter. next() on
+        # a counter is atomic: each arrival gets its own number. ``start``: no call is
+        # timed before this time (a switch's drain), or None; ``turn``: the arrival that
+        # ends a gap.
+        self.current = (first, REFERENCE, itertools.count(), itertools.count(), None, -1)
 
 
 class Policy(object):
     """Per model. ``slots``: runs in flight before callers may queue; ``prior()``: the way
     a new level starts with (a guess from the model's run time, see concurrent_batcher)."""
 
-    def __init__(self, slots, prior):
+    def __init__(self, slots, prior, clock=time.perf_counter):
         self.slots = slots
         self.prior = prior
+        self.clock = clock
         self.levels = {}
 
     def level(self, callers):
@@ -76,76 +89,72 @@ class Policy(object):
         return ((callers - 1) // self.slots).bit_length()
 
     def way(self, key):
-        """(way, ticket) for a call at level ``key``; pass the ticket back to ``record``
-        with the call's latency, whatever became of the call."""
+        """(way, ticket) for a call at level ``key``. A ticket (not None) asks for the
+        call's latency: pass it back to ``record``, whatever became of the call."""
         level = self.levels.get(key)
         if level is None:
             level = self.levels.setdefault(key, Level(key, self.slots, self.prior()))
-        way, epoch, arrivals, timed = level.current
+        way, phase, arrivals, timed, start, turn = level.current
+        if phase is GAP:            # (the usual call: untimed)
+            if next(arrivals) != turn:
+                return way, None
+            return way, (key, arrivals, _TURN)
         next(arrivals)
-        return way, (key, epoch, timed is not None and next(timed) < level.calls)
+        if start is not None:
+            if self.clock() < start:
+                return way, None            # the other way's calls may still be out
+        if next(timed) < level.calls:
+            return way, (key, arrivals, phase)
+        return way, None
 
     def record(self, ticket, latency):
         """The latency (seconds) of the call ``way`` gave ``ticket``. Call under a lock:
-        epochs begin and end here."""
-        key, epoch, timed = ticket
+        phases change here."""
+        key, arrivals, phase = ticket
         level = self.levels[key]
-        way, current, arrivals, counter = level.current
-        if epoch != current:
-            draining = level.draining
-            if draining is not None and epoch == current - 1:
-                draining[0] -= 1
-                if draining[0] <= 0:            # the previous way's calls are all back
-                    level.draining = None
-                    level.current = (way, current, arrivals, itertools.count())
-            return
-        level.returned += 1
-        if not timed:
+        if level.current[2] is not arrivals:
+            return                          # a phase ended meanwhile (a lost trial)
+        if phase is _TURN:
+            self._begin(level, REFERENCE, level.best, level.resume)
             return
         level.n += 1
         level.total += latency
-        if (level.trying and level.best_mean is not None
-                and level.total > level.best_mean * level.calls):
-            self._end(level, lost=True)          # cannot end below the best's mean now
+        if latency > level.slowest:
+            level.slowest = latency
+        if (phase is TRIAL and level.total > level.best_mean * level.calls):
+            self._end(level, lost=True)     # it cannot end below the best's mean now
         elif level.n >= level.calls:
             self._end(level)
 
     def _end(self, level, lost=False):
+        way, phase = level.current[:2]
         mean = level.total / level.n
-        way, epoch, arrivals, _ = level.current
         level.means[way] = mean
-        if level.trying:
-            level.trying = False
-            level.since = 0
-            if not lost and mean < level.best_mean:
-                level.best, level.best_mean = way, mean
-                level.gap = GAP_FIRST
-                level.switches += 1
-            else:
-                level.gap = min(2 * level.gap, GAP_MAX)
-            next_way = level.best
+        level.epochs += 1
+        drain = self.clock() + DRAIN * level.slowest
+        if phase is REFERENCE:
+            level.best_mean = mean          # the latest: load changes over time
+            level.checks += 1
+            self._begin(level, TRIAL, OTHER[way], drain)
+            return
+        if not lost and mean < level.best_mean:
+            level.best, level.best_mean = way, mean
+            level.gap = GAP_FIRST
+            level.switches += 1
+            level.resume = None
         else:
-            level.best_mean = mean         # the latest epoch: load changes over time
-            level.since += 1
-            next_way = way
-            if level.since >= level.gap:
-                level.trying = True
-                level.trials += 1
-                next_way = OTHER[level.best]
-        level.n, level.total = 0, 0.0
-        # Calls of this epoch still out: next(arrivals) is one past the arrivals so far.
-        out = next(arrivals) - 1 - level.returned
-        level.returned = 0
-        if next_way == way or out <= 0:
-            level.draining = None
-            level.current = (next_way, epoch + 1, itertools.count(), itertools.count())
-        else:
-            level.draining = [out]
-            level.current = (next_way, epoch + 1, itertools.count(), None)
+            level.gap = min(2 * level.gap, GAP_MAX)
+            level.resume = drain            # (back to the best way: the next reference
+        self._begin(level, GAP, level.best, None)   # waits for the trial's calls)
+
+    def _begin(self, level, phase, way, start):
+        level.n, level.total, level.slowest = 0, 0.0, 0.0
+        level.current = (way, phase, itertools.count(), itertools.count(), start,
+                         level.gap * level.calls)
 
     def describe(self):
         """Per level: callers, way in use, the last epoch's mean latency of each way (ms),
-        trials and switches so far."""
+        checks and switches so far."""
         out = []
         for key in sorted(self.levels):
             level = self.levels[key]
@@ -155,8 +164,8 @@ class Policy(object):
                 'way': level.best,
                 'direct_ms': _ms(level.means[DIRECT]),
                 'merge_ms': _ms(level.means[MERGE]),
-                'epochs': level.current[1],
-                'trials': level.trials,
+                'epochs': level.epochs,
+                'checks': level.checks,
                 'switches': level.switches,
             })
         return out
