@@ -561,7 +561,7 @@ class Caller(threading.Thread):
 
     def run(self):
         try:
-            self.result = self.batcher.submit(self.entry, [self.x], len(self.x), None)
+            self.result = concurrent_batcher.submit(self.entry, [self.x], len(self.x), None)
         except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt included
             self.error = exc
 
@@ -599,7 +599,7 @@ def finish(entry, callers):
 def test_batches_are_taken_in_arrival_order_up_to_max_batch_size(always_queue):
     settings.update(max_batch_size=3)
     entry = FakeEntry()
-    batcher = concurrent_batcher.Batcher(entry)
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
     holder = holding(batcher, entry)
     queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2, 3), rows_of(4),
                                              rows_of(5), rows_of(6, 7, 8, 9)])
@@ -614,7 +614,7 @@ def test_batches_are_taken_in_arrival_order_up_to_max_batch_size(always_queue):
 
 def test_a_failing_call_fails_alone_with_its_own_error(always_queue):
     entry = FakeEntry()
-    batcher = concurrent_batcher.Batcher(entry)
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
     holder = holding(batcher, entry)
     queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(-2), rows_of(3, 4)])
     finish(entry, [holder] + queued)
@@ -633,7 +633,7 @@ def test_the_caller_whose_run_ends_runs_the_next_batch_itself(always_queue):
     # past its own call), then the next batch's first caller is woken to lead it.
     settings.update(max_batch_size=2)
     entry = FakeEntry()
-    batcher = concurrent_batcher.Batcher(entry)
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
     holder = holding(batcher, entry)
     queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3),
                                              rows_of(4), rows_of(5), rows_of(6),
@@ -649,7 +649,7 @@ def test_the_caller_whose_run_ends_runs_the_next_batch_itself(always_queue):
 
 def test_an_interrupted_leader_hands_its_batch_back(always_queue):
     entry = FakeEntry()
-    batcher = concurrent_batcher.Batcher(entry)
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
     holder = holding(batcher, entry)
     entry.interrupt_on = 1.0                # the merged run the holder leads, once
     queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3)])
@@ -665,7 +665,7 @@ def test_an_interrupted_leader_hands_its_batch_back(always_queue):
 def test_a_caller_timed_out_in_the_queue_leaves_it_and_the_rest_are_served(always_queue):
     settings.update(timeout=0.2)
     entry = FakeEntry()
-    batcher = concurrent_batcher.Batcher(entry)
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
     holder = holding(batcher, entry)
     late = Caller(batcher, entry, rows_of(1))
     late.join(30)
@@ -683,7 +683,7 @@ def test_direct_way_never_queues(always_queue):
     # merge=False: every call runs at once, however many runs are in flight.
     settings.update(merge=False)
     entry = FakeEntry()
-    batcher = concurrent_batcher.Batcher(entry)
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
     holder = holding(batcher, entry)
     others = [Caller(batcher, entry, rows_of(i)) for i in (1, 2, 3)]
     for _ in others:
@@ -717,7 +717,7 @@ def test_measured_way_and_one_latency_per_timed_call():
     # goes that way, and gives back its latency once it returns, failed calls included.
     settings.update(num_batch_threads=1)
     entry = FakeEntry()
-    batcher = concurrent_batcher.Batcher(entry)
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
     policy = batcher.policy = ScriptedPolicy(1, [merge_policy.DIRECT, merge_policy.MERGE,
                                                  merge_policy.MERGE])
     holder = holding(batcher, entry)
@@ -747,7 +747,7 @@ class InterruptedWhenChosen(concurrent_batcher.Batcher):
 
 def test_a_caller_interrupted_when_chosen_to_lead_hands_the_lead_on(always_queue):
     entry = FakeEntry()
-    batcher = InterruptedWhenChosen(entry)
+    batcher = entry.batcher = InterruptedWhenChosen(entry)
     holder = holding(batcher, entry, tag=-1.0)      # its run fails: a queued call is woken
     queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3)])
     finish(entry, [holder] + queued)
