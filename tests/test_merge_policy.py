@@ -2,7 +2,7 @@
 level out (no threads, no TensorFlow)."""
 from keras_fastpredict.engine import merge_policy
 from keras_fastpredict.engine.merge_policy import (DIRECT, MERGE, GAP, REFERENCE, TRIAL,
-                                                   GAP_FIRST, GAP_MAX, DRAIN)
+                                                   GAP_FIRST, GAP_MAX, DRAIN, TRIM)
 
 
 class Clock(object):
@@ -44,6 +44,15 @@ def phases(p, key, cost, n):
     return [phase(p, key, cost) for _ in range(n)]
 
 
+def lost_after(level, ratio):
+    """Timed calls after which a trial ``ratio`` times slower than the reference cannot
+    win any more: the rest could displace as many of them among the fastest kept."""
+    n = 1
+    while ratio * (level.kept - (level.calls - n)) <= level.kept:
+        n += 1
+    return n
+
+
 def test_levels_are_powers_of_two_above_the_slots():
     p = policy(slots=2)
     assert [p.level(c) for c in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == \
@@ -68,7 +77,7 @@ def test_a_check_is_a_reference_epoch_then_a_trial_then_a_gap():
     assert [s[:2] for s in seen] == [(DIRECT, REFERENCE), (MERGE, TRIAL), (DIRECT, GAP),
                                      (DIRECT, REFERENCE)]
     assert seen[0][3] == seen[3][3] == calls
-    assert seen[1][3] == 22         # lost: its sum passed the reference's 32 s at call 22
+    assert seen[1][3] == lost_after(p.levels[key], 1.5) == 23     # (it lost early)
     # The gap is untimed: after a loss, 2 x GAP_FIRST epochs' worth of calls (the turn's
     # call ends it).
     assert seen[2][2] == 2 * GAP_FIRST * calls + 1 and seen[2][3] == 0
@@ -113,8 +122,10 @@ def test_a_trial_that_cannot_win_ends_early():
     calls = opened(p, key).calls
     phase(p, key, {DIRECT: 1.0, MERGE: 4.0})
     way, name, _, timed = phase(p, key, {DIRECT: 1.0, MERGE: 4.0})
-    # Four times slower: its sum passes the reference's whole epoch after a quarter.
-    assert (way, name) == (MERGE, TRIAL) and timed == calls // 4 + 1
+    # Four times slower: after 12 of its 32 calls, even 20 instant ones to come would
+    # leave its mean (of the fastest 28) above the reference's.
+    assert (way, name) == (MERGE, TRIAL) and timed == lost_after(p.levels[key], 4.0) == 12
+    assert calls == 32
     assert p.levels[key].current[:2] == (DIRECT, GAP)
 
 
@@ -127,9 +138,9 @@ def test_after_a_switch_no_call_is_timed_until_the_other_way_drained():
     tickets = [p.way(key)[1] for _ in range(level.calls)]
     for t in tickets[:-1]:
         p.record(t, 1.0)
-    p.record(tickets[-1], 3.0)           # the reference's slowest call: 3 s
-    assert level.current[:2] == (MERGE, TRIAL)
-    drained = p.clock.t + DRAIN * 3.0
+    p.record(tickets[-1], 50.0)          # an outlier: left out of the mean
+    assert level.current[:2] == (MERGE, TRIAL) and level.means[DIRECT] == 1.0
+    drained = p.clock.t + DRAIN * 1.0
     p.clock.t = drained - 0.01
     assert p.way(key)[1] is None
     p.clock.t = drained
@@ -167,10 +178,10 @@ def test_calls_of_an_ended_phase_are_not_counted():
     assert level.current[:2] == (MERGE, TRIAL) and all(tickets)
     while level.current[1] is TRIAL:
         p.record(tickets.pop(0), 10.0)
-    before = (level.n, level.total, level.current, level.means)
+    before = (list(level.latencies), level.current, dict(level.means))
     for ticket in tickets:
         p.record(ticket, 10.0)
-    assert (level.n, level.total, level.current, level.means) == before
+    assert (level.latencies, level.current, level.means) == before
 
 
 def test_a_change_of_load_is_followed():
@@ -200,6 +211,18 @@ def test_a_trial_is_judged_against_the_reference_just_before_it():
     seen = phases(p, key, {DIRECT: 2.0, MERGE: 1.8}, 2)
     assert [s[:2] for s in seen] == [(DIRECT, REFERENCE), (MERGE, TRIAL)]
     assert p.levels[key].best == MERGE
+
+
+def test_an_epoch_mean_leaves_out_its_slowest_eighth():
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    level = opened(p, key)
+    tickets = [p.way(key)[1] for _ in range(level.calls)]
+    slow = level.calls // TRIM
+    for i, t in enumerate(tickets):
+        p.record(t, 100.0 if i < slow else 1.0 + i / 1000.0)
+    kept = [1.0 + i / 1000.0 for i in range(slow, level.calls)]
+    assert level.means[DIRECT] == sum(kept) / len(kept)
 
 
 def test_each_level_keeps_its_own_way():

@@ -15,10 +15,12 @@ timed from arrival to return, queueing, hand-offs and runs included; with n call
 inside, the mean latency is the cost per call (Little's law: calls served per second =
 n / latency), so the way with the lower mean also serves more calls. An epoch times the
 first calls that arrive in it and ends when all of them have returned, so slow calls
-weigh as much as fast ones. After a change of way no call is timed until the other way's
-calls have had time to return (twice the slowest latency of the epoch before): just
-after a switch from merging, most callers still wait in the queue and leave the cores to
-the first direct runs, which would look fast. A way that keeps losing is checked less and
+weigh as much as fast ones; its mean leaves out the slowest eighth (one-time work such
+as a first run of a new batch size, a garbage collection, the machine's other load). After
+a change of way no call is timed until the other way's calls have had time to return
+(three times the mean of the epoch before): just after a switch from merging, most
+callers still wait in the queue and leave the cores to the first direct runs, which
+would look fast. A way that keeps losing is checked less and
 less often (the gap between checks doubles, up to GAP_MAX epochs' worth of calls), and a
 trial that can no longer win ends at once, so checking costs at most about one epoch of
 the better way per check. Between checks calls are not timed: the usual call costs a
@@ -39,7 +41,8 @@ GAP_FIRST = 1        # epochs' worth of calls of the better way before the next 
 GAP_MAX = 128        # the gap doubles each time the other way loses, up to this
 MIN_CALLS = 16       # timed calls per epoch, at least (more for higher levels)
 MAX_CALLS = 256
-DRAIN = 2.0          # after a switch, no call is timed for this many slowest latencies
+DRAIN = 3.0          # after a switch, no call is timed for this many mean latencies
+TRIM = 8             # an epoch's mean leaves out its slowest 1/TRIM calls
 
 # Phases of a level: untimed calls of the best way; a timed epoch of it; a timed trial
 # of the other way.
@@ -49,7 +52,7 @@ _TURN = 'turn'       # the ticket of the call that ends a gap
 
 class Level(object):
     """One load level's measurements and choice."""
-    __slots__ = ('key', 'current', 'best', 'best_mean', 'n', 'total', 'slowest', 'gap',
+    __slots__ = ('key', 'current', 'best', 'best_mean', 'latencies', 'kept', 'gap',
                  'calls', 'checks', 'switches', 'means', 'epochs', 'resume')
 
     def __init__(self, key, slots, first):
@@ -57,9 +60,8 @@ class Level(object):
         self.calls = max(MIN_CALLS, min(MAX_CALLS, 2 * (slots << key)))  # timed per epoch
         self.best = first
         self.best_mean = None
-        self.n = 0                  # timed calls returned, their latencies' sum and max
-        self.total = 0.0
-        self.slowest = 0.0
+        self.kept = self.calls - self.calls // TRIM     # the fastest, counted in a mean
+        self.latencies = []         # of the timed calls returned
         self.gap = GAP_FIRST
         self.checks = 0
         self.switches = 0
@@ -117,21 +119,28 @@ class Policy(object):
         if phase is _TURN:
             self._begin(level, REFERENCE, level.best, level.resume)
             return
-        level.n += 1
-        level.total += latency
-        if latency > level.slowest:
-            level.slowest = latency
-        if (phase is TRIAL and level.total > level.best_mean * level.calls):
-            self._end(level, lost=True)     # it cannot end below the best's mean now
-        elif level.n >= level.calls:
-            self._end(level)
+        latencies = level.latencies
+        latencies.append(latency)
+        n = len(latencies)
+        if n >= level.calls:
+            self._end(level, _mean(latencies, level.kept))
+        elif phase is TRIAL:
+            # Lost already? The calls still to come can take the place of as many of
+            # these among the fastest, no more: what is left is its smallest possible
+            # sum.
+            least = level.kept - (level.calls - n)
+            if least > 0 and sum(sorted(latencies)[:least]) > level.best_mean * level.kept:
+                self._end(level, None)
 
-    def _end(self, level, lost=False):
+    def _end(self, level, mean):
+        """End the epoch: ``mean``, its latency, or None for a trial that lost early."""
         way, phase = level.current[:2]
-        mean = level.total / level.n
+        lost = mean is None
+        if lost:
+            mean = sum(level.latencies) / len(level.latencies)
         level.means[way] = mean
         level.epochs += 1
-        drain = self.clock() + DRAIN * level.slowest
+        drain = self.clock() + DRAIN * mean
         if phase is REFERENCE:
             level.best_mean = mean          # the latest: load changes over time
             level.checks += 1
@@ -148,7 +157,7 @@ class Policy(object):
         self._begin(level, GAP, level.best, None)   # waits for the trial's calls)
 
     def _begin(self, level, phase, way, start):
-        level.n, level.total, level.slowest = 0, 0.0, 0.0
+        level.latencies = []
         level.current = (way, phase, itertools.count(), itertools.count(), start,
                          level.gap * level.calls)
 
@@ -169,6 +178,10 @@ class Policy(object):
                 'switches': level.switches,
             })
         return out
+
+
+def _mean(latencies, kept):
+    return sum(sorted(latencies)[:kept]) / kept
 
 
 def _ms(seconds):
