@@ -71,9 +71,9 @@ class Batcher(object):
         self.cond = threading.Condition(self.lock)   # a leader filling a batch waits here
         self.queue = collections.deque()
         self.queued_rows = 0
-        # Thread idents of the callers running a session run of this model: set
-        # operations are atomic, so the usual call takes no lock.
-        self.running = set()
+        # Thread idents: set operations are atomic, so the usual call takes no lock.
+        self.inside = set()         # callers inside submit: the load level
+        self.running = set()        # callers running a session run of this model
         self.waking = None          # the queued request woken (or about) to lead next
         self.filling = False        # a leader waits for its batch to fill
         self.slots = settings.num_batch_threads or cores()
@@ -93,31 +93,23 @@ class Batcher(object):
 
     # -- the call -------------------------------------------------------------------------
 
-    def submit(self, entry, arrays, rows, batch_size):
+    def submit(self, entry, arrays, rows, batch_size, me):
         """A call that found every slot busy or calls waiting (see ``submit`` below)."""
-        me = _get_ident()
         merge = settings.merge
-        ticket = None
         if merge == 'auto':
-            # The load level: runs in flight, calls queued, and this one.
-            callers = len(self.running) + len(self.queue) + 1
+            # The load level: the callers inside, this one included, whichever way they
+            # went (runs and queued calls alone would drop each time a batch is taken).
             policy = self.policy
-            way, ticket = policy.way(((callers - 1) // policy.slots).bit_length())
+            callers = len(self.inside)
+            way, ticket = policy.way(((callers - 1) // policy.slots).bit_length(), callers)
+            if ticket is not None:
+                with self.lock:
+                    policy.turn(ticket)
         else:
             way = MERGE if merge else DIRECT
-        if ticket is None:
-            if way is DIRECT:
-                return self._direct(entry, arrays, batch_size, me)
-            return self._queued(entry, arrays, rows, batch_size, me)
-        start = _clock()
-        try:
-            if way is DIRECT:
-                return self._direct(entry, arrays, batch_size, me)
-            return self._queued(entry, arrays, rows, batch_size, me)
-        finally:
-            latency = _clock() - start      # (a failed call too: its epoch waits for it)
-            with self.lock:
-                self.policy.record(ticket, latency)
+        if way is DIRECT:
+            return self._direct(entry, arrays, batch_size, me)
+        return self._queued(entry, arrays, rows, batch_size, me)
 
     def _direct(self, entry, arrays, batch_size, me):
         running = self.running
@@ -343,21 +335,26 @@ def submit(entry, arrays, rows, batch_size):
     if batcher is None:
         batcher = entry.batcher = Batcher(entry)
     running = batcher.running
-    if len(running) < batcher.slots and not batcher.queue:
-        # A free slot, nobody waiting: run at once. The usual call: set operations, no
-        # lock, one frame (this is Batcher._direct, inlined).
-        me = _get_ident()
-        running.add(me)
-        try:
-            out = entry.run(arrays, batch_size)
-        except BaseException:
-            batcher._failed(me)
-            raise
-        running.discard(me)
-        if batcher.queue:
-            batcher._lead(None, me)
-        return out
-    return batcher.submit(entry, arrays, rows, batch_size)
+    inside = batcher.inside
+    me = _get_ident()
+    inside.add(me)
+    try:
+        if len(running) < batcher.slots and not batcher.queue:
+            # A free slot, nobody waiting: run at once. The usual call: set operations,
+            # no lock, one frame (this is Batcher._direct, inlined).
+            running.add(me)
+            try:
+                out = entry.run(arrays, batch_size)
+            except BaseException:
+                batcher._failed(me)
+                raise
+            running.discard(me)
+            if batcher.queue:
+                batcher._lead(None, me)
+            return out
+        return batcher.submit(entry, arrays, rows, batch_size, me)
+    finally:
+        inside.discard(me)
 
 
 def describe(entry):

@@ -696,30 +696,33 @@ def test_direct_way_never_queues(always_queue):
 
 
 class ScriptedPolicy(merge_policy.Policy):
-    """The policy's levels, with the way given by the test and every latency kept."""
+    """The policy's levels, with the way given by the test; each call ends a phase."""
 
-    def __init__(self, slots, ways):
+    def __init__(self, slots, ways, lock):
         super(ScriptedPolicy, self).__init__(slots, lambda: merge_policy.DIRECT)
         self.ways = list(ways)
+        self.lock = lock
         self.asked = []
-        self.recorded = []
+        self.turned = []
 
-    def way(self, key):
-        self.asked.append(key)
+    def way(self, key, callers):
+        self.asked.append((key, callers))
         return self.ways.pop(0), ('ticket', len(self.asked))
 
-    def record(self, ticket, latency):
-        self.recorded.append((ticket, latency))
+    def turn(self, ticket):
+        assert self.lock.locked()
+        self.turned.append(ticket)
 
 
-def test_measured_way_and_one_latency_per_timed_call():
-    # merge='auto': a call that finds the slot busy asks the policy for its level's way,
-    # goes that way, and gives back its latency once it returns, failed calls included.
+def test_measured_way_is_asked_with_the_callers_inside():
+    # merge='auto': a call that finds the slot busy asks the policy for the way of its
+    # load level (callers inside, queued ones included) and goes that way; a call whose
+    # arrival ends a phase turns it under the lock.
     settings.update(num_batch_threads=1)
     entry = FakeEntry()
     batcher = entry.batcher = concurrent_batcher.Batcher(entry)
     policy = batcher.policy = ScriptedPolicy(1, [merge_policy.DIRECT, merge_policy.MERGE,
-                                                 merge_policy.MERGE])
+                                                 merge_policy.MERGE], batcher.lock)
     holder = holding(batcher, entry)
     direct = Caller(batcher, entry, rows_of(1))          # 2 callers inside: level 1
     assert entry.at_gate.acquire(timeout=30)             # it runs at once
@@ -728,10 +731,8 @@ def test_measured_way_and_one_latency_per_timed_call():
     for c in [holder, direct, queued[1]]:
         assert_own(c)
     assert isinstance(queued[0].error, ValueError)
-    assert policy.asked == [1, 2, 2]        # runs and queued calls, and the caller
-    assert sorted(t for t, _ in policy.recorded) == [('ticket', 1), ('ticket', 2),
-                                                    ('ticket', 3)]
-    assert all(latency > 0 for _, latency in policy.recorded)
+    assert policy.asked == [(1, 2), (2, 3), (2, 4)]
+    assert policy.turned == [('ticket', 1), ('ticket', 2), ('ticket', 3)]
     assert entry.runs == [[0], [1], [-2, 3], [-2], [3]]
 
 

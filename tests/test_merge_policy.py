@@ -1,8 +1,10 @@
-"""The merge policy alone: made-up latencies and a made-up clock in, the way per load
-level out (no threads, no TensorFlow)."""
+"""The merge policy alone: made-up arrivals and a made-up clock in, the way per load level
+out (no threads, no TensorFlow)."""
+import pytest
+
 from keras_fastpredict.engine import merge_policy
 from keras_fastpredict.engine.merge_policy import (DIRECT, MERGE, GAP, REFERENCE, TRIAL,
-                                                   GAP_FIRST, GAP_MAX, DRAIN, TRIM)
+                                                   GAP_FIRST, GAP_MAX, DRAIN)
 
 
 class Clock(object):
@@ -18,39 +20,33 @@ def policy(first=DIRECT, slots=2):
 
 
 def opened(p, key):
-    """The level ``key`` of policy ``p``, made as a first call makes it."""
-    p.levels.setdefault(key, merge_policy.Level(key, p.slots, p.prior()))
-    return p.levels[key]
+    """The level ``key`` of policy ``p``, opened as a first call opens it."""
+    return p.levels.get(key) or p._open(key)
 
 
-def phase(p, key, cost, step=0.1):
-    """Calls at level ``key`` until its phase ends, one after the other: each moves the
-    clock by ``step``, and a timed one takes cost[way] seconds. Returns (way, phase,
-    calls made, calls timed)."""
+def phase(p, key, cost, callers=None):
+    """Arrivals at level ``key`` until its phase ends. A closed loop: ``callers`` callers
+    (the level's most, by default) call again as soon as they return, and a call takes
+    cost[way] seconds, so one arrives every cost[way] / callers seconds. ``cost`` may
+    also map a way to (seconds between arrivals, callers inside): an open loop. Returns
+    (way, phase, arrivals)."""
     level = opened(p, key)
-    way, name, arrivals = level.current[:3]
-    calls = timed = 0
-    while level.current[2] is arrivals:
-        w, ticket = p.way(key)
-        calls += 1
+    current = level.current
+    n = callers or (p.slots << key)
+    count = 0
+    while level.current is current:
+        c = cost[level.current[0]]
+        step, inside = c if isinstance(c, tuple) else (c / n, n)
+        way, ticket = p.way(key, inside)
+        count += 1
         p.clock.t += step
         if ticket is not None:
-            timed += ticket[2] is not merge_policy._TURN
-            p.record(ticket, cost[w])
-    return way, name, calls, timed
+            p.turn(ticket)
+    return current[0], current[1], count
 
 
-def phases(p, key, cost, n):
-    return [phase(p, key, cost) for _ in range(n)]
-
-
-def lost_after(level, ratio):
-    """Timed calls after which a trial ``ratio`` times slower than the reference cannot
-    win any more: the rest could displace as many of them among the fastest kept."""
-    n = 1
-    while ratio * (level.kept - (level.calls - n)) <= level.kept:
-        n += 1
-    return n
+def phases(p, key, cost, n, callers=None):
+    return [phase(p, key, cost, callers) for _ in range(n)]
 
 
 def test_levels_are_powers_of_two_above_the_slots():
@@ -61,42 +57,53 @@ def test_levels_are_powers_of_two_above_the_slots():
     assert [p.level(c) for c in (1, 2, 3, 4, 5)] == [0, 1, 2, 2, 3]
 
 
-def test_a_first_epoch_times_its_first_arrivals():
-    p = policy(slots=2)
-    key = p.level(16)                   # 9-16 callers: 32 calls timed per epoch
-    tickets = [p.way(key)[1] for _ in range(50)]
-    assert all(t is not None for t in tickets[:32]) and tickets[32:] == [None] * 18
-    assert p.levels[key].calls == 32
+def test_an_epoch_measures_the_mean_time_inside_by_littles_law():
+    # 16 callers, each call 2 ms: an arrival every 0.125 ms, so W = 16 / 8000/s = 2 ms.
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    way, name, arrivals = phase(p, key, {DIRECT: 2e-3, MERGE: 1e-3})
+    level = p.levels[key]
+    assert (way, name, arrivals) == (DIRECT, REFERENCE, level.calls + 1)
+    # (The ending arrival's own interval counts: W is off by one arrival in 64.)
+    assert level.times[DIRECT] == pytest.approx(2e-3 * (level.calls + 1) / level.calls)
+
+
+def test_with_calls_arriving_at_a_fixed_rate_fewer_callers_inside_wins():
+    # A server below capacity: calls arrive every 0.1 ms whichever way; merged, 4 callers
+    # are inside on average, direct 8 (each call takes twice as long).
+    p = policy(first=DIRECT)
+    key = p.level(8)
+    phases(p, key, {DIRECT: (1e-4, 8), MERGE: (1e-4, 4)}, 2)
+    assert p.levels[key].best == MERGE
+    assert p.levels[key].times[MERGE] == pytest.approx(p.levels[key].times[DIRECT] / 2,
+                                                       rel=0.05)
 
 
 def test_a_check_is_a_reference_epoch_then_a_trial_then_a_gap():
     p = policy(first=DIRECT)
     key = p.level(16)
     calls = opened(p, key).calls
-    seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.5}, 4)
+    seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.2}, 4)
     assert [s[:2] for s in seen] == [(DIRECT, REFERENCE), (MERGE, TRIAL), (DIRECT, GAP),
                                      (DIRECT, REFERENCE)]
-    assert seen[0][3] == seen[3][3] == calls
-    assert seen[1][3] == lost_after(p.levels[key], 1.5) == 23     # (it lost early)
-    # The gap is untimed: after a loss, 2 x GAP_FIRST epochs' worth of calls (the turn's
-    # call ends it).
-    assert seen[2][2] == 2 * GAP_FIRST * calls + 1 and seen[2][3] == 0
+    # After a loss the gap is 2 x GAP_FIRST epochs' worth of calls, the turn's included.
+    assert seen[2][2] == 2 * GAP_FIRST * calls + 1
 
 
 def test_the_faster_way_is_found_and_kept():
-    # Prior DIRECT; merging is twice as fast: the first trial switches for good, and
-    # later checks of DIRECT are trials only, ever rarer.
+    # Guess DIRECT; merging is twice as fast: the first trial switches for good, and
+    # later DIRECT runs only in trials, ever rarer.
     p = policy(first=DIRECT)
     key = p.level(16)
     seen = phases(p, key, {DIRECT: 2.0, MERGE: 1.0}, 40)
     assert seen[1][:2] == (MERGE, TRIAL) and p.levels[key].best == MERGE
-    direct = sum(s[2] for s in seen[2:] if s[0] == DIRECT)
-    assert all(s[1] == TRIAL for s in seen[2:] if s[0] == DIRECT)
-    assert direct < 0.1 * sum(s[2] for s in seen[2:])
+    later = seen[2:]
+    assert all(name == TRIAL for way, name, _ in later if way == DIRECT)
+    assert sum(n for way, _, n in later if way == DIRECT) < 0.05 * sum(n for *_, n in later)
     assert p.levels[key].switches == 1
 
 
-def test_a_prior_that_is_wrong_costs_one_epoch():
+def test_a_wrong_guess_costs_one_epoch():
     p = policy(first=MERGE)
     key = p.level(4)
     seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.5}, 3)
@@ -108,80 +115,79 @@ def test_a_losing_way_is_checked_ever_less_often():
     p = policy(first=DIRECT)
     key = p.level(8)
     calls = opened(p, key).calls
-    seen = phases(p, key, {DIRECT: 1.0, MERGE: 3.0}, 60)
-    gaps = [s[2] - 1 for s in seen if s[1] == GAP]
-    # Each loss doubles the gap, up to GAP_MAX epochs' worth of calls.
-    expected = [min(GAP_FIRST << (i + 1), GAP_MAX) * calls for i in range(len(gaps))]
-    assert gaps == expected
+    seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.3}, 60)
+    gaps = [n - 1 for _, name, n in seen if name == GAP]
+    assert gaps == [min(GAP_FIRST << (i + 1), GAP_MAX) * calls for i in range(len(gaps))]
     assert p.levels[key].best == DIRECT and p.levels[key].switches == 0
 
 
-def test_a_trial_that_cannot_win_ends_early():
+def test_a_trial_twice_as_slow_ends_after_a_quarter_of_its_epoch():
     p = policy(first=DIRECT)
     key = p.level(16)
-    calls = opened(p, key).calls
-    phase(p, key, {DIRECT: 1.0, MERGE: 4.0})
-    way, name, _, timed = phase(p, key, {DIRECT: 1.0, MERGE: 4.0})
-    # Four times slower: after 12 of its 32 calls, even 20 instant ones to come would
-    # leave its mean (of the fastest 28) above the reference's.
-    assert (way, name) == (MERGE, TRIAL) and timed == lost_after(p.levels[key], 4.0) == 12
-    assert calls == 32
-    assert p.levels[key].current[:2] == (DIRECT, GAP)
+    level = opened(p, key)
+    phase(p, key, {DIRECT: 1.0, MERGE: 3.0})
+    reference = level.times[DIRECT]
+    way, name, arrivals = phase(p, key, {DIRECT: 1.0, MERGE: 3.0})
+    # Arrivals in the drain (3 reference times, one every 3/16 s) are not counted; then
+    # the check at arrival 16 (a quarter of 64) finds it at about 3 times the reference.
+    drain = int(DRAIN * reference / (3.0 / 16)) + 1
+    assert (way, name) == (MERGE, TRIAL) and arrivals == drain + 17 and level.calls == 64
+    assert level.current[:2] == (DIRECT, GAP) and level.gap == 2 * GAP_FIRST
 
 
-def test_after_a_switch_no_call_is_timed_until_the_other_way_drained():
+def test_after_a_switch_arrivals_count_once_the_other_way_drained():
     # Calls made the old way and still out (queued, say) would make the first calls of
     # the new way look faster or slower than they are.
     p = policy(first=DIRECT)
     key = p.level(16)
     level = opened(p, key)
-    tickets = [p.way(key)[1] for _ in range(level.calls)]
-    for t in tickets[:-1]:
-        p.record(t, 1.0)
-    p.record(tickets[-1], 50.0)          # an outlier: left out of the mean
-    assert level.current[:2] == (MERGE, TRIAL) and level.means[DIRECT] == 1.0
-    drained = p.clock.t + DRAIN * 1.0
-    p.clock.t = drained - 0.01
-    assert p.way(key)[1] is None
-    p.clock.t = drained
-    assert p.way(key)[1] is not None
+    phase(p, key, {DIRECT: 1.0, MERGE: 1.0})
+    assert level.current[:2] == (MERGE, TRIAL)
+    start = level.current[4]
+    assert start == pytest.approx(p.clock.t + DRAIN * level.times[DIRECT])
+    p.clock.t = start - 0.01
+    p.way(key, 16)
+    assert level.current[3] == []                   # not counted
+    p.clock.t = start
+    p.way(key, 16)
+    assert level.current[3] == [16] and level.began == start
 
 
 def test_after_a_lost_trial_the_next_reference_waits_for_its_calls():
     p = policy(first=DIRECT)
     key = p.level(16)
     level = opened(p, key)
-    phase(p, key, {DIRECT: 1.0, MERGE: 5.0})
-    phase(p, key, {DIRECT: 1.0, MERGE: 5.0})                 # the trial, lost
+    phases(p, key, {DIRECT: 1.0, MERGE: 1.5}, 2)           # the reference; the trial, lost
     assert level.current[:2] == (DIRECT, GAP)
     resume = level.resume
     assert resume is not None and resume > p.clock.t
-    for _ in range(2 * GAP_FIRST * level.calls + 1):         # the gap, with its turn
-        way, ticket = p.way(key)
+    for _ in range(level.current[5] + 1):                   # the gap, with its turn
+        way, ticket = p.way(key, 16)
         if ticket is not None:
-            p.record(ticket, 1.0)
+            p.turn(ticket)
     assert level.current[:2] == (DIRECT, REFERENCE) and level.current[4] == resume
-    assert p.way(key)[1] is None
+    p.way(key, 16)
+    assert level.current[3] == []
     p.clock.t = resume
-    assert p.way(key)[1] is not None
+    p.way(key, 16)
+    assert level.current[3] == [16]
 
 
-def test_calls_of_an_ended_phase_are_not_counted():
-    # A trial that lost early leaves timed calls in flight: their latencies come after
-    # the gap began, and count nowhere.
+def test_a_phase_ended_already_is_not_ended_again():
+    # Two arrivals may both find a trial losing: the second's ticket changes nothing.
     p = policy(first=DIRECT)
     key = p.level(16)
     level = opened(p, key)
     phase(p, key, {DIRECT: 1.0, MERGE: 1.0})
-    p.clock.t += 100
-    tickets = [p.way(key)[1] for _ in range(level.calls)]
-    assert level.current[:2] == (MERGE, TRIAL) and all(tickets)
-    while level.current[1] is TRIAL:
-        p.record(tickets.pop(0), 10.0)
-    before = (list(level.latencies), level.current, dict(level.means))
-    for ticket in tickets:
-        p.record(ticket, 10.0)
-    assert (level.latencies, level.current, level.means) == before
+    p.clock.t = level.current[4]                    # the trial's drain is over
+    for _ in range(20):
+        p.way(key, 16)
+    ticket = (key, level.current, True)
+    p.turn(ticket)
+    assert level.current[:2] == (DIRECT, GAP)
+    after = (level.current, level.gap, dict(level.times), level.epochs)
+    p.turn(ticket)
+    assert (level.current, level.gap, level.times, level.epochs) == after
 
 
 def test_a_change_of_load_is_followed():
@@ -192,9 +198,8 @@ def test_a_change_of_load_is_followed():
     calls = opened(p, key).calls
     phases(p, key, {DIRECT: 2.0, MERGE: 1.0}, 60)
     assert p.levels[key].best == MERGE
-    later = phases(p, key, {DIRECT: 1.0, MERGE: 2.0}, 4)
     made = 0
-    for way, name, n, _ in later:
+    for way, name, n in phases(p, key, {DIRECT: 1.0, MERGE: 2.0}, 4):
         if way == DIRECT and name == TRIAL:
             break
         made += n
@@ -203,26 +208,14 @@ def test_a_change_of_load_is_followed():
 
 
 def test_a_trial_is_judged_against_the_reference_just_before_it():
-    # The load doubled all latencies since the last check: the reference epoch measures
-    # the best way under today's load, so the trial is not judged by yesterday's.
+    # The load doubled all times since the last check: the reference epoch measures the
+    # best way under today's load, so the trial is not judged by yesterday's.
     p = policy(first=DIRECT)
     key = p.level(16)
-    phases(p, key, {DIRECT: 1.0, MERGE: 1.5}, 3)           # reference, trial, gap
+    phases(p, key, {DIRECT: 1.0, MERGE: 1.5}, 3)            # reference, trial, gap
     seen = phases(p, key, {DIRECT: 2.0, MERGE: 1.8}, 2)
     assert [s[:2] for s in seen] == [(DIRECT, REFERENCE), (MERGE, TRIAL)]
     assert p.levels[key].best == MERGE
-
-
-def test_an_epoch_mean_leaves_out_its_slowest_eighth():
-    p = policy(first=DIRECT)
-    key = p.level(16)
-    level = opened(p, key)
-    tickets = [p.way(key)[1] for _ in range(level.calls)]
-    slow = level.calls // TRIM
-    for i, t in enumerate(tickets):
-        p.record(t, 100.0 if i < slow else 1.0 + i / 1000.0)
-    kept = [1.0 + i / 1000.0 for i in range(slow, level.calls)]
-    assert level.means[DIRECT] == sum(kept) / len(kept)
 
 
 def test_each_level_keeps_its_own_way():
@@ -233,4 +226,13 @@ def test_each_level_keeps_its_own_way():
     assert (p.levels[low].best, p.levels[high].best) == (DIRECT, MERGE)
     described = {d['callers']: d for d in p.describe()}
     assert described['3-4']['way'] == DIRECT and described['9-16']['way'] == MERGE
-    assert described['9-16']['merge_ms'] == 1000.0
+    assert described['9-16']['merge_ms'] == pytest.approx(1000.0, rel=0.02)
+
+
+def test_a_new_level_starts_the_way_its_nearest_measured_neighbour_goes():
+    p = policy(first=DIRECT)
+    phases(p, p.level(16), {DIRECT: 2.0, MERGE: 1.0}, 3)     # 9-16 callers: MERGE
+    assert p.way(p.level(4), 4)[0] == MERGE                   # 3-4: nearest is 9-16
+    assert p.way(p.level(64), 64)[0] == MERGE
+    q = policy(first=DIRECT)
+    assert q.way(q.level(64), 64)[0] == DIRECT                # nothing measured: the guess
