@@ -4,7 +4,7 @@ import pytest
 
 from keras_fastpredict.engine import merge_policy
 from keras_fastpredict.engine.merge_policy import (DIRECT, MERGE, GAP, REFERENCE, TRIAL,
-                                                   GAP_FIRST, GAP_MAX, DRAIN)
+                                                   GAP_FIRST, GAP_MAX, DRAIN, MARGIN)
 
 
 class Clock(object):
@@ -213,9 +213,22 @@ def test_a_trial_is_judged_against_the_reference_just_before_it():
     p = policy(first=DIRECT)
     key = p.level(16)
     phases(p, key, {DIRECT: 1.0, MERGE: 1.5}, 3)            # reference, trial, gap
-    seen = phases(p, key, {DIRECT: 2.0, MERGE: 1.8}, 2)
+    seen = phases(p, key, {DIRECT: 2.0, MERGE: 1.6}, 2)
     assert [s[:2] for s in seen] == [(DIRECT, REFERENCE), (MERGE, TRIAL)]
     assert p.levels[key].best == MERGE
+
+
+def test_a_trial_must_win_clearly():
+    # A trial is measured just after a switch, a reference in steady state: a trial a
+    # little faster (5%) does not change the way; one faster by more than MARGIN does.
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    phases(p, key, {DIRECT: 1.0, MERGE: 0.95}, 2)
+    assert p.levels[key].best == DIRECT
+    q = policy(first=DIRECT)
+    phases(q, key, {DIRECT: 1.0, MERGE: 0.85}, 2)
+    assert q.levels[key].best == MERGE
+    assert MARGIN == 0.1
 
 
 def test_each_level_keeps_its_own_way():

@@ -11,13 +11,13 @@ inside at once, in powers of two above the slots (3-4, 5-8, 9-16... on 2 slots).
 A level goes the way that measured faster (its first way is its nearest measured
 neighbour's, or a guess from the model, ``prior``), and now and then checks the other:
 an epoch of the way in use (the reference), then an epoch of the other (the trial); the
-trial's way is kept if its calls took less time. What an epoch measures is the mean time
-a call spends inside, by Little's law: W = L / lambda, with lambda the calls arriving per
-second over the epoch and L the mean number of callers inside (seen by each arrival).
-No call is timed: every call of the epoch counts, so a few very slow calls (16 threads
-on 2 cores make some wait for a core for many milliseconds) weigh exactly their share,
-and one-time work (a new batch size's first runs) costs its own duration, not a
-multiple. With a fixed number of callers (threads that call again and again) a lower W
+trial's way is kept if its calls took clearly less time (MARGIN). What an epoch measures
+is the mean time a call spends inside, by Little's law: W = L / lambda, with lambda the
+calls arriving per second over the epoch and L the mean number of callers inside (seen
+by each arrival). No call is timed: every call of the epoch counts, so a few very slow
+calls (16 threads on 2 cores make some wait for a core for many milliseconds) weigh
+exactly their share, and one-time work (a new batch size's first runs) costs its own
+duration, not a multiple. With a fixed number of callers (threads that call again and again) a lower W
 is more calls served; with calls arriving at a fixed rate (a server below capacity) it
 is less time per call.
 
@@ -44,6 +44,11 @@ GAP_MAX = 128        # the gap doubles each time the other way loses, up to this
 MIN_CALLS = 32       # arrivals per epoch, at least (more for higher levels)
 MAX_CALLS = 512
 DRAIN = 3.0          # after a switch, the epoch starts after this many mean times
+# A trial's way is kept if its time is lower by this fraction: a reference is measured in
+# its way's steady state, a trial just after a switch (direct runs oversubscribing the
+# cores take longer than a trial lasts to reach their slowest: a trial saw 9.5 ms where
+# the steady state is 20 ms), so close results stay with the way in use.
+MARGIN = 0.1
 
 # Phases of a level: calls of the best way not measured; an epoch of it; a trial of the
 # other way.
@@ -140,7 +145,7 @@ class Policy(object):
             level.checks += 1
             self._begin(level, TRIAL, OTHER[way], drained)
             return
-        if not lost and w < level.best_time:
+        if not lost and w < level.best_time * (1 - MARGIN):
             level.best, level.best_time = way, w
             level.gap = GAP_FIRST
             level.switches += 1
