@@ -96,11 +96,13 @@ class Batcher(object):
     def submit(self, entry, arrays, rows, batch_size, me):
         """A call that found every slot busy or calls waiting (see ``submit`` below)."""
         merge = settings.merge
-        if merge == 'auto':
+        callers = len(self.inside)
+        if callers <= self.slots:
+            way = MERGE                 # calls wait, a slot is free: lead them now
+        elif merge == 'auto':
             # The load level: the callers inside, this one included, whichever way they
             # went (runs and queued calls alone would drop each time a batch is taken).
             policy = self.policy
-            callers = len(self.inside)
             way, ticket = policy.way(((callers - 1) // policy.slots).bit_length(), callers)
             if ticket is not None:
                 with self.lock:
