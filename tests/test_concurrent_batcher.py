@@ -759,3 +759,61 @@ def test_a_caller_interrupted_when_chosen_to_lead_hands_the_lead_on(always_queue
     assert entry.runs == [[-1], [2, 3]]         # its call left the queue with it
     assert entry.threads[1] is queued[1]
     assert not batcher.queue and not batcher.running and batcher.waking is None
+
+
+class BusyEntry(FakeEntry):
+    """A stand-in whose run lets go of the GIL for a moment, as a session run does, so
+    that calls overlap, queue and merge."""
+
+    def run(self, arrays, batch_size=None):
+        time.sleep(0.0002)
+        return super(BusyEntry, self).run(arrays, batch_size)
+
+
+@pytest.mark.parametrize('merge', [True, 'auto', False])
+def test_many_callers_each_get_their_own_rows_or_their_own_error(merge):
+    # 16 threads (8 of a pool, 8 plain), 120 calls each of 1-3 rows; every 13th call has
+    # a failing row; the run holding one given row is interrupted, once (whoever runs
+    # it: its caller, or a leader whose batch holds it). Whatever the interleaving, each
+    # call gets its own rows doubled or its own error, one caller gets the interrupt,
+    # and nothing is left queued, running or chosen to lead.
+    settings.update(merge=merge, num_batch_threads=1)
+    entry = BusyEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    entry.interrupt_on = 5060.0
+    outcomes = {}
+
+    def work(t):
+        mine = []
+        for i in range(120):
+            tag = 1000.0 * t + i
+            x = rows_of(*[tag + j / 10.0 for j in range(1 + (t + i) % 3)])
+            if i % 13 == 5:
+                x[-1, 1] = -1.0
+            try:
+                mine.append((x, concurrent_batcher.submit(entry, [x], len(x), None)))
+            except BaseException as exc:  # noqa: BLE001 - the interrupt included
+                mine.append((x, exc))
+        outcomes[t] = mine
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(work, t) for t in range(8)]
+        join(run_threads(8, lambda t: work(8 + t)))
+        for f in futures:
+            f.result(60)
+    interrupts = 0
+    for t in range(16):
+        assert len(outcomes[t]) == 120
+        for x, got in outcomes[t]:
+            if isinstance(got, KeyboardInterrupt):
+                interrupts += 1
+            elif (x < 0).any():
+                assert isinstance(got, ValueError) and str(got) == 'negative row: -1.0'
+            else:
+                assert len(got) == 1
+                np.testing.assert_array_equal(got[0], x * 2.0)
+    assert interrupts == 1
+    assert not batcher.queue and not batcher.running and not batcher.inside
+    assert batcher.waking is None and not batcher.filling
+    if merge is False:
+        assert entry.stats.queued == 0
