@@ -29,6 +29,7 @@ serve themselves. A Python batcher over the cached callable is used rather than 
 whose rows fail, honours per-call time-outs, and costs nothing when one thread calls.
 """
 import collections
+import itertools
 import os
 import threading
 import time
@@ -37,7 +38,7 @@ import weakref
 from .config import settings
 from .engine import merge as engine
 from .engine import merge_policy, warmup
-from .engine.merge_policy import DIRECT, MERGE
+from .engine.merge_policy import DIRECT, GAP, MERGE
 
 _get_ident = threading.get_ident
 _clock = time.perf_counter
@@ -45,6 +46,15 @@ _clock = time.perf_counter
 # A first guess of one thread hand-off (waking a queued caller), refined per model by the
 # wakes measured: a level first merges only for a model whose fastest run took longer.
 _HANDOFF_S = 50e-6
+
+# Bypass: while measurement says every call runs directly (see Batcher._review), calls
+# skip the batcher's bookkeeping for a while: from BYPASS_FIRST_S of calls, doubling
+# while it stays so, up to BYPASS_MAX_S (how late a change of load can be noticed). It is
+# reviewed every REVIEW_CALLS calls made through the batcher.
+_REVIEW_CALLS = 512
+_REVIEW_MASK = _REVIEW_CALLS - 1
+_BYPASS_FIRST_S = 0.05
+_BYPASS_MAX_S = 1.0
 
 
 def cores():
@@ -79,6 +89,11 @@ class Batcher(object):
         self.slots = settings.num_batch_threads or cores()
         self.handoff_s = _HANDOFF_S
         self.policy = merge_policy.Policy(self.slots, self._prior(entry))
+        # Calls so far (next() is atomic), and the call number up to which calls bypass.
+        self.calls = itertools.count()
+        self.bypass_end = 0
+        self.bypass_s = _BYPASS_FIRST_S
+        self.reviewed = (_clock(), 0, 0)    # (time, call number, calls queued so far)
 
     def _prior(self, entry):
         # A level starts merging when a run costs more than waking a queued caller does;
@@ -90,6 +105,28 @@ class Batcher(object):
             fastest = entry.fastest_run_s if entry is not None else float('inf')
             return MERGE if fastest > self.handoff_s else DIRECT
         return prior
+
+    def _review(self, i):
+        """Every REVIEW_CALLS calls made through the batcher: if none of them queued and
+        every load level measured goes direct (settled: no check under way), the next
+        calls run directly with no bookkeeping at all, for ``bypass_s`` seconds' worth
+        of calls at the rate just seen. A model that never has more callers than slots
+        (one thread, two) or where merging never pays (a model as fast as a hand-off)
+        then costs what concurrent=False costs."""
+        with self.lock:
+            now = _clock()
+            then, first, queued = self.reviewed
+            self.reviewed = (now, i, self.stats.queued)
+            settled = (not self.queue and queued == self.stats.queued
+                       and settings.merge is not True
+                       and all(level.best is DIRECT and level.current[1] is GAP
+                               for level in list(self.policy.levels.values())))
+            if not settled:
+                self.bypass_s = _BYPASS_FIRST_S
+                return
+            rate = (i - first) / max(now - then, 1e-6)
+            self.bypass_end = i + 1 + max(_REVIEW_CALLS, int(rate * self.bypass_s))
+            self.bypass_s = min(2 * self.bypass_s, _BYPASS_MAX_S)
 
     # -- the call -------------------------------------------------------------------------
 
@@ -336,6 +373,11 @@ def submit(entry, arrays, rows, batch_size):
     batcher = entry.batcher
     if batcher is None:
         batcher = entry.batcher = Batcher(entry)
+    i = next(batcher.calls)
+    if i < batcher.bypass_end:
+        return entry.run(arrays, batch_size)        # settled: see Batcher._review
+    if not i & _REVIEW_MASK and i:
+        batcher._review(i)
     running = batcher.running
     inside = batcher.inside
     me = _get_ident()

@@ -817,3 +817,78 @@ def test_many_callers_each_get_their_own_rows_or_their_own_error(merge):
     assert batcher.waking is None and not batcher.filling
     if merge is False:
         assert entry.stats.queued == 0
+
+
+class RegisteredEntry(FakeEntry):
+    """Logs, for each run, whether its caller was counted among the runs in flight."""
+
+    def __init__(self):
+        super(RegisteredEntry, self).__init__()
+        self.registered = []
+
+    def run(self, arrays, batch_size=None):
+        self.registered.append(threading.get_ident() in self.batcher.running)
+        return super(RegisteredEntry, self).run(arrays, batch_size)
+
+
+class StepClock(object):
+    """A clock that moves ``step`` seconds each time it is read."""
+
+    def __init__(self, step):
+        self.t, self.step = 0.0, step
+
+    def __call__(self):
+        self.t += self.step
+        return self.t
+
+
+def call_alone(entry, n):
+    x = rows_of(1)
+    for _ in range(n):
+        assert concurrent_batcher.submit(entry, [x], 1, None)[0][0, 0] == 2.0
+
+
+def test_a_model_that_never_merges_skips_the_bookkeeping(monkeypatch):
+    # One thread: nothing to merge. Every REVIEW_CALLS-th call counted reviews: the calls
+    # after it bypass the batcher, 0.05 s worth of calls at the rate seen, then are
+    # counted again until the next review, which bypasses twice as long, up to 1 s.
+    clock = StepClock(0.0)
+    monkeypatch.setattr(concurrent_batcher, '_clock', clock)
+    entry = RegisteredEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    review = concurrent_batcher._REVIEW_CALLS
+    call_alone(entry, review)
+    assert entry.registered == [True] * review and batcher.bypass_end == 0
+    clock.t += review * 1e-5                    # those calls came at 100,000 a second
+    call_alone(entry, 1)                        # call number 512 reviews
+    assert batcher.bypass_end == review + 1 + 5000
+    again = 11 * review                         # the first review after the bypass
+    call_alone(entry, again - review - 1)
+    assert entry.registered[review + 1:] == [False] * 5000 + [True] * (again - review - 5001)
+    assert batcher.bypass_s == 0.1
+    clock.t += 1e-2                             # 5120 calls in 10 ms: 512,000 a second
+    call_alone(entry, 1)                        # call number 5632 reviews
+    assert abs(batcher.bypass_end - (again + 1 + 51200)) <= 1 and batcher.bypass_s == 0.2
+    for k in range(4):
+        batcher._review(again + (k + 1) * review)
+    assert batcher.bypass_s == concurrent_batcher._BYPASS_MAX_S == 1.0
+
+
+def test_no_bypass_while_calls_merge_or_a_level_is_measured(always_queue):
+    entry = RegisteredEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry)
+    queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2)])
+    finish(entry, [holder] + queued)
+    batcher._review(concurrent_batcher._REVIEW_CALLS)
+    assert batcher.bypass_end == 0                      # calls were queued
+    settings.update(merge='auto')
+    batcher._review(2 * concurrent_batcher._REVIEW_CALLS)
+    assert batcher.bypass_end > 0                       # none since: settled
+    # A load level whose way is merging, or under a check, keeps the bookkeeping on.
+    batcher.bypass_end = 0
+    batcher.policy.way(2, 4)
+    level = batcher.policy.levels[2]
+    assert level.current[1] == merge_policy.REFERENCE
+    batcher._review(3 * concurrent_batcher._REVIEW_CALLS)
+    assert batcher.bypass_end == 0
