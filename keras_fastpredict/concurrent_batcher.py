@@ -38,7 +38,7 @@ import weakref
 from .config import settings
 from .engine import merge as engine
 from .engine import merge_policy, warmup
-from .engine.merge_policy import DIRECT, GAP, MERGE
+from .engine.merge_policy import DIRECT, MERGE, TRIAL
 
 _get_ident = threading.get_ident
 _clock = time.perf_counter
@@ -108,8 +108,8 @@ class Batcher(object):
 
     def _review(self, i):
         """Every REVIEW_CALLS calls made through the batcher: if none of them queued and
-        every load level measured goes direct (settled: no check under way), the next
-        calls run directly with no bookkeeping at all, for ``bypass_s`` seconds' worth
+        every load level they reached goes direct (and is not trying the other way), the
+        next calls run directly with no bookkeeping at all, for ``bypass_s`` seconds' worth
         of calls at the rate just seen. A model that never has more callers than slots
         (one thread, two) or where merging never pays (a model as fast as a hand-off)
         then costs what concurrent=False costs."""
@@ -118,12 +118,17 @@ class Batcher(object):
             then, first, queued = self.reviewed
             self.reviewed = (now, i, self.stats.queued)
             settled = (not self.queue and queued == self.stats.queued
-                       and settings.merge is not True
-                       and all(level.best is DIRECT and level.current[1] is GAP
-                               for level in list(self.policy.levels.values())))
+                       and settings.merge is not True)
+            for level in list(self.policy.levels.values()):
+                # (Levels no call reached since the last review do not count.)
+                if level.touched:
+                    level.touched = False
+                    if level.best is not DIRECT or level.current[1] is TRIAL:
+                        settled = False
             if not settled:
                 self.bypass_s = _BYPASS_FIRST_S
                 return
+            self.policy.restart()       # no epoch is measured across a bypass
             rate = (i - first) / max(now - then, 1e-6)
             self.bypass_end = i + 1 + max(_REVIEW_CALLS, int(rate * self.bypass_s))
             self.bypass_s = min(2 * self.bypass_s, _BYPASS_MAX_S)

@@ -885,10 +885,22 @@ def test_no_bypass_while_calls_merge_or_a_level_is_measured(always_queue):
     settings.update(merge='auto')
     batcher._review(2 * concurrent_batcher._REVIEW_CALLS)
     assert batcher.bypass_end > 0                       # none since: settled
-    # A load level whose way is merging, or under a check, keeps the bookkeeping on.
-    batcher.bypass_end = 0
-    batcher.policy.way(2, 4)
-    level = batcher.policy.levels[2]
-    assert level.current[1] == merge_policy.REFERENCE
-    batcher._review(3 * concurrent_batcher._REVIEW_CALLS)
-    assert batcher.bypass_end == 0
+    # A load level reached since the last review whose way is merging, or that tries
+    # merging, keeps the bookkeeping on; one no call reached does not count.
+    policy = batcher.policy
+    for way, phase, touched, bypass in [(merge_policy.MERGE, merge_policy.GAP, True, False),
+                                        (merge_policy.MERGE, merge_policy.TRIAL, True, False),
+                                        (merge_policy.MERGE, merge_policy.GAP, False, True),
+                                        (merge_policy.DIRECT, merge_policy.REFERENCE, True,
+                                         True)]:
+        batcher.bypass_end = 0
+        policy.levels.clear()
+        policy.way(2, 4)
+        level = policy.levels[2]
+        level.best = way if phase is not merge_policy.TRIAL else merge_policy.DIRECT
+        level.current = (way,) + (phase,) + level.current[2:]
+        level.touched = touched
+        batcher._review(3 * concurrent_batcher._REVIEW_CALLS)
+        assert (batcher.bypass_end > 0) == bypass, (way, phase, touched)
+        if bypass and phase is merge_policy.REFERENCE:
+            assert level.current[3] == []           # its epoch begins again afterwards

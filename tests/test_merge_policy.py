@@ -182,7 +182,7 @@ def test_a_phase_ended_already_is_not_ended_again():
     p.clock.t = level.current[4]                    # the trial's drain is over
     for _ in range(20):
         p.way(key, 16)
-    ticket = (key, level.current, True)
+    ticket = (key, level.current, merge_policy._LOST)
     p.turn(ticket)
     assert level.current[:2] == (DIRECT, GAP)
     after = (level.current, level.gap, dict(level.times), level.epochs)
@@ -249,3 +249,35 @@ def test_a_new_level_starts_the_way_its_nearest_measured_neighbour_goes():
     assert p.way(p.level(64), 64)[0] == MERGE
     q = policy(first=DIRECT)
     assert q.way(q.level(64), 64)[0] == DIRECT                # nothing measured: the guess
+
+
+def test_an_epoch_restarts_when_its_arrivals_come_sparsely():
+    # A level callers reach now and then (on their way to another) is not measured over
+    # the time they spent elsewhere: a long gap between its arrivals restarts its epoch.
+    p = policy(first=DIRECT)
+    key = p.level(8)
+    level = opened(p, key)
+    for _ in range(10):
+        p.way(key, 8)
+        p.clock.t += 0.001
+    assert len(level.current[3]) == 10
+    p.clock.t += 1.0                                # a second of other levels' calls
+    way, ticket = p.way(key, 8)
+    assert ticket is not None
+    p.turn(ticket)
+    assert level.current[:2] == (DIRECT, REFERENCE) and level.current[3] == []
+    assert level.began == p.clock.t and level.epochs == 0
+
+
+def test_restart_begins_every_measured_epoch_again():
+    p = policy(first=DIRECT)
+    low, high = p.level(4), p.level(16)
+    phase(p, high, {DIRECT: 1.0, MERGE: 1.0})       # high: in its trial now
+    p.clock.t = p.levels[high].current[4]
+    for _ in range(5):
+        p.way(low, 4)
+        p.way(high, 16)
+    p.restart()
+    assert p.levels[low].current[:2] == (DIRECT, REFERENCE) and p.levels[low].current[3] == []
+    assert p.levels[high].current[:2] == (DIRECT, REFERENCE)
+    assert p.levels[high].current[3] == []

@@ -50,15 +50,21 @@ DRAIN = 3.0          # after a switch, the epoch starts after this many mean tim
 # the steady state is 20 ms), so close results stay with the way in use.
 MARGIN = 0.1
 
+# An epoch restarts when an arrival comes later than this after the one before (and than
+# 8 of its mean intervals): a level that callers reach now and then is not measured
+# across the time they spent at other levels.
+SPARSE_S = 0.02
+
 # Phases of a level: calls of the best way not measured; an epoch of it; a trial of the
 # other way.
 GAP, REFERENCE, TRIAL = 'gap', 'reference', 'trial'
+_RESTART, _LOST = 'restart', 'lost'     # what a ticket asks of turn()
 
 
 class Level(object):
     """One load level's measurements and choice."""
     __slots__ = ('key', 'current', 'best', 'best_time', 'gap', 'calls', 'checks',
-                 'switches', 'times', 'epochs', 'resume', 'began')
+                 'switches', 'times', 'epochs', 'resume', 'began', 'last', 'touched')
 
     def __init__(self, key, slots, first):
         self.key = key
@@ -72,6 +78,8 @@ class Level(object):
         self.times = {DIRECT: None, MERGE: None}     # the last epoch's W of each way
         self.resume = None          # a lost trial's calls may be out until then
         self.began = 0.0            # when the epoch began counting
+        self.last = 0.0             # its last counted arrival
+        self.touched = False        # a call arrived (cleared by whoever reads it)
         # (way, phase, arrivals, loads, start, end): read by callers without a lock, a
         # new tuple for each phase. next() on the counter is atomic (each arrival gets
         # its own number), and so is list.append. ``start``: arrivals before it (a
@@ -101,20 +109,27 @@ class Policy(object):
         level = self.levels.get(key)
         if level is None:
             level = self._open(key)
+        level.touched = True
         way, phase, arrivals, loads, start, end = current = level.current
         if phase is GAP:            # (the usual call)
             if next(arrivals) != end:
                 return way, None
-            return way, (key, current, False)
-        if start is not None and self.clock() < start:
+            return way, (key, current, None)
+        now = self.clock()
+        if start is not None and now < start:
             return way, None        # the other way's calls may still be out
         i = next(arrivals)
         if i < end:
             loads.append(callers)
+            if i and now - level.last > max(SPARSE_S, 8 * (now - level.began) / i):
+                # Arrivals this sparse are not this level's steady state: the time
+                # between them went to other levels (or to nobody).
+                return way, (key, current, _RESTART)
+            level.last = now
             if phase is TRIAL and i >= end // 4 and not i % 8 and self._losing(level, loads):
-                return way, (key, current, True)
+                return way, (key, current, _LOST)
             return way, None
-        return way, ((key, current, False) if i == end else None)
+        return way, ((key, current, None) if i == end else None)
 
     def _losing(self, level, loads):
         # A trial whose mean time so far is twice the reference's will not win: it ends
@@ -125,7 +140,7 @@ class Policy(object):
 
     def turn(self, ticket):
         """End the phase ``ticket`` names, unless it ended already. Call under a lock."""
-        key, current, lost = ticket
+        key, current, what = ticket
         level = self.levels[key]
         if level.current is not current:
             return
@@ -133,6 +148,10 @@ class Policy(object):
         if phase is GAP:
             self._begin(level, REFERENCE, level.best, level.resume)
             return
+        if what is _RESTART:
+            self._begin(level, phase, way, None)
+            return
+        lost = what is _LOST
         # W = L / lambda: mean callers inside, over arrivals per second.
         n = len(loads)
         elapsed = max(self.clock() - level.began, 1e-9)
@@ -155,6 +174,16 @@ class Policy(object):
             level.resume = drained      # back to the best way: its next epoch waits
         self._begin(level, GAP, level.best, None)
 
+    def restart(self):
+        """Begin again every epoch under way (counting stopped for a while: see
+        concurrent_batcher's bypass). Call under a lock."""
+        for level in list(self.levels.values()):
+            way, phase = level.current[:2]
+            if phase is REFERENCE:
+                self._begin(level, REFERENCE, way, None)
+            elif phase is TRIAL:
+                self._begin(level, REFERENCE, level.best, None)
+
     def _open(self, key):
         level = Level(key, self.slots, self._first(key))
         level = self.levels.setdefault(key, level)
@@ -175,7 +204,7 @@ class Policy(object):
         now = self.clock()
         if start is not None and start <= now:
             start = None
-        level.began = now if start is None else start
+        level.began = level.last = now if start is None else start
         end = level.gap * level.calls if phase is GAP else level.calls
         level.current = (way, phase, itertools.count(), [], start, end)
 
