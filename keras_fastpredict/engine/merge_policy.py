@@ -77,7 +77,7 @@ class Level(object):
         self.epochs = 0
         self.times = {DIRECT: None, MERGE: None}     # the last epoch's W of each way
         self.resume = None          # a lost trial's calls may be out until then
-        self.began = 0.0            # when the epoch began counting
+        self.began = 0.0            # the epoch's first counted arrival
         self.last = 0.0             # its last counted arrival
         self.touched = False        # a call arrived (cleared by whoever reads it)
         # (way, phase, arrivals, loads, start, end): read by callers without a lock, a
@@ -121,7 +121,9 @@ class Policy(object):
         i = next(arrivals)
         if i < end:
             loads.append(callers)
-            if i and now - level.last > max(SPARSE_S, 8 * (now - level.began) / i):
+            if not i:
+                level.began = now           # (the one arrival numbered 0 writes it)
+            elif now - level.last > max(SPARSE_S, 8 * (now - level.began) / i):
                 # Arrivals this sparse are not this level's steady state: the time
                 # between them went to other levels (or to nobody).
                 return way, (key, current, _RESTART)
@@ -204,7 +206,7 @@ class Policy(object):
         now = self.clock()
         if start is not None and start <= now:
             start = None
-        level.began = level.last = now if start is None else start
+        level.began = level.last = now     # (the epoch's first arrival sets them again)
         end = level.gap * level.calls if phase is GAP else level.calls
         level.current = (way, phase, itertools.count(), [], start, end)
 
