@@ -4,7 +4,8 @@ import pytest
 
 from keras_fastpredict.engine import merge_policy
 from keras_fastpredict.engine.merge_policy import (DIRECT, MERGE, GAP, REFERENCE, TRIAL,
-                                                   GAP_FIRST, GAP_MAX, DRAIN, MARGIN)
+                                                   GAP_FIRST, GAP_MAX, GAP_PER_LOSS, DRAIN,
+                                                   MARGIN)
 
 
 class Clock(object):
@@ -83,10 +84,11 @@ def test_a_check_is_a_reference_epoch_then_a_trial_then_a_gap():
     p = policy(first=DIRECT)
     key = p.level(16)
     calls = opened(p, key).calls
-    seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.2}, 4)
+    seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.05}, 4)
     assert [s[:2] for s in seen] == [(DIRECT, REFERENCE), (MERGE, TRIAL), (DIRECT, GAP),
                                      (DIRECT, REFERENCE)]
-    # After a loss the gap is 2 x GAP_FIRST epochs' worth of calls, the turn's included.
+    # After a close loss the gap is 2 x GAP_FIRST epochs' worth of calls (the turn's
+    # call included).
     assert seen[2][2] == 2 * GAP_FIRST * calls + 1
 
 
@@ -115,10 +117,26 @@ def test_a_losing_way_is_checked_ever_less_often():
     p = policy(first=DIRECT)
     key = p.level(8)
     calls = opened(p, key).calls
-    seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.3}, 60)
+    seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.03}, 60)
     gaps = [n - 1 for _, name, n in seen if name == GAP]
     assert gaps == [min(GAP_FIRST << (i + 1), GAP_MAX) * calls for i in range(len(gaps))]
     assert p.levels[key].best == DIRECT and p.levels[key].switches == 0
+
+
+def test_the_worse_a_way_lost_the_longer_until_it_is_checked_again():
+    # A check costs about (its time / the best's - 1) of an epoch: after a loss the gap
+    # is at least GAP_PER_LOSS times that, so checks stay a small share of the calls.
+    for ratio, gap in [(1.05, 2 * GAP_FIRST), (1.3, int(GAP_PER_LOSS * 0.3)),
+                       (1.5, GAP_PER_LOSS // 2), (6.0, GAP_MAX)]:
+        p = policy(first=DIRECT)
+        key = p.level(16)
+        phases(p, key, {DIRECT: 1.0, MERGE: ratio}, 2)
+        level = p.levels[key]
+        assert level.current[:2] == (DIRECT, GAP)
+        measured = level.times[MERGE] / level.times[DIRECT]
+        assert level.gap == min(GAP_MAX, max(2 * GAP_FIRST,
+                                             int(GAP_PER_LOSS * (measured - 1))))
+        assert abs(level.gap - gap) <= 1, (ratio, level.gap)
 
 
 def test_a_trial_twice_as_slow_ends_after_a_quarter_of_its_epoch():
@@ -132,7 +150,8 @@ def test_a_trial_twice_as_slow_ends_after_a_quarter_of_its_epoch():
     # the check at arrival 16 (a quarter of 64) finds it at about 3 times the reference.
     drain = int(DRAIN * reference / (3.0 / 16)) + 1
     assert (way, name) == (MERGE, TRIAL) and arrivals == drain + 17 and level.calls == 64
-    assert level.current[:2] == (DIRECT, GAP) and level.gap == 2 * GAP_FIRST
+    assert level.current[:2] == (DIRECT, GAP)
+    assert level.gap == int(GAP_PER_LOSS * (level.times[MERGE] / reference - 1)) > 50
 
 
 def test_after_a_switch_arrivals_count_once_the_other_way_drained():
