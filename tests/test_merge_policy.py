@@ -21,8 +21,17 @@ def policy(first=DIRECT, slots=2):
 
 
 def opened(p, key):
-    """The level ``key`` of policy ``p``, opened as a first call opens it."""
-    return p.levels.get(key) or p._open(key)
+    """The level ``key`` of policy ``p``, opened as a first call opens it, past its first
+    epoch (not measured: its callers are just arriving)."""
+    level = p.levels.get(key)
+    if level is None:
+        level = p._open(key)
+        while level.current[1] is GAP:
+            way, ticket = p.way(key, p.slots << key)
+            p.clock.t += 1e-3
+            if ticket is not None:
+                p.turn(ticket)
+    return level
 
 
 def phase(p, key, cost, callers=None):
@@ -286,11 +295,26 @@ def test_an_epoch_restarts_when_its_arrivals_come_sparsely():
     p.turn(ticket)
     assert level.current[:2] == (DIRECT, REFERENCE) and level.current[3] == []
     assert level.began == p.clock.t and level.epochs == 0
+    # A trial whose arrivals turn sparse ends, inconclusive: back to the best way, with
+    # the same gap before the next check.
+    phase(p, key, {DIRECT: 1.0, MERGE: 1.0})
+    assert level.current[:2] == (MERGE, TRIAL)
+    p.clock.t = level.current[4]
+    for _ in range(10):
+        p.way(key, 8)
+        p.clock.t += 0.001
+    gap = level.gap
+    p.clock.t += 1.0
+    way, ticket = p.way(key, 8)
+    p.turn(ticket)
+    assert level.current[:2] == (DIRECT, GAP) and level.gap == gap
+    assert level.best == DIRECT and level.times[MERGE] is None
 
 
 def test_restart_begins_every_measured_epoch_again():
     p = policy(first=DIRECT)
     low, high = p.level(4), p.level(16)
+    opened(p, low)                                  # low: in its reference epoch
     phase(p, high, {DIRECT: 1.0, MERGE: 1.0})       # high: in its trial now
     p.clock.t = p.levels[high].current[4]
     for _ in range(5):
@@ -300,3 +324,18 @@ def test_restart_begins_every_measured_epoch_again():
     assert p.levels[low].current[:2] == (DIRECT, REFERENCE) and p.levels[low].current[3] == []
     assert p.levels[high].current[:2] == (DIRECT, REFERENCE)
     assert p.levels[high].current[3] == []
+
+
+def test_a_new_level_first_goes_one_epoch_unmeasured():
+    # Its callers have just arrived (threads starting, first runs of new batch sizes):
+    # measured then, the way in use would look far slower than it is.
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    level = p._open(key)
+    calls = level.calls
+    assert level.current[:2] == (DIRECT, GAP)
+    tickets = [p.way(key, 16)[1] for _ in range(calls + 1)]
+    assert tickets[:calls] == [None] * calls and tickets[calls] is not None
+    p.turn(tickets[calls])
+    assert level.current[:2] == (DIRECT, REFERENCE) and level.epochs == 0
+    assert level.gap == GAP_FIRST

@@ -9,7 +9,8 @@ on the load, so it is measured, per model and per load level: the number of call
 inside at once, in powers of two above the slots (3-4, 5-8, 9-16... on 2 slots).
 
 A level goes the way that measured faster (its first way is its nearest measured
-neighbour's, or a guess from the model, ``prior``), and now and then checks the other:
+neighbour's, or a guess from the model, ``prior``; its first epoch, while its callers
+arrive, is not measured), and now and then checks the other:
 an epoch of the way in use (the reference), then an epoch of the other (the trial); the
 trial's way is kept if its calls took clearly less time (MARGIN). What an epoch measures
 is the mean time a call spends inside, by Little's law: W = L / lambda, with lambda the
@@ -56,7 +57,7 @@ MARGIN = 0.1
 
 # An epoch restarts when an arrival comes later than this after the one before (and than
 # 8 of its mean intervals): a level that callers reach now and then is not measured
-# across the time they spent at other levels.
+# across the time they spent at other levels (a trial ends, inconclusive).
 SPARSE_S = 0.02
 
 # Phases of a level: calls of the best way not measured; an epoch of it; a trial of the
@@ -155,7 +156,11 @@ class Policy(object):
             self._begin(level, REFERENCE, level.best, level.resume)
             return
         if what is _RESTART:
-            self._begin(level, phase, way, None)
+            if phase is TRIAL:
+                # Inconclusive: back to the best way, checked again after the same gap.
+                self._begin(level, GAP, level.best, None)
+            else:
+                self._begin(level, REFERENCE, way, None)
             return
         lost = what is _LOST
         # W = L / lambda: mean callers inside, over arrivals per second.
@@ -195,7 +200,12 @@ class Policy(object):
         level = Level(key, self.slots, self._first(key))
         level = self.levels.setdefault(key, level)
         if level.current is None:
-            self._begin(level, REFERENCE, level.best, None)
+            # A load level's first epoch is not measured: its callers have just arrived
+            # (threads starting, first runs of new batch sizes), and a reference taken
+            # then (4 ms where the steady state is 0.3 ms) lets any trial win.
+            level.gap = 1
+            self._begin(level, GAP, level.best, None)
+            level.gap = GAP_FIRST
         return level
 
     def _first(self, key):
