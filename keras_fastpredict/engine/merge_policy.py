@@ -133,14 +133,15 @@ class Policy(object):
                 # between them went to other levels (or to nobody).
                 return way, (key, current, _RESTART)
             level.last = now
-            if phase is TRIAL and i >= end // 4 and not i % 8 and self._losing(level, loads):
+            if phase is TRIAL and i >= 8 and not i % 4 and self._losing(level, loads):
                 return way, (key, current, _LOST)
             return way, None
         return way, ((key, current, None) if i == end else None)
 
     def _losing(self, level, loads):
         # A trial whose mean time so far is twice the reference's will not win: it ends
-        # at once (a wrong way's trial costs a fraction of an epoch).
+        # at once, from its 8th arrival (merging a model as fast as a hand-off can be 60
+        # times slower; its arrivals then come slowly, and an epoch's quarter is long).
         n = len(loads)
         elapsed = self.clock() - level.began
         return sum(loads) * elapsed > 2.0 * level.best_time * n * n
