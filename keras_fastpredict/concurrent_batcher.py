@@ -51,6 +51,10 @@ _HANDOFF_S = 50e-6
 # skip the batcher's bookkeeping for a while: from BYPASS_FIRST_S of calls, doubling
 # while it stays so, up to BYPASS_MAX_S (how late a change of load can be noticed). It is
 # reviewed every REVIEW_CALLS calls made through the batcher.
+# Batches a caller runs for others after its own call is served (its own return waits
+# that many runs): the caller whose run ends starts the next batch with no hand-off.
+_EXTRA_BATCHES = 1
+
 _REVIEW_CALLS = 512
 _REVIEW_MASK = _REVIEW_CALLS - 1
 _BYPASS_FIRST_S = 0.05
@@ -277,7 +281,7 @@ class Batcher(object):
             elif self.waking is not None or self.filling or not self.queue:
                 return                      # (a direct run's end: a leader is coming)
             batch = self._next_batch(me)
-        extra = 1 if own is not None else 0
+        extra = _EXTRA_BATCHES if own is not None else _EXTRA_BATCHES - 1
         while True:
             try:
                 self._run(batch)
