@@ -46,6 +46,7 @@ _clock = time.perf_counter
 # A first guess of one thread hand-off (waking a queued caller), refined per model by the
 # wakes measured: a level first merges only for a model whose fastest run took longer.
 _HANDOFF_S = 50e-6
+_FAST_MODEL_WAIT = 16
 
 # Bypass: while measurement says every call runs directly (see Batcher._review), calls
 # skip the batcher's bookkeeping for a while: from BYPASS_FIRST_S of calls, doubling
@@ -100,14 +101,21 @@ class Batcher(object):
         self.reviewed = (_clock(), 0, 0)    # (time, call number, calls queued so far)
 
     def _prior(self, entry):
-        # A level starts merging when a run costs more than waking a queued caller does;
-        # measurement decides from then on. (A weak reference: the entry holds us.)
+        # A model's first level merges when a run costs more than waking a queued caller
+        # does, and is checked after its first epoch (the guess is often wrong: a
+        # convolution costs as much per row merged or not). One whose runs are faster
+        # than a hand-off has nothing to gain from merging (a run saved costs a wake):
+        # its first check waits FAST_MODEL_WAIT epochs (merging Dense(64)x2 measured 3
+        # to 60 times slower). Measurement decides from then on. (A weak reference: the
+        # entry holds us.)
         entry_ref = weakref.ref(entry)
 
         def prior():
             entry = entry_ref()
             fastest = entry.fastest_run_s if entry is not None else float('inf')
-            return MERGE if fastest > self.handoff_s else DIRECT
+            if fastest > self.handoff_s:
+                return MERGE, 0
+            return DIRECT, _FAST_MODEL_WAIT
         return prior
 
     def _review(self, i):

@@ -699,7 +699,7 @@ class ScriptedPolicy(merge_policy.Policy):
     """The policy's levels, with the way given by the test; each call ends a phase."""
 
     def __init__(self, slots, ways, lock):
-        super(ScriptedPolicy, self).__init__(slots, lambda: merge_policy.DIRECT)
+        super(ScriptedPolicy, self).__init__(slots, lambda: (merge_policy.DIRECT, 0))
         self.ways = list(ways)
         self.lock = lock
         self.asked = []
@@ -904,3 +904,19 @@ def test_no_bypass_while_calls_merge_or_a_level_is_measured(always_queue):
         assert (batcher.bypass_end > 0) == bypass, (way, phase, touched)
         if bypass and phase is merge_policy.REFERENCE:
             assert level.current[3] == []           # its epoch begins again afterwards
+
+
+def test_first_guess_from_the_models_fastest_run():
+    # Runs slower than a thread hand-off: merge first, checked after one epoch. Faster:
+    # direct, first checked later (nothing to gain from merging: a run saved costs a
+    # wake). The hand-off is measured on the model's wakes (50 us until then).
+    entry = FakeEntry()
+    batcher = concurrent_batcher.Batcher(entry)
+    entry.fastest_run_s = 200e-6
+    assert batcher.policy.prior() == (merge_policy.MERGE, 0)
+    entry.fastest_run_s = 10e-6
+    assert batcher.policy.prior() == (merge_policy.DIRECT,
+                                      concurrent_batcher._FAST_MODEL_WAIT)
+    batcher.handoff_s = 1e-3                 # a busy machine: wakes take a millisecond
+    entry.fastest_run_s = 200e-6
+    assert batcher.policy.prior()[0] == merge_policy.DIRECT

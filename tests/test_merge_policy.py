@@ -16,8 +16,8 @@ class Clock(object):
         return self.t
 
 
-def policy(first=DIRECT, slots=2):
-    return merge_policy.Policy(slots, lambda: first, Clock())
+def policy(first=DIRECT, slots=2, wait=0):
+    return merge_policy.Policy(slots, lambda: (first, wait), Clock())
 
 
 def opened(p, key):
@@ -339,4 +339,14 @@ def test_a_new_level_first_goes_one_epoch_unmeasured():
     assert tickets[:calls] == [None] * calls and tickets[calls] is not None
     p.turn(tickets[calls])
     assert level.current[:2] == (DIRECT, REFERENCE) and level.epochs == 0
+    assert level.gap == GAP_FIRST
+
+
+def test_a_guess_can_put_off_the_first_check():
+    # A model faster than a thread hand-off (see concurrent_batcher) starts direct and
+    # is first checked some epochs later.
+    p = policy(first=DIRECT, wait=16)
+    key = p.level(16)
+    level = p._open(key)
+    assert level.current[:2] == (DIRECT, GAP) and level.current[5] == 17 * level.calls
     assert level.gap == GAP_FIRST

@@ -94,9 +94,9 @@ class Level(object):
 
 
 class Policy(object):
-    """Per model. ``slots``: runs in flight before callers may queue; ``prior()``: the way
-    a new level starts with when no level is measured yet (a guess from the model's run
-    time, see concurrent_batcher)."""
+    """Per model. ``slots``: runs in flight before callers may queue; ``prior()``: (the
+    way a new level starts with when no level is measured yet, epochs before its first
+    check): a guess from the model's run time, see concurrent_batcher."""
 
     def __init__(self, slots, prior, clock=time.perf_counter):
         self.slots = slots
@@ -198,25 +198,26 @@ class Policy(object):
                 self._begin(level, REFERENCE, level.best, None)
 
     def _open(self, key):
-        level = Level(key, self.slots, self._first(key))
-        level = self.levels.setdefault(key, level)
+        first, wait = self._first(key)
+        level = self.levels.setdefault(key, Level(key, self.slots, first))
         if level.current is None:
             # A load level's first epoch is not measured: its callers have just arrived
             # (threads starting, first runs of new batch sizes), and a reference taken
-            # then (4 ms where the steady state is 0.3 ms) lets any trial win.
-            level.gap = 1
+            # then (4 ms where the steady state is 0.3 ms) lets any trial win. Its first
+            # check comes ``wait`` epochs later.
+            level.gap = 1 + wait
             self._begin(level, GAP, level.best, None)
             level.gap = GAP_FIRST
         return level
 
     def _first(self, key):
-        # A new level starts the way its nearest measured neighbour goes (load levels
-        # next to each other mostly agree, and callers cross between them), else with
-        # the model's guess.
+        # (way, epochs before the first check). A new level starts the way its nearest
+        # measured neighbour goes (load levels next to each other mostly agree, and
+        # callers cross between them), else with the model's guess.
         known = [k for k, level in list(self.levels.items()) if level.epochs]
         if not known:
             return self.prior()
-        return self.levels[min(known, key=lambda k: (abs(k - key), -k))].best
+        return self.levels[min(known, key=lambda k: (abs(k - key), -k))].best, 0
 
     def _begin(self, level, phase, way, start):
         now = self.clock()
