@@ -9,8 +9,9 @@ on the load, so it is measured, per model and per load level: the number of call
 inside at once, in powers of two above the slots (3-4, 5-8, 9-16... on 2 slots).
 
 A level goes the way that measured faster (its first way is its nearest measured
-neighbour's, or a guess from the model, ``prior``; its first epoch, while its callers
-arrive, is not measured), and now and then checks the other:
+neighbour's, or a guess from the model, ``prior``, read after a first epoch run direct;
+a level's first epoch, while its callers arrive, is not measured), and now and then
+checks the other:
 an epoch of the way in use (the reference), then an epoch of the other (the trial); the
 trial's way is kept if its calls took clearly less time (MARGIN). What an epoch measures
 is the mean time a call spends inside, by Little's law: W = L / lambda, with lambda the
@@ -69,7 +70,8 @@ _RESTART, _LOST = 'restart', 'lost'     # what a ticket asks of turn()
 class Level(object):
     """One load level's measurements and choice."""
     __slots__ = ('key', 'current', 'best', 'best_time', 'gap', 'calls', 'checks',
-                 'switches', 'times', 'epochs', 'resume', 'began', 'last', 'touched')
+                 'switches', 'times', 'epochs', 'resume', 'began', 'last', 'touched',
+                 'guess')
 
     def __init__(self, key, slots, first):
         self.key = key
@@ -85,6 +87,7 @@ class Level(object):
         self.began = 0.0            # the epoch's first counted arrival
         self.last = 0.0             # its last counted arrival
         self.touched = False        # a call arrived (cleared by whoever reads it)
+        self.guess = False          # the model's guess is read at the warm-up's end
         # (way, phase, arrivals, loads, start, end): read by callers without a lock, a
         # new tuple for each phase. next() on the counter is atomic (each arrival gets
         # its own number), and so is list.append. ``start``: arrivals before it (a
@@ -133,18 +136,23 @@ class Policy(object):
                 # between them went to other levels (or to nobody).
                 return way, (key, current, _RESTART)
             level.last = now
-            if phase is TRIAL and i >= 8 and not i % 4 and self._losing(level, loads):
+            if phase is TRIAL and (i < 16 or not i % 4) and self._losing(level, loads):
                 return way, (key, current, _LOST)
             return way, None
         return way, ((key, current, None) if i == end else None)
 
     def _losing(self, level, loads):
-        # A trial whose mean time so far is twice the reference's will not win: it ends
-        # at once, from its 8th arrival (merging a model as fast as a hand-off can be 60
-        # times slower; its arrivals then come slowly, and an epoch's quarter is long).
+        # A trial whose mean time so far is well above the reference's will not win: it
+        # ends at once. Merging a model as fast as a thread hand-off measured 20 to 100
+        # times slower (a woken caller waits for the GIL, up to a switch interval each):
+        # its arrivals then come slowly, so it is judged from its second arrival, against
+        # a bar that comes down as arrivals add up: 10 times the reference at 2, 4 at 8,
+        # 2.5 at 32.
         n = len(loads)
-        elapsed = self.clock() - level.began
-        return sum(loads) * elapsed > 2.0 * level.best_time * n * n
+        if n < 2:
+            return False
+        elapsed = self.clock() - level.began      # (n - 1 intervals between n arrivals)
+        return sum(loads) * elapsed > 2.0 * (1 + 8.0 / n) * level.best_time * n * (n - 1)
 
     def turn(self, ticket):
         """End the phase ``ticket`` names, unless it ended already. Call under a lock."""
@@ -154,6 +162,16 @@ class Policy(object):
             return
         way, phase, arrivals, loads = current[:4]
         if phase is GAP:
+            if level.guess:
+                # The warm-up ran direct (as concurrent=False does); now that the model
+                # has run a while, its guess is worth reading.
+                level.guess = False
+                level.best, wait = self.prior()
+                if wait:
+                    level.gap = wait
+                    self._begin(level, GAP, level.best, None)
+                    level.gap = GAP_FIRST
+                    return
             self._begin(level, REFERENCE, level.best, level.resume)
             return
         if what is _RESTART:
@@ -198,26 +216,24 @@ class Policy(object):
                 self._begin(level, REFERENCE, level.best, None)
 
     def _open(self, key):
-        first, wait = self._first(key)
+        # A new level starts the way its nearest measured neighbour goes (load levels
+        # next to each other mostly agree, and callers cross between them). With none,
+        # it starts direct, and takes the model's guess at the end of its first epoch:
+        # the guess rests on the model's fastest run, and when a level first opens the
+        # model may have run once or twice, cold.
+        known = [k for k, level in list(self.levels.items()) if level.epochs]
+        first = (self.levels[min(known, key=lambda k: (abs(k - key), -k))].best
+                 if known else DIRECT)
         level = self.levels.setdefault(key, Level(key, self.slots, first))
         if level.current is None:
             # A load level's first epoch is not measured: its callers have just arrived
             # (threads starting, first runs of new batch sizes), and a reference taken
-            # then (4 ms where the steady state is 0.3 ms) lets any trial win. Its first
-            # check comes ``wait`` epochs later.
-            level.gap = 1 + wait
+            # then (4 ms where the steady state is 0.3 ms) lets any trial win.
+            level.guess = not known
+            level.gap = 1
             self._begin(level, GAP, level.best, None)
             level.gap = GAP_FIRST
         return level
-
-    def _first(self, key):
-        # (way, epochs before the first check). A new level starts the way its nearest
-        # measured neighbour goes (load levels next to each other mostly agree, and
-        # callers cross between them), else with the model's guess.
-        known = [k for k, level in list(self.levels.items()) if level.epochs]
-        if not known:
-            return self.prior()
-        return self.levels[min(known, key=lambda k: (abs(k - key), -k))].best, 0
 
     def _begin(self, level, phase, way, start):
         now = self.clock()
