@@ -16,6 +16,7 @@ run starts cold). ``--always`` adds a variant that merges whenever the slots are
 (``merge=True``), to show what the measurement chooses between.
 """
 import argparse
+import gc
 import json
 import os
 import sys
@@ -76,6 +77,7 @@ def run_case(name, threads, rows, repeats, steady, always, say):
                 patched(requests[0])        # the callable is made outside the timing
             elif not steady:
                 kfp.unpatch()
+            gc.collect()        # every run starts clean, whatever ran before it
             out = cases.threaded(plain if v == PLAIN else patched, requests, threads)
             why = check(reference, out.outputs)
             if why is not None:
@@ -197,7 +199,6 @@ def main(argv=None):
 
 def _release():
     """Free session callables while TensorFlow is still loaded (see __main__._release)."""
-    import gc
     from . import models
     models._built.clear()
     gc.collect()
