@@ -3,5 +3,6 @@
 # runs the same logic in Python.
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension('keras_fastpredict._steady', ['keras_fastpredict/_steady.c'],
+setup(ext_modules=[Extension('keras_fastpredict.report._steady',
+                             ['keras_fastpredict/report/_steady.c'],
                              extra_compile_args=['-O2', '-std=c11'], optional=True)])

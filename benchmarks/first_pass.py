@@ -9,7 +9,7 @@ the steady state our other benchmarks report. Reported per case: the loop's time
 patched, the first-pass and steady ratios (median, with the lowest and highest of the
 repeats as the noise band), and the whole process's wall time (imports, model build, loop,
 exit). Every patched first pass's outputs are checked against the plain one's (the
-README's tolerance). Writes first_pass.md and first_pass.json into --out; exit status 1
+docs/same-result.md's tolerance). Writes first_pass.md and first_pass.json into --out; exit status 1
 on a mismatch or a failed run.
 """
 import argparse

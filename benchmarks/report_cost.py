@@ -85,7 +85,8 @@ def _stub_costs(rep, n=50000, repeats=15):
     adapter = Adapter()
     session = Model()
     feed = {'x': x}
-    rep._plain[(mstats, 1)] = rep._plain[(state.stats, 1)] = (1e-4, 1)   # as if timed
+    plain = sys.modules['keras_fastpredict.report.plain']
+    plain._cache[(mstats, 1)] = plain._cache[(state.stats, 1)] = (1e-4, 1)   # as if timed
 
     def best(fn, instance, args):
         def loop():
@@ -121,11 +122,10 @@ def main(argv=None):
     import keras
     from keras import backend as K, layers
     import keras_fastpredict as kfp
-    import keras_fastpredict.report  # noqa: F401
-    rep = sys.modules['keras_fastpredict.report']
-    built = rep._Recorder
+    from keras_fastpredict.report import calls as recording
+    built = recording.Recorder
     if args.python:
-        rep._Recorder = None
+        recording.Recorder = None
 
     np.random.seed(0)
     model = keras.models.Sequential([layers.Dense(64, activation='relu', input_shape=(32,)),
@@ -148,7 +148,7 @@ def main(argv=None):
     ]
     print('report cost per call, steady state, usual call in %s, Dense(64)x2, one row per '
           'call: median over %d pairs of %d-call blocks, off and on interleaved'
-          % ('Python' if rep._Recorder is None else 'C', args.pairs, n))
+          % ('Python' if recording.Recorder is None else 'C', args.pairs, n))
     print('  %-52s %9s %9s %10s %17s' % ('loop', 'off us', 'on us', 'added us',
                                          'middle half'))
     for title, call, xs in cases:
@@ -160,13 +160,14 @@ def main(argv=None):
         print('  %-52s %9.2f %9.2f %+10.2f %+8.2f..%+.2f' % (title, off, on, np.median(diffs),
                                                           q1, q3))
     recorders = [('C', built), ('Python', None)] if built else [('Python (C not built)', None)]
+    rep = sys.modules['keras_fastpredict.report']
     for label, recorder in recorders:
-        rep._Recorder = recorder
+        recording.Recorder = recorder
         predict_us, announced_us = _stub_costs(rep)
         print('the recorders alone, around stub entries (no TensorFlow), usual call in %s: '
               'predict +%.2f us, Session.run / K.function (announcing) +%.2f us per call'
               % (label, predict_us, announced_us))
-    rep._Recorder = built
+    recording.Recorder = built
     del cases, fn
     K.clear_session()       # (callables freed at interpreter teardown print errors)
 

@@ -39,7 +39,7 @@ def run_case(name, threads, rows, repeats, steady, always, say):
     import tensorflow as tf
     import keras_fastpredict as kfp
     from keras_fastpredict.adapters import keras as keras_adapter
-    from keras_fastpredict.concurrent_batcher import describe
+    from keras_fastpredict.engine.concurrent_batcher import describe
     from . import cases, models
     from .report import check
 

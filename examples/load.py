@@ -2,6 +2,8 @@
 
     python examples/load.py --spawn --both            # patched and unpatched, side by side
     python examples/load.py --spawn [--unpatched]     # one variant, server started here
+    python examples/load.py --spawn --both --gunicorn [--worker-class gthread]
+                                                      # examples/wsgi.py under gunicorn -w 2
     python examples/load.py --port 5000               # a server already running
 
 ``--clients`` threads (16) each send ``--requests`` requests (200) of one row each, for
@@ -17,6 +19,8 @@ import collections
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -46,50 +50,131 @@ def get_stats(port, timeout=10.0):
         return json.loads(resp.read().decode())
 
 
-class Server(object):
-    """examples/flask_server.py in a subprocess; its output is kept for error reports."""
+def _with_parent(cmd):
+    """``cmd`` run so that it gets SIGTERM when the thread that started it ends (its
+    process dies, even of SIGKILL): a gunicorn master, a Celery worker or Redis then shut
+    down as on stop(). util-linux's setpriv where there is one; else as it is."""
+    setpriv = shutil.which('setpriv')
+    return [setpriv, '--pdeathsig', 'TERM', '--'] + cmd if setpriv else cmd
 
-    def __init__(self, unpatched=False, seed=0, startup_timeout=120.0):
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+
+
+class Server(object):
+    """examples/flask_server.py in a subprocess; its output is kept for error reports.
+
+    The process gets a session of its own, so that stop() also ends any worker it forked
+    (a gunicorn master's, see Gunicorn). With ``wait=False`` the constructor returns at
+    once and ``wait_ready()`` waits: several servers then start side by side."""
+
+    PORT = r'listening on http://127\.0\.0\.1:(\d+)'     # the line that gives the port
+    READY = PORT                                            # a line per ready process
+
+    def __init__(self, unpatched=False, seed=0, startup_timeout=120.0, wait=True):
         cmd = [sys.executable, SERVER, '--port', '0', '--seed', str(seed)]
         if unpatched:
             cmd.append('--unpatched')
-        env = dict(os.environ)
+        self._start(cmd, {}, 1, startup_timeout, wait=wait)
+
+    def _start(self, cmd, env, ready, startup_timeout, cwd=None, wait=True):
+        """Runs ``cmd``; ready once it printed its port (if PORT) and ``ready`` READY
+        lines. ``env`` is added to this process' environment (a None value removes)."""
+        env = {k: v for k, v in dict(os.environ, **env).items() if v is not None}
         env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env=env, universal_newlines=True)
-        self.output = collections.deque(maxlen=40)
+        self.cmd = cmd
+        self.proc = subprocess.Popen(_with_parent(cmd), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                     universal_newlines=True, start_new_session=True)
+        self.output = collections.deque(maxlen=400)
         self.port = None
-        found = threading.Event()
+        self.ready = 0
+        self._needed = ready
+        self._deadline = time.monotonic() + startup_timeout
+        self._found = found = threading.Event()
 
         def read():
             for line in self.proc.stdout:      # drained to the end: the pipe never fills
                 self.output.append(line.rstrip())
-                m = re.search(r'listening on http://127\.0\.0\.1:(\d+)', line)
+                m = self.PORT and re.search(self.PORT, line)
                 if m and self.port is None:
                     self.port = int(m.group(1))
+                # (Lines of processes writing at once may run together.)
+                self.ready += len(re.findall(self.READY, line))
+                if (self.port is not None or not self.PORT) and self.ready >= ready:
                     found.set()
             found.set()
 
         threading.Thread(target=read, daemon=True).start()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self):
+        """Returns once the server is ready; stops it and raises RuntimeError if it is not
+        by its start-up deadline (or exited)."""
         try:
-            if not found.wait(startup_timeout) or self.port is None:
-                raise RuntimeError('server did not start within %.0f s:\n%s'
-                                   % (startup_timeout, self.tail()))
+            self._found.wait(max(0.0, self._deadline - time.monotonic()))
+            if self.ready < self._needed or (self.PORT and self.port is None):
+                raise RuntimeError('%s did not start in time:\n%s'
+                                   % (' '.join(self.cmd[:6]), self.tail()))
         except BaseException:
             self.stop()
             raise
+        return self
 
     def tail(self):
         return '\n'.join(self.output)
 
-    def stop(self):
+    def stop(self, grace=15.0):
+        """SIGTERM, then SIGKILL to the process and all it started (its session)."""
+        deadline = time.monotonic() + grace
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        # Its workers may outlive it by a moment (a prefork pool's processes write their
+        # reports as they end): they get the rest of the grace time, then SIGKILL.
+        while time.monotonic() < deadline and _group_alive(self.proc.pid):
+            time.sleep(0.05)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)   # workers left behind, if any
+        except OSError:                                # none: the group is gone
+            pass
+        self.proc.wait()
+
+
+class Gunicorn(Server):
+    """examples/wsgi.py under real gunicorn (``python -m gunicorn``), plain or under the
+    runner (``python -m keras_fastpredict [runner_args] -m gunicorn``). Ready once every
+    worker (with ``preload``: the master) has built its model."""
+
+    PORT = r'Listening at: http://127\.0\.0\.1:(\d+)'
+    READY = r'wsgi: model ready'
+
+    def __init__(self, unpatched=False, seed=0, workers=2, worker_class='sync', threads=4,
+                 preload=False, timeout=30, graceful_timeout=10, runner_args=(), env=None,
+                 startup_timeout=120.0, wait=True):
+        cmd = [sys.executable]
+        if not unpatched:
+            cmd += ['-m', 'keras_fastpredict'] + list(runner_args)
+        cmd += ['-m', 'gunicorn', '--chdir', os.path.dirname(SERVER), '-b', '%s:0' % HOST,
+                '-w', str(workers), '-k', worker_class, '--timeout', str(timeout),
+                '--graceful-timeout', str(graceful_timeout)]
+        if worker_class == 'gthread':
+            cmd += ['--threads', str(threads)]
+        if preload:
+            cmd.append('--preload')
+        cmd.append('wsgi:app')
+        self.workers = workers
+        self._start(cmd, dict(env or {}, MODEL_SEED=str(seed)), 1 if preload else workers,
+                    startup_timeout, wait=wait)
 
 
 def run_load(port, clients, requests, rows_per_client, duration, timeout, seed):
@@ -172,7 +257,13 @@ def describe(name, r, stats):
 
 def run_variant(args, unpatched):
     name = 'unpatched' if unpatched else 'patched'
-    server = Server(unpatched, args.seed) if args.spawn else None
+    server = None
+    if args.spawn and args.gunicorn:
+        server = Gunicorn(unpatched, args.seed, workers=args.workers,
+                          worker_class=args.worker_class, threads=args.threads,
+                          preload=args.preload)
+    elif args.spawn:
+        server = Server(unpatched, args.seed)
     try:
         port = server.port if server else args.port
         result = run_load(port, args.clients, args.requests, args.rows_per_client,
@@ -197,6 +288,13 @@ def main(argv=None):
     parser.add_argument('--unpatched', action='store_true', help='with --spawn: plain Keras')
     parser.add_argument('--both', action='store_true',
                         help='with --spawn: patched then unpatched, and their ratio')
+    parser.add_argument('--gunicorn', action='store_true',
+                        help='with --spawn: examples/wsgi.py under gunicorn (plain, or under '
+                             'python -m keras_fastpredict)')
+    parser.add_argument('--workers', type=int, default=2, help='gunicorn -w')
+    parser.add_argument('--worker-class', default='sync', choices=['sync', 'gthread'])
+    parser.add_argument('--threads', type=int, default=4, help='gunicorn --threads (gthread)')
+    parser.add_argument('--preload', action='store_true', help='gunicorn --preload')
     parser.add_argument('--clients', type=int, default=16)
     parser.add_argument('--requests', type=int, default=200, help='per client')
     parser.add_argument('--rows-per-client', type=int, default=16)
@@ -208,8 +306,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.spawn == (args.port is not None):
         parser.error('give either --spawn or --port')
-    if (args.unpatched or args.both) and not args.spawn:
-        parser.error('--unpatched and --both go with --spawn')
+    if (args.unpatched or args.both or args.gunicorn) and not args.spawn:
+        parser.error('--unpatched, --both and --gunicorn go with --spawn')
     if min(args.clients, args.requests, args.rows_per_client) < 1 or args.duration <= 0:
         parser.error('--clients, --requests, --rows-per-client and --duration must be > 0')
 

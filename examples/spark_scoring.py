@@ -2,13 +2,18 @@
 ``model.predict`` per row in a ``mapPartitions`` function, as such jobs were written.
 
     python examples/spark_scoring.py [--rows N] [--master local[2]] [--out scores.npy]
+    spark-submit --master spark://host:7077 examples/spark_scoring.py ...   # a cluster
     python -m keras_fastpredict examples/spark_scoring.py ...    # executors patched too
     python examples/spark_scoring.py --fast-predict ...           # the one-line decorator
+    spark-submit ... examples/spark_scoring.py --patch-executors   # keras_fastpredict.spark
 
-The driver saves a small model to a temporary .h5 file (or uses ``--model``); every
-executor's Python worker loads it once and scores its partitions. The scores are written
-to ``--out`` (a .npy array of (id, score) rows, in id order). The job prints its time.
-Needs the ``spark`` extra (pyspark 3.4) and Java 8, 11 or 17.
+The driver saves a small model to a temporary .h5 file (or uses ``--model``); each task
+loads it and scores its partition. (Run as a script, the partition function and the
+``_model`` cache it reads travel by value with every task, so the cache starts empty in
+each task, as in many such jobs; imported by name, as the tests do, a Python worker
+loads the model once.) The scores are written to ``--out`` (a .npy array of (id, score)
+rows, in id order). The job prints its time. Needs the ``spark`` extra (pyspark 3.4) and
+Java 8, 11 or 17.
 """
 import argparse
 import os
@@ -19,7 +24,7 @@ import time
 import numpy as np
 
 FEATURES = 16
-_model = None            # one model per Python worker, loaded on first use
+_model = None            # the model, once loaded (per task when this file runs as a script)
 
 
 def make_model(path, seed=0):
@@ -80,11 +85,20 @@ def score(spark, model_path, rows, partitions, fast_predict=False):
     return np.array(scored, dtype='float64'), seconds
 
 
-def session(master='local[2]', app='keras_fastpredict spark example'):
+def session(master=None, app='keras_fastpredict spark example', patch_executors=False):
+    """The job's session: on ``master``; without one, on spark-submit's ``--master``
+    when spark-submit started this script, else on ``local[2]``."""
     os.environ.setdefault('PYSPARK_PYTHON', sys.executable)   # executors: this Python
     from pyspark.sql import SparkSession
-    return (SparkSession.builder.master(master).appName(app)
-            .config('spark.ui.enabled', 'false')
+    builder = SparkSession.builder.appName(app)
+    # spark-submit hands the driver its conf (--master, --conf) through the gateway it
+    # started (PYSPARK_GATEWAY_PORT): a master set here would override its --master.
+    if master or 'PYSPARK_GATEWAY_PORT' not in os.environ:
+        builder = builder.master(master or 'local[2]')
+    if patch_executors:
+        import keras_fastpredict.spark
+        keras_fastpredict.spark.configure(builder)     # the one line that patches executors
+    return (builder.config('spark.ui.enabled', 'false')
             .config('spark.sql.shuffle.partitions', '4')
             .getOrCreate())
 
@@ -93,24 +107,27 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--rows', type=int, default=40000)
     parser.add_argument('--partitions', type=int, default=4)
-    parser.add_argument('--master', default='local[2]')
+    parser.add_argument('--master', help="default: spark-submit's --master, else local[2]")
     parser.add_argument('--model', help='a saved .h5 model (default: made by the driver)')
     parser.add_argument('--out', help='write the (id, score) rows here (.npy)')
     parser.add_argument('--fast-predict', action='store_true',
                         help='decorate the partition function with @fast_predict')
     parser.add_argument('--repeat', type=int, default=1, help='run the job this many times')
+    parser.add_argument('--patch-executors', action='store_true',
+                        help='keras_fastpredict.spark.configure(builder): executors patched '
+                             'on a cluster too (options from KERAS_FASTPREDICT_* variables)')
     args = parser.parse_args(argv)
-    folder = tempfile.mkdtemp(prefix='spark_scoring-')
-    model_path = args.model or make_model(os.path.join(folder, 'model.h5'))
-    spark = session(args.master)
-    try:
-        rows = feature_rows(args.rows)
-        for _ in range(args.repeat):
-            scored, seconds = score(spark, model_path, rows, args.partitions,
-                                    args.fast_predict)
-            print('scored %d rows in %.2f s' % (len(scored), seconds), flush=True)
-    finally:
-        spark.stop()
+    with tempfile.TemporaryDirectory(prefix='spark_scoring-') as folder:
+        model_path = args.model or make_model(os.path.join(folder, 'model.h5'))
+        spark = session(args.master, patch_executors=args.patch_executors)
+        try:
+            rows = feature_rows(args.rows)
+            for _ in range(args.repeat):
+                scored, seconds = score(spark, model_path, rows, args.partitions,
+                                        args.fast_predict)
+                print('scored %d rows in %.2f s' % (len(scored), seconds), flush=True)
+        finally:
+            spark.stop()
     if args.out:
         np.save(args.out, scored)
     return 0

@@ -25,7 +25,7 @@ from . import counters as _stats
 from .batching import batching, fast_predict
 from .engine.compiled import clear as clear_cache
 from .engine.compiled import exclude
-from .concurrent_batcher import PredictTimeoutError, QueueFullError
+from .engine.concurrent_batcher import PredictTimeoutError, QueueFullError
 from .config import DEFAULTS
 from .engine.deferred import DeferredArray
 from .patching import is_patched, patch, patched, unpatch

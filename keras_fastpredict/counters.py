@@ -38,7 +38,7 @@ class ModelStats(object):
         self.exec_s = 0.0
         self.max_queue_len = 0
         self.one_time = collections.Counter()   # one-time work done for the model: seconds
-        self.report_owner = None    # the call-site report's (report.py): whose calls these are
+        self.report_owner = None    # the call-site report's (report/sites.py): whose calls
 
     def fallback(self, reason):
         """One call left to the original method, and why."""

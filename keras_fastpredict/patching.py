@@ -12,13 +12,12 @@ import threading
 
 import wrapt
 
-from . import concurrent_batcher
 from .adapters import keras as keras_adapter
-from .adapters import keras_function, session_run
+from .adapters import keras_function, model_path, session_run
 from .adapters import tf_keras as tf_keras_adapter
 from .config import settings
 from . import report as _report         # the call-site report (only when on)
-from .engine import compiled, hooks, readahead
+from .engine import compiled, concurrent_batcher, deferred, hooks, readahead
 
 # (module, class.attribute, wrapper(wrapped, instance, args, kwargs)): each adapter's
 # entry points, then TensorFlow's, before which pending work is settled.
@@ -27,6 +26,10 @@ ENTRY_POINTS = keras_adapter.adapter.entry_points() + tf_keras_adapter.adapter.e
     # What Session.make_callable's functions run (they may assign variables too).
     ('tensorflow.python.client.session', 'BaseSession._call_tf_sessionrun',
      hooks.before_graph_use),
+    # Shuffling a deferred result in place (numpy's module-level function; the same
+    # object under both names).
+    ('numpy.random', 'shuffle', deferred.resolving_first_argument),
+    ('numpy.random.mtrand', 'shuffle', deferred.resolving_first_argument),
 )
 
 _lock = threading.RLock()
@@ -37,11 +40,24 @@ _hooks_registered = set()
 _installed = {}             # (id(owner), attribute) -> the wrapper we put there
 
 
+class _Pickled(wrapt.FunctionWrapper):
+    """A wrapper that pickles as the function it wraps (numpy's shuffle: a closure that
+    names it may be sent to another process, where it is the original)."""
+
+    def __reduce_ex__(self, protocol):
+        return self.__wrapped__.__reduce_ex__(protocol)
+
+
+def _wrapper_type(wrapper):
+    return _Pickled if getattr(wrapper, '_kfp_pickled_as_original', False) else \
+        wrapt.FunctionWrapper
+
+
 def _ours(owner, name, current):
     return current is not None and _installed.get((id(owner), name)) is current
 
 
-def _owner(module, path):
+def owner_of(module, path):
     owner = module
     parts = path.split('.')
     for part in parts[:-1]:
@@ -50,13 +66,13 @@ def _owner(module, path):
 
 
 def _apply(module, path, wrapper):
-    owner, name = _owner(module, path)
+    owner, name = owner_of(module, path)
     current = owner.__dict__.get(name)
     if current is None or _ours(owner, name, current):
         return
     if settings.report:         # off: nothing wrapped, no frame ever looked at
         wrapper = _report.wrap(path, wrapper)
-    patched = _installed[(id(owner), name)] = wrapt.FunctionWrapper(current, wrapper)
+    patched = _installed[(id(owner), name)] = _wrapper_type(wrapper)(current, wrapper)
     setattr(owner, name, patched)
 
 
@@ -73,7 +89,7 @@ def replace(owner, name, wrapper):
 
 
 def _remove(module, path):
-    owner, name = _owner(module, path)
+    owner, name = owner_of(module, path)
     current = owner.__dict__.get(name)
     if _ours(owner, name, current):
         setattr(owner, name, current.__wrapped__)
@@ -89,7 +105,7 @@ def _on_import(module):
             if name == module.__name__:
                 _apply(module, path, wrapper)
         if module.__name__ == 'keras.engine.network':
-            keras_function.noting.complete = True     # no model was made before
+            model_path.noting.complete = True     # no model was made before
 
 
 def is_patched():
@@ -140,7 +156,7 @@ def unpatch():
             if module is not None:
                 _remove(module, path)
         _active = False
-        keras_function.noting.complete = False      # models made meanwhile go unnoted
+        model_path.noting.complete = False      # models made meanwhile go unnoted
         _report.stop_announcing()
     concurrent_batcher.stop_all()
     readahead.forget()

@@ -274,7 +274,7 @@ def _guard(module):
     for name, path, _ in patching.ENTRY_POINTS:
         if name != module.__name__ or path not in _PREDICT_PATHS:
             continue
-        owner, attr = patching._owner(module, path)
+        owner, attr = patching.owner_of(module, path)
         patching.replace(owner, attr, _refuse)
 
 

@@ -42,13 +42,13 @@ def _parser():
     p.add_argument('--stats', action='store_true',
                    help='print what was sped up, batched or left to Keras when the script ends')
     p.add_argument('--defer', action='store_true',
-                   help='return deferred results and run calls in batches (see README)')
+                   help='return deferred results and run calls in batches (docs/how-it-works.md)')
     p.add_argument('--no-readahead', action='store_true',
                    help='do not predict rows ahead when a loop walks an array')
     p.add_argument('--no-concurrent', action='store_true',
                    help='do not merge calls made from several threads at once')
     p.add_argument('--stats-json', metavar='FILE',
-                   help='write the call-site report (README: schema) as JSON at exit; '
+                   help='write the call-site report (docs/report.md: schema) as JSON at exit; '
                         "child processes write FILE named by their pid")
     p.add_argument('--max-batch-size', type=int)
     p.add_argument('--verify', choices=['auto', 'true', 'false'])
@@ -122,7 +122,7 @@ def main(argv=None):
         sys.argv = ['-m'] + args
         sys.path[0] = os.getcwd()
         try:
-            runpy._get_module_details(module, runpy._Error)
+            found = runpy._get_module_details(module, runpy._Error)
         except runpy._Error as e:
             return _fail(e, 1)
     else:
@@ -140,19 +140,32 @@ def main(argv=None):
         os.environ[_REPORT_JSON_ENV] = os.path.abspath(ns.stats_json)
     stats_dir = _for_children(options, show_stats)
     patching.patch(**options)
+    runner_pid = os.getpid()
     try:
         if module is not None:
-            runpy.run_module(module, run_name='__main__', alter_sys=True)
+            # What runpy.run_module(alter_sys=True) does, with the module found above: a
+            # second lookup fails for a package that replaces itself in sys.modules by a
+            # module without __spec__, as celery's does (python -m looks up once).
+            _, spec, code = found
+            runpy._run_module_code(code, None, '__main__', spec)
         else:
             runpy.run_path(script, run_name='__main__')
     finally:
-        if show_stats:
-            sys.stderr.write(_stats.format_table() + '\n' + _children_line())
-        if show_stats or ns.stats_json:
-            _report_at_exit(show_stats, ns.stats_json)
-        if stats_dir:
-            shutil.rmtree(stats_dir, ignore_errors=True)
+        # A child forked without exec that ends with sys.exit() (a gunicorn worker) comes
+        # through here too: the job's table, JSON file and stats folder are the runner's;
+        # such a child reports as every child does (processes.report, with its pid).
+        if os.getpid() == runner_pid:
+            _end(show_stats, ns.stats_json, stats_dir)
     return 0
+
+
+def _end(show_stats, stats_json, stats_dir):
+    if show_stats:
+        sys.stderr.write(_stats.format_table() + '\n' + _children_line())
+    if show_stats or stats_json:
+        _report_at_exit(show_stats, stats_json)
+    if stats_dir:
+        shutil.rmtree(stats_dir, ignore_errors=True)
 
 
 def _for_children(options, show_stats):

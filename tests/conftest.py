@@ -38,7 +38,8 @@ def assert_same(actual, expected):
     assert isinstance(actual, np.ndarray)
     actual = np.asarray(actual)
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    # The README's promise: per row, within RTOL of the row's largest magnitude (+ ATOL).
+    # The promise (docs/same-result.md): per row, within RTOL of the row's largest magnitude
+    # (+ ATOL).
     if not within_tolerance(actual, expected, RTOL, ATOL):
         np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
 

@@ -13,7 +13,8 @@ import keras
 from keras import layers
 
 import keras_fastpredict as kfp
-from keras_fastpredict import concurrent_batcher, counters
+from keras_fastpredict import counters
+from keras_fastpredict.engine import concurrent_batcher
 from keras_fastpredict.adapters import keras as keras_adapter
 from keras_fastpredict.config import settings
 from keras_fastpredict.engine import merge_policy

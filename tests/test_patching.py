@@ -26,7 +26,7 @@ def originals():
     out = {}
     for module_name, path, _ in patching.ENTRY_POINTS:
         module = sys.modules[module_name]
-        owner, name = patching._owner(module, path)
+        owner, name = patching.owner_of(module, path)
         out[module_name, path] = owner.__dict__[name]
     return out
 

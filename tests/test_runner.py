@@ -156,6 +156,23 @@ def test_module_sees_what_python_shows_it(tree):
         assert fast.returncode == 3
 
 
+def test_package_that_replaces_its_module_runs_as_python_runs_it(tree):
+    # As celery does (`python -m celery worker`): its __init__ puts another module object,
+    # one without __spec__, in sys.modules; python -m looks the package up only once.
+    pkg = tree / 'work' / 'selfswap'
+    pkg.mkdir()
+    (pkg / '__init__.py').write_text(textwrap.dedent('''
+        import sys, types
+        new = types.ModuleType(__name__)      # its __spec__ is None
+        new.__path__, new.__file__ = __path__, __file__
+        sys.modules[__name__] = new
+    '''))
+    (pkg / '__main__.py').write_text(PROBE)
+    want, got, _, _ = same_as_python(['-m', 'selfswap', 'a'], ['-m', 'selfswap', 'a'],
+                                     cwd=str(tree / 'work'))
+    assert got['argv'][1:] == ['a'] and got['name'] == '__main__'
+
+
 def test_directory_with_main_sees_what_python_shows_it(tree):
     (tree / 'work' / 'app').mkdir()
     (tree / 'work' / 'app' / '__main__.py').write_text(PROBE)
@@ -213,8 +230,8 @@ def test_under_the_runner_every_model_is_noted_and_sess_run_finds_it_unscanned(t
     script.write_text(textwrap.dedent('''
         import numpy as np
         from keras import backend as K, layers, models
-        from keras_fastpredict.adapters import keras_function
-        keras_function._scan = lambda: 1 / 0          # a scan would raise
+        from keras_fastpredict.adapters import model_path
+        model_path._scan = lambda: 1 / 0          # a scan would raise
         model = models.Sequential([layers.Dense(4, input_shape=(3,))])
         model.set_weights([np.arange(12.).reshape(3, 4) / 10, np.ones(4)])
         sess = K.get_session()
@@ -222,7 +239,7 @@ def test_under_the_runner_every_model_is_noted_and_sess_run_finds_it_unscanned(t
         got = np.concatenate([sess.run(model.output, {model.input: x[i:i + 1].copy()})
                               for i in range(20)])
         import keras_fastpredict
-        print('NOTED', keras_function.noting.complete,
+        print('NOTED', model_path.noting.complete,
               keras_fastpredict.stats(model)['fast_calls'] >= 19)
         np.save(%r, got)
     ''' % str(tmp_path / 'got.npy')))
@@ -237,3 +254,48 @@ def test_under_the_runner_every_model_is_noted_and_sess_run_finds_it_unscanned(t
     plain = K.get_session().run(model.output, {model.input: x})
     np.testing.assert_allclose(np.load(str(tmp_path / 'got.npy')), plain, rtol=1e-5,
                                atol=1e-6)
+
+
+# A pre-fork server's worker (gunicorn's) is os.fork() without exec, and it ends with
+# sys.exit(): the SystemExit unwinds through the master's frames, the runner's included.
+FORK_THEN_SYS_EXIT = textwrap.dedent('''
+    import os, sys
+    import numpy as np
+    import keras
+
+    def predict(rows):
+        model = keras.models.Sequential([keras.layers.Dense(2, input_shape=(3,))])
+        for i in range(rows):
+            model.predict(np.ones((1, 3), 'float32'))
+
+    pid = os.fork()                 # before any session, as a pre-fork server does
+    if pid == 0:
+        predict(5)
+        sys.exit(0)
+    _, status = os.waitpid(pid, 0)
+    print('PARENT', os.getpid(), 'child status', status, flush=True)
+    predict(3)
+''')
+
+
+def test_a_forked_child_ending_with_sys_exit_leaves_the_runners_work_to_it(tmp_path):
+    """The child's SystemExit passes the runner's own end: it must not print the job's
+    table, remove the job's stats folder nor write the runner's JSON file; the runner
+    still counts the child's report."""
+    script = tmp_path / 'fork_exit.py'
+    script.write_text(FORK_THEN_SYS_EXIT)
+    path = tmp_path / 'sites.json'
+    out = call(RUNNER + ['--stats', '--stats-json', str(path), str(script)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    parent = int(out.stdout.split('PARENT ')[1].split()[0])
+    assert 'child status 0' in out.stdout
+    # One job table and one line for the other processes, from the runner alone.
+    assert out.stderr.count('\nkeras_fastpredict: model ') + out.stderr.startswith(
+        'keras_fastpredict: model ') == 1, out.stderr
+    assert out.stderr.count('other processes of the job: ') == 1, out.stderr
+    line = out.stderr.split('other processes of the job: ')[1].splitlines()[0]
+    assert line.startswith('1 predicted, 5 calls, 5 fast, 0 fallbacks'), line
+    assert json.loads(path.read_text())['pid'] == parent
+    children = [p for p in tmp_path.iterdir() if p.name.startswith('sites.') and p.name
+                != 'sites.json']
+    assert len(children) == 1 and json.loads(children[0].read_text())['pid'] != parent

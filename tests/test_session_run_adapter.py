@@ -284,7 +284,7 @@ def test_session_of_a_model_loop_freed_as_plain(tmp_path):
     # The cache on the session held the model's entry, which holds the session: a cycle
     # that one collection did not free. The graph waits for one more collection: the
     # engine's entry for the model holds it until the model's finalizer drops the entry
-    # (README, known limits). In fresh processes: K.clear_session() resets the process.
+    # (docs/limits.md). In fresh processes: K.clear_session() resets the process.
     script = tmp_path / 'freed.py'
     script.write_text(_FREED_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -582,7 +582,7 @@ def test_a_thread_that_waited_for_another_threads_model_scan_finds_its_model(mon
     the other scanned for models finds its model among those scanned (it once marked its
     signature as no model's for good), with plain TF's answers."""
     import threading
-    from keras_fastpredict.adapters import keras_function
+    from keras_fastpredict.adapters import model_path
 
     def dense(seed):
         np.random.seed(seed)
@@ -593,7 +593,7 @@ def test_a_thread_that_waited_for_another_threads_model_scan_finds_its_model(mon
     sess = K.get_session()
     v = np.random.RandomState(0).rand(2, 4).astype('float32')
     seen = {}
-    match = keras_function._match
+    match = model_path._match
 
     def matching(model, *args):
         # Thread A's first look (at the models known before m2 and m3): B scans meanwhile.
@@ -612,9 +612,9 @@ def test_a_thread_that_waited_for_another_threads_model_scan_finds_its_model(mon
         expected = {m: plain(sess, m.output, {m.input: v}) for m in (m2, m3)}
         for m in (m2, m3):                  # each signature checked by TF once
             sess.run(m.output, {m.input: v})
-        monkeypatch.setattr(keras_function, '_match', matching)
+        monkeypatch.setattr(model_path, '_match', matching)
         got = outcome(lambda: sess.run(m2.output, {m2.input: v}))
-        monkeypatch.setattr(keras_function, '_match', match)
+        monkeypatch.setattr(model_path, '_match', match)
         before = kfp.stats(m2)['fast_calls']
         later = sess.run(m2.output, {m2.input: v})
         served = kfp.stats(m2)['fast_calls'] - before
@@ -630,9 +630,9 @@ def test_models_made_while_patched_are_found_without_a_heap_scan(monkeypatch):
     was made while patched (keras imported after patch(), as under the runner), a
     Session.run of a model's tensors finds it with no gc scan (20-60 ms, once, inside
     the loop), and a run of tensors of no model does not scan either."""
-    from keras_fastpredict.adapters import keras_function
-    monkeypatch.setattr(keras_function.noting, 'complete', True)
-    monkeypatch.setattr(keras_function, '_scan',
+    from keras_fastpredict.adapters import model_path
+    monkeypatch.setattr(model_path.noting, 'complete', True)
+    monkeypatch.setattr(model_path, '_scan',
                         lambda: pytest.fail('scanned the heap for models'))
     sess = K.get_session()
     x = inputs_for('dense', 40)
@@ -654,9 +654,9 @@ def test_models_made_while_patched_are_found_without_a_heap_scan(monkeypatch):
 def test_noting_is_complete_only_for_models_made_since_import():
     """Patched after keras was imported (models may exist unnoted), or unpatched once
     (models made meanwhile go unnoted), the scan stays."""
-    from keras_fastpredict.adapters import keras_function
+    from keras_fastpredict.adapters import model_path
     kfp.patch()
-    assert keras_function.noting.complete is False
-    keras_function.noting.complete = True
+    assert model_path.noting.complete is False
+    model_path.noting.complete = True
     kfp.unpatch()
-    assert keras_function.noting.complete is False
+    assert model_path.noting.complete is False

@@ -80,7 +80,7 @@ def test_one_step_stateful_loop_equals_keras_step_by_step():
 
 
 def one_layer_stateful_lstm():
-    # One trainable layer: TF 1.15 training is repeatable only so (see the README), and
+    # One trainable layer: TF 1.15 training is repeatable only so (see docs/same-result.md), and
     # the twins must train alike for their predictions to be compared.
     model = keras.models.Sequential([
         layers.LSTM(3, stateful=True, batch_input_shape=(1, 1, 4))])

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-test,bench,examples,spark}
+EXTRAS=${EXTRAS:-test,bench,examples,spark,celery}
 
 find_python37() {
     local candidates=()
@@ -40,9 +40,20 @@ MSG
 fi
 
 stamp="$VENV/.installed"
-want="$(cat setup.cfg setup.py constraints.txt keras_fastpredict/_steady.c | cksum) $EXTRAS"
+want="$(cat setup.cfg setup.py constraints.txt keras_fastpredict/report/_steady.c | cksum) $EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade 'pip<24' 'setuptools<68' wheel
     "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]"
     echo "$want" > "$stamp"
+fi
+
+# The Celery tests and example start their own redis-server (on a Unix socket): Debian's
+# package, installed here where it is missing and apt can install it.
+if ! command -v redis-server >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "installing Debian's redis-server (for the Celery tests)" >&2
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+    else
+        echo "warning: redis-server is missing (the Celery tests need it): install Debian's redis-server" >&2
+    fi
 fi

@@ -10,6 +10,7 @@ rejects (so the same exception is raised), batch sizes Keras refuses.
 ``KerasAdapter`` is written once for both Keras flavours: a subclass names where another
 flavour (``tf.keras``) keeps its classes and backend.
 """
+import importlib
 import threading
 
 import numpy as np
@@ -41,6 +42,8 @@ class KerasAdapter(object):
     training = 'keras.engine.training'
     sequential = 'keras.engine.sequential'
     backend = 'keras.backend.tensorflow_backend'
+    network = 'keras.engine.network'
+    training_utils = 'keras.engine.training_utils'
 
     def __init__(self):
         self._local = threading.local()   # .keras_default: batch_size=32 came from Keras
@@ -48,7 +51,9 @@ class KerasAdapter(object):
 
     # -- the flavour: where its backend and classes are -----------------------------------
 
-    def _bind(self):
+    def bind(self):
+        """Binds the flavour's backend and classes (on first use: importing this imports
+        no Keras)."""
         from keras import backend as K
         from keras.backend import tensorflow_backend as tfb
         self.K = K
@@ -64,7 +69,7 @@ class KerasAdapter(object):
     def current_session(self):
         """The session Keras would use now, or None where it would make one."""
         if self.tfb is None:
-            self._bind()
+            self.bind()
         return self._default_session() or self.tfb._SESSION
 
     def keras_session(self):
@@ -82,11 +87,10 @@ class KerasAdapter(object):
         return self.tfb
 
     def static_batch_size(self, model):
-        """The batch size Keras' predict imposes: its first layer's, if fixed (Keras 2.2.5
-        ``_validate_or_infer_batch_size``)."""
-        from keras.engine.network import Network
-        from keras.engine.training_utils import get_static_batch_size
-        layers = Network.layers.fget(model)
+        """The batch size Keras' predict imposes: its first layer's, if fixed
+        (``_validate_or_infer_batch_size``, the same in Keras 2.2.5 and tf.keras)."""
+        layers = importlib.import_module(self.network).Network.layers.fget(model)
+        get_static_batch_size = importlib.import_module(self.training_utils).get_static_batch_size
         return get_static_batch_size(layers[0]) if layers else None
 
     def layer_classes(self):
@@ -309,7 +313,7 @@ class KerasAdapter(object):
         ``CompiledModel`` fed and fetched as Keras' predict function, or a ``Refusal``."""
         with compiled.build_lock:
             if self.tfb is None:
-                self._bind()
+                self.bind()
             reason = self.unsupported_reason(model)
             if reason is None and (session.graph is not model.outputs[0].graph
                                    or session._closed):

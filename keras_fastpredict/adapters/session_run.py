@@ -31,55 +31,31 @@ Caches hang off the session object and hold no reference to it: they die with it
 signatures. No graph op is ever added.
 """
 import threading
-import time
 import weakref
 
 import numpy as np
 
 from .. import counters
-from ..engine import batch_safety, deferred, hooks, route
+from ..engine import compiled, deferred, hooks, route
 from ..engine.deferred import DeferredArray
 from ..report import announcing
+from . import model_path, tf1_session
 
 _ndarray = np.ndarray
 _generic = np.generic
 _ATTR = '_kfp_runs'
 MAX_ENTRIES = 128        # signatures cached per session (then the cache starts afresh)
 MAX_SHAPES = 64          # validated feed shapes per signature
-_CALIBRATION_RUNS = 3
 _PLACEHOLDERS = frozenset(('Placeholder', 'PlaceholderV2', 'PlaceholderWithDefault'))
 _caches = weakref.WeakSet()     # every session's cache, for clear()
 _lock = threading.RLock()
 _tf = None
 
 
-class _TF(object):
-    """TensorFlow's pieces, bound on first use (importing this module imports no TF)."""
-
-    def __init__(self):
-        from tensorflow.core.protobuf import config_pb2
-        from tensorflow.python import pywrap_tensorflow as tf_session
-        from tensorflow.python.client import session
-        from tensorflow.python.framework import errors, ops
-        from tensorflow.python.util import compat
-        self.Tensor = ops.Tensor
-        self.Operation = ops.Operation
-        self.OpError = errors.OpError
-        self.CallableOptions = config_pb2.CallableOptions
-        self.FetchHandler = session._FetchHandler
-        self.convert_to_numpy_obj = session._convert_to_numpy_obj
-        self.run_callable = tf_session.TF_SessionRunCallable
-        self.make_callable = tf_session.TF_SessionMakeCallable
-        self.release_callable = tf_session.TF_SessionReleaseCallable
-        self.new_buffer = tf_session.TF_NewBufferFromString
-        self.delete_buffer = tf_session.TF_DeleteBuffer
-        self.as_bytes = compat.as_bytes
-
-
 def _bind():
     global _tf, _Tensor, _Operation
     if _tf is None:
-        tf = _TF()
+        tf = tf1_session.bind()
         _Tensor, _Operation = tf.Tensor, tf.Operation
         _tf = tf
     return _tf
@@ -147,117 +123,6 @@ def _feed_key(feed_dict):
     return tuple([k if type(k) is str else id(k) for k in feed_dict])
 
 
-# -- side effects ---------------------------------------------------------------------------
-
-def side_effect_free(graph, feeds, fetches):
-    """Whether running ``fetches`` with ``feeds`` fed runs no op with side effects (a
-    variable write, a random draw, a queue), by the engine's graph analysis. Anything it
-    cannot read counts as having side effects."""
-    _bind()
-    try:
-        if not all(type(t) is _Tensor for t in fetches):
-            return False
-        verdict, reason = batch_safety.analyse(graph, feeds, fetches)
-    except Exception:
-        return False
-    return verdict != batch_safety.STATEFUL and not (reason or '').startswith('analysis failed')
-
-
-def keras_phase(graph):
-    """Keras' learning phase of ``graph`` (a placeholder with default False), if any."""
-    _bind()
-    try:
-        from .keras import adapter
-        if adapter.tfb is None:
-            import sys
-            if 'keras.backend.tensorflow_backend' not in sys.modules:
-                return None
-            adapter._bind()
-        phase = adapter.learning_phases().get(graph)
-    except Exception:
-        return None
-    if type(phase) is not _Tensor or phase.op.type != 'PlaceholderWithDefault':
-        return None
-    return phase
-
-
-# -- callables ------------------------------------------------------------------------------
-
-class Runner(object):
-    """Session callables for one set of feeds, fetches and targets on one session. The
-    caller's thread is faster for small graphs, TF's inter-op pool for some large ones:
-    both are made on first use, the first runs alternate, and the faster is used.
-    Holds the session weakly; its callables are released when it is dropped (a closed or
-    deleted session frees them itself)."""
-    __slots__ = ('session_ref', 'feeds', 'fetches', 'targets', 'handles', 'handle', 'inline',
-                 'pool', 'times', '__weakref__')
-
-    def __init__(self, session, feeds, fetches, targets):
-        self.session_ref = weakref.ref(session)
-        self.feeds, self.fetches, self.targets = feeds, fetches, targets
-        self.handles = []
-        self.handle = self.inline = self.pool = None
-        self.times = ([], [])
-
-    def run(self, session, arrays):
-        """One run; TF's own errors, unwrapped (``Session._do_call`` wraps them)."""
-        handle = self.handle
-        if handle is None:
-            return self._calibrate(session, arrays)
-        return _tf.run_callable(session._session, handle, arrays, None)
-
-    def _calibrate(self, session, arrays):
-        if self.inline is None:
-            with _lock:
-                if self.inline is None:
-                    self.pool = self._make(session, False)
-                    self.inline = self._make(session, True)     # set last: both exist
-        inline_t, pool_t = self.times
-        if len(inline_t) >= _CALIBRATION_RUNS and len(pool_t) >= _CALIBRATION_RUNS:
-            # Both are kept (another thread may be running either one right now).
-            self.handle = self.pool if min(pool_t) < min(inline_t) else self.inline
-            return _tf.run_callable(session._session, self.handle, arrays, None)
-        use_pool = len(pool_t) < len(inline_t)
-        start = time.perf_counter()
-        out = _tf.run_callable(session._session, self.pool if use_pool else self.inline,
-                               arrays, None)
-        (pool_t if use_pool else inline_t).append(time.perf_counter() - start)
-        return out
-
-    def _make(self, session, inline):
-        tf = _bind()
-        options = tf.CallableOptions()
-        options.feed.extend(t.name for t in self.feeds)
-        options.fetch.extend(t.name for t in self.fetches)
-        options.target.extend(op.name for op in self.targets)
-        if inline:
-            options.run_options.inter_op_thread_pool = -1
-        session._extend_graph()
-        buf = tf.new_buffer(tf.as_bytes(options.SerializeToString()))
-        try:
-            handle = tf.make_callable(session._session, buf)
-        finally:
-            tf.delete_buffer(buf)
-        self.handles.append(handle)
-        return handle
-
-    def __del__(self):
-        _release(self.session_ref(), self.handles)
-        self.handles = []
-
-
-def _release(session, handles):
-    if not handles or session is None or _tf is None:
-        return
-    try:
-        if session._session is None or session._closed:
-            return          # the session frees its callables itself
-        for handle in handles:
-            _tf.release_callable(session._session, handle)
-    except Exception:       # interpreter shutdown
-        pass
-
-
 # -- one signature ----------------------------------------------------------------------------
 
 _SINGLE, _LIST, _GENERAL = 0, 1, 2
@@ -299,7 +164,7 @@ class _Entry(object):
         self.shapes = set()
         self.runner = None
         self.pure = {}
-        phase = keras_phase(graph)
+        phase = tf1_session.keras_phase(graph)
         self.phase_index = next((i for i, t in enumerate(feeds) if t is phase), None)
         self.model_ref = self.compiled_ref = self.model_id = None
         self.model_checked = False
@@ -339,7 +204,7 @@ class _Entry(object):
             feeds = self.feeds
             if self.phase_index is not None and not phase_fed_true:
                 feeds = [t for i, t in enumerate(feeds) if i != self.phase_index]
-            pure = self.pure[phase_fed_true] = (not self.targets and side_effect_free(
+            pure = self.pure[phase_fed_true] = (not self.targets and tf1_session.side_effect_free(
                 self.graph, feeds, self.fetches))
         return pure
 
@@ -383,7 +248,8 @@ class _Entry(object):
         if runner is None:
             with _lock:
                 if self.runner is None:
-                    self.runner = Runner(session, self.feeds, self.fetches, self.targets)
+                    self.runner = tf1_session.Runner(session, self.feeds, self.fetches,
+                                                     self.targets)
             runner = self.runner
         return session._do_call(runner.run, session, arrays)
 
@@ -631,9 +497,6 @@ class SessionRunAdapter(object):
 
     @staticmethod
     def _model_entry(entry, session):
-        global _compiled_entries
-        kf = _kf or _keras_function()
-        _compiled_entries = kf.compiled_entries
         if not entry.model_checked:
             _find_model(entry)
         ref = entry.model_ref           # (read once: another thread may have looked)
@@ -641,7 +504,7 @@ class SessionRunAdapter(object):
         if model is None:
             entry.model_ref = None
             return None
-        ce = kf.model_entry(model, session)
+        ce = model_path.model_entry(model, session)
         if ce is None:
             entry.compiled_ref = None
             return None
@@ -653,7 +516,7 @@ class SessionRunAdapter(object):
         return ce
 
 
-_compiled_entries = {}          # the engine's entries (bound on first use)
+_compiled_entries = compiled.by_model_id      # the engine's entries (read without a lock)
 # Why a call with a cached signature went to Session.run (the report's reasons).
 _UNCONVERTED = 'a feed value Session.run converts itself (or rejects)'
 _FAILED = 'the fast run failed: Session.run raises its own error'
@@ -668,21 +531,10 @@ def _raise(exc):
     raise exc
 
 
-def _keras_function():
-    global _kf
-    if _kf is None:
-        from . import keras_function
-        _kf = keras_function
-    return _kf
-
-
-_kf = None
-
-
 def _find_model(entry):
     # Marked checked last, with model_ref the last field bound: other threads read them
     # without a lock (one that sees the entry unchecked looks for the model itself).
-    found = None if entry.targets else _keras_function().model_of(
+    found = None if entry.targets else model_path.model_of(
         entry.feeds, entry.fetches, entry.phase_index)
     if found is not None:
         model, model_feeds, entry.model_outputs = found

@@ -32,8 +32,10 @@ class TfKerasAdapter(KerasAdapter):
     training = 'tensorflow.python.keras.engine.training'
     sequential = 'tensorflow.python.keras.engine.sequential'
     backend = 'tensorflow.python.keras.backend'
+    network = 'tensorflow.python.keras.engine.network'
+    training_utils = 'tensorflow.python.keras.engine.training_utils'
 
-    def _bind(self):
+    def bind(self):
         from tensorflow.python.eager import context, def_function
         from tensorflow.python.keras import backend as K
         self.K = K
@@ -47,7 +49,7 @@ class TfKerasAdapter(KerasAdapter):
         session, else this thread's ``tf.keras`` session if it is on the default graph;
         None where ``tf.keras`` would make a new one."""
         if self.tfb is None:
-            self._bind()
+            self.bind()
         session = self._default_session()
         if session is not None:
             return session
@@ -55,24 +57,6 @@ class TfKerasAdapter(KerasAdapter):
         if session is not None and session.graph is self.default_graph():
             return session
         return None
-
-    def keras_session(self):
-        # As GraphExecutionFunction.__call__ gets it for numpy inputs (no graph in them).
-        return self.K.get_session()
-
-    def learning_phases(self):
-        # Read from the module each time: clear_session() binds a new dict.
-        return self.tfb._GRAPH_LEARNING_PHASES
-
-    def learning_phase_module(self):
-        return self.tfb
-
-    def static_batch_size(self, model):
-        """tf.keras ``_validate_or_infer_batch_size``: the first layer's batch size."""
-        from tensorflow.python.keras.engine.network import Network
-        from tensorflow.python.keras.engine.training_utils import get_static_batch_size
-        layers = Network.layers.fget(model)
-        return get_static_batch_size(layers[0]) if layers else None
 
     def layer_classes(self):
         from tensorflow.python.keras.engine.base_layer import Layer
@@ -97,7 +81,7 @@ class TfKerasAdapter(KerasAdapter):
                         'Output shape = {}, expected output shape = shape {}'.format(
                             out.shape, (rows,) + out.shape[1:]))
             return list(parts[0])
-        return compiled._keras_assembled(parts, spans, rows)
+        return compiled.keras_assembled(parts, spans, rows)
 
     def entry_points(self):
         """Keras' model methods at tf.keras' places, and its backend function (which no
@@ -114,7 +98,7 @@ class TfKerasAdapter(KerasAdapter):
         those are not cached): eager execution, functions run eagerly, a distribution
         strategy's scope."""
         if self.tfb is None:
-            self._bind()
+            self.bind()
         if self._executing_eagerly():
             return compiled.Refusal(model, None, 'eager execution')
         if self._def_function.RUN_FUNCTIONS_EAGERLY:

@@ -10,6 +10,7 @@ flavour. Entries are weakly keyed by the model; a model the fast path leaves to 
 gets a cached ``Refusal``, so the way to Keras costs one lookup.
 """
 import atexit
+import os
 import threading
 import time
 import weakref
@@ -22,8 +23,15 @@ from . import batch_safety, inference_graph, verification
 
 build_lock = threading.RLock()    # also guards Keras' lazy predict-function build (keras#6124)
 _entries = {}          # id(model) -> CompiledModel
+by_model_id = _entries  # (the adapters read it without a lock, per call)
 _excluded = set()      # id(model) of models the user excluded from batching
 _CALIBRATION_RUNS = 3
+# TF's inter-op pool hands a run to its threads: 20-50 us measured here (Dense(64)x2: 15 us
+# a run inline, 53 on the pool). Parallel ops save at most (1 - 1/cores) of a run, so a
+# run faster than this cannot gain from the pool, and its callable is not made for it.
+POOL_HANDOFF_S = 50e-6
+_CORES = os.cpu_count() or 1
+POOL_MIN_RUN_S = POOL_HANDOFF_S * _CORES / max(1, _CORES - 1) if _CORES > 1 else float('inf')
 _CHECKS = 3            # timed equal runs before the inference graph is used
 
 
@@ -51,7 +59,7 @@ class CompiledModel(object):
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
         # How the adapter's predict loop puts runs together (Keras 2.2.5's by default).
-        self._assemble = getattr(adapter, 'assemble', _keras_assembled)
+        self._assemble = getattr(adapter, 'assemble', keras_assembled)
         self.session = session
         self.graph = session.graph
         self.function = model.predict_function
@@ -360,12 +368,16 @@ class CompiledModel(object):
         # pool for some larger ones (MobileNet, even one row at a time): for each size
         # (about a power of two) runs are timed inline; once they have cost twice what the
         # inline callable cost to make (the pool's costs as much, and saves at most part
-        # of a run), the pool is made and tried, alternating, and the faster way is kept.
+        # of a run), the pool is made and tried, alternating, and the faster way is kept;
+        # not where the fastest run is too short to gain from it (POOL_MIN_RUN_S).
         bucket = arrays[0].shape[0].bit_length()
         times = self._pool_choice.get(bucket)
         if times is None:
             times = self._pool_choice.setdefault(bucket, [0.0, float('inf'), [], 0])
         if type(times) is not list:
+            return self._run(arrays, False)
+        if times[0] >= 2 * self.make_s and times[1] < POOL_MIN_RUN_S:
+            self._pool_choice[bucket] = False       # too fast a run to gain from the pool
             return self._run(arrays, False)
         use_pool = times[0] >= 2 * self.make_s and times[3] % 2 == 1
         fn = self._pool_callable() if use_pool else self._inline
@@ -475,7 +487,7 @@ def _other_threads():
             if t is not me and not t.name.startswith('keras_fastpredict-') and t.is_alive()]
 
 
-def _keras_assembled(parts, spans, rows):
+def keras_assembled(parts, spans, rows):
     """Outputs put together as Keras' predict loop does: zeros of the first run's row
     shape, each run assigned to its rows (so outputs whose row count is not the input's
     broadcast, or raise, exactly as in plain Keras)."""
@@ -535,6 +547,11 @@ def clear_at_exit():
 
 _makers = set()        # threads making an inference graph's callable
 _makers_lock = threading.Lock()
+
+
+def making():
+    """Whether an inference graph's callable is being made on another thread now."""
+    return bool(_makers)
 
 
 def _join_makers(timeout=10.0):

@@ -77,6 +77,19 @@ class DeferredArray(wrapt.ObjectProxy):
     def __deepcopy__(self, memo):
         return resolve(self).copy()
 
+    # A ufunc writes only into real arrays (out=y raised TypeError): the real ones are
+    # passed, and the proxy given as out= is returned as plain numpy returns the out array.
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        out = kwargs.get('out')
+        if out is not None:
+            kwargs['out'] = tuple(resolve(o) for o in out)
+        result = getattr(ufunc, method)(*(resolve(v) for v in inputs), **kwargs)
+        if out is None:
+            return result
+        if type(result) is tuple:
+            return tuple(o if type(o) is DeferredArray else r for o, r in zip(out, result))
+        return out[0] if type(out[0]) is DeferredArray and result is not None else result
+
 
 def resolve(value):
     """The real ndarray behind ``value`` (running its batch if need be)."""
@@ -86,6 +99,17 @@ def resolve(value):
             return inner._kfp_value()
         return inner
     return value
+
+
+def resolving_first_argument(wrapped, instance, args, kwargs):
+    """numpy.random.shuffle's type check is C's, not isinstance: a proxy takes its path
+    for sequences, which swaps rows through views and duplicates them. It gets the array."""
+    if args and type(args[0]) is DeferredArray:
+        args = (resolve(args[0]),) + tuple(args[1:])
+    return wrapped(*args, **kwargs)
+
+
+resolving_first_argument._kfp_pickled_as_original = True
 
 
 def map_nested(obj, leaf):
@@ -440,7 +464,7 @@ def settle_session(session):
             _retired.append([p for part in retired for p in part])
 
 
-hooks._flush_all = flush_all
+hooks.flush_all = flush_all
 
 
 def implicit_scope():

@@ -10,13 +10,13 @@ class _State(object):
 
 
 state = _State()
-_flush_all = None          # set by deferred: resolves every scope's pending requests
+flush_all = None           # set by deferred: resolves every scope's pending requests
 
 
 def graph_event():
     state.generation += 1
-    if _flush_all is not None:
-        _flush_all()
+    if flush_all is not None:
+        flush_all()
 
 
 def before_graph_use(wrapped, instance, args, kwargs):

@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from .. import concurrent_batcher
+from . import concurrent_batcher
 from ..config import settings
 from . import deferred, readahead, verification, warmup
 

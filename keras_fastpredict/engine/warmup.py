@@ -22,6 +22,11 @@ def ready():
     return False
 
 
+def running():
+    """Whether the kernels are being made on their thread now."""
+    return _started and not done.is_set()
+
+
 def start():
     global _started
     if _started:

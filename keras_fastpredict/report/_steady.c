@@ -1,5 +1,6 @@
-/* The call-site report's usual call, in C (keras_fastpredict/report.py has the same
- * logic in Python, used where this extension is not built).
+/* The call-site report's usual call, in C: the steps at the top of the ``rest`` functions
+ * of predict_calls.py and announced.py, which are the specification (the same logic in
+ * Python, used where this extension is not built; tests/test_report_*.py run both).
  *
  * A recorder stands where wrapt calls the entry's wrapper: recorder(wrapped, instance,
  * args, kwargs). Its usual call is one of a site whose sample is taken, from the same
@@ -10,12 +11,12 @@
  * site's accumulators are updated. Any other call goes to ``rest``, the report's Python
  * recorder, with the calling frame.
  *
- * Tables (report.py): a predict site's _hot tuple (code, instance weakly, rows, stats,
- * acc, site); an announced site's _steady tuple (code, instance weakly, rows, state
- * weakly, acc, site, the state's stats, the stats its paths are read from, sites, entry
- * name), whose call in flight is this thread's ``calls.current``: [steady, the state's
- * fast_calls before (-1: not announced yet, -2: announced otherwise), frame, the whole
- * call's list]. */
+ * Tables: a predict site's hot tuple (predict_calls.hot_tuple: code, instance weakly,
+ * rows, stats, acc, site); an announced site's steady tuple (announced._steady_at: code,
+ * instance weakly, rows, state weakly, acc, site, the state's stats, the stats its paths
+ * are read from, the site table, entry name), whose call in flight is this thread's
+ * ``_in_flight.current``: [steady, the state's fast_calls before (-1: not announced yet,
+ * -2: announced otherwise), frame, the whole call's list]. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
@@ -40,7 +41,7 @@ typedef struct {
 
 static PyObject *str_report_owner, *str_fast_calls, *minus_one;
 
-/* This thread's announced call in flight (report.py's ``_calls.current``): a strong
+/* This thread's announced call in flight (announced.py's ``_in_flight.current``): a strong
  * reference, or NULL for None. */
 static _Thread_local PyObject *current_call = NULL;
 
@@ -79,7 +80,7 @@ static PyGetSetDef Calls_getset[] = {
 
 static PyTypeObject CallsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "keras_fastpredict._steady.Calls",
+    .tp_name = "keras_fastpredict.report._steady.Calls",
     .tp_basicsize = sizeof(Calls),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Calls(): each thread's announced call in flight, as ``current``.",
@@ -433,7 +434,7 @@ static PyGetSetDef Recorder_getset[] = {
 
 #define RECORDER_TYPE(name, call, doc) { \
     PyVarObject_HEAD_INIT(NULL, 0) \
-    .tp_name = "keras_fastpredict._steady." name, \
+    .tp_name = "keras_fastpredict.report._steady." name, \
     .tp_basicsize = sizeof(Recorder), \
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, \
     .tp_doc = doc, \
@@ -549,7 +550,7 @@ Announce_dealloc(Announce *self)
 
 static PyTypeObject AnnounceType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "keras_fastpredict._steady.Announce",
+    .tp_name = "keras_fastpredict.report._steady.Announce",
     .tp_basicsize = sizeof(Announce),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The adapters' announce (a steady site's call in C, the rest in Python).",
@@ -562,7 +563,7 @@ static PyTypeObject AnnounceType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "keras_fastpredict._steady",
+    PyModuleDef_HEAD_INIT, "keras_fastpredict.report._steady",
     "The call-site report's usual call, in C.", -1, NULL,
 };
 

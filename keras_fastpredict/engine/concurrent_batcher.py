@@ -35,10 +35,10 @@ import threading
 import time
 import weakref
 
-from .config import settings
-from .engine import merge as engine
-from .engine import merge_policy, warmup
-from .engine.merge_policy import DIRECT, MERGE, TRIAL
+from ..config import settings
+from . import merge as engine
+from . import merge_policy, warmup
+from .merge_policy import DIRECT, MERGE, TRIAL
 
 _get_ident = threading.get_ident
 _clock = time.perf_counter

@@ -1,0 +1,153 @@
+"""What ``Session.run`` and ``K.function`` calls share on a TensorFlow 1 session: session
+callables run on the caller's thread or TF's inter-op pool (the faster, measured), whether
+running some fetches has side effects, and Keras' learning phase."""
+import threading
+import time
+import weakref
+
+from ..engine import batch_safety
+
+_CALIBRATION_RUNS = 3
+_lock = threading.Lock()
+_tf = None
+_Tensor = None     # set by bind()
+
+
+class _TF(object):
+    """TensorFlow's pieces, bound on first use (importing this module imports no TF)."""
+
+    def __init__(self):
+        from tensorflow.core.protobuf import config_pb2
+        from tensorflow.python import pywrap_tensorflow as tf_session
+        from tensorflow.python.client import session
+        from tensorflow.python.framework import errors, ops
+        from tensorflow.python.util import compat
+        self.Tensor = ops.Tensor
+        self.Operation = ops.Operation
+        self.OpError = errors.OpError
+        self.CallableOptions = config_pb2.CallableOptions
+        self.FetchHandler = session._FetchHandler
+        self.convert_to_numpy_obj = session._convert_to_numpy_obj
+        self.run_callable = tf_session.TF_SessionRunCallable
+        self.make_callable = tf_session.TF_SessionMakeCallable
+        self.release_callable = tf_session.TF_SessionReleaseCallable
+        self.new_buffer = tf_session.TF_NewBufferFromString
+        self.delete_buffer = tf_session.TF_DeleteBuffer
+        self.as_bytes = compat.as_bytes
+
+
+def bind():
+    """TensorFlow's pieces (bound on the first call)."""
+    global _tf, _Tensor
+    if _tf is None:
+        tf = _TF()
+        _Tensor = tf.Tensor
+        _tf = tf
+    return _tf
+
+
+def side_effect_free(graph, feeds, fetches):
+    """Whether running ``fetches`` with ``feeds`` fed runs no op with side effects (a
+    variable write, a random draw, a queue), by the engine's graph analysis. Anything it
+    cannot read counts as having side effects."""
+    bind()
+    try:
+        if not all(type(t) is _Tensor for t in fetches):
+            return False
+        verdict, reason = batch_safety.analyse(graph, feeds, fetches)
+    except Exception:
+        return False
+    return verdict != batch_safety.STATEFUL and not (reason or '').startswith('analysis failed')
+
+
+def keras_phase(graph):
+    """Keras' learning phase of ``graph`` (a placeholder with default False), if any."""
+    bind()
+    try:
+        from .keras import adapter
+        if adapter.tfb is None:
+            import sys
+            if 'keras.backend.tensorflow_backend' not in sys.modules:
+                return None
+            adapter.bind()
+        phase = adapter.learning_phases().get(graph)
+    except Exception:
+        return None
+    if type(phase) is not _Tensor or phase.op.type != 'PlaceholderWithDefault':
+        return None
+    return phase
+
+
+class Runner(object):
+    """Session callables for one set of feeds, fetches and targets on one session. The
+    caller's thread is faster for small graphs, TF's inter-op pool for some large ones:
+    both are made on first use, the first runs alternate, and the faster is used.
+    Holds the session weakly; its callables are released when it is dropped (a closed or
+    deleted session frees them itself)."""
+    __slots__ = ('session_ref', 'feeds', 'fetches', 'targets', 'handles', 'handle', 'inline',
+                 'pool', 'times', '__weakref__')
+
+    def __init__(self, session, feeds, fetches, targets):
+        self.session_ref = weakref.ref(session)
+        self.feeds, self.fetches, self.targets = feeds, fetches, targets
+        self.handles = []
+        self.handle = self.inline = self.pool = None
+        self.times = ([], [])
+
+    def run(self, session, arrays):
+        """One run; TF's own errors, unwrapped (``Session._do_call`` wraps them)."""
+        handle = self.handle
+        if handle is None:
+            return self._calibrate(session, arrays)
+        return _tf.run_callable(session._session, handle, arrays, None)
+
+    def _calibrate(self, session, arrays):
+        if self.inline is None:
+            with _lock:
+                if self.inline is None:
+                    self.pool = self._make(session, False)
+                    self.inline = self._make(session, True)     # set last: both exist
+        inline_t, pool_t = self.times
+        if len(inline_t) >= _CALIBRATION_RUNS and len(pool_t) >= _CALIBRATION_RUNS:
+            # Both are kept (another thread may be running either one right now).
+            self.handle = self.pool if min(pool_t) < min(inline_t) else self.inline
+            return _tf.run_callable(session._session, self.handle, arrays, None)
+        use_pool = len(pool_t) < len(inline_t)
+        start = time.perf_counter()
+        out = _tf.run_callable(session._session, self.pool if use_pool else self.inline,
+                               arrays, None)
+        (pool_t if use_pool else inline_t).append(time.perf_counter() - start)
+        return out
+
+    def _make(self, session, inline):
+        tf = bind()
+        options = tf.CallableOptions()
+        options.feed.extend(t.name for t in self.feeds)
+        options.fetch.extend(t.name for t in self.fetches)
+        options.target.extend(op.name for op in self.targets)
+        if inline:
+            options.run_options.inter_op_thread_pool = -1
+        session._extend_graph()
+        buf = tf.new_buffer(tf.as_bytes(options.SerializeToString()))
+        try:
+            handle = tf.make_callable(session._session, buf)
+        finally:
+            tf.delete_buffer(buf)
+        self.handles.append(handle)
+        return handle
+
+    def __del__(self):
+        _release(self.session_ref(), self.handles)
+        self.handles = []
+
+
+def _release(session, handles):
+    if not handles or session is None or _tf is None:
+        return
+    try:
+        if session._session is None or session._closed:
+            return          # the session frees its callables itself
+        for handle in handles:
+            _tf.release_callable(session._session, handle)
+    except Exception:       # interpreter shutdown
+        pass

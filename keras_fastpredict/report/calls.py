@@ -1,0 +1,63 @@
+"""What both recorders share: the C extension's types where it is built, the recorder in
+Python where it is not, and a call's accounting once it returned."""
+import sys
+
+from . import frames, plain, sampling, sites
+
+
+try:                        # the usual call in C, where the extension is built
+    from ._steady import Announce, AnnouncedRecorder, Recorder
+    from ._steady import Calls as CCalls
+except ImportError:         # (the same logic in Python: one call layer more)
+    Recorder = AnnouncedRecorder = Announce = CCalls = None
+
+# Every frame inspection of the report goes through this name (tests count its calls).
+_getframe = sys._getframe
+
+
+def in_python(wrapper, rest):
+    """The recorder where the C extension is not built: the calling frame, then rest."""
+    getframe = _getframe
+
+    def recorded(wrapped, instance, args, kwargs):
+        try:
+            f = getframe(1)
+        except ValueError:          # (a thread with no Python frame: no call site)
+            return wrapper(wrapped, instance, args, kwargs)
+        return rest(f, wrapped, instance, args, kwargs)
+    recorded._kfp_recorder = wrapper
+    return recorded
+
+
+def through(wrapper, wrapped, instance, args, kwargs):
+    """The C recorder's usual call of the entry (this frame marks a recorded call)."""
+    return wrapper(wrapped, instance, args, kwargs)
+
+
+frames.RECORDER_CODES.add(id(through.__code__))
+
+
+def after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs):
+    """A call looked at whole, once it returned: which way it went, its plain cost, and
+    its part of the site's sample."""
+    if s.fast_calls == fc:
+        sites.passed_on(site, s, rows, elapsed)
+        if site.sampling:
+            sampling.sampled(site)
+        return out
+    site.served += 1
+    # Calls of the row count plain Keras was timed for are counted; others add up.
+    if rows == site.plain_rows:
+        site.same_rows += 1
+    else:
+        plain.add(site, rows, wrapped, instance, args, kwargs, x)
+    if site.sampling:
+        ahead = site.readahead
+        if site.path.report_owner is site:
+            sites.settle(site)
+        out = sampling.sample(site, f, out, x, rows, site.readahead != ahead)
+        if not site.sampling and rows == site.plain_rows:
+            plain.retime(site, rows, wrapped, instance, args, kwargs, x)
+    elif site.retime_left and rows == site.plain_rows:
+        plain.retime(site, rows, wrapped, instance, args, kwargs, x)
+    return out

@@ -1,0 +1,107 @@
+"""The recorder of ``Model.predict`` and ``predict_on_batch`` calls (the model is the
+call's instance)."""
+import time
+import types
+
+import numpy as np
+
+from . import calls, frames, sites, watch
+
+
+_perf = time.perf_counter
+_ndarray = np.ndarray
+
+
+def recorder(wrapper, table, by_line, entry_name):
+    """The recorder around the entry's ``wrapper``."""
+    # table: (id(code), line, id(model)) of the user's frame -> Site; by_line: the
+    # instruction of the calling frame (f_lasti: read as it is, where f_lineno is computed)
+    # -> its site's hot tuple, once the site's sample is taken and where that frame is
+    # the user's own. The usual call: one lookup, two identity checks, the input's type and
+    # rows, one counter read before and after, the clock. (Names used per call are bound
+    # in this closure: a cell is read faster than a global or a builtin, and default
+    # arguments would take a function call off CPython's fast path.)
+    ndarray, type_, len_ = _ndarray, type, len
+
+    def rest(f, wrapped, instance, args, kwargs):
+        """A call from frame ``f`` (the C recorder's calls other than its usual one)."""
+        try:
+            hot = by_line[f.f_lasti]       # (a subscript: cheaper than .get's call)
+        except KeyError:
+            hot = None
+        if hot is not None:
+            code, ref, rows, s, acc, site = hot
+            if code is f.f_code and ref() is instance:
+                x = args[0] if args else None
+                if type_(x) is ndarray and x.ndim and len_(x) == rows:
+                    # _record's steps, fewer, for the usual call.
+                    if s.report_owner is not site:
+                        sites.take(s, site)
+                    fc = s.fast_calls
+                    out, elapsed = timed(wrapper, wrapped, instance, args, kwargs, site, s)
+                    if s.fast_calls != fc:
+                        acc[1] += 1
+                    else:
+                        sites.passed_on(site, s, rows, elapsed)
+                    return out
+                out = _record(site, f, wrapper, wrapped, instance, args, kwargs)
+                if rows != site.plain_rows and not (site.sampling or site.retime_left):
+                    by_line[f.f_lasti] = hot_tuple(site, s)   # plain timed since: rows known
+                return out
+        site, direct = frames.find_site(table, f, instance, entry_name)
+        if site is None:                        # inside a recorded call: not again
+            return wrapper(wrapped, instance, args, kwargs)
+        out = _record(site, f, wrapper, wrapped, instance, args, kwargs)
+        if direct and not (site.sampling or site.retime_left):
+            by_line[f.f_lasti] = hot_tuple(site, site.stats)
+        return out
+
+    if calls.Recorder is not None:
+        return calls.Recorder(by_line, wrapper, rest, calls.through, _ndarray, sites.take,
+                              sites.passed_on, sites.error)
+    return calls.in_python(wrapper, rest)
+
+
+frames.RECORDER_CODES.update(id(c) for c in recorder.__code__.co_consts
+                             if isinstance(c, types.CodeType) and c.co_name == 'rest')
+
+
+def hot_tuple(site, counters):
+    """What a site's usual call reads, in one tuple (unpacked at once, where each
+    attribute read costs about as much as a lookup): the user's code, the instance (or
+    state) weakly, the row count plain Keras was timed for, the counters whose fast_calls
+    tell a served call, the site's accumulators, the site."""
+    return (site.code, site.instance_ref if site.state is None else site.state,
+            site.plain_rows, counters, site.acc, site)
+
+
+def timed(wrapper, wrapped, instance, args, kwargs, site, s):
+    """The call and its time, added to the site's; an error counted as the site's."""
+    t0 = _perf()
+    try:
+        out = wrapper(wrapped, instance, args, kwargs)
+    except BaseException:
+        site.acc[0] += _perf() - t0
+        sites.error(site, s)
+        raise
+    elapsed = _perf() - t0
+    site.acc[0] += elapsed
+    return out, elapsed
+
+
+def _record(site, f, wrapper, wrapped, instance, args, kwargs):
+    """A call, every part of it looked at (a site's first calls, other input shapes)."""
+    x = args[0] if args else kwargs.get('x')
+    kind = type(x)
+    if kind is _ndarray:
+        rows = x.shape[0] if x.ndim else 1
+    else:
+        if kind is watch.Watched or kind is list or kind is tuple or kind is dict:
+            x, args, kwargs = watch.unwatch_call(x, args, kwargs)
+        rows = sites.rows_of(x)
+    s = site.stats
+    if s.report_owner is not site:
+        sites.take(s, site)
+    fc = s.fast_calls
+    out, elapsed = timed(wrapper, wrapped, instance, args, kwargs, site, s)
+    return calls.after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs)
