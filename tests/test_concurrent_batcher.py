@@ -908,16 +908,16 @@ def test_no_bypass_while_calls_merge_or_a_level_is_measured(always_queue):
 
 
 def test_first_guess_from_the_models_fastest_run():
-    # Runs slower than a thread hand-off: merge first, checked after one epoch. Faster:
-    # direct, first checked later (nothing to gain from merging: a run saved costs a
-    # wake). The hand-off is measured on the model's wakes (50 us until then).
+    # Every level starts direct. Runs slower than a thread hand-off: checked after the
+    # warm-up epoch. Faster: first checked GAP_MAX epochs later (nothing to gain from
+    # merging: a run saved costs a wake). The hand-off is measured on the model's wakes
+    # (50 us until then).
     entry = FakeEntry()
     batcher = concurrent_batcher.Batcher(entry)
     entry.fastest_run_s = 200e-6
-    assert batcher.policy.prior() == (merge_policy.MERGE, 0)
+    assert batcher.policy.prior() == (merge_policy.DIRECT, 0)
     entry.fastest_run_s = 10e-6
-    assert batcher.policy.prior() == (merge_policy.DIRECT,
-                                      concurrent_batcher._FAST_MODEL_WAIT)
+    assert batcher.policy.prior() == (merge_policy.DIRECT, merge_policy.GAP_MAX)
     batcher.handoff_s = 1e-3                 # a busy machine: wakes take a millisecond
     entry.fastest_run_s = 200e-6
-    assert batcher.policy.prior()[0] == merge_policy.DIRECT
+    assert batcher.policy.prior() == (merge_policy.DIRECT, merge_policy.GAP_MAX)

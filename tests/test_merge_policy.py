@@ -4,7 +4,8 @@ import pytest
 
 from keras_fastpredict.engine import merge_policy
 from keras_fastpredict.engine.merge_policy import (DIRECT, MERGE, GAP, REFERENCE, TRIAL,
-                                                   GAP_FIRST, GAP_MAX, GAP_PER_LOSS, DRAIN,
+                                                   GAP_FIRST, GAP_MAX, GAP_PER_LOSS,
+                                                   GAP_LOSS_MAX, DRAIN,
                                                    MARGIN)
 
 
@@ -132,20 +133,26 @@ def test_a_losing_way_is_checked_ever_less_often():
     assert p.levels[key].best == DIRECT and p.levels[key].switches == 0
 
 
+def gap_after_loss(gap, ratio):
+    """The gap after a loss: doubling up to GAP_MAX, or in proportion to the loss."""
+    return max(min(2 * gap, GAP_MAX), min(int(GAP_PER_LOSS * (ratio - 1)), GAP_LOSS_MAX))
+
+
 def test_the_worse_a_way_lost_the_longer_until_it_is_checked_again():
     # A check costs about (its time / the best's - 1) of an epoch: after a loss the gap
-    # is at least GAP_PER_LOSS times that, so checks stay a small share of the calls.
+    # is at least GAP_PER_LOSS times that, so checks stay a small share of the time, also
+    # past GAP_MAX for a way many times slower (up to GAP_LOSS_MAX).
     for ratio, gap in [(1.05, 2 * GAP_FIRST), (1.3, int(GAP_PER_LOSS * 0.3)),
-                       (1.5, GAP_PER_LOSS // 2), (6.0, GAP_MAX)]:
+                       (1.5, GAP_PER_LOSS // 2), (6.0, 5 * GAP_PER_LOSS),
+                       (1000.0, GAP_LOSS_MAX)]:
         p = policy(first=DIRECT)
         key = p.level(16)
         phases(p, key, {DIRECT: 1.0, MERGE: ratio}, 2)
         level = p.levels[key]
         assert level.current[:2] == (DIRECT, GAP)
         measured = level.times[MERGE] / level.times[DIRECT]
-        assert level.gap == min(GAP_MAX, max(2 * GAP_FIRST,
-                                             int(GAP_PER_LOSS * (measured - 1))))
-        assert abs(level.gap - gap) <= 1, (ratio, level.gap)
+        assert level.gap == gap_after_loss(GAP_FIRST, measured)
+        assert abs(level.gap - gap) <= max(1, 0.05 * gap), (ratio, level.gap)
 
 
 def test_a_trial_that_cannot_win_ends_early():
@@ -164,8 +171,7 @@ def test_a_trial_that_cannot_win_ends_early():
         assert (way, name) == (MERGE, TRIAL) and level.calls == 64
         assert 2 <= arrivals - drain <= most, (ratio, arrivals - drain)
         assert level.current[:2] == (DIRECT, GAP)
-        assert level.gap == min(GAP_MAX,
-                                int(GAP_PER_LOSS * (level.times[MERGE] / reference - 1)))
+        assert level.gap == gap_after_loss(GAP_FIRST, level.times[MERGE] / reference)
 
 
 def test_after_a_switch_arrivals_count_once_the_other_way_drained():

@@ -44,9 +44,12 @@ _get_ident = threading.get_ident
 _clock = time.perf_counter
 
 # A first guess of one thread hand-off (waking a queued caller), refined per model by the
-# wakes measured: a level first merges only for a model whose fastest run took longer.
+# wakes measured: a model whose fastest run is shorter has nothing to gain from merging.
 _HANDOFF_S = 50e-6
-_FAST_MODEL_WAIT = 16
+# Epochs before a level's first check, after its warm-up epoch: a model slower than a
+# hand-off is checked at once; a faster one as late as a way that lost badly.
+_SLOW_MODEL_WAIT = 0
+_FAST_MODEL_WAIT = merge_policy.GAP_MAX
 
 # Bypass: while measurement says every call runs directly (see Batcher._review), calls
 # skip the batcher's bookkeeping for a while: from BYPASS_FIRST_S of calls, doubling
@@ -101,21 +104,18 @@ class Batcher(object):
         self.reviewed = (_clock(), 0, 0)    # (time, call number, calls queued so far)
 
     def _prior(self, entry):
-        # A model's first level merges when a run costs more than waking a queued caller
-        # does, and is checked after its first epoch (the guess is often wrong: a
-        # convolution costs as much per row merged or not). One whose runs are faster
-        # than a hand-off has nothing to gain from merging (a run saved costs a wake):
-        # its first check waits FAST_MODEL_WAIT epochs (merging Dense(64)x2 measured 3
-        # to 60 times slower). Measurement decides from then on. (A weak reference: the
-        # entry holds us.)
+        # Every level starts direct, as concurrent=False runs: merging must be measured
+        # faster first. A model whose runs cost more than waking a queued caller does is
+        # checked after its warm-up epoch; one whose runs are faster has nothing to gain
+        # from merging (a run saved costs a wake: merge trials of Dense(64)x2 measured 3
+        # to 120 times slower, 10 ms a call under load) and is first checked GAP_MAX
+        # epochs later. (A weak reference: the entry holds us.)
         entry_ref = weakref.ref(entry)
 
         def prior():
             entry = entry_ref()
             fastest = entry.fastest_run_s if entry is not None else float('inf')
-            if fastest > self.handoff_s:
-                return MERGE, 0
-            return DIRECT, _FAST_MODEL_WAIT
+            return DIRECT, _SLOW_MODEL_WAIT if fastest > self.handoff_s else _FAST_MODEL_WAIT
         return prior
 
     def _review(self, i):
