@@ -111,6 +111,23 @@ def test_threads_quick_prints_ratios_checked_against_plain(tmp_path):
     assert 'Exception ignored' not in proc.stderr
 
 
+def test_threads_steady_does_not_time_plain_keras_while_patched(tmp_path):
+    # --steady keeps one patch per case: plain Keras would run patched (it was timed so,
+    # at patched speed), so it is not timed; outputs are still checked against it.
+    out = tmp_path / 'steady.json'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.threads', '--quick', '--repeats', '2', '--steady',
+         '--models', 'mlp64', '--threads', '4', '--json', str(out)],
+        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = json.loads(out.read_text())['results']
+    assert sorted(result['per_row_s']) == ['batcher', 'concurrent=False']
+    row = [line for line in proc.stdout.split('\n') if line.startswith('| Dense(64)x2 | 4 |')]
+    assert len(row) == 1 and row[0].split(' | ')[2] == '-'
+    assert 'of plain' not in proc.stdout           # no target against plain either
+
+
 def test_server_quick_loads_plain_and_patched_servers(tmp_path):
     # benchmarks.server end to end: both Flask servers started and stopped, every answer
     # checked by examples/load.py.
