@@ -31,11 +31,15 @@ DEFAULTS = {
     # at the first call and uses it once equal; False never.
     'inference_graph': 'auto',
     'unroll_max_steps': 100,
-    # Concurrent callers from several threads are merged into batches.
+    # Concurrent callers from several threads: each runs at once while a run slot is free
+    # (num_batch_threads slots per model; None: as many as the machine's cores); past
+    # that, calls are merged into batches where measured faster ('auto'), always (True)
+    # or never (False).
     'concurrent': True,
+    'merge': 'auto',
     'batch_timeout_micros': 0,
     'max_enqueued_batches': None,   # None: unbounded, as plain Keras never refuses a call
-    'num_batch_threads': 1,
+    'num_batch_threads': None,
     'timeout': None,          # seconds a concurrent caller waits at most; None waits for ever
     # Rows per session call when the caller gave no batch_size and the model may be batched.
     'large_batch_bytes': 4 << 20,
@@ -53,9 +57,9 @@ def _parse(name, text):
     default = DEFAULTS[name]
     if isinstance(default, bool):
         return _BOOL[text.strip().lower()]
-    if name in ('verify', 'inference_graph'):
+    if name in ('verify', 'inference_graph', 'merge'):
         return _BOOL.get(text.strip().lower(), text.strip())
-    if name in ('timeout', 'max_enqueued_batches'):      # None where unset
+    if name in ('timeout', 'max_enqueued_batches', 'num_batch_threads'):  # None where unset
         if text.strip().lower() in ('', 'none'):
             return None
         return float(text) if name == 'timeout' else int(text)
@@ -84,7 +88,7 @@ class Settings(object):
         unknown = set(options) - set(DEFAULTS)
         if unknown:
             raise TypeError('unknown keras_fastpredict option(s): %s' % ', '.join(sorted(unknown)))
-        for name in ('verify', 'inference_graph'):
+        for name in ('verify', 'inference_graph', 'merge'):
             if name in options and options[name] not in (True, False, 'auto'):
                 raise ValueError("%s must be True, False or 'auto'" % name)
         with self._lock:

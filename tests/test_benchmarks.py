@@ -88,3 +88,57 @@ def test_first_pass_quick_runs_scripts_plain_and_under_the_runner(tmp_path):
     saved = json.loads((tmp_path / 'first_pass.json').read_text())
     assert [r['mismatches'] for r in saved['results']] == [0, 0]
     assert all(r['plain_cpu_s'] > 0 and r['patched_cpu_s'] > 0 for r in saved['results'])
+
+
+def test_threads_quick_prints_ratios_checked_against_plain(tmp_path):
+    # benchmarks.threads end to end on one model and two thread counts: every variant's
+    # outputs are checked against plain Keras (a mismatch exits non-zero).
+    out = tmp_path / 'threads.json'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.threads', '--quick', '--repeats', '2',
+         '--models', 'mlp64', '--threads', '1,4', '--always', '--policy', '--json', str(out)],
+        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert '| Dense(64)x2 | 4 |' in proc.stdout and 'batcher / direct' in proc.stdout
+    assert 'mlp64, 4 threads: batcher' in proc.stdout and 'load average' in proc.stdout
+    saved = json.loads(out.read_text())
+    assert [(r['model'], r['threads']) for r in saved['results']] == [('mlp64', 1),
+                                                                      ('mlp64', 4)]
+    for r in saved['results']:
+        assert sorted(r['per_row_s']) == ['batcher', 'concurrent=False', 'merge=True',
+                                          'plain']
+        assert all(len(times) == 2 for times in r['per_row_s'].values())
+    assert 'Exception ignored' not in proc.stderr
+
+
+def test_threads_steady_does_not_time_plain_keras_while_patched(tmp_path):
+    # --steady keeps one patch per case: plain Keras would run patched (it was timed so,
+    # at patched speed), so it is not timed; outputs are still checked against it.
+    out = tmp_path / 'steady.json'
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.threads', '--quick', '--repeats', '2', '--steady',
+         '--models', 'mlp64', '--threads', '4', '--json', str(out)],
+        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = json.loads(out.read_text())['results']
+    assert sorted(result['per_row_s']) == ['batcher', 'concurrent=False']
+    row = [line for line in proc.stdout.split('\n') if line.startswith('| Dense(64)x2 | 4 |')]
+    assert len(row) == 1 and row[0].split(' | ')[2] == '-'
+    assert 'of plain' not in proc.stdout           # no target against plain either
+
+
+def test_server_quick_loads_plain_and_patched_servers(tmp_path):
+    # benchmarks.server end to end: both Flask servers started and stopped, every answer
+    # checked by examples/load.py.
+    import pytest
+    pytest.importorskip('flask')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.server', '--clients', '1,2', '--requests', '5',
+         '--repeats', '1', '--rows-per-client', '2'],
+        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert '| 1 |' in proc.stdout and '| 2 |' in proc.stdout
+    assert 'errors 0  wrong 0' in proc.stdout and 'FAILED' not in proc.stderr

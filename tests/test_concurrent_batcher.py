@@ -1,4 +1,6 @@
-"""Many threads, one model: batches of concurrent calls, each caller gets its own rows."""
+"""Many threads, one model: calls run at once or are merged into batches led by a caller,
+and each caller gets its own rows or its own error."""
+import concurrent.futures
 import gc
 import threading
 import time
@@ -11,16 +13,19 @@ import keras
 from keras import layers
 
 import keras_fastpredict as kfp
+from keras_fastpredict import counters
 from keras_fastpredict.engine import concurrent_batcher
 from keras_fastpredict.adapters import keras as keras_adapter
-from conftest import assert_same, unpatched_predict
+from keras_fastpredict.config import settings
+from keras_fastpredict.engine import merge_policy
+from conftest import assert_same, raised, unpatched_predict
 
 
 @pytest.fixture
-def always_queue(monkeypatch):
-    """Calls queue whenever the model is busy, however fast its runs were (as for a large
-    model): the tests are about the queue, not about which models use it."""
-    monkeypatch.setattr(concurrent_batcher, '_QUEUE_COST_S', 0.0)
+def always_queue():
+    """One run slot, and calls queue whenever it is busy (merge=True), however fast the
+    model: these tests are about the queue, not about when measurement chooses it."""
+    settings.update(merge=True, num_batch_threads=1)
 
 
 def gated_model(gate, fail_negative=False):
@@ -132,7 +137,10 @@ def test_concurrent_calls_form_batches_and_bad_input_fails_alone(always_queue):
 
     with kfp.patched(readahead=False, verify=False):
         hold_then_queue(model, gate, work, 9, queued=7)     # the bad input never queues
-    assert list(failures) == [8] and isinstance(failures[8], ValueError)
+    assert list(failures) == [8]
+    # Exactly plain Keras' exception, in that caller only.
+    plain = raised(unpatched_predict, model, np.zeros((1, 5), 'float32'))
+    assert (type(failures[8]), str(failures[8])) == plain
     for i in range(8):
         assert_same(results[i], expected[i:i + 1])
     s = kfp.stats(model)
@@ -153,13 +161,20 @@ def test_failed_batch_is_retried_so_only_the_culprit_fails(always_queue):
         except Exception as exc:  # noqa: BLE001
             failures[i] = exc
 
+    gate.set()
+    expected = unpatched_predict(model, np.concatenate([x[:3], x[4:]]), batch_size=1)
+    plain = raised(unpatched_predict, model, x[3:4].copy())
+    gate.clear()
     with kfp.patched(readahead=False, verify=False):
         hold_then_queue(model, gate, work, 6, queued=5)
         assert list(failures) == [3]
         assert 'negative input' in str(failures[3])
+        assert (type(failures[3]), str(failures[3])) == plain
         # The batcher keeps serving after a failure.
         assert_same(model.predict(x[:1].copy()), unpatched_predict(model, x[:1]))
     assert sorted(results) == [0, 1, 2, 4, 5]
+    for got, i in zip(expected, [0, 1, 2, 4, 5]):
+        assert_same(results[i], got[None])
 
 
 def test_queue_full_and_timeout(always_queue):
@@ -198,19 +213,17 @@ def test_queue_full_and_timeout(always_queue):
     assert s['rejected'] == 1 and s['timeouts'] == 1
 
 
-def test_unpatch_stops_worker_threads_and_repeated_start_stop_does_not_grow():
+def test_no_thread_of_ours_outlives_the_calls(always_queue):
+    # Leaders are callers: no batch thread is started, so none can be left behind.
     model = keras.models.Sequential([layers.Dense(4, input_shape=(4,))])
     x = np.random.RandomState(0).rand(64, 4).astype('float32')
-    baseline = threading.active_count()
-    for _ in range(5):
+    baseline = set(threading.enumerate())
+    for _ in range(3):
+        settings.update(merge=True, num_batch_threads=1)
         with kfp.patched(readahead=False):
             join(run_threads(8, lambda t: [model.predict(x[i:i + 1].copy())
                                            for i in range(50)]))
-        assert concurrent_batcher.worker_count() == 0
-        deadline = time.monotonic() + 5
-        while threading.active_count() > baseline and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert threading.active_count() == baseline
+        assert set(threading.enumerate()) == baseline
 
 
 def test_stateful_model_calls_are_never_merged():
@@ -234,7 +247,7 @@ def test_stateful_model_calls_are_never_merged():
     assert s['batches'] == 0 and s['queued'] == 0
 
 
-def test_idle_worker_keeps_nothing_of_a_dropped_model(always_queue):
+def test_nothing_keeps_a_dropped_model_after_merged_calls(always_queue):
     gate = threading.Event()
     model = gated_model(gate)
     x = np.random.RandomState(0).rand(4, 4).astype('float32')
@@ -245,12 +258,11 @@ def test_idle_worker_keeps_nothing_of_a_dropped_model(always_queue):
 
     with kfp.patched(readahead=False, verify=False):
         hold_then_queue(model, gate, work, 4, queued=3)
-        assert concurrent_batcher.worker_count() == 1      # idle now, waiting for work
+        assert kfp.stats(model)['batches'] == 1        # the 3 queued calls ran together
         refs = [weakref.ref(model), weakref.ref(keras_adapter.lookup(model))]
         del model, held[:]
         gc.collect()
         assert [r() for r in refs] == [None, None]
-        assert concurrent_batcher.worker_count() == 1
 
 
 def wait_for(cond, predicate):
@@ -260,10 +272,11 @@ def wait_for(cond, predicate):
 
 
 def test_unpatch_serves_queued_calls(always_queue):
-    # Issue 10: unpatch() while calls wait in the queue; they must run, not fail.
+    # Issue 10: unpatch() while calls wait in the queue; they must run, not fail, and so
+    # must calls that arrive at the same model afterwards (they go to plain Keras).
     gate = threading.Event()
     model = gated_model(gate)
-    x = np.random.RandomState(0).rand(6, 4).astype('float32')
+    x = np.random.RandomState(0).rand(8, 4).astype('float32')
     gate.set()
     expected = unpatched_predict(model, x, batch_size=1)
     gate.clear()
@@ -284,46 +297,14 @@ def test_unpatch_serves_queued_calls(always_queue):
         t.start()
     batcher = keras_adapter.lookup(model).batcher
     wait_queued(batcher, 5)
-    unpatcher = run_threads(1, lambda _: kfp.unpatch())
-    wait_for(batcher.cond, lambda: batcher.stopping)
+    kfp.unpatch()
+    later = [threading.Thread(target=work, args=(i,)) for i in range(6, 8)]
+    for t in later:
+        t.start()
     gate.set()
-    join(first + rest + unpatcher)
+    join(first + rest + later)
     assert not failures
-    for i in range(6):
-        assert_same(results[i], expected[i:i + 1])
-    assert concurrent_batcher.worker_count() == 0
-
-
-def test_calls_arriving_after_stop_are_served(always_queue):
-    # What interpreter exit does (stop_all) while threads still predict: later calls queue
-    # and run all the same, and the worker leaves once the queue is empty.
-    gate = threading.Event()
-    model = gated_model(gate)
-    x = np.random.RandomState(2).rand(5, 4).astype('float32')
-    gate.set()
-    expected = unpatched_predict(model, x, batch_size=1)
-    gate.clear()
-    results, failures = {}, {}
-
-    def work(i):
-        try:
-            results[i] = model.predict(x[i:i + 1].copy())
-        except Exception as exc:  # noqa: BLE001
-            failures[i] = exc
-
-    with kfp.patched(readahead=False, verify=False):
-        warm_up(model, gate)
-        first = run_threads(1, work)
-        assert gate.entered.wait(30)
-        concurrent_batcher.stop_all(wait=0)
-        rest = run_threads(5, lambda i: work(i + 1) if i < 4 else None)
-        wait_queued(keras_adapter.lookup(model).batcher, 4)
-        gate.set()
-        join(first + rest)
-        concurrent_batcher.stop_all()
-        assert concurrent_batcher.worker_count() == 0
-    assert not failures
-    for i in range(5):
+    for i in range(8):
         assert_same(results[i], expected[i:i + 1])
 
 
@@ -369,15 +350,13 @@ def test_interpreter_exit_while_threads_predict():
         import numpy as np
         import keras
         import keras_fastpredict as kfp
-        from keras_fastpredict.engine import concurrent_batcher
         from keras.engine.training import Model
-        concurrent_batcher._QUEUE_COST_S = 0.0     # every call may queue
         model = keras.models.Sequential([      # slow enough for calls to wait in the queue
             keras.layers.Dense(2048, activation='relu', input_shape=(64,)),
             keras.layers.Dense(2048), keras.layers.Dense(4)])
         x = np.random.RandomState(0).rand(64, 64).astype('float32')
         expected = Model.predict(model, x)
-        kfp.patch()
+        kfp.patch(merge=True, num_batch_threads=1)     # every call may queue
         started = threading.Semaphore(0)
 
         def work(forever):
@@ -434,3 +413,511 @@ def test_many_large_calls_are_never_rejected_by_default(always_queue):
     for i in range(8):
         assert_same(results[i], expected[i])
     assert kfp.stats(model)['rejected'] == 0
+
+
+# -- Many callers, each with its own rows -----------------------------------------------------
+
+@pytest.mark.parametrize('merge', [True, 'auto', False])
+def test_pools_and_threads_with_their_own_row_counts_get_their_own_rows(merge):
+    # Callers from a ThreadPoolExecutor and from plain threads, each call with its own rows
+    # (1 to 4, some with a batch_size of their own), one run slot so that calls queue and
+    # merge whenever merging is allowed. Results are allclose: a merged run sums in another
+    # order than plain Keras' own run of the same rows.
+    model = keras.models.Sequential([layers.Dense(16, activation='relu', input_shape=(6,)),
+                                     layers.Dense(3)])
+    rng = np.random.RandomState(5)
+    n_callers, calls = 12, 25
+    inputs = [[rng.rand(1 + (c + i) % 4, 6).astype('float32') for i in range(calls)]
+              for c in range(n_callers)]
+    sizes = [[2 if (c * calls + i) % 7 == 0 else None for i in range(calls)]
+             for c in range(n_callers)]
+    expected = [[unpatched_predict(model, x, batch_size=b or 32)
+                 for x, b in zip(inputs[c], sizes[c])] for c in range(n_callers)]
+    got = {}
+
+    def work(c):
+        got[c] = [model.predict(x.copy(), batch_size=b)
+                  for x, b in zip(inputs[c], sizes[c])]
+
+    with kfp.patched(readahead=False, merge=merge, num_batch_threads=1):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            futures = [pool.submit(work, c) for c in range(8)]
+            threads = run_threads(n_callers - 8, lambda t: work(8 + t))
+            for f in futures:
+                f.result(60)
+            join(threads)
+    for c in range(n_callers):
+        for g, e in zip(got[c], expected[c]):
+            assert_same(g, e)
+    assert kfp.stats(model)['fast_calls'] == n_callers * calls
+
+
+def test_batch_fills_up_to_max_batch_size_without_waiting_out_its_timeout(always_queue):
+    # batch_timeout_micros: the leader waits for more calls (up to max_batch_size rows),
+    # and takes the batch as soon as it is full: a wait of a minute would time the test out.
+    gate = threading.Event()
+    model = gated_model(gate)
+    x = np.random.RandomState(6).rand(4, 4).astype('float32')
+    gate.set()
+    expected = unpatched_predict(model, x, batch_size=1)
+    gate.clear()
+    results = {}
+
+    def work(i):
+        results[i] = model.predict(x[i:i + 1].copy())
+
+    with kfp.patched(readahead=False, verify=False, batch_timeout_micros=60 * 10 ** 6,
+                     max_batch_size=3):
+        warm_up(model, gate)
+        holder = run_threads(1, work)
+        assert gate.entered.wait(30)
+        leader = [threading.Thread(target=work, args=(1,))]
+        leader[0].start()
+        batcher = keras_adapter.lookup(model).batcher
+        wait_queued(batcher, 1)
+        gate.set()                          # the holder ends; call 1 leads, waits to fill
+        wait_until(lambda: batcher.filling)
+        others = run_threads(2, lambda t: work(2 + t))
+        join(holder + leader + others)
+    for i in range(4):
+        assert_same(results[i], expected[i:i + 1])
+    assert kfp.stats(model)['batch_size_histogram'] == {4: 1}      # calls 1-3 together
+
+
+def test_lone_queued_call_runs_once_its_batch_timeout_is_over(always_queue):
+    gate = threading.Event()
+    model = gated_model(gate)
+    x = np.random.RandomState(7).rand(2, 4).astype('float32')
+    gate.set()
+    expected = unpatched_predict(model, x, batch_size=1)
+    gate.clear()
+    results = {}
+
+    def work(i):
+        results[i] = model.predict(x[i:i + 1].copy())
+
+    with kfp.patched(readahead=False, verify=False, batch_timeout_micros=200000):
+        hold_then_queue(model, gate, work, 2, queued=1)
+    for i in range(2):
+        assert_same(results[i], expected[i:i + 1])
+
+
+def wait_until(predicate):
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+# -- The batcher's own logic, on a stand-in for the engine ----------------------------------
+
+class FakeEntry(object):
+    """What the batcher needs of a compiled model, in Python: a run doubles its rows,
+    fails for a batch holding a negative row, can be held at ``gate``, and is logged (the
+    first column of each row, in ``runs``)."""
+    batch_safe = True
+    excluded = False
+    fixed_rows = True
+    feed_names = ('x',)
+    large_batch = 64
+    fastest_run_s = 1.0
+
+    def __init__(self):
+        self.stats = counters.ModelStats('fake')
+        self.batcher = None
+        self.runs = []
+        self.threads = []               # the thread of each run
+        self.gate = threading.Event()
+        self.gate.set()
+        self.at_gate = threading.Semaphore(0)
+        self.interrupt_on = None        # a first-column value: its run raises this once
+
+    def run(self, arrays, batch_size=None):
+        x = arrays[0]
+        self.runs.append(x[:, 0].tolist())
+        self.threads.append(threading.current_thread())
+        self.at_gate.release()
+        assert self.gate.wait(30)
+        if self.interrupt_on is not None and (x[:, 0] == self.interrupt_on).any():
+            self.interrupt_on = None
+            raise KeyboardInterrupt
+        if (x < 0).any():
+            raise ValueError('negative row: %r' % float(x[x < 0][0]))
+        return [x * 2.0]
+
+
+def rows_of(*tags):
+    """One call's rows: a row per tag, the tag in the first column."""
+    return np.array([[t, 0.5] for t in tags], 'float32')
+
+
+class Caller(threading.Thread):
+    """One call of ``batcher.submit`` in a thread of its own: its result or exception."""
+
+    def __init__(self, batcher, entry, x):
+        super(Caller, self).__init__()
+        self.batcher, self.entry, self.x = batcher, entry, x
+        self.result = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = concurrent_batcher.submit(self.entry, [self.x], len(self.x), None)
+        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt included
+            self.error = exc
+
+
+def holding(batcher, entry, tag=0.0):
+    """A caller whose run waits at the closed gate: the one slot is busy."""
+    entry.gate.clear()
+    holder = Caller(batcher, entry, rows_of(tag))
+    assert entry.at_gate.acquire(timeout=30)
+    return holder
+
+
+def queue_in_order(batcher, entry, xs):
+    """Callers that queue one after the other, in the order of ``xs``."""
+    callers = []
+    for x in xs:
+        callers.append(Caller(batcher, entry, x))
+        wait_until(lambda: len(batcher.queue) == len(callers))
+    return callers
+
+
+def assert_own(caller):
+    assert caller.error is None, caller.error
+    assert len(caller.result) == 1
+    np.testing.assert_array_equal(caller.result[0], caller.x * 2.0)   # a run of its own rows
+
+
+def finish(entry, callers):
+    entry.gate.set()
+    for c in callers:
+        c.join(30)
+        assert not c.is_alive()
+
+
+def test_batches_are_taken_in_arrival_order_up_to_max_batch_size(always_queue):
+    settings.update(max_batch_size=3)
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry)
+    queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2, 3), rows_of(4),
+                                             rows_of(5), rows_of(6, 7, 8, 9)])
+    finish(entry, [holder] + queued)
+    for c in [holder] + queued:
+        assert_own(c)
+    # The first queued call leads the first 3 rows; the next leader the next batch that
+    # fits; a call larger than max_batch_size runs alone.
+    assert entry.runs == [[0], [1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    assert not batcher.queue and not batcher.running and batcher.waking is None
+
+
+def test_a_failing_call_fails_alone_with_its_own_error(always_queue):
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry)
+    queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(-2), rows_of(3, 4)])
+    finish(entry, [holder] + queued)
+    for c in [holder, queued[0], queued[2]]:
+        assert_own(c)
+    error = queued[1].error
+    plain = raised(entry.run, [queued[1].x])     # the same call run alone
+    assert (type(error), str(error)) == plain
+    # The merged run failed; each call was then run alone.
+    assert entry.runs == [[0], [1, -2, 3, 4], [1], [-2], [3, 4], [-2]]
+    assert entry.threads[1:5] == [holder] * 4
+
+
+def test_the_caller_whose_run_ends_runs_the_next_batch_itself(always_queue):
+    # No hand-off to start a batch: the holder's run ends, it serves the queue (one batch
+    # past its own call), then the next batch's first caller is woken to lead it.
+    settings.update(max_batch_size=2)
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry)
+    queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3),
+                                             rows_of(4), rows_of(5), rows_of(6),
+                                             rows_of(7)])
+    finish(entry, [holder] + queued)
+    for c in [holder] + queued:
+        assert_own(c)
+    assert entry.runs == [[0], [1, 2], [3, 4], [5, 6], [7]]
+    # The holder runs [1, 2]; call 3, woken, leads its own batch and one more; call 7
+    # is woken for the last.
+    assert entry.threads == [holder, holder, queued[2], queued[2], queued[6]]
+
+
+def test_an_interrupted_leader_hands_its_batch_back(always_queue):
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry)
+    entry.interrupt_on = 1.0                # the merged run the holder leads, once
+    queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3)])
+    finish(entry, [holder] + queued)
+    assert isinstance(holder.error, KeyboardInterrupt)       # only the leader sees it
+    for c in queued:
+        assert_own(c)
+    assert entry.runs == [[0], [1, 2, 3], [1, 2, 3]]
+    assert entry.threads[1:] == [holder, queued[0]]
+    assert not batcher.queue and not batcher.running and batcher.waking is None
+
+
+def test_a_caller_timed_out_in_the_queue_leaves_it_and_the_rest_are_served(always_queue):
+    settings.update(timeout=0.2)
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry)
+    late = Caller(batcher, entry, rows_of(1))
+    late.join(30)
+    assert isinstance(late.error, kfp.PredictTimeoutError)
+    assert not batcher.queue and entry.stats.timeouts == 1
+    settings.update(timeout=None)
+    queued = queue_in_order(batcher, entry, [rows_of(2), rows_of(3)])
+    finish(entry, [holder] + queued)
+    for c in [holder] + queued:
+        assert_own(c)
+    assert entry.runs == [[0], [2, 3]]
+
+
+def test_direct_way_never_queues(always_queue):
+    # merge=False: every call runs at once, however many runs are in flight.
+    settings.update(merge=False)
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry)
+    others = [Caller(batcher, entry, rows_of(i)) for i in (1, 2, 3)]
+    for _ in others:
+        assert entry.at_gate.acquire(timeout=30)       # all three runs are in flight
+    assert not batcher.queue and len(batcher.running) == 4
+    finish(entry, [holder] + others)
+    for c in [holder] + others:
+        assert_own(c)
+    assert entry.stats.queued == 0
+
+
+class ScriptedPolicy(merge_policy.Policy):
+    """The policy's levels, with the way given by the test; each call ends a phase."""
+
+    def __init__(self, slots, ways, lock):
+        super(ScriptedPolicy, self).__init__(slots, lambda: (merge_policy.DIRECT, 0))
+        self.ways = list(ways)
+        self.lock = lock
+        self.asked = []
+        self.turned = []
+
+    def way(self, key, callers):
+        self.asked.append((key, callers))
+        return self.ways.pop(0), ('ticket', len(self.asked))
+
+    def turn(self, ticket):
+        assert self.lock.locked()
+        self.turned.append(ticket)
+
+
+def test_measured_way_is_asked_with_the_callers_inside():
+    # merge='auto': a call that finds the slot busy asks the policy for the way of its
+    # load level (callers inside, queued ones included) and goes that way; a call whose
+    # arrival ends a phase turns it under the lock.
+    settings.update(num_batch_threads=1)
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    policy = batcher.policy = ScriptedPolicy(1, [merge_policy.DIRECT, merge_policy.MERGE,
+                                                 merge_policy.MERGE], batcher.lock)
+    holder = holding(batcher, entry)
+    direct = Caller(batcher, entry, rows_of(1))          # 2 callers inside: level 1
+    assert entry.at_gate.acquire(timeout=30)             # it runs at once
+    queued = queue_in_order(batcher, entry, [rows_of(-2), rows_of(3)])    # 3, 4 inside
+    finish(entry, [holder, direct] + queued)
+    for c in [holder, direct, queued[1]]:
+        assert_own(c)
+    assert isinstance(queued[0].error, ValueError)
+    assert policy.asked == [(1, 2), (2, 3), (2, 4)]
+    assert policy.turned == [('ticket', 1), ('ticket', 2), ('ticket', 3)]
+    assert entry.runs == [[0], [1], [-2, 3], [-2], [3]]
+
+
+class InterruptedWhenChosen(concurrent_batcher.Batcher):
+    """A caller (the one whose row is tagged 1) is interrupted just as it is woken to
+    lead, as KeyboardInterrupt may hit the main thread while it waits."""
+
+    def _wait(self, req, deadline):
+        super(InterruptedWhenChosen, self)._wait(req, deadline)
+        if req.lead and req.arrays[0][0, 0] == 1:
+            raise KeyboardInterrupt
+
+
+def test_a_caller_interrupted_when_chosen_to_lead_hands_the_lead_on(always_queue):
+    entry = FakeEntry()
+    batcher = entry.batcher = InterruptedWhenChosen(entry)
+    holder = holding(batcher, entry, tag=-1.0)      # its run fails: a queued call is woken
+    queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2), rows_of(3)])
+    finish(entry, [holder] + queued)
+    assert isinstance(holder.error, ValueError)
+    assert isinstance(queued[0].error, KeyboardInterrupt)
+    for c in queued[1:]:
+        assert_own(c)
+    assert entry.runs == [[-1], [2, 3]]         # its call left the queue with it
+    assert entry.threads[1] is queued[1]
+    assert not batcher.queue and not batcher.running and batcher.waking is None
+
+
+class BusyEntry(FakeEntry):
+    """A stand-in whose run lets go of the GIL for a moment, as a session run does, so
+    that calls overlap, queue and merge."""
+
+    def run(self, arrays, batch_size=None):
+        time.sleep(0.0002)
+        return super(BusyEntry, self).run(arrays, batch_size)
+
+
+@pytest.mark.parametrize('merge', [True, 'auto', False])
+def test_many_callers_each_get_their_own_rows_or_their_own_error(merge):
+    # 16 threads (8 of a pool, 8 plain), 120 calls each of 1-3 rows; every 13th call has
+    # a failing row; the run holding one given row is interrupted, once (whoever runs
+    # it: its caller, or a leader whose batch holds it). Whatever the interleaving, each
+    # call gets its own rows doubled or its own error, one caller gets the interrupt,
+    # and nothing is left queued, running or chosen to lead.
+    settings.update(merge=merge, num_batch_threads=1)
+    entry = BusyEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    entry.interrupt_on = 5060.0
+    outcomes = {}
+
+    def work(t):
+        mine = []
+        for i in range(120):
+            tag = 1000.0 * t + i
+            x = rows_of(*[tag + j / 10.0 for j in range(1 + (t + i) % 3)])
+            if i % 13 == 5:
+                x[-1, 1] = -1.0
+            try:
+                mine.append((x, concurrent_batcher.submit(entry, [x], len(x), None)))
+            except BaseException as exc:  # noqa: BLE001 - the interrupt included
+                mine.append((x, exc))
+        outcomes[t] = mine
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(work, t) for t in range(8)]
+        join(run_threads(8, lambda t: work(8 + t)))
+        for f in futures:
+            f.result(60)
+    interrupts = 0
+    for t in range(16):
+        assert len(outcomes[t]) == 120
+        for x, got in outcomes[t]:
+            if isinstance(got, KeyboardInterrupt):
+                interrupts += 1
+            elif (x < 0).any():
+                assert isinstance(got, ValueError) and str(got) == 'negative row: -1.0'
+            else:
+                assert len(got) == 1
+                np.testing.assert_array_equal(got[0], x * 2.0)
+    assert interrupts == 1
+    assert not batcher.queue and not batcher.running and not batcher.inside
+    assert batcher.waking is None and not batcher.filling
+    if merge is False:
+        assert entry.stats.queued == 0
+
+
+class RegisteredEntry(FakeEntry):
+    """Logs, for each run, whether its caller was counted among the runs in flight."""
+
+    def __init__(self):
+        super(RegisteredEntry, self).__init__()
+        self.registered = []
+
+    def run(self, arrays, batch_size=None):
+        self.registered.append(threading.get_ident() in self.batcher.running)
+        return super(RegisteredEntry, self).run(arrays, batch_size)
+
+
+class StepClock(object):
+    """A clock that moves ``step`` seconds each time it is read."""
+
+    def __init__(self, step):
+        self.t, self.step = 0.0, step
+
+    def __call__(self):
+        self.t += self.step
+        return self.t
+
+
+def call_alone(entry, n):
+    x = rows_of(1)
+    for _ in range(n):
+        assert concurrent_batcher.submit(entry, [x], 1, None)[0][0, 0] == 2.0
+
+
+def test_a_model_that_never_merges_skips_the_bookkeeping(monkeypatch):
+    # One thread: nothing to merge. Every REVIEW_CALLS-th call counted reviews: the calls
+    # after it bypass the batcher, 0.05 s worth of calls at the rate seen, then are
+    # counted again until the next review, which bypasses twice as long, up to 1 s.
+    clock = StepClock(0.0)
+    monkeypatch.setattr(concurrent_batcher, '_clock', clock)
+    entry = RegisteredEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    review = concurrent_batcher._REVIEW_CALLS
+    call_alone(entry, review)
+    assert entry.registered == [True] * review and batcher.bypass_end == 0
+    clock.t += review * 1e-5                    # those calls came at 100,000 a second
+    call_alone(entry, 1)                        # call number 512 reviews
+    assert batcher.bypass_end == review + 1 + 5000
+    again = 11 * review                         # the first review after the bypass
+    call_alone(entry, again - review - 1)
+    assert entry.registered[review + 1:] == [False] * 5000 + [True] * (again - review - 5001)
+    assert batcher.bypass_s == 0.1
+    clock.t += 1e-2                             # 5120 calls in 10 ms: 512,000 a second
+    call_alone(entry, 1)                        # call number 5632 reviews
+    assert abs(batcher.bypass_end - (again + 1 + 51200)) <= 1 and batcher.bypass_s == 0.2
+    for k in range(4):
+        batcher._review(again + (k + 1) * review)
+    assert batcher.bypass_s == concurrent_batcher._BYPASS_MAX_S == 1.0
+
+
+def test_no_bypass_while_calls_merge_or_a_level_is_measured(always_queue):
+    entry = RegisteredEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry)
+    queued = queue_in_order(batcher, entry, [rows_of(1), rows_of(2)])
+    finish(entry, [holder] + queued)
+    batcher._review(concurrent_batcher._REVIEW_CALLS)
+    assert batcher.bypass_end == 0                      # calls were queued
+    settings.update(merge='auto')
+    batcher._review(2 * concurrent_batcher._REVIEW_CALLS)
+    assert batcher.bypass_end > 0                       # none since: settled
+    # A load level reached since the last review whose way is merging, or that tries
+    # merging, keeps the bookkeeping on; one no call reached does not count.
+    policy = batcher.policy
+    for way, phase, touched, bypass in [(merge_policy.MERGE, merge_policy.GAP, True, False),
+                                        (merge_policy.MERGE, merge_policy.TRIAL, True, False),
+                                        (merge_policy.MERGE, merge_policy.GAP, False, True),
+                                        (merge_policy.DIRECT, merge_policy.REFERENCE, True,
+                                         True)]:
+        batcher.bypass_end = 0
+        policy.levels.clear()
+        policy.way(2, 4)
+        level = policy.levels[2]
+        level.best = way if phase is not merge_policy.TRIAL else merge_policy.DIRECT
+        level.current = (way,) + (phase,) + level.current[2:]
+        level.touched = touched
+        batcher._review(3 * concurrent_batcher._REVIEW_CALLS)
+        assert (batcher.bypass_end > 0) == bypass, (way, phase, touched)
+        if bypass and phase is merge_policy.REFERENCE:
+            assert level.current[3] == []           # its epoch begins again afterwards
+
+
+def test_first_guess_from_the_models_fastest_run():
+    # Every level starts direct. Runs slower than a thread hand-off: checked after the
+    # warm-up epoch. Faster: first checked GAP_MAX epochs later (nothing to gain from
+    # merging: a run saved costs a wake). The hand-off is measured on the model's wakes
+    # (50 us until then).
+    entry = FakeEntry()
+    batcher = concurrent_batcher.Batcher(entry)
+    entry.fastest_run_s = 200e-6
+    assert batcher.policy.prior() == (merge_policy.DIRECT, 0)
+    entry.fastest_run_s = 10e-6
+    assert batcher.policy.prior() == (merge_policy.DIRECT, merge_policy.GAP_MAX)
+    batcher.handoff_s = 1e-3                 # a busy machine: wakes take a millisecond
+    entry.fastest_run_s = 200e-6
+    assert batcher.policy.prior() == (merge_policy.DIRECT, merge_policy.GAP_MAX)

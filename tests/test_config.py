@@ -35,3 +35,17 @@ def test_queue_is_unbounded_unless_a_bound_is_set():
         'max_enqueued_batches': 8}
     assert config.from_environ({'KERAS_FASTPREDICT_MAX_ENQUEUED_BATCHES': 'none'}) == {
         'max_enqueued_batches': None}
+
+
+def test_merge_and_run_slots_options():
+    # merge: 'auto' | True | False, as verify; num_batch_threads: None means the cores.
+    assert config.DEFAULTS['merge'] == 'auto' and config.DEFAULTS['num_batch_threads'] is None
+    assert config.from_environ({'KERAS_FASTPREDICT_MERGE': 'off',
+                                'KERAS_FASTPREDICT_NUM_BATCH_THREADS': '3'}) == {
+        'merge': False, 'num_batch_threads': 3}
+    assert config.from_environ({'KERAS_FASTPREDICT_MERGE': 'auto',
+                                'KERAS_FASTPREDICT_NUM_BATCH_THREADS': 'none'}) == {
+        'merge': 'auto', 'num_batch_threads': None}
+    with pytest.raises(ValueError, match="merge must be True, False or 'auto'"):
+        kfp.patch(merge='sometimes')
+    assert not kfp.is_patched()

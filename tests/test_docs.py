@@ -36,9 +36,9 @@ PAGES = ['README.md'] + sorted(os.path.relpath(p, ROOT)
 README_MAX_LINES = 250
 MAX_FRAGMENTS = 3
 LANGUAGES = {'python', 'sh', 'bash', 'console', 'text'}
-# Pages other branches are adding (Spark standalone cluster; gunicorn and Celery; the
-# concurrent batcher). Linked now; drop each name here once its page is merged.
-PAGES_BEING_WRITTEN = {'docs/threads.md'}
+# Pages other branches are adding, linked before they exist; drop each name here once
+# its page is merged.
+PAGES_BEING_WRITTEN = set()
 # Written by `make bench`, not kept in the repository.
 GENERATED = ('benchmarks/results/',)
 # Programs of other projects a page may show (servers, clusters, set-up): their lines are

@@ -13,8 +13,11 @@ from ..config import settings
 
 
 class Request(object):
-    """One caller's predict call: its feed arrays, then its outputs or its error."""
-    __slots__ = ('entry', 'arrays', 'rows', 'outputs', 'error', 'event', 'enqueued')
+    """One caller's predict call: its feed arrays, then its outputs or its error. The
+    concurrent batcher's bookkeeping rides along: the caller's batch_size, its wake-up
+    lock, when it queued, whether it was chosen to lead a batch, when it was woken."""
+    __slots__ = ('entry', 'arrays', 'rows', 'outputs', 'error', 'event', 'enqueued',
+                 'batch_size', 'lead', 'released')
 
     def __init__(self, entry, arrays, rows):
         self.entry = entry
@@ -24,6 +27,9 @@ class Request(object):
         self.error = None
         self.event = None
         self.enqueued = 0.0
+        self.batch_size = None
+        self.lead = False
+        self.released = 0.0
 
 
 def run_merged(entry, arrays, pieces):

@@ -1,0 +1,270 @@
+"""Whether concurrent calls of one model are merged, chosen by measurement.
+
+When more callers are inside a model's predict than it has run slots (see
+``concurrent_batcher``), a call can go one of two ways: DIRECT, its own session run at
+once in its own thread (more runs in flight than cores), or MERGE, it queues and the next
+free caller runs all queued calls as one batch. Which is faster depends on the model (a
+run of many rows may cost about what one row costs, or many times it), on the machine and
+on the load, so it is measured, per model and per load level: the number of callers
+inside at once, in powers of two above the slots (3-4, 5-8, 9-16... on 2 slots).
+
+A level goes the way that measured faster (its first way is its nearest measured
+neighbour's, or a guess from the model, ``prior``, read after a first epoch run direct;
+a level's first epoch, while its callers arrive, is not measured), and now and then
+checks the other:
+an epoch of the way in use (the reference), then an epoch of the other (the trial); the
+trial's way is kept if its calls took clearly less time (MARGIN). What an epoch measures
+is the mean time a call spends inside, by Little's law: W = L / lambda, with lambda the
+calls arriving per second over the epoch and L the mean number of callers inside (seen
+by each arrival). No call is timed: every call of the epoch counts, so a few very slow
+calls (16 threads on 2 cores make some wait for a core for many milliseconds) weigh
+exactly their share, and one-time work (a new batch size's first runs) costs its own
+duration, not a multiple. With a fixed number of callers (threads that call again and again) a lower W
+is more calls served; with calls arriving at a fixed rate (a server below capacity) it
+is less time per call.
+
+After a change of way the epoch starts once the other way's calls have had time to return
+(three of its mean times): just after a switch from merging, most callers still wait in
+the queue and leave the cores to the first direct runs, which would look fast. A way that
+keeps losing is checked less and less often (the gap between checks doubles, up to
+GAP_MAX epochs' worth of calls, or grows with how badly it lost). Between checks nothing
+is recorded: the usual call costs a dictionary lookup and a counter.
+
+Pure bookkeeping: callers take the way without a lock (``way``), and the caller that ends
+a phase turns it under its lock (``turn``); the clock is a parameter, so it is tested
+with made-up arrivals and time.
+"""
+import itertools
+import time
+
+DIRECT, MERGE = 'direct', 'merge'
+OTHER = {DIRECT: MERGE, MERGE: DIRECT}
+
+GAP_FIRST = 1        # epochs' worth of calls of the better way before the next check: a
+                     # wrong first guess costs one epoch
+GAP_MAX = 128        # the gap doubles each time the other way loses, up to this
+# ... and is at least GAP_PER_LOSS x (its time / the best's time - 1) epochs, up to
+# GAP_LOSS_MAX: a check costs about that fraction of an epoch more than the best way would
+# have, so checks stay near 1 / GAP_PER_LOSS of the time however badly the other way lost
+# (merging Dense(64)x2 at 4 threads measured 10 ms a call against 0.08 ms direct under
+# load: a trial cut after two arrivals still cost about 10 ms, an estimated tenth of the
+# time of GAP_MAX epochs of direct calls).
+GAP_PER_LOSS = 32
+GAP_LOSS_MAX = 4096
+MIN_CALLS = 32       # arrivals per epoch, at least (more for higher levels)
+MAX_CALLS = 512
+DRAIN = 3.0          # after a switch, the epoch starts after this many mean times
+# A trial's way is kept if its time is lower by this fraction: a reference is measured in
+# its way's steady state, a trial just after a switch (direct runs oversubscribing the
+# cores take longer than a trial lasts to reach their slowest: a trial saw 9.5 ms where
+# the steady state is 20 ms), so close results stay with the way in use.
+MARGIN = 0.1
+
+# An epoch restarts when an arrival comes later than this after the one before (and than
+# 8 of its mean intervals): a level that callers reach now and then is not measured
+# across the time they spent at other levels (a trial ends, inconclusive).
+SPARSE_S = 0.02
+
+# Phases of a level: calls of the best way not measured; an epoch of it; a trial of the
+# other way.
+GAP, REFERENCE, TRIAL = 'gap', 'reference', 'trial'
+_RESTART, _LOST = 'restart', 'lost'     # what a ticket asks of turn()
+
+
+class Level(object):
+    """One load level's measurements and choice."""
+    __slots__ = ('key', 'current', 'best', 'best_time', 'gap', 'calls', 'checks',
+                 'switches', 'times', 'epochs', 'resume', 'began', 'last', 'touched',
+                 'guess')
+
+    def __init__(self, key, slots, first):
+        self.key = key
+        self.calls = max(MIN_CALLS, min(MAX_CALLS, 4 * (slots << key)))  # per epoch
+        self.best = first
+        self.best_time = None
+        self.gap = GAP_FIRST
+        self.checks = 0
+        self.switches = 0
+        self.epochs = 0
+        self.times = {DIRECT: None, MERGE: None}     # the last epoch's W of each way
+        self.resume = None          # a lost trial's calls may be out until then
+        self.began = 0.0            # the epoch's first counted arrival
+        self.last = 0.0             # its last counted arrival
+        self.touched = False        # a call arrived (cleared by whoever reads it)
+        self.guess = False          # the model's guess is read at the warm-up's end
+        # (way, phase, arrivals, loads, start, end): read by callers without a lock, a
+        # new tuple for each phase. next() on the counter is atomic (each arrival gets
+        # its own number), and so is list.append. ``start``: arrivals before it (a
+        # switch's drain) are not counted, or None; ``end``: the arrival that ends the
+        # phase.
+        self.current = None
+
+
+class Policy(object):
+    """Per model. ``slots``: runs in flight before callers may queue; ``prior()``: (the
+    way a new level starts with when no level is measured yet, epochs before its first
+    check): a guess from the model's run time, see concurrent_batcher."""
+
+    def __init__(self, slots, prior, clock=time.perf_counter):
+        self.slots = slots
+        self.prior = prior
+        self.clock = clock
+        self.levels = {}
+
+    def level(self, callers):
+        """The load level of ``callers`` inside at once (above the slots: 1, 2, 3...)."""
+        return ((callers - 1) // self.slots).bit_length()
+
+    def way(self, key, callers):
+        """(way, ticket) for a call arriving at level ``key`` with ``callers`` inside (it
+        included). A ticket (not None): this call ends a phase; pass it to ``turn``."""
+        level = self.levels.get(key)
+        if level is None:
+            level = self._open(key)
+        level.touched = True
+        way, phase, arrivals, loads, start, end = current = level.current
+        if phase is GAP:            # (the usual call)
+            if next(arrivals) != end:
+                return way, None
+            return way, (key, current, None)
+        now = self.clock()
+        if start is not None and now < start:
+            return way, None        # the other way's calls may still be out
+        i = next(arrivals)
+        if i < end:
+            loads.append(callers)
+            if not i:
+                level.began = now           # (the one arrival numbered 0 writes it)
+            elif now - level.last > max(SPARSE_S, 8 * (now - level.began) / i):
+                # Arrivals this sparse are not this level's steady state: the time
+                # between them went to other levels (or to nobody).
+                return way, (key, current, _RESTART)
+            level.last = now
+            if phase is TRIAL and (i < 16 or not i % 4) and self._losing(level, loads):
+                return way, (key, current, _LOST)
+            return way, None
+        return way, ((key, current, None) if i == end else None)
+
+    def _losing(self, level, loads):
+        # A trial whose mean time so far is well above the reference's will not win: it
+        # ends at once. Merging a model as fast as a thread hand-off measured 20 to 100
+        # times slower (a woken caller waits for the GIL, up to a switch interval each):
+        # its arrivals then come slowly, so it is judged from its second arrival, against
+        # a bar that comes down as arrivals add up: 10 times the reference at 2, 4 at 8,
+        # 2.5 at 32.
+        n = len(loads)
+        if n < 2:
+            return False
+        elapsed = self.clock() - level.began      # (n - 1 intervals between n arrivals)
+        return sum(loads) * elapsed > 2.0 * (1 + 8.0 / n) * level.best_time * n * (n - 1)
+
+    def turn(self, ticket):
+        """End the phase ``ticket`` names, unless it ended already. Call under a lock."""
+        key, current, what = ticket
+        level = self.levels[key]
+        if level.current is not current:
+            return
+        way, phase, arrivals, loads = current[:4]
+        if phase is GAP:
+            if level.guess:
+                # The warm-up ran direct (as concurrent=False does); now that the model
+                # has run a while, its guess is worth reading.
+                level.guess = False
+                level.best, wait = self.prior()
+                if wait:
+                    level.gap = wait
+                    self._begin(level, GAP, level.best, None)
+                    level.gap = GAP_FIRST
+                    return
+            self._begin(level, REFERENCE, level.best, level.resume)
+            return
+        if what is _RESTART:
+            if phase is TRIAL:
+                # Inconclusive: back to the best way, checked again after the same gap.
+                self._begin(level, GAP, level.best, None)
+            else:
+                self._begin(level, REFERENCE, way, None)
+            return
+        lost = what is _LOST
+        # W = L / lambda: mean callers inside, over arrivals per second.
+        n = len(loads)
+        elapsed = max(self.clock() - level.began, 1e-9)
+        w = sum(loads) * elapsed / (n * n) if n else float('inf')
+        level.times[way] = w
+        level.epochs += 1
+        drained = self.clock() + DRAIN * w
+        if phase is REFERENCE:
+            level.best_time = w         # the latest: load changes over time
+            level.checks += 1
+            self._begin(level, TRIAL, OTHER[way], drained)
+            return
+        if not lost and w < level.best_time * (1 - MARGIN):
+            level.best, level.best_time = way, w
+            level.gap = GAP_FIRST
+            level.switches += 1
+            level.resume = None
+        else:
+            level.gap = max(min(2 * level.gap, GAP_MAX),
+                            min(int(GAP_PER_LOSS * (w / level.best_time - 1)), GAP_LOSS_MAX))
+            level.resume = drained      # back to the best way: its next epoch waits
+        self._begin(level, GAP, level.best, None)
+
+    def restart(self):
+        """Begin again every epoch under way (counting stopped for a while: see
+        concurrent_batcher's bypass). Call under a lock."""
+        for level in list(self.levels.values()):
+            way, phase = level.current[:2]
+            if phase is REFERENCE:
+                self._begin(level, REFERENCE, way, None)
+            elif phase is TRIAL:
+                self._begin(level, REFERENCE, level.best, None)
+
+    def _open(self, key):
+        # A new level starts the way its nearest measured neighbour goes (load levels
+        # next to each other mostly agree, and callers cross between them). With none,
+        # it starts direct, and takes the model's guess at the end of its first epoch:
+        # the guess rests on the model's fastest run, and when a level first opens the
+        # model may have run once or twice, cold.
+        known = [k for k, level in list(self.levels.items()) if level.epochs]
+        first = (self.levels[min(known, key=lambda k: (abs(k - key), -k))].best
+                 if known else DIRECT)
+        level = self.levels.setdefault(key, Level(key, self.slots, first))
+        if level.current is None:
+            # A load level's first epoch is not measured: its callers have just arrived
+            # (threads starting, first runs of new batch sizes), and a reference taken
+            # then (4 ms where the steady state is 0.3 ms) lets any trial win.
+            level.guess = not known
+            level.gap = 1
+            self._begin(level, GAP, level.best, None)
+            level.gap = GAP_FIRST
+        return level
+
+    def _begin(self, level, phase, way, start):
+        now = self.clock()
+        if start is not None and start <= now:
+            start = None
+        level.began = level.last = now     # (the epoch's first arrival sets them again)
+        end = level.gap * level.calls if phase is GAP else level.calls
+        level.current = (way, phase, itertools.count(), [], start, end)
+
+    def describe(self):
+        """Per level: callers, way in use, the last epoch's mean time inside of each way
+        (ms), checks and switches so far."""
+        out = []
+        for key in sorted(self.levels):
+            level = self.levels[key]
+            low = self.slots * (1 << (key - 1)) + 1 if key else 1
+            out.append({
+                'callers': '%d-%d' % (low, self.slots << key),
+                'way': level.best,
+                'direct_ms': _ms(level.times[DIRECT]),
+                'merge_ms': _ms(level.times[MERGE]),
+                'epochs': level.epochs,
+                'checks': level.checks,
+                'switches': level.switches,
+            })
+        return out
+
+
+def _ms(seconds):
+    return None if seconds is None else round(1e3 * seconds, 4)
