@@ -130,12 +130,12 @@ def test_threads_steady_does_not_time_plain_keras_while_patched(tmp_path):
 
 
 def test_server_quick_loads_plain_and_patched_servers(tmp_path):
-    # benchmarks.server end to end: both Flask servers started and stopped, every answer
+    # benchmarks.flask_load end to end: both Flask servers started and stopped, every answer
     # checked by examples/load.py.
     import pytest
     pytest.importorskip('flask')
     proc = subprocess.run(
-        [sys.executable, '-m', 'benchmarks.server', '--clients', '1,2', '--requests', '5',
+        [sys.executable, '-m', 'benchmarks.flask_load', '--clients', '1,2', '--requests', '5',
          '--repeats', '1', '--rows-per-client', '2'],
         cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, universal_newlines=True, timeout=300)

@@ -1,4 +1,4 @@
-"""python -m benchmarks.server [--clients 1,4,16] [--requests 200] [--repeats 3]
+"""python -m benchmarks.flask_load [--clients 1,4,16] [--requests 200] [--repeats 3]
 
 The Flask example under load (examples/flask_server.py, a Dense(64)x2 model; the load and
 its checks are examples/load.py's): a plain server (the classic ``graph.as_default()``
@@ -29,7 +29,7 @@ def _load_module():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='python -m benchmarks.server', description=__doc__,
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.flask_load', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--clients', default='1,4,16')
     parser.add_argument('--requests', type=int, default=200, help='per client and run')
