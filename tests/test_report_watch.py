@@ -66,3 +66,39 @@ def test_results_passed_back_into_k_function_and_session_run(models):
         # Watched results fed back in are plain arrays to the adapter: one call (the
         # first of its signature) left to Keras or TF, as without the report.
         assert found[0]['paths']['keras'] == 1, found[0]
+
+
+def _frozen_and_in_place(predict, x):
+    """What a script does to its results: freezes one, writes to it, adds in place."""
+    seen = []
+    out = [predict(x[i:i + 1].copy()) for i in range(4)]
+    out[0].setflags(write=False)
+    try:
+        out[0][0, 0] = 1.0
+        seen.append('written')
+    except ValueError as exc:
+        seen.append(str(exc))
+    out[1].flags.writeable = False
+    seen.append(out[1].flags.writeable)
+    a = out[2]
+    out[2] += 1
+    seen.append(a is out[2])
+    b = out[3]
+    np.multiply(out[3], 2, out=out[3])
+    seen.append(b is out[3])
+    return seen, [np.array(o) for o in out]
+
+
+def test_flags_set_and_in_place_arithmetic_act_on_the_watched_result_itself(models):
+    """Found by review: setflags(write=False) on a watched result set a throwaway view's
+    flags (a later write went through where plain Keras raises); ``out[i] += 1`` put a
+    plain view in the list in place of the result."""
+    model = models['dense']
+    x = inputs_for('dense', 4)
+    expected = _frozen_and_in_place(lambda r: unpatched_predict(model, r), x)
+    assert expected[0][0] == 'assignment destination is read-only'
+    kfp.patch(report=True, readahead=False)
+    got = _frozen_and_in_place(model.predict, x)
+    assert got[0] == expected[0]
+    for g, e in zip(got[1], expected[1]):
+        assert_same(g, e)

@@ -50,9 +50,14 @@ class Watched(np.ndarray):
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         inputs = tuple(plain_of(v) for v in inputs)
         out = kwargs.get('out')
-        if out:
-            kwargs['out'] = tuple(plain_of(v) for v in out)
-        return getattr(ufunc, method)(*inputs, **kwargs)
+        if not out:
+            return getattr(ufunc, method)(*inputs, **kwargs)
+        kwargs['out'] = tuple(plain_of(v) for v in out)
+        result = getattr(ufunc, method)(*inputs, **kwargs)
+        # As numpy returns the out array itself (``y += 1`` keeps y the same object).
+        if type(result) is tuple:
+            return tuple(o if type(o) is Watched else r for o, r in zip(out, result))
+        return out[0] if type(out[0]) is Watched else result
 
     def __array_function__(self, func, types, args, kwargs):
         return func(*plain_deep(args), **plain_deep(kwargs))
@@ -80,7 +85,10 @@ Watched.__name__ = Watched.__qualname__ = 'ndarray'
 _QUIET = frozenset(('shape', 'dtype', 'ndim', 'size', 'itemsize', '__dict__', '__class__',
                     '__array_finalize__', '__array_priority__', '__array_ufunc__',
                     '__array_function__', '__array_wrap__', '__array__', '__len__',
-                    '__getitem__', 'base', 'view'))
+                    '__getitem__', 'base', 'view',
+                    # The result's own flags (set on a view, a read-only result stayed
+                    # writable): not a read of its values.
+                    'flags', 'setflags'))
 
 
 def _forward(name):
