@@ -11,7 +11,7 @@ flight). Each client owns ``--rows-per-client`` distinct payloads (one row, or
 ``--rows-per-task`` rows for score_rows); every payload's result is first fetched once,
 sequentially, from the same worker, and every answer under load must equal it (rtol 1e-5,
 atol 1e-6), so an answer holding another task's rows counts as wrong. The worker runs
-plainly (``celery -A celery_tasks worker --pool prefork -c 2``) or under
+plainly (``python -m celery -A celery_tasks worker --pool prefork -c 2``) or under
 ``python -m keras_fastpredict``. Reports tasks/s, rows/s, p50/p99 of a task's round trip,
 errors and wrong answers; exits 1 if any task failed or was answered wrong.
 """
@@ -63,7 +63,7 @@ class Redis(Server):
 
 
 class Worker(Server):
-    """``celery -A celery_tasks worker --pool prefork -c N`` (``app``: another module
+    """``python -m celery -A celery_tasks worker --pool prefork -c N`` (``app``: another module
     that uses celery_tasks' app) on the broker ``url``, plain
     or under ``python -m keras_fastpredict [runner_args]``; ready once every pool process
     has built its model. ``stop()`` is a warm shutdown (SIGTERM), then SIGKILL to anything

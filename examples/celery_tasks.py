@@ -3,7 +3,7 @@ broker and result backend (``CELERY_BROKER_URL``, default ``redis://127.0.0.1:63
 a Unix socket is ``redis+socket:///path/to/redis.sock``).
 
     cd examples
-    celery -A celery_tasks worker --pool prefork -c 2                                # plain
+    python -m celery -A celery_tasks worker --pool prefork -c 2                      # plain
     python -m keras_fastpredict -m celery -A celery_tasks worker --pool prefork -c 2
 
 Each pool process builds its model when it starts (Celery's ``worker_process_init``, after
