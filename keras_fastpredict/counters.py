@@ -72,12 +72,13 @@ class ModelStats(object):
         out = {counter: getattr(self, counter) for counter in COUNTERS}
         # Calls per session run (a read-ahead window counts each of its rows as a call).
         out['mean_batch_size'] = (self.batched_calls / self.batches) if self.batches else 0.0
+        # Copied first (dict() holds the GIL): other threads add keys meanwhile.
         out['fallback_reasons'] = dict(self.fallback_reasons)
-        out['batch_size_histogram'] = dict(sorted(self.batch_sizes.items()))
+        out['batch_size_histogram'] = dict(sorted(dict(self.batch_sizes).items()))
         out['mean_queue_wait_ms'] = 1e3 * self.queue_wait_s / self.queued if self.queued else 0.0
         out['mean_exec_ms'] = 1e3 * self.exec_s / self.batches if self.batches else 0.0
         out['max_queue_len'] = self.max_queue_len
-        out['one_time_ms'] = {what: 1e3 * s for what, s in self.one_time.items()}
+        out['one_time_ms'] = {what: 1e3 * s for what, s in dict(self.one_time).items()}
         return out
 
 
@@ -125,9 +126,16 @@ def _add_freed():
 def snapshot():
     """Counters per model name (freed models of a name added up, then live models: a
     name shared with another gets ' marks)."""
-    with _lock:
-        _add_freed()
-        items = list(_retired.values()) + list(_by_model.values())
+    # A report at exit or on SIGTERM may have interrupted this very thread inside one of
+    # this module's locked sections: it waits a moment, then reads without the lock.
+    if _lock.acquire(True, 1.0):
+        try:
+            _add_freed()
+            items = list(_retired.values()) + list(_by_model.values())
+        finally:
+            _lock.release()
+    else:
+        items = list(_retired.values()) + list(_freed) + list(_by_model.values())
     out = {}
     for found in items:
         name = found.name

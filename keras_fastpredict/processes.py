@@ -51,7 +51,7 @@ class _State(object):
     session_created = False    # a TensorFlow session was created in this process
     forked_from = None         # parent pid, in a child forked after a session
     term_pending = False       # a SIGTERM came while a report was being written
-    report_thread = None       # the thread writing a report, if one is
+    main_reporting = False     # the main thread is inside report()
 
 
 state = _State()
@@ -122,47 +122,67 @@ def _write(fd, text):
 def report(when='exit', wait=0.0):
     """This process' counters: a table on stderr (not for the runner's own process, nor
     when no predict call was seen) and the JSON file in ``KERAS_FASTPREDICT_STATS_DIR``.
-    Returns at once (after ``wait`` seconds at most) if another report is being written."""
-    if not (_report_lock.acquire(True, wait) if wait else _report_lock.acquire(False)):
-        return
-    state.report_thread = threading.get_ident()
+    Returns at once (after ``wait`` seconds at most) if another report is being written.
+    Never raises: it runs at exit and from a signal handler."""
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        # Set before the lock is tried: a SIGTERM handler (it runs in this thread) that
+        # finds it set knows this thread is inside a report, wherever it was interrupted.
+        state.main_reporting = True
+    try:
+        if not (_report_lock.acquire(True, wait) if wait else _report_lock.acquire(False)):
+            return
+        try:
+            _write_report(when)
+        except Exception:                   # noqa: BLE001 - never fail the exit for this
+            pass
+        finally:
+            _report_lock.release()
+    finally:
+        if main:
+            state.main_reporting = False
+            if state.term_pending:
+                _die_of_sigterm()           # SIGTERM waited for this report: now it ends
+
+
+def _write_report(when):
+    error = None
     try:
         snap = _stats.snapshot()
-        folder = os.environ.get(STATS_DIR_ENV)
-        sites = None
-        if not state.runner and config.settings.report:   # the call-site report
-            from .report import in_child
-            show = os.environ.get(STATS_ENV, '') not in ('', '0')
-            try:
-                sites = in_child('keras_fastpredict [pid %d]:' % os.getpid(),
-                                 (lambda text: _write(2, text)) if show else None)
-            except Exception:                # the counters' report is written regardless
-                sites = None
-        if folder:
-            record = {'pid': os.getpid(), 'ppid': os.getppid(), 'argv': list(sys.argv),
-                      'when': when, 'runner': state.runner, 'models': snap}
-            if sites is not None:
-                record['sites'] = sites['sites']
-            path = os.path.join(folder, STATS_FILE % os.getpid())
-            try:
-                tmp = path + '.tmp'
-                with open(tmp, 'w') as f:
-                    json.dump(record, f)
-                os.replace(tmp, path)
-            except OSError:
-                pass                         # the folder is gone: the job is over
-        if snap and not state.runner and os.environ.get(STATS_ENV, '') not in ('', '0'):
-            table = _stats.format_table(snap).replace(
-                'keras_fastpredict:', 'keras_fastpredict [pid %d]:' % os.getpid(), 1)
-            try:
-                _write(2, table + '\n')
-            except OSError:
-                pass
-    finally:
-        state.report_thread = None
-        _report_lock.release()
-        if state.term_pending and threading.current_thread() is threading.main_thread():
-            _die_of_sigterm()                # SIGTERM waited for this report: now it ends
+    except Exception as exc:                # noqa: BLE001 - the file still says so
+        snap, error = {}, '%s: %s' % (type(exc).__name__, exc)
+    folder = os.environ.get(STATS_DIR_ENV)
+    sites = None
+    if not state.runner and config.settings.report and error is None:  # call-site report
+        from .report import in_child
+        show = os.environ.get(STATS_ENV, '') not in ('', '0')
+        try:
+            sites = in_child('keras_fastpredict [pid %d]:' % os.getpid(),
+                             (lambda text: _write(2, text)) if show else None)
+        except Exception:                   # the counters' report is written regardless
+            sites = None
+    if folder:
+        record = {'pid': os.getpid(), 'ppid': os.getppid(), 'argv': list(sys.argv),
+                  'when': when, 'runner': state.runner, 'models': snap}
+        if sites is not None:
+            record['sites'] = sites['sites']
+        if error is not None:
+            record['error'] = error
+        path = os.path.join(folder, STATS_FILE % os.getpid())
+        try:
+            tmp = path + '.tmp'
+            with open(tmp, 'w') as f:
+                json.dump(record, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass                            # the folder is gone: the job is over
+    if snap and not state.runner and os.environ.get(STATS_ENV, '') not in ('', '0'):
+        table = _stats.format_table(snap).replace(
+            'keras_fastpredict:', 'keras_fastpredict [pid %d]:' % os.getpid(), 1)
+        try:
+            _write(2, table + '\n')
+        except OSError:
+            pass
 
 
 def _die_of_sigterm():
@@ -171,27 +191,30 @@ def _die_of_sigterm():
 
 
 def _exit_reporting(code):
-    report('os._exit')
-    _real_exit(code)
+    try:
+        report('os._exit')
+    finally:
+        _real_exit(code)        # whatever happened: in a forked child, returning from
+        #                         os._exit would run the parent's code on
 
 
 def _on_sigterm(signum, frame):
-    # (Python runs this in the main thread.) A report may be being written: by another
-    # thread, or by the very code this interrupted (at os._exit, say: Pool.terminate()
-    # races a worker's own exit). Ending at once would lose it half-written, so the signal
-    # waits for it, REPORT_GRACE_S at most: a report blocked for good (a full stderr pipe)
-    # must not make the process outlive a SIGTERM.
+    # (Python runs this in the main thread.) A report may be being written: by the very
+    # code this interrupted (at os._exit, say: Pool.terminate() races a worker's own
+    # exit), or by another thread. Ending at once would lose it half-written, so the
+    # signal waits for it, REPORT_GRACE_S at most: a report blocked for good (a full
+    # stderr pipe) must not make the process outlive a SIGTERM.
     if state.term_pending:
-        _die_of_sigterm()                    # the second time (or the grace ran out)
+        _die_of_sigterm()                   # the second time (or the grace ran out)
     state.term_pending = True
-    if state.report_thread == threading.get_ident():
+    if state.main_reporting:
         # This thread's report ends the process when it is done, or a second SIGTERM
         # does after the grace period.
         timer = threading.Timer(REPORT_GRACE_S, os.kill, (os.getpid(), signal.SIGTERM))
         timer.daemon = True
         timer.start()
         return
-    report('SIGTERM', wait=REPORT_GRACE_S)   # (after another thread's report, if any)
+    report('SIGTERM', wait=REPORT_GRACE_S)  # (after another thread's report, if any)
     _die_of_sigterm()
 
 
@@ -282,7 +305,7 @@ def _after_fork_in_child():
     global _report_lock
     _report_lock = threading.Lock()      # a parent thread may have held it at the fork
     state.term_pending = False
-    state.report_thread = None
+    state.main_reporting = False
     state.runner = False
     _stats.forget_parent()               # this process reports its own calls only
     patching = sys.modules.get('keras_fastpredict.patching')

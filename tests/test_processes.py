@@ -124,7 +124,9 @@ def test_pools_and_prefork_workers_patched_by_the_runner_alone(tmp_path, model_p
     # Every worker's calls took the fast path, each worker counting its own calls only.
     reports = child_reports(folder, fast['pid'])
     workers = {pid for answers in fast['out'].values() for pid, _, _, _ in answers}
-    assert workers <= {r['pid'] for r in reports}, (workers, reports)
+    assert workers <= {r['pid'] for r in reports}, (
+        {kind: [a[0] for a in answers] for kind, answers in fast['out'].items()},
+        [(r['pid'], r['when'], r.get('error')) for r in reports], fast_out.stderr[-4000:])
     total = processes.totals(reports)
     calls = sum(len(a[2]) for answers in fast['out'].values() for a in answers)
     assert total['calls'] == total['fast_calls'] == calls and total['fallbacks'] == 0, [
@@ -230,6 +232,103 @@ def test_sigterm_during_a_blocked_report_still_ends_the_process(tmp_path):
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+SIGTERM_JUST_AFTER_THE_REPORT_LOCK = textwrap.dedent('''
+    import os, signal
+    from keras_fastpredict import processes
+    processes.install_reports()
+    real = processes._report_lock
+
+    class Lock(object):
+        """The report's lock; SIGTERM lands just after os._exit's report has taken it
+        (Pool.terminate() racing a worker's own exit), before anything else ran."""
+        sent = False
+
+        def acquire(self, *args):
+            got = real.acquire(*args)
+            if got and not Lock.sent:
+                Lock.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return got
+
+        def release(self):
+            real.release()
+    processes._report_lock = Lock()
+    os._exit(0)
+''')
+
+FAILING_EXIT_REPORT = textwrap.dedent('''
+    import os, sys
+    from keras_fastpredict import counters, processes
+    processes.install_reports()
+
+    def snapshot():
+        raise RuntimeError('dictionary changed size during iteration')
+    counters.snapshot = snapshot
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+        print('CHILD CONTINUED', flush=True)      # would run the parent's code from here
+        processes._real_exit(99)
+    _, status = os.waitpid(pid, 0)
+    print('CHILD EXIT', os.WEXITSTATUS(status), flush=True)
+''')
+
+
+SIGTERM_INSIDE_THE_COUNTERS_LOCK = textwrap.dedent('''
+    import os, signal
+    from keras_fastpredict import counters, processes
+    processes.install_reports()
+    with counters._lock:        # a first call registering its model, say
+        os.kill(os.getpid(), signal.SIGTERM)
+        print('STILL ALIVE', flush=True)
+''')
+
+
+def test_sigterm_inside_the_counters_lock_reports_and_ends(tmp_path):
+    script = tmp_path / 'counters_lock.py'
+    script.write_text(SIGTERM_INSIDE_THE_COUNTERS_LOCK)
+    folder = tmp_path / 'stats'
+    folder.mkdir()
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                         env=clean_env(KERAS_FASTPREDICT_STATS_DIR=str(folder)))
+    assert out.returncode == -signal.SIGTERM and 'STILL ALIVE' not in out.stdout, (
+        out.returncode, out.stderr[-2000:])
+    assert [r['when'] for r in processes.collect(str(folder))] == ['SIGTERM']
+
+
+def test_sigterm_just_after_the_report_took_its_lock_still_gets_the_report(tmp_path):
+    script = tmp_path / 'window.py'
+    script.write_text(SIGTERM_JUST_AFTER_THE_REPORT_LOCK)
+    folder = tmp_path / 'stats'
+    folder.mkdir()
+    start = time.time()
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                         env=clean_env(KERAS_FASTPREDICT_STATS_DIR=str(folder)))
+    assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr[-2000:])
+    reports = processes.collect(str(folder))
+    assert [r['when'] for r in reports] == ['os._exit'], out.stderr[-2000:]
+    assert time.time() - start < 30
+
+
+def test_a_failing_exit_report_still_exits(tmp_path):
+    script = tmp_path / 'failing.py'
+    script.write_text(FAILING_EXIT_REPORT)
+    folder = tmp_path / 'stats'
+    folder.mkdir()
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                         env=clean_env(KERAS_FASTPREDICT_STATS_DIR=str(folder)))
+    assert out.returncode == 0 and out.stdout.splitlines() == ['CHILD EXIT 3'], (
+        out.stdout, out.stderr[-2000:])
+    # The child's report is still written, saying what went wrong; the parent's too.
+    reports = {r['pid']: r for r in processes.collect(str(folder))}
+    assert len(reports) == 2 and all(
+        r['models'] == {} and 'dictionary changed size' in r['error']
+        for r in reports.values()), reports
 
 
 FORK_AFTER_PREDICT = textwrap.dedent('''
