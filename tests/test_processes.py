@@ -42,8 +42,22 @@ def results(out):
     return json.loads(lines[0][len('RESULT '):])
 
 
+def run_script(tmp_path, text, timeout=60, stats=True):
+    """Run ``text`` as a script of its own; with ``stats``, its reports go to a folder
+    (returned with the completed process)."""
+    script = tmp_path / 'script.py'
+    script.write_text(text)
+    folder = tmp_path / 'stats'
+    folder.mkdir(exist_ok=True)
+    extra = {'KERAS_FASTPREDICT_STATS_DIR': str(folder)} if stats else {}
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout,
+                         env=clean_env(**extra))
+    return out, str(folder)
+
+
 def child_reports(folder, main_pid):
-    return [r for r in processes.collect(str(folder)) if r['pid'] != main_pid]
+    return [r for r in processes.collect(folder) if r['pid'] != main_pid]
 
 
 # One script, every way of starting workers; each worker loads the model itself (after
@@ -157,16 +171,10 @@ SIGTERM_DURING_EXIT_REPORT = textwrap.dedent('''
 
 
 def test_sigterm_during_the_exit_report_waits_for_it(tmp_path):
-    script = tmp_path / 'term.py'
-    script.write_text(SIGTERM_DURING_EXIT_REPORT)
-    folder = tmp_path / 'stats'
-    folder.mkdir()
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, universal_newlines=True, timeout=240,
-                         env=clean_env(KERAS_FASTPREDICT_STATS_DIR=str(folder)))
+    out, folder = run_script(tmp_path, SIGTERM_DURING_EXIT_REPORT, timeout=240)
     assert 'PREDICTED (1, 3)' in out.stdout, out.stderr[-3000:]
     assert out.returncode == -signal.SIGTERM          # the signal still ends the process
-    reports = processes.collect(str(folder))
+    reports = processes.collect(folder)
     assert len(reports) == 1 and reports[0]['when'] == 'os._exit', reports
     assert sum(m['calls'] for m in reports[0]['models'].values()) == 1
 
@@ -209,11 +217,7 @@ SIGTERM_DURING_A_BLOCKED_REPORT = textwrap.dedent('''
 
 
 def test_sigterm_during_another_threads_report_still_ends_the_process(tmp_path):
-    script = tmp_path / 'thread.py'
-    script.write_text(SIGTERM_DURING_A_THREADS_REPORT)
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=clean_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         universal_newlines=True, timeout=60)
+    out, _ = run_script(tmp_path, SIGTERM_DURING_A_THREADS_REPORT, stats=False)
     assert out.returncode == -signal.SIGTERM and 'STILL ALIVE' not in out.stdout, (
         out.returncode, out.stdout, out.stderr[-2000:])
 
@@ -287,45 +291,27 @@ SIGTERM_INSIDE_THE_COUNTERS_LOCK = textwrap.dedent('''
 
 
 def test_sigterm_inside_the_counters_lock_reports_and_ends(tmp_path):
-    script = tmp_path / 'counters_lock.py'
-    script.write_text(SIGTERM_INSIDE_THE_COUNTERS_LOCK)
-    folder = tmp_path / 'stats'
-    folder.mkdir()
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
-                         env=clean_env(KERAS_FASTPREDICT_STATS_DIR=str(folder)))
+    out, folder = run_script(tmp_path, SIGTERM_INSIDE_THE_COUNTERS_LOCK)
     assert out.returncode == -signal.SIGTERM and 'STILL ALIVE' not in out.stdout, (
         out.returncode, out.stderr[-2000:])
-    assert [r['when'] for r in processes.collect(str(folder))] == ['SIGTERM']
+    assert [r['when'] for r in processes.collect(folder)] == ['SIGTERM']
 
 
 def test_sigterm_just_after_the_report_took_its_lock_still_gets_the_report(tmp_path):
-    script = tmp_path / 'window.py'
-    script.write_text(SIGTERM_JUST_AFTER_THE_REPORT_LOCK)
-    folder = tmp_path / 'stats'
-    folder.mkdir()
     start = time.time()
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
-                         env=clean_env(KERAS_FASTPREDICT_STATS_DIR=str(folder)))
+    out, folder = run_script(tmp_path, SIGTERM_JUST_AFTER_THE_REPORT_LOCK)
     assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr[-2000:])
-    reports = processes.collect(str(folder))
+    reports = processes.collect(folder)
     assert [r['when'] for r in reports] == ['os._exit'], out.stderr[-2000:]
     assert time.time() - start < 30
 
 
 def test_a_failing_exit_report_still_exits(tmp_path):
-    script = tmp_path / 'failing.py'
-    script.write_text(FAILING_EXIT_REPORT)
-    folder = tmp_path / 'stats'
-    folder.mkdir()
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
-                         env=clean_env(KERAS_FASTPREDICT_STATS_DIR=str(folder)))
+    out, folder = run_script(tmp_path, FAILING_EXIT_REPORT)
     assert out.returncode == 0 and out.stdout.splitlines() == ['CHILD EXIT 3'], (
         out.stdout, out.stderr[-2000:])
     # The child's report is still written, saying what went wrong; the parent's too.
-    reports = {r['pid']: r for r in processes.collect(str(folder))}
+    reports = {r['pid']: r for r in processes.collect(folder)}
     assert len(reports) == 2 and all(
         r['models'] == {} and 'dictionary changed size' in r['error']
         for r in reports.values()), reports
