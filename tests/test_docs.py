@@ -401,7 +401,7 @@ def json_keys(value, keys):
     if isinstance(value, dict):
         for key, item in value.items():
             keys.add(key)
-            if key != 'keras_reasons':            # its keys are reasons, not names
+            if key not in ('keras_reasons', 'one_time_ms'):   # keys: reasons, work done
                 json_keys(item, keys)
     elif isinstance(value, list):
         for item in value:

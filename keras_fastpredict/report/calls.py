@@ -47,6 +47,7 @@ def after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs
             sampling.sampled(site)
         return out
     site.served += 1
+    site.other_s += elapsed
     # Calls of the row count plain Keras was timed for are counted; others add up.
     if rows == site.plain_rows:
         site.same_rows += 1

@@ -5,7 +5,7 @@ import os
 import sys
 
 from ..config import settings
-from . import advice, plain, sites
+from . import advice, paid_back, plain, sites
 
 
 def site_dict(site):
@@ -18,6 +18,7 @@ def site_dict(site):
         batches.append(site.calls - site.epoch_start)
     calls = site.calls
     measured = calls - site.unmeasured - site.errors
+    usual = paid_back.usual(site)
     d = collections.OrderedDict([
         ('site', site.where()), ('file', site.file), ('line', site.line),
         ('function', site.function), ('entry', site.entry),
@@ -32,6 +33,7 @@ def site_dict(site):
         ('plain_estimate_s', (site.plain_total() * calls / measured) if measured else None),
         ('plain_estimate_calls', measured),
         ('plain_estimate', site.plain_note if site.unmeasured else 'measured'),
+        ('usual_calls', usual[0]), ('usual_call_s', usual[1]),
         ('results_read', collections.OrderedDict([
             ('watched', site.watched), ('batches', batches[:64]),
             ('batch_it_would_reach', None)])),
@@ -69,7 +71,7 @@ def report():
     return collections.OrderedDict([
         ('version', 1), ('pid', os.getpid()), ('argv', list(sys.argv)),
         ('report', bool(settings.report)), ('plain_estimate_method', plain.PLAIN_METHOD),
-        ('sites', rows)])
+        ('sites', rows), ('one_time', paid_back.models([s for s in found if s.calls]))])
 
 
 def reset():
@@ -108,6 +110,7 @@ def format_table(data=None):
         auto = d.get('auto_batch')
         if auto is not None:
             lines.append('      auto-batch: %s' % _auto_text(d, auto))
+    lines.extend(paid_back.text(m) for m in data.get('one_time', ()))
     return '\n'.join(lines)
 
 

@@ -37,7 +37,7 @@ class Site(object):
                  'sampling', 'sample_left', 'watch_left', 'watched', 'epoch',
                  'epoch_start', 'open_watch', 'batches', 'span_left', 'held', 'enclosing',
                  'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state',
-                 'auto', 'auto_note')
+                 'auto', 'auto_note', 'other_s')
 
     def __init__(self, code, line, stats, entry, instance, path=None, model=None, state=None,
                  sampling=True):
@@ -57,6 +57,8 @@ class Site(object):
         self.rows = self.same_rows = self.served = self.readahead = self.deferred = 0
         self.merged = self.keras = self.unmeasured = self.errors = 0
         self.acc = [0.0, 0]         # time spent, usual calls (a list: see hot_tuple)
+        self.other_s = 0.0          # of that time, the calls not counted usual (the
+                                    # sample's, others passed on): usual time apart
         self.plain_s = self.plain_per_call = 0.0
         self.plain_rows = None      # the row count plain_per_call was estimated for
         self.plain_waits = 0        # calls not timed while our one-time work ran
@@ -173,6 +175,7 @@ def keras_call(site, rows, elapsed, reason):
 def passed_on(site, s, rows, elapsed):
     """A call the adapter did not serve itself: left to Keras (or TF) with a reason, or
     passed on as it was (uncounted)."""
+    site.other_s += elapsed
     reason = new_reason(s)
     keras_call(site, rows, elapsed, reason or 'arguments passed on to Keras as they are')
 

@@ -1,0 +1,74 @@
+"""Whether each model's one-time work (callables made, graphs built: ``stats()``'s
+``one_time_ms``) has paid for itself yet.
+
+Measured on the usual calls only, on both sides: a site's calls after its sample, of the
+row count plain Keras was timed for, against plain Keras' own warmed-up time for those
+rows. A call that did one-time work (a first call, a call that made a callable) is not a
+usual call, and plain Keras' first-call work (its session, its first run) is not in its
+warmed-up figure either, so neither side's first calls tip the balance; the sample's calls
+(a site's first 128 at most) count as saving nothing, which can only make the answer
+later, never early. The one-time work itself is what the engine timed when it did it.
+"""
+import collections
+
+
+def usual(site):
+    """A site's usual calls and their mean time (seconds, with deferred calls' runs), or
+    (calls, None) where it has none."""
+    calls = site.hot
+    if not calls:
+        return 0, None
+    spent = site.time_s - site.other_s
+    auto = site.auto
+    if auto is not None:
+        spent += auto.outside_s     # deferred calls ran after the calls (all usual ones)
+    return calls, max(0.0, spent) / calls
+
+
+def models(found):
+    """Per model (its counters) that did one-time work: that work, what its sites' usual
+    calls saved so far, and whether that is as much (None: not known yet, and why)."""
+    by_stats = collections.OrderedDict()
+    for site in found:
+        by_stats.setdefault(id(site.stats), (site.stats, []))[1].append(site)
+    out = []
+    for stats, its_sites in by_stats.values():
+        one_time = dict(stats.one_time)
+        if not one_time:
+            continue
+        cost = sum(one_time.values())
+        saved, calls, unknown = 0.0, 0, []
+        for site in its_sites:
+            n, per_call = usual(site)
+            if not n:
+                continue
+            if not site.plain_per_call:
+                unknown.append(site.where())
+                continue
+            saved += n * (site.plain_per_call - per_call)
+            calls += n
+        if calls:
+            paid, note = saved >= cost, None
+        else:
+            paid = None
+            note = ('plain Keras not timed at %s' % ', '.join(unknown[:3]) if unknown else
+                    'no usual calls yet (each site samples its first calls)')
+        out.append(collections.OrderedDict([
+            ('model', stats.name),
+            ('one_time_ms', {what: 1e3 * s for what, s in one_time.items()}),
+            ('usual_calls', calls), ('saved_s', saved if calls else None),
+            ('paid_back', paid), ('note', note)]))
+    return out
+
+
+def text(d):
+    """One line of the table."""
+    work = ', '.join('%s %.1f ms' % kv for kv in sorted(d['one_time_ms'].items()))
+    total = sum(d['one_time_ms'].values())
+    if d['paid_back'] is None:
+        verdict = 'paid back: not known (%s)' % d['note']
+    else:
+        verdict = '%.1f ms saved by %d usual calls against plain Keras: %s' % (
+            1e3 * d['saved_s'], d['usual_calls'],
+            'paid back' if d['paid_back'] else 'not paid back yet')
+    return '  one-time work for %s: %.1f ms (%s); %s' % (d['model'], total, work, verdict)
