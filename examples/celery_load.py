@@ -32,7 +32,7 @@ if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 
 import celery_tasks  # noqa: E402
-from load import N_FEATURES, Server  # noqa: E402
+from load import N_FEATURES, Server, finish  # noqa: E402
 
 
 class Redis(Server):
@@ -235,14 +235,7 @@ def main(argv=None):
                     server.stop()
         results[unpatched] = r
         print(describe('unpatched' if unpatched else 'patched', r), flush=True)
-    if args.both:
-        fast, slow = results[False], results[True]
-        print('ratio: throughput patched/unpatched x%.2f; latency unpatched/patched: '
-              'p50 x%.2f, p99 x%.2f' % (
-                  fast['throughput'] / slow['throughput'] if slow['throughput'] else 0.0,
-                  slow['p50_ms'] / fast['p50_ms'], slow['p99_ms'] / fast['p99_ms']))
-    bad = any(r['errors'] or r['wrong'] or r['ok'] == 0 for r in results.values())
-    return 1 if bad else 0
+    return finish(results, args.both)
 
 
 if __name__ == '__main__':

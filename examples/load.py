@@ -255,6 +255,21 @@ def describe(name, r, stats):
     return '\n'.join(lines)
 
 
+def finish(results, both):
+    """The end of a run, here and in celery_load.py: with ``both``, prints the ratio of the
+    patched run (``results[False]``, run_load's dict) to the unpatched one
+    (``results[True]``). Returns the exit status: 1 if any run had an error, a wrong
+    answer or no answer at all, else 0."""
+    if both:
+        fast, slow = results[False], results[True]
+        print('ratio: throughput patched/unpatched x%.2f; latency unpatched/patched: '
+              'p50 x%.2f, p99 x%.2f' % (
+                  fast['throughput'] / slow['throughput'] if slow['throughput'] else 0.0,
+                  slow['p50_ms'] / fast['p50_ms'], slow['p99_ms'] / fast['p99_ms']))
+    bad = any(r['errors'] or r['wrong'] or r['ok'] == 0 for r in results.values())
+    return 1 if bad else 0
+
+
 def run_variant(args, unpatched):
     name = 'unpatched' if unpatched else 'patched'
     server = None
@@ -319,14 +334,7 @@ def main(argv=None):
     except (OSError, RuntimeError) as exc:     # server down, or it did not start
         print('load.py: %s' % exc, file=sys.stderr)
         return 2
-    if args.both:
-        fast, slow = results[False], results[True]
-        print('ratio: throughput patched/unpatched x%.2f; latency unpatched/patched: '
-              'p50 x%.2f, p99 x%.2f' % (
-                  fast['throughput'] / slow['throughput'] if slow['throughput'] else 0.0,
-                  slow['p50_ms'] / fast['p50_ms'], slow['p99_ms'] / fast['p99_ms']))
-    bad = any(r['errors'] or r['wrong'] or r['ok'] == 0 for r in results.values())
-    return 1 if bad else 0
+    return finish(results, args.both)
 
 
 if __name__ == '__main__':

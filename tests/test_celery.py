@@ -12,21 +12,19 @@ fails (FileNotFoundError), it is not skipped.
 import contextlib
 import os
 import sys
-import threading
 
 import numpy as np
 import pytest
 
 from keras_fastpredict import processes
-from server_support import plain_keras
+from server_support import (EXAMPLES, ROOT, assert_distinct, concurrent_answers, env,
+                            plain_keras, side_by_side)
 
 # celery and redis-py come with the `celery` extra (tools/bootstrap.sh installs it): a
 # missing one fails these tests, it does not skip them.
 import celery  # noqa: E402,F401
 import redis  # noqa: E402,F401
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, 'examples')
 SEED = 7
 CLIENTS = 8
 ROWS_PER_TASK = 16
@@ -39,66 +37,30 @@ finally:
     sys.path.remove(EXAMPLES)
 
 
-def _env(**extra):
-    """This checkout's package first (for the pool processes too), no options inherited."""
-    env = {k: None for k in os.environ if k.startswith('KERAS_FASTPREDICT_')}
-    env.update(PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', PYTHONWARNINGS='ignore')
-    env.update(extra)
-    return env
+def _worker(spec):
+    """A Redis, then a worker on it."""
+    broker = celery_load.Redis()
+    yield broker
+    yield celery_load.Worker(broker.url, seed=SEED, env=env(**spec.pop('env', {})),
+                             wait=False, startup_timeout=150, **spec)
 
 
 @contextlib.contextmanager
 def workers(*specs):
     """A Redis and a worker (``specs``: Worker keyword arguments) per spec, started side
-    by side; yields the workers; stops all whatever happens."""
-    started = []
-    try:
-        for spec in specs:
-            spec = dict(spec)
-            env = _env(**spec.pop('env', {}))
-            broker = celery_load.Redis()
-            started.append(broker)
-            started.append(celery_load.Worker(broker.url, seed=SEED, env=env, wait=False,
-                                              startup_timeout=150, **spec))
-        for server in started:
-            server.wait_ready()
+    by side; yields the workers; stops all whatever happens (each worker before its
+    Redis)."""
+    with side_by_side(specs, _worker) as started:
         yield started[1::2]
-    finally:
-        for server in reversed(started):       # each worker before its Redis
-            server.stop()
-        for server in started:
-            assert server.proc.returncode is not None
-
-
-def _plain_keras(rows):
-    return plain_keras(SEED, rows)
 
 
 def _concurrent_results(url, task, payloads):
     """CLIENTS threads at once, each with its own Celery app, sending its share of the
     payloads one task at a time; the results in payload order."""
-    results, failures = {}, []
-    barrier = threading.Barrier(CLIENTS)
-
-    def client(c):
-        try:
-            with celery_load.client_app(url) as app:
-                barrier.wait(30)
-                for i in range(c, len(payloads), CLIENTS):
-                    results[i] = celery_load.send(app, task, payloads[i], timeout=60)
-        except Exception as exc:           # reported below
-            failures.append((c, repr(exc)))
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True)
-               for c in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), 'clients still waiting after 120 s'
-    assert failures == []
-    assert sorted(results) == list(range(len(payloads)))
-    return [results[i] for i in range(len(payloads))]
+    return concurrent_answers(
+        len(payloads), [range(c, len(payloads), CLIENTS) for c in range(CLIENTS)],
+        lambda app, i: celery_load.send(app, task, payloads[i], timeout=60),
+        join_timeout=120, session=lambda: celery_load.client_app(url))
 
 
 def _whoami(url, n=8):
@@ -111,11 +73,9 @@ def test_results_equal_plain_and_pool_processes_on_the_fast_path(tmp_path):
     rng = np.random.RandomState(31)
     rows = rng.uniform(-1, 1, (48, N_FEATURES)).astype('float32')
     batches = rng.uniform(-1, 1, (8, ROWS_PER_TASK, N_FEATURES)).astype('float32')
-    expected_rows = _plain_keras(rows)
-    expected_batches = _plain_keras(batches.reshape(-1, N_FEATURES))
-    # Distinct rows have clearly distinct predictions: a swapped answer cannot pass.
-    gaps = np.abs(expected_rows[:, None, :] - expected_rows[None, :, :]).max(axis=2)
-    assert gaps[~np.eye(len(rows), dtype=bool)].min() > 1e-4
+    expected_rows = plain_keras(SEED, rows)
+    expected_batches = plain_keras(SEED, batches.reshape(-1, N_FEATURES))
+    assert_distinct(expected_rows)
     folder = tmp_path / 'stats'
     folder.mkdir()
     with workers(dict(unpatched=True),

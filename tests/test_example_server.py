@@ -1,31 +1,19 @@
 """examples/flask_server.py, patched, in a subprocess: concurrent callers each get the
 prediction of their own row (as plain Keras computes it here), through the fast path."""
-import importlib.util
-import os
-import threading
 import urllib.error
 
 import numpy as np
 import pytest
 
+from server_support import assert_distinct, concurrent_answers, example, plain_keras
+
 pytest.importorskip('flask')
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        'examples')
 SEED = 3
 THREADS = 8
 REQUESTS = 20
 
-
-def _example(name):
-    spec = importlib.util.spec_from_file_location(
-        'example_' + name, os.path.join(EXAMPLES, name + '.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-load = _example('load')
+load = example('load')
 
 
 @pytest.fixture(scope='module')
@@ -38,55 +26,18 @@ def port():
         assert server.proc.returncode is not None
 
 
-def _plain_keras_predictions(rows):
-    """The same seeded model, in this process, on its own graph: plain ``Model.predict``."""
-    import tensorflow as tf
-    from keras.engine.training import Model
-    flask_server = _example('flask_server')
-    predict = Model.__dict__['predict']
-    predict = getattr(predict, '__wrapped__', predict)   # unpatched even if a patch leaked
-    graph = tf.Graph()
-    with graph.as_default(), tf.compat.v1.Session(graph=graph).as_default() as session:
-        try:
-            model = flask_server.build_model(SEED)
-            return predict(model, rows)
-        finally:
-            session.close()
-
-
 @pytest.mark.timeout(120)
 def test_concurrent_callers_get_their_own_rows(port):
     rows = np.random.RandomState(11).uniform(
         -1, 1, (THREADS * REQUESTS, load.N_FEATURES)).astype('float32')
-    expected = _plain_keras_predictions(rows)
-    # Distinct rows have clearly distinct predictions: a swapped answer cannot pass.
-    gaps = np.abs(expected[:, None, :] - expected[None, :, :]).max(axis=2)
-    assert gaps[~np.eye(len(rows), dtype=bool)].min() > 1e-4
+    expected = plain_keras(SEED, rows)
+    assert_distinct(expected)
 
     before = load.get_stats(port).get('mlp', {}).get('calls', 0)
-    answers = {}
-    failures = []
-    barrier = threading.Barrier(THREADS)
-
-    def client(t):
-        try:
-            barrier.wait(30)
-            for j in range(REQUESTS):
-                i = t * REQUESTS + j
-                answers[i] = load.post(port, rows[i:i + 1], timeout=30)
-        except Exception as exc:      # reported below, with the thread
-            failures.append((t, repr(exc)))
-
-    threads = [threading.Thread(target=client, args=(t,), daemon=True)
-               for t in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), 'clients still waiting after 60 s'
-    assert failures == []
-    assert sorted(answers) == list(range(len(rows)))
-    for i, answer in answers.items():
+    answers = concurrent_answers(
+        len(rows), [range(t * REQUESTS, (t + 1) * REQUESTS) for t in range(THREADS)],
+        lambda _, i: load.post(port, rows[i:i + 1], timeout=30), join_timeout=60)
+    for i, answer in enumerate(answers):
         assert answer.shape == (1, 10)
         np.testing.assert_allclose(answer[0], expected[i], rtol=1e-5, atol=1e-6,
                                    err_msg='row %d' % i)

@@ -7,98 +7,46 @@ Keras in this process, the workers' calls on the fast path (their own reports), 
 Each test starts its servers (loopback, ports the OS picks) and stops them, also on
 failure; a server outliving this process gets SIGTERM (load._with_parent).
 """
-import contextlib
-import importlib.util
 import os
 import re
 import socket
-import threading
 import urllib.error
 
 import numpy as np
 import pytest
 
 from keras_fastpredict import processes
-from server_support import plain_keras
+from server_support import (assert_distinct, concurrent_answers, env, example,
+                            plain_keras, side_by_side)
 
 # flask and gunicorn come with the `examples` extra (tools/bootstrap.sh installs it): a
 # missing one fails these tests, it does not skip them.
 import flask  # noqa: E402,F401
 import gunicorn  # noqa: E402,F401
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, 'examples')
 SEED = 5
 CLIENTS = 8
 REQUESTS = 10                      # per client, each of its own row
 
-
-def _example(name):
-    spec = importlib.util.spec_from_file_location(
-        'example_' + name, os.path.join(EXAMPLES, name + '.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load = example('load')
 
 
-load = _example('load')
+def _gunicorn(spec):
+    yield load.Gunicorn(seed=SEED, env=env(**spec.pop('env', {})), wait=False,
+                        startup_timeout=150, **spec)
 
 
-def _env():
-    """This checkout's package first (for the workers too), no options inherited."""
-    env = {k: None for k in os.environ if k.startswith('KERAS_FASTPREDICT_')}
-    return dict(env, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', PYTHONWARNINGS='ignore')
-
-
-@contextlib.contextmanager
 def servers(*specs):
     """Starts gunicorn servers side by side (``specs``: Gunicorn keyword arguments), waits
     for all, yields them, stops them all whatever happens."""
-    started = []
-    try:
-        for spec in specs:
-            spec = dict(spec)
-            env = dict(_env(), **spec.pop('env', {}))
-            started.append(load.Gunicorn(seed=SEED, env=env, wait=False,
-                                         startup_timeout=150, **spec))
-        for server in started:
-            server.wait_ready()
-        yield started
-    finally:
-        for server in started:
-            server.stop()
-        for server in started:
-            assert server.proc.returncode is not None
-
-
-def _plain_keras(rows):
-    return plain_keras(SEED, rows)
+    return side_by_side(specs, _gunicorn)
 
 
 def _concurrent_answers(port, rows):
     """CLIENTS threads at once, each posting its own REQUESTS rows one by one."""
-    answers, failures = {}, []
-    barrier = threading.Barrier(CLIENTS)
-
-    def client(c):
-        try:
-            barrier.wait(30)
-            for j in range(REQUESTS):
-                i = c * REQUESTS + j
-                answers[i] = load.post(port, rows[i:i + 1], timeout=60)
-        except Exception as exc:           # reported below
-            failures.append((c, repr(exc)))
-
-    threads = [threading.Thread(target=client, args=(c,), daemon=True)
-               for c in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), 'clients still waiting after 120 s'
-    assert failures == []
-    assert sorted(answers) == list(range(len(rows)))
-    return np.concatenate([answers[i] for i in range(len(rows))])
+    return np.concatenate(concurrent_answers(
+        len(rows), [range(c * REQUESTS, (c + 1) * REQUESTS) for c in range(CLIENTS)],
+        lambda _, i: load.post(port, rows[i:i + 1], timeout=60), join_timeout=120))
 
 
 @pytest.mark.timeout(300)
@@ -106,10 +54,8 @@ def _concurrent_answers(port, rows):
 def test_answers_equal_plain_and_workers_on_the_fast_path(worker_class, tmp_path):
     rows = np.random.RandomState(21).uniform(
         -1, 1, (CLIENTS * REQUESTS, load.N_FEATURES)).astype('float32')
-    expected = _plain_keras(rows)
-    # Distinct rows have clearly distinct predictions: a swapped answer cannot pass.
-    gaps = np.abs(expected[:, None, :] - expected[None, :, :]).max(axis=2)
-    assert gaps[~np.eye(len(rows), dtype=bool)].min() > 1e-4
+    expected = plain_keras(SEED, rows)
+    assert_distinct(expected)
     folder = tmp_path / 'stats'
     folder.mkdir()
     common = dict(workers=2, worker_class=worker_class, threads=4)

@@ -67,16 +67,32 @@ def test_patched_scope_nests_and_restores(flavour):
     assert kfp.stats(model)['fast_calls'] == 1
 
 
-TF_KERAS_SCRIPT = textwrap.dedent('''
+# A fresh process patches first, then imports the Keras named (each header binds
+# `keras` and `Model`, and checks that Model.predict is patched), then predicts and
+# unpatches: the method restored exactly, the result as plain Keras'.
+PATCH_FIRST = {
+    'keras': '''
+        assert 'keras' not in sys.modules
+        import numpy as np
+        import keras
+        from keras.engine.training import Model
+        assert hasattr(Model.predict, '__wrapped__')
+    ''',
+    'tf.keras': '''
+        assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules
+        import numpy as np
+        from tensorflow import keras
+        from tensorflow.python.keras.engine.training import Model
+        assert hasattr(Model.predict, '__wrapped__')
+        assert 'keras' not in sys.modules       # Keras 2.2.5 is not imported for tf.keras
+    ''',
+}
+PATCH_FIRST_START = '''
     import sys
     import keras_fastpredict
     keras_fastpredict.patch()
-    assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules
-    import numpy as np
-    from tensorflow import keras
-    from tensorflow.python.keras.engine.training import Model
-    assert hasattr(Model.predict, '__wrapped__')
-    assert 'keras' not in sys.modules       # Keras 2.2.5 is not imported for tf.keras
+'''
+PATCH_FIRST_END = '''
     m = keras.models.Sequential([keras.layers.Dense(2, input_shape=(3,))])
     x = np.ones((4, 3), 'float32')
     y = m.predict(x)
@@ -86,30 +102,13 @@ TF_KERAS_SCRIPT = textwrap.dedent('''
     assert Model.predict is original
     np.testing.assert_allclose(y, m.predict(x), rtol=1e-5, atol=1e-6)
     print('ok')
-''')
+'''
 
 
-@pytest.mark.parametrize('which', ['keras', 'tf.keras'])
+@pytest.mark.parametrize('which', sorted(PATCH_FIRST))
 def test_patch_before_keras_is_imported(which):
-    script = textwrap.dedent('''
-        import sys
-        import keras_fastpredict
-        keras_fastpredict.patch()
-        assert 'keras' not in sys.modules
-        import numpy as np
-        import keras
-        from keras.engine.training import Model
-        assert hasattr(Model.predict, '__wrapped__')
-        m = keras.models.Sequential([keras.layers.Dense(2, input_shape=(3,))])
-        x = np.ones((4, 3), 'float32')
-        y = m.predict(x)
-        assert keras_fastpredict.stats(m)['fast_calls'] == 1
-        original = Model.predict.__wrapped__
-        keras_fastpredict.unpatch()
-        assert Model.predict is original
-        np.testing.assert_allclose(y, m.predict(x), rtol=1e-5, atol=1e-6)
-        print('ok')
-    ''') if which == 'keras' else TF_KERAS_SCRIPT
+    script = ''.join(textwrap.dedent(part) for part in
+                     (PATCH_FIRST_START, PATCH_FIRST[which], PATCH_FIRST_END))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT)
     out = subprocess.run([PYTHON, '-c', script], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300)

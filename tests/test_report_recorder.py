@@ -240,6 +240,21 @@ def test_every_loop_kind_ends_its_sample(models):
             assert s.hot >= n - S.SAMPLE_CALLS - 2, (s.where(), s.hot)
 
 
+def _rows(i):
+    """A steady loop's rows at its pass ``i``: 3 every seventh pass, else 1."""
+    return 3 if i % 7 == 0 else 1
+
+
+def _assert_two_sites_with_every_call(line, n):
+    """Two sites at ``line`` of this module (two signatures, or two models, on one line),
+    each with all ``n`` calls of the loop, their rows exact, every call on some path."""
+    found = [s for s in kfp.report()['sites'] if s['file'] == HERE and s['line'] == line]
+    assert sorted(s['calls'] for s in found) == [n, n], found
+    rows = sum(_rows(i) for i in range(n))
+    for s in found:
+        assert s['rows'] == rows and sum(s['paths'].values()) == s['calls'], s
+
+
 def test_steady_session_run_line_with_two_signatures_row_changes_and_errors(models):
     # One line alternating two Session.run signatures (its steady site's calls announced
     # as another signature's), row counts that change, and a bad feed once steady: the
@@ -256,7 +271,7 @@ def test_steady_session_run_line_with_two_signatures_row_changes_and_errors(mode
     def loop():
         out = []
         for i in range(n):
-            rows = 3 if i % 7 == 0 else 1
+            rows = _rows(i)
             for fetch, feed in ((model.output, model.input), (q, p)):
                 out.append(sess.run(fetch, {feed: X[i:i + rows]}))
         for bad in (np.zeros((1, 5), 'float32'), np.zeros((2, 5), 'float32')):
@@ -268,12 +283,7 @@ def test_steady_session_run_line_with_two_signatures_row_changes_and_errors(mode
     expected = loop()
     kfp.patch(report=True)
     assert_same_outcomes(loop(), expected)
-    here = loop.__code__.co_firstlineno + 5
-    found = [s for s in kfp.report()['sites'] if s['file'] == HERE and s['line'] == here]
-    rows = sum(3 if i % 7 == 0 else 1 for i in range(n))
-    assert sorted(s['calls'] for s in found) == [n, n]
-    for s in found:
-        assert s['rows'] == rows and sum(s['paths'].values()) == s['calls'], s
+    _assert_two_sites_with_every_call(loop.__code__.co_firstlineno + 5, n)
     errors = [s for s in kfp.report()['sites'] if s['file'] == HERE and s['errors']]
     assert sum(s['errors'] for s in errors) == 2
 
@@ -289,7 +299,7 @@ def test_steady_predict_and_k_function_lines_with_two_models_and_row_changes(mod
     def loop():
         out = []
         for i in range(n):
-            rows = 3 if i % 7 == 0 else 1
+            rows = _rows(i)
             for m, f in ((a, fa), (b, fb)):
                 out.append(m.predict(np.array(X[i:i + rows])))
                 out.append(f([np.array(X[i:i + rows])])[0])
@@ -299,13 +309,8 @@ def test_steady_predict_and_k_function_lines_with_two_models_and_row_changes(mod
     got = loop()
     for g, e in zip(got, expected):
         assert_same(g, e)
-    rows = sum(3 if i % 7 == 0 else 1 for i in range(n))
     for offset in (5, 6):
-        here = loop.__code__.co_firstlineno + offset
-        found = [s for s in kfp.report()['sites'] if s['file'] == HERE and s['line'] == here]
-        assert sorted(s['calls'] for s in found) == [n, n], found
-        for s in found:
-            assert s['rows'] == rows and sum(s['paths'].values()) == s['calls'], s
+        _assert_two_sites_with_every_call(loop.__code__.co_firstlineno + offset, n)
 
 
 def test_zero_dimensional_inputs_as_plain(models):
