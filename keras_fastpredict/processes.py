@@ -170,9 +170,14 @@ def _write_report(when):
             record['error'] = error
         path = os.path.join(folder, STATS_FILE % os.getpid())
         try:
+            text = json.dumps(record, default=_plain)
+        except Exception as exc:            # noqa: BLE001 - the file still says so
+            record.update(models={}, sites=[], error='%s: %s' % (type(exc).__name__, exc))
+            text = json.dumps(record, default=str)
+        try:
             tmp = path + '.tmp'
             with open(tmp, 'w') as f:
-                json.dump(record, f)
+                f.write(text)
             os.replace(tmp, path)
         except OSError:
             pass                            # the folder is gone: the job is over
@@ -183,6 +188,14 @@ def _write_report(when):
             _write(2, table + '\n')
         except OSError:
             pass
+
+
+def _plain(value):
+    """A numpy scalar as JSON's number."""
+    item = getattr(value, 'item', None)
+    if item is None:
+        raise TypeError('%s is not JSON serializable' % type(value).__name__)
+    return item()
 
 
 def _die_of_sigterm():

@@ -306,6 +306,24 @@ def test_sigterm_just_after_the_report_took_its_lock_still_gets_the_report(tmp_p
     assert time.time() - start < 30
 
 
+UNWRITABLE_COUNTERS = textwrap.dedent('''
+    import os
+    import numpy as np
+    from keras_fastpredict import counters, processes
+    processes.install_reports()
+    real = counters.snapshot
+    counters.snapshot = lambda: {'a': {'calls': np.int64(3)}, 'b': {'calls': object()}}
+    os._exit(0)
+''')
+
+
+def test_counters_json_cannot_hold_still_give_a_report(tmp_path):
+    out, folder = run_script(tmp_path, UNWRITABLE_COUNTERS)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [report] = processes.collect(folder)
+    assert report['models'] == {} and 'not JSON serializable' in report['error'], report
+
+
 def test_a_failing_exit_report_still_exits(tmp_path):
     out, folder = run_script(tmp_path, FAILING_EXIT_REPORT)
     assert out.returncode == 0 and out.stdout.splitlines() == ['CHILD EXIT 3'], (
