@@ -31,7 +31,7 @@ def test_the_rule_counts_usual_calls_only(recorder):
     [d] = paid_back.models([site])
     assert d['one_time_ms'] == {'callable': 10.0} and d['usual_calls'] == 100
     assert abs(d['saved_s'] - 0.011) < 1e-12 and d['paid_back'] is True
-    assert '11.0 ms saved by 100 usual calls' in paid_back.text(d)
+    assert '11.0 ms saved by 100 usual calls (110.0 us each)' in paid_back.text(d)
     # Deferred calls: their runs after the calls are part of their cost.
     site = fake_site(stats, 100, 0.5 + 0.019, 0.5, 300e-6, outside_s=0.002)
     [d] = paid_back.models([site])
