@@ -18,12 +18,14 @@
   methods raise ``ForkedAfterSessionError`` at once instead. A child forked before any
   session (a pre-fork server loading its model after the fork) is patched as usual.
 """
+import _thread
 import atexit
 import json
 import os
 import signal
 import sys
 import threading
+import time
 
 import wrapt
 
@@ -211,22 +213,27 @@ def _exit_reporting(code):
         #                         os._exit would run the parent's code on
 
 
+def _end_after_grace(main):
+    time.sleep(REPORT_GRACE_S)
+    signal.pthread_kill(main, signal.SIGTERM)   # (to the main thread: a write it is
+    #                                             blocked in returns, and the handler runs)
+
+
 def _on_sigterm(signum, frame):
     # (Python runs this in the main thread.) A report may be being written: by the very
     # code this interrupted (at os._exit, say: Pool.terminate() races a worker's own
     # exit), or by another thread. Ending at once would lose it half-written, so the
     # signal waits for it, REPORT_GRACE_S at most: a report blocked for good (a full
-    # stderr pipe) must not make the process outlive a SIGTERM.
+    # stderr pipe, this signal's own report as well as an interrupted one) must not make
+    # the process outlive a SIGTERM.
     if state.term_pending:
         _die_of_sigterm()                   # the second time (or the grace ran out)
     state.term_pending = True
+    # A second SIGTERM after the grace period, whatever holds the report up. (A bare
+    # thread: threading's would take a lock this thread may hold where it was stopped.)
+    _thread.start_new_thread(_end_after_grace, (threading.get_ident(),))
     if state.main_reporting:
-        # This thread's report ends the process when it is done, or a second SIGTERM
-        # does after the grace period.
-        timer = threading.Timer(REPORT_GRACE_S, os.kill, (os.getpid(), signal.SIGTERM))
-        timer.daemon = True
-        timer.start()
-        return
+        return                              # this thread's report ends the process
     report('SIGTERM', wait=REPORT_GRACE_S)  # (after another thread's report, if any)
     _die_of_sigterm()
 

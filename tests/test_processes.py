@@ -238,6 +238,41 @@ def test_sigterm_during_a_blocked_report_still_ends_the_process(tmp_path):
             child.wait()
 
 
+SIGTERM_WHOSE_OWN_REPORT_BLOCKS = textwrap.dedent('''
+    import time
+    from keras_fastpredict import counters, processes
+    processes.install_reports()
+    real = counters.snapshot
+
+    def snapshot():
+        # The report the SIGTERM itself starts blocks: stderr is a pipe the parent does
+        # not read (a child that logged a lot; the parent's terminate() then wait()).
+        processes._write(2, 'x' * 200000)
+        return real()
+    counters.snapshot = snapshot
+    print('READY', flush=True)
+    while True:
+        time.sleep(0.1)          # no report running when the signal comes
+''')
+
+
+def test_sigterm_whose_own_report_blocks_still_ends_the_process(tmp_path):
+    # Plain Python dies of the signal at once; the report it writes first may not keep
+    # it alive past the grace period.
+    script = tmp_path / 'own_blocked.py'
+    script.write_text(SIGTERM_WHOSE_OWN_REPORT_BLOCKS)
+    child = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=clean_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b'READY'
+        child.terminate()
+        assert child.wait(timeout=processes.REPORT_GRACE_S + 10) == -signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 SIGTERM_JUST_AFTER_THE_REPORT_LOCK = textwrap.dedent('''
     import os, signal
     from keras_fastpredict import processes
