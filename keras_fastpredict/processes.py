@@ -54,6 +54,7 @@ class _State(object):
     forked_from = None         # parent pid, in a child forked after a session
     term_pending = False       # a SIGTERM came while a report was being written
     main_reporting = False     # the main thread is inside report()
+    exit_reported = False      # the report at exit (or os._exit) is written: the last one
 
 
 state = _State()
@@ -140,6 +141,9 @@ def report(when='exit', wait=0.0):
             pass
         finally:
             _report_lock.release()
+        # (A SIGTERM from now on, as the finalizers retire the models' counters, would
+        # write a poorer one over it.)
+        state.exit_reported = when in ('exit', 'os._exit')
     finally:
         if main:
             state.main_reporting = False
@@ -226,8 +230,9 @@ def _on_sigterm(signum, frame):
     # signal waits for it, REPORT_GRACE_S at most: a report blocked for good (a full
     # stderr pipe, this signal's own report as well as an interrupted one) must not make
     # the process outlive a SIGTERM.
-    if state.term_pending:
-        _die_of_sigterm()                   # the second time (or the grace ran out)
+    if state.term_pending or state.exit_reported:
+        _die_of_sigterm()                   # the second time (or the grace ran out), or
+        #                                     the process' last report is written
     state.term_pending = True
     # A second SIGTERM after the grace period, whatever holds the report up. (A bare
     # thread: threading's would take a lock this thread may hold where it was stopped.)
@@ -326,6 +331,7 @@ def _after_fork_in_child():
     _report_lock = threading.Lock()      # a parent thread may have held it at the fork
     state.term_pending = False
     state.main_reporting = False
+    state.exit_reported = False
     state.runner = False
     _stats.forget_parent()               # this process reports its own calls only
     patching = sys.modules.get('keras_fastpredict.patching')

@@ -273,6 +273,35 @@ def test_sigterm_whose_own_report_blocks_still_ends_the_process(tmp_path):
             child.wait()
 
 
+SIGTERM_AFTER_THE_EXIT_REPORT = textwrap.dedent('''
+    import collections, os, signal, sys
+    from keras_fastpredict import counters, processes
+
+    class Model(object):
+        name = 'm'
+    model = Model()
+    counters.for_model(model).calls = 3      # (its finalizer runs at exit, after the report)
+    processes.install_reports()
+
+    class Freed(collections.deque):
+        def append(self, found):
+            # SIGTERM at exit after the report was written, as the finalizers retire the
+            # live models' counters (one taken out of the live ones, not yet freed).
+            os.kill(os.getpid(), signal.SIGTERM)
+            collections.deque.append(self, found)
+    counters._freed = Freed()
+    sys.exit(0)
+''')
+
+
+def test_sigterm_after_the_exit_report_keeps_it(tmp_path):
+    out, folder = run_script(tmp_path, SIGTERM_AFTER_THE_EXIT_REPORT)
+    assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr[-2000:])
+    reports = processes.collect(folder)
+    assert [(r['when'], r['models'].get('m', {}).get('calls')) for r in reports] == [
+        ('exit', 3)], reports
+
+
 SIGTERM_JUST_AFTER_THE_REPORT_LOCK = textwrap.dedent('''
     import os, signal
     from keras_fastpredict import processes
