@@ -302,6 +302,40 @@ def test_sigterm_after_the_exit_report_keeps_it(tmp_path):
         ('exit', 3)], reports
 
 
+OS_EXIT_IN_A_THREAD_DURING_THE_EXIT_REPORT = textwrap.dedent('''
+    import os, sys, threading, time
+    from keras_fastpredict import counters, processes
+
+    class Model(object):
+        name = 'm'
+    model = Model()
+    counters.for_model(model).calls = 3
+    processes.install_reports()
+    real = counters.snapshot
+    began = threading.Event()
+
+    def snapshot():
+        if threading.current_thread() is threading.main_thread():
+            began.set()
+            time.sleep(0.5)          # the exit report, being written
+        return real()
+    counters.snapshot = snapshot
+
+    def watchdog():
+        began.wait()
+        os._exit(3)                  # a thread ends the process meanwhile
+    threading.Thread(target=watchdog, daemon=True).start()
+    sys.exit(0)
+''')
+
+
+def test_os_exit_in_a_thread_during_the_exit_report_still_leaves_a_report(tmp_path):
+    out, folder = run_script(tmp_path, OS_EXIT_IN_A_THREAD_DURING_THE_EXIT_REPORT)
+    assert out.returncode == 3, (out.returncode, out.stderr[-2000:])     # the os._exit code
+    reports = processes.collect(folder)
+    assert [r['models'].get('m', {}).get('calls') for r in reports] == [3], reports
+
+
 SIGTERM_JUST_AFTER_THE_REPORT_LOCK = textwrap.dedent('''
     import os, signal
     from keras_fastpredict import processes
