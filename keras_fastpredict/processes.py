@@ -18,12 +18,14 @@
   methods raise ``ForkedAfterSessionError`` at once instead. A child forked before any
   session (a pre-fork server loading its model after the fork) is patched as usual.
 """
+import _thread
 import atexit
 import json
 import os
 import signal
 import sys
 import threading
+import time
 
 import wrapt
 
@@ -52,6 +54,8 @@ class _State(object):
     forked_from = None         # parent pid, in a child forked after a session
     term_pending = False       # a SIGTERM came while a report was being written
     main_reporting = False     # the main thread is inside report()
+    exit_reported = False      # the report at exit (or os._exit) is written: the last one
+    exit_code = None           # os._exit(code) was called: waiting for a report to end
 
 
 state = _State()
@@ -138,11 +142,17 @@ def report(when='exit', wait=0.0):
             pass
         finally:
             _report_lock.release()
+        # (A SIGTERM from now on, as the finalizers retire the models' counters, would
+        # write a poorer one over it.)
+        state.exit_reported = when in ('exit', 'os._exit')
     finally:
         if main:
             state.main_reporting = False
             if state.term_pending:
                 _die_of_sigterm()           # SIGTERM waited for this report: now it ends
+        if state.exit_code is not None:
+            _real_exit(state.exit_code)     # os._exit waited for this report (its own or
+            #                                 another thread's): now it ends
 
 
 def _write_report(when):
@@ -205,10 +215,27 @@ def _die_of_sigterm():
 
 def _exit_reporting(code):
     try:
-        report('os._exit')
+        # Another thread's report, if one is being written, is not cut short: this one
+        # waits for it, and that report ends the process as soon as it is written, with
+        # this code (else this thread writes its own).
+        state.exit_code = code
+        report('os._exit', wait=REPORT_GRACE_S)
     finally:
         _real_exit(code)        # whatever happened: in a forked child, returning from
         #                         os._exit would run the parent's code on
+
+
+def _end_after_grace(main):
+    time.sleep(REPORT_GRACE_S)
+    signal.pthread_kill(main, signal.SIGTERM)   # (to the main thread: a write it is
+    #                                             blocked in returns, and the handler runs)
+
+
+def _report_then_release(done):
+    try:
+        report('SIGTERM', wait=REPORT_GRACE_S)  # (after another thread's report, if any)
+    finally:
+        done.release()
 
 
 def _on_sigterm(signum, frame):
@@ -217,17 +244,23 @@ def _on_sigterm(signum, frame):
     # exit), or by another thread. Ending at once would lose it half-written, so the
     # signal waits for it, REPORT_GRACE_S at most: a report blocked for good (a full
     # stderr pipe) must not make the process outlive a SIGTERM.
-    if state.term_pending:
-        _die_of_sigterm()                   # the second time (or the grace ran out)
+    if state.term_pending or state.exit_reported:
+        _die_of_sigterm()                   # the second time (or the grace ran out), or
+        #                                     the process' last report is written
     state.term_pending = True
     if state.main_reporting:
         # This thread's report ends the process when it is done, or a second SIGTERM
-        # does after the grace period.
-        timer = threading.Timer(REPORT_GRACE_S, os.kill, (os.getpid(), signal.SIGTERM))
-        timer.daemon = True
-        timer.start()
+        # does after the grace period. (A bare thread: threading's would take a lock this
+        # thread may hold where it was stopped.)
+        _thread.start_new_thread(_end_after_grace, (threading.get_ident(),))
         return
-    report('SIGTERM', wait=REPORT_GRACE_S)  # (after another thread's report, if any)
+    # The report is written by a thread of its own, waited for here: this wait returns
+    # after the grace period whatever the report does. (A second SIGTERM could not end a
+    # report blocked in this handler: Python runs no handler inside another one.)
+    done = _thread.allocate_lock()
+    done.acquire()
+    _thread.start_new_thread(_report_then_release, (done,))
+    done.acquire(True, REPORT_GRACE_S)
     _die_of_sigterm()
 
 
@@ -244,7 +277,7 @@ def install_reports():
     if state.reporting:
         return
     state.reporting = True
-    atexit.register(report)
+    atexit.register(report, 'exit', REPORT_GRACE_S)
     os._exit = _exit_reporting
     _install_sigterm()
 
@@ -319,6 +352,8 @@ def _after_fork_in_child():
     _report_lock = threading.Lock()      # a parent thread may have held it at the fork
     state.term_pending = False
     state.main_reporting = False
+    state.exit_reported = False
+    state.exit_code = None
     state.runner = False
     _stats.forget_parent()               # this process reports its own calls only
     patching = sys.modules.get('keras_fastpredict.patching')

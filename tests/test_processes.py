@@ -238,6 +238,147 @@ def test_sigterm_during_a_blocked_report_still_ends_the_process(tmp_path):
             child.wait()
 
 
+SIGTERM_WHOSE_OWN_REPORT_BLOCKS = textwrap.dedent('''
+    import time
+    from keras_fastpredict import counters, processes
+    processes.install_reports()
+    real = counters.snapshot
+
+    def snapshot():
+        # The report the SIGTERM itself starts blocks: stderr is a pipe the parent does
+        # not read (a child that logged a lot; the parent's terminate() then wait()).
+        processes._write(2, 'x' * 200000)
+        return real()
+    counters.snapshot = snapshot
+    print('READY', flush=True)
+    while True:
+        time.sleep(0.1)          # no report running when the signal comes
+''')
+
+
+def test_sigterm_whose_own_report_blocks_still_ends_the_process(tmp_path):
+    # Plain Python dies of the signal at once; the report it writes first may not keep
+    # it alive past the grace period.
+    script = tmp_path / 'own_blocked.py'
+    script.write_text(SIGTERM_WHOSE_OWN_REPORT_BLOCKS)
+    child = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=clean_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b'READY'
+        child.terminate()
+        assert child.wait(timeout=processes.REPORT_GRACE_S + 10) == -signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+SIGTERM_AFTER_THE_EXIT_REPORT = textwrap.dedent('''
+    import collections, os, signal, sys
+    from keras_fastpredict import counters, processes
+
+    class Model(object):
+        name = 'm'
+    model = Model()
+    counters.for_model(model).calls = 3      # (its finalizer runs at exit, after the report)
+    processes.install_reports()
+
+    class Freed(collections.deque):
+        def append(self, found):
+            # SIGTERM at exit after the report was written, as the finalizers retire the
+            # live models' counters (one taken out of the live ones, not yet freed).
+            os.kill(os.getpid(), signal.SIGTERM)
+            collections.deque.append(self, found)
+    counters._freed = Freed()
+    sys.exit(0)
+''')
+
+
+def test_sigterm_after_the_exit_report_keeps_it(tmp_path):
+    out, folder = run_script(tmp_path, SIGTERM_AFTER_THE_EXIT_REPORT)
+    assert out.returncode == -signal.SIGTERM, (out.returncode, out.stderr[-2000:])
+    reports = processes.collect(folder)
+    assert [(r['when'], r['models'].get('m', {}).get('calls')) for r in reports] == [
+        ('exit', 3)], reports
+
+
+OS_EXIT_IN_A_THREAD_DURING_THE_EXIT_REPORT = textwrap.dedent('''
+    import os, sys, threading, time
+    from keras_fastpredict import counters, processes
+
+    class Model(object):
+        name = 'm'
+    model = Model()
+    counters.for_model(model).calls = 3
+    processes.install_reports()
+    real = counters.snapshot
+    began = threading.Event()
+
+    def snapshot():
+        if threading.current_thread() is threading.main_thread():
+            began.set()
+            time.sleep(0.5)          # the exit report, being written
+        return real()
+    counters.snapshot = snapshot
+
+    def watchdog():
+        began.wait()
+        os._exit(3)                  # a thread ends the process meanwhile
+    threading.Thread(target=watchdog, daemon=True).start()
+    sys.exit(0)
+''')
+
+
+def test_os_exit_in_a_thread_during_the_exit_report_still_leaves_a_report(tmp_path):
+    out, folder = run_script(tmp_path, OS_EXIT_IN_A_THREAD_DURING_THE_EXIT_REPORT)
+    assert out.returncode == 3, (out.returncode, out.stderr[-2000:])     # the os._exit code
+    reports = processes.collect(folder)
+    assert [r['models'].get('m', {}).get('calls') for r in reports] == [3], reports
+
+
+SIGTERM_WHILE_TENSORFLOW_WAITS = textwrap.dedent('''
+    import sys
+    import tensorflow as tf
+    if sys.argv[1] == 'reports':
+        from keras_fastpredict import processes
+        processes.install_reports()
+    queue = tf.FIFOQueue(1, tf.float32, shapes=[()])
+    session = tf.Session()
+    print('READY', flush=True)
+    session.run(queue.dequeue())     # waits for ever (a stuck Pool worker, say)
+''')
+
+
+def _terminate_when_ready(script, *args):
+    """SIGTERM once the script says READY; its exit status, or None if it outlived the
+    grace period by 10 s."""
+    child = subprocess.Popen([sys.executable, str(script)] + list(args), cwd=ROOT,
+                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b'READY'
+        time.sleep(0.5)                             # inside the session run by now
+        child.terminate()
+        try:
+            return child.wait(timeout=processes.REPORT_GRACE_S + 10)
+        except subprocess.TimeoutExpired:
+            return None
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    'known: a Python SIGTERM handler runs only when the main thread is back in Python; '
+    'a session run that never returns keeps the process alive (Pool.terminate() then '
+    'waits for ever). Plain Python dies at once.'))
+def test_sigterm_while_tensorflow_waits_still_ends_the_process(tmp_path):
+    script = tmp_path / 'stuck.py'
+    script.write_text(SIGTERM_WHILE_TENSORFLOW_WAITS)
+    assert _terminate_when_ready(script, 'plain') == -signal.SIGTERM
+    assert _terminate_when_ready(script, 'reports') == -signal.SIGTERM
+
+
 SIGTERM_JUST_AFTER_THE_REPORT_LOCK = textwrap.dedent('''
     import os, signal
     from keras_fastpredict import processes

@@ -14,10 +14,10 @@ from report_support import line, recorder, site_at  # noqa: F401 (autouse)
 
 
 def fake_site(stats, hot, time_s, other_s, plain_per_call, outside_s=None):
-    auto = None if outside_s is None else types.SimpleNamespace(outside_s=outside_s)
-    return types.SimpleNamespace(stats=stats, hot=hot, time_s=time_s, other_s=other_s,
-                                 plain_per_call=plain_per_call, auto=auto,
-                                 where=lambda: 'job.py:3 in main')
+    auto = None if outside_s is None else types.SimpleNamespace(outside_s=outside_s, calls=0)
+    return types.SimpleNamespace(stats=stats, path=stats, hot=hot, time_s=time_s,
+                                 other_s=other_s, plain_per_call=plain_per_call, auto=auto,
+                                 deferred=0, where=lambda: 'job.py:3 in main')
 
 
 def test_the_rule_counts_usual_calls_only(recorder):
@@ -52,6 +52,11 @@ def test_not_known_says_why(recorder):
     assert d['paid_back'] is None and d['saved_s'] is None and 'no usual calls' in d['note']
     [d] = paid_back.models([fake_site(stats, 10, 0.05, 0.0, 0.0)])
     assert d['paid_back'] is None and 'plain Keras not timed at job.py:3' in d['note']
+    # A site that cannot be judged leaves the model unjudged: it may have cost more than
+    # plain Keras, and the other sites' savings alone would answer early.
+    both = [fake_site(stats, 100, 0.019, 0.0, 300e-6), fake_site(stats, 10, 0.05, 0.0, 0.0)]
+    [d] = paid_back.models(both)
+    assert d['paid_back'] is None and 'plain Keras not timed at job.py:3' in d['note'], d
     # A model with no one-time work is not listed.
     assert paid_back.models([fake_site(counters.ModelStats('n'), 10, 0.1, 0.0, 1e-3)]) == []
 
@@ -79,3 +84,63 @@ def test_a_loops_report_agrees_with_the_rule(recorder):
         assert abs(d['saved_s'] - expected) <= 1e-9
         assert d['paid_back'] == (d['saved_s'] >= sum(d['one_time_ms'].values()) / 1e3)
     assert paid_back.text(d) in output.format_table(data)
+
+
+def test_a_model_called_through_k_function_and_session_run_has_its_line(recorder):
+    # The model's one-time work (its callable, made when K.function and Session.run calls
+    # took its fast path) is in its own counters, not in the signatures' whose calls the
+    # sites count: the line is the model's, with those sites' usual calls.
+    from keras import backend as K
+    model = keras.models.Sequential([keras.layers.Dense(16, input_shape=(8,)),
+                                     keras.layers.Dense(3)])
+    X = np.random.RandomState(4).rand(300, 8).astype('float32')
+    f = K.function([model.input], [model.output])
+    sess = K.get_session()
+    plain_f = [f([np.array(X[i:i + 1])])[0] for i in range(len(X))]
+    plain_s = [sess.run(model.output, {model.input: np.array(X[i:i + 1])})
+               for i in range(len(X))]
+    kfp.reset_stats()
+    with kfp.patched(report=True):
+        got_f = [f([np.array(X[i:i + 1])])[0] for i in range(len(X))]; at_f = line()
+        feeds = [{model.input: np.array(X[i:i + 1])} for i in range(len(X))]
+        got_s = [sess.run(model.output, feed) for feed in feeds]; at_s = line()
+        data = kfp.report()
+        one_time = kfp.stats(model)['one_time_ms']
+    assert_same([np.asarray(y) for y in got_f], plain_f)
+    assert_same([np.asarray(y) for y in got_s], plain_s)
+    assert 'callable' in one_time
+    usual = [site_at(at_f), site_at(at_s)]
+    assert all(s['model'] == model.name and s['usual_calls'] for s in usual), usual
+    lines = [m for m in data['one_time'] if m['model'] == model.name]
+    assert len(lines) == 1, data['one_time']
+    assert lines[0]['one_time_ms'] == one_time
+    assert lines[0]['usual_calls'] == sum(s['usual_calls'] for s in usual)
+
+
+def test_deferred_calls_whose_runs_were_not_timed_do_not_claim_a_saving(recorder):
+    # With defer=True the calls return at once and their batches run at the reads,
+    # outside any call: the calls' own time is not what they cost, so nothing is claimed.
+    model = keras.models.Sequential([keras.layers.Dense(16, input_shape=(8,)),
+                                     keras.layers.Dense(3)])
+    X = np.random.RandomState(5).rand(300, 8).astype('float32')
+
+    def loop():
+        out, pending = [], []
+        for i in range(len(X)):
+            pending.append(model.predict(np.array(X[i:i + 1])))
+            if len(pending) == 2:           # read in pairs: each pair one run, at the read
+                out += [np.array(y) for y in pending]
+                pending = []
+        return out
+    plain = loop()
+    kfp.reset_stats()
+    with kfp.patched(report=True, defer=True):
+        got = loop()
+        data = kfp.report()
+    assert_same(got, plain)
+    [site] = [s for s in data['sites'] if s['model'] == model.name]
+    assert site['paths']['deferred'] and site['usual_calls'], site
+    assert site['usual_call_s'] is None, site
+    [d] = [m for m in data['one_time'] if m['model'] == model.name]
+    assert d['paid_back'] is None and d['saved_s'] is None, d
+    assert 'deferred' in d['note'] and site['site'] in d['note'], d

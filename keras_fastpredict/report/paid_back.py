@@ -8,18 +8,24 @@ usual call, and plain Keras' first-call work (its session, its first run) is not
 warmed-up figure either, so neither side's first calls tip the balance; the sample's calls
 (a site's first 128 at most) count as saving nothing, which can only make the answer
 later, never early. The one-time work itself is what the engine timed when it did it.
+It is done for a model (its counters: a site's ``path``, which for ``K.function`` and
+``Session.run`` signatures served through a model are the model's, not the signature's).
+Calls deferred outside auto-batch (``defer=True``, ``batching()``, ``@fast_predict``) run
+later, at a read, untimed: their own time is not their cost, so nothing is said of them.
 """
 import collections
 
 
 def usual(site):
     """A site's usual calls and their mean time (seconds, with deferred calls' runs), or
-    (calls, None) where it has none."""
+    (calls, None) where it has none or their runs were not timed."""
     calls = site.hot
     if not calls:
         return 0, None
     spent = site.time_s - site.other_s
     auto = site.auto
+    if site.deferred > (auto.calls if auto is not None else 0):
+        return calls, None          # deferred by a scope: run at a read, not timed
     if auto is not None:
         spent += auto.outside_s     # deferred calls ran after the calls (all usual ones)
     return calls, max(0.0, spent) / calls
@@ -30,7 +36,8 @@ def models(found):
     calls saved so far, and whether that is as much (None: not known yet, and why)."""
     by_stats = collections.OrderedDict()
     for site in found:
-        by_stats.setdefault(id(site.stats), (site.stats, []))[1].append(site)
+        model = site.path or site.stats     # (the counters the one-time work is in)
+        by_stats.setdefault(id(model), (model, []))[1].append(site)
     out = []
     for stats, its_sites in by_stats.values():
         one_time = dict(stats.one_time)
@@ -42,21 +49,25 @@ def models(found):
             n, per_call = usual(site)
             if not n:
                 continue
-            if not site.plain_per_call:
-                unknown.append(site.where())
-                continue
-            saved += n * (site.plain_per_call - per_call)
-            calls += n
-        if calls:
+            if per_call is None:
+                unknown.append('deferred calls ran untimed at %s' % site.where())
+            elif not site.plain_per_call:
+                unknown.append('plain Keras not timed at %s' % site.where())
+            else:
+                saved += n * (site.plain_per_call - per_call)
+                calls += n
+        if calls and not unknown:
             paid, note = saved >= cost, None
         else:
+            # (a site left out could have cost more than plain Keras: no answer, rather
+            # than an early one)
             paid = None
-            note = ('plain Keras not timed at %s' % ', '.join(unknown[:3]) if unknown else
+            note = ('; '.join(unknown[:3]) if unknown else
                     'no usual calls yet (each site samples its first calls)')
         out.append(collections.OrderedDict([
             ('model', stats.name),
             ('one_time_ms', {what: 1e3 * s for what, s in one_time.items()}),
-            ('usual_calls', calls), ('saved_s', saved if calls else None),
+            ('usual_calls', calls), ('saved_s', None if paid is None else saved),
             ('paid_back', paid), ('note', note)]))
     return out
 
