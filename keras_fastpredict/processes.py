@@ -31,6 +31,7 @@ import wrapt
 
 from . import config
 from . import counters as _stats
+from . import term_watch
 
 BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bootstrap')
 STATS_ENV = 'KERAS_FASTPREDICT_STATS'
@@ -266,10 +267,26 @@ def _on_sigterm(signum, frame):
 
 def _install_sigterm():
     try:
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError):            # not the main thread
-        pass
+        return
+    # A SIGTERM while the main thread waits in C (a session run that never returns)
+    # could not run the handler: reported and ended from another thread after the grace.
+    term_watch.start(_ours, _sigterm_started, _late_report, REPORT_GRACE_S)
+
+
+def _ours():
+    return signal.getsignal(signal.SIGTERM) is _on_sigterm
+
+
+def _sigterm_started():
+    return state.term_pending
+
+
+def _late_report():
+    report('SIGTERM', wait=REPORT_GRACE_S)
 
 
 def install_reports():

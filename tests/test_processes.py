@@ -349,11 +349,12 @@ SIGTERM_WHILE_TENSORFLOW_WAITS = textwrap.dedent('''
 ''')
 
 
-def _terminate_when_ready(script, *args):
+def _terminate_when_ready(script, *args, **env):
     """SIGTERM once the script says READY; its exit status, or None if it outlived the
     grace period by 10 s."""
     child = subprocess.Popen([sys.executable, str(script)] + list(args), cwd=ROOT,
-                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             env=clean_env(**env), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
     try:
         assert child.stdout.readline().strip() == b'READY'
         time.sleep(0.5)                             # inside the session run by now
@@ -368,15 +369,49 @@ def _terminate_when_ready(script, *args):
             child.wait()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'known: a Python SIGTERM handler runs only when the main thread is back in Python; '
-    'a session run that never returns keeps the process alive (Pool.terminate() then '
-    'waits for ever). Plain Python dies at once.'))
 def test_sigterm_while_tensorflow_waits_still_ends_the_process(tmp_path):
+    # A Python handler runs only once the main thread is back in Python: term_watch ends
+    # the process, with its report, after the grace period.
     script = tmp_path / 'stuck.py'
     script.write_text(SIGTERM_WHILE_TENSORFLOW_WAITS)
     assert _terminate_when_ready(script, 'plain') == -signal.SIGTERM
-    assert _terminate_when_ready(script, 'reports') == -signal.SIGTERM
+    folder = tmp_path / 'stats'
+    folder.mkdir()
+    assert _terminate_when_ready(script, 'reports', KERAS_FASTPREDICT_STATS_DIR=str(folder)) \
+        == -signal.SIGTERM
+    assert [r['when'] for r in processes.collect(str(folder))] == ['SIGTERM']
+
+
+A_FORKED_CHILD_WAITS_IN_TENSORFLOW = textwrap.dedent('''
+    import os, signal, sys, time
+    import tensorflow as tf
+    from keras_fastpredict import processes
+    processes.install_reports()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                    # its own watch: the parent's pipe is not its own
+        queue = tf.FIFOQueue(1, tf.float32, shapes=[()])
+        session = tf.Session()
+        os.write(w, b'x')
+        session.run(queue.dequeue())
+        os._exit(0)
+    os.read(r, 1)
+    time.sleep(0.5)
+    start = time.time()
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    print('CHILD', -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status),
+          time.time() - start < processes.REPORT_GRACE_S + 5, flush=True)
+    time.sleep(processes.REPORT_GRACE_S + 0.5)
+    print('PARENT ALIVE', flush=True)
+''')
+
+
+def test_a_forked_child_waiting_in_tensorflow_ends_on_sigterm_alone(tmp_path):
+    out, folder = run_script(tmp_path, A_FORKED_CHILD_WAITS_IN_TENSORFLOW)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ['CHILD -15 True', 'PARENT ALIVE'], out.stdout
+    assert sorted(r['when'] for r in processes.collect(folder)) == ['SIGTERM', 'exit']
 
 
 SIGTERM_JUST_AFTER_THE_REPORT_LOCK = textwrap.dedent('''

@@ -144,3 +144,30 @@ def test_deferred_calls_whose_runs_were_not_timed_do_not_claim_a_saving(recorder
     [d] = [m for m in data['one_time'] if m['model'] == model.name]
     assert d['paid_back'] is None and d['saved_s'] is None, d
     assert 'deferred' in d['note'] and site['site'] in d['note'], d
+
+
+def test_calls_that_raise_are_not_usual_time(recorder):
+    # After a loop's usual calls, calls of the same line that raise (the rows the usual
+    # call checks, a feature too many) add no usual call, so no usual time either.
+    model = keras.models.Sequential([keras.layers.Dense(3, input_shape=(4,))])
+    X = np.random.RandomState(6).rand(200, 4).astype('float32')
+    bad = np.ones((1, 5), 'float32')
+
+    def call(x):
+        try:
+            return model.predict(x)
+        except ValueError as exc:
+            return (ValueError, str(exc))
+    plain = [call(np.array(x[None])) for x in X] + [call(bad) for _ in range(100)]
+    kfp.reset_stats()
+    with kfp.patched(report=True):
+        got = [call(np.array(x[None])) for x in X]
+        [site] = [s for s in sites.all_sites() if s.model_ref() is model]
+        n, per_call = paid_back.usual(site)
+        got += [call(bad) for _ in range(100)]
+        after = paid_back.usual(site)
+    assert [g for g in got[200:]] == plain[200:] and type(plain[-1]) is tuple
+    assert_same(got[:200], plain[:200])
+    assert n and site.errors == 100, (n, site.errors)
+    assert after[0] == n and abs(after[0] * after[1] - n * per_call) < 1e-9, (
+        n * per_call, after)

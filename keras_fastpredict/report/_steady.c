@@ -32,7 +32,7 @@ typedef struct {
     PyObject *type;         /* predict: numpy.ndarray; announced: the report's Watched */
     PyObject *helper;       /* predict: take(stats, site); announced: None */
     PyObject *passed_on;    /* passed_on(site, stats, rows, elapsed) */
-    PyObject *error;        /* predict: error(site, stats); announced: error(call, elapsed) */
+    PyObject *error;        /* predict: error(site, elapsed); announced: error(call, elapsed) */
     PyObject *unsteady;     /* announced: unsteady(call, frame, out, elapsed, wrapped, ...) */
 } Recorder;
 
@@ -288,7 +288,7 @@ Recorder_call(Recorder *self, PyObject *callargs, PyObject *callkw)
     out = timed(self, wrapped, instance, args, kwargs, &elapsed);
     if (out == NULL) {
         if (elapsed != NULL && add_to(acc, 0, elapsed) == 0)
-            tell_error(self->error, site, stats);
+            tell_error(self->error, site, elapsed);     /* (not usual time: other_s) */
         else
             tell_error(self->error, site, NULL);
     } else if (elapsed == NULL || counted(self, acc, stats, fc, site, rows, elapsed) < 0) {

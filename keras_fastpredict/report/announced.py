@@ -223,7 +223,7 @@ def _passed_rows(entry, args, kwargs):
 def _announced_error(call, elapsed):
     site = call[_SITE] or _unannounced(call)
     site.time_s += elapsed
-    sites.error(site, site.stats)
+    sites.error_in_call(site, elapsed)
 
 
 def _steady_error(call, elapsed):
@@ -231,7 +231,7 @@ def _steady_error(call, elapsed):
     fc = call[1]
     if fc >= 0:
         site.time_s += elapsed
-        sites.error(site, stats)
+        sites.error_in_call(site, elapsed)      # (``stats`` is the site's own)
     elif fc == -2:
         _announced_error(call[3], elapsed)
     else:

@@ -72,7 +72,7 @@ def recorder(wrapper, table, by_line, entry_name):
 
     if calls.Recorder is not None:
         return calls.Recorder(by_line, wrapper, rest, calls.through, _ndarray, sites.take,
-                              sites.passed_on, sites.error)
+                              sites.passed_on, sites.error_in_call)
     return calls.in_python(wrapper, rest)
 
 
@@ -102,8 +102,9 @@ def timed(wrapper, wrapped, instance, args, kwargs, site, s):
     try:
         out = wrapper(wrapped, instance, args, kwargs)
     except BaseException:
-        site.acc[0] += _perf() - t0
-        sites.error(site, s)
+        elapsed = _perf() - t0
+        site.acc[0] += elapsed
+        sites.error_in_call(site, elapsed)      # (``s`` is the site's own counters)
         raise
     elapsed = _perf() - t0
     site.acc[0] += elapsed

@@ -187,6 +187,13 @@ def error(site, s):
     new_reason(s)
 
 
+def error_in_call(site, elapsed):
+    """A call of the site's that raised, its time (added to the site's) spent: none of
+    it usual time."""
+    site.other_s += elapsed
+    error(site, site.stats)
+
+
 def rows_of(x):
     kind = type(x)
     if kind is list or kind is tuple:
