@@ -563,7 +563,7 @@ def test_row_of_a_pending_result_while_another_thread_settles_it(models, monkeyp
     x = inputs_for('dense', 5)
     expected = unpatched_predict(model, x)
     seen = {}
-    init = deferred._Pending.__init__
+    init = deferred._Known.__init__
 
     def making(self, *args):
         if not seen and sys._getframe(1).f_code.co_name == '__getitem__':
@@ -571,7 +571,7 @@ def test_row_of_a_pending_result_while_another_thread_settles_it(models, monkeyp
         init(self, *args)
 
     model.predict(x)
-    monkeypatch.setattr(deferred._Pending, '__init__', making)
+    monkeypatch.setattr(deferred._Known, '__init__', making)
     with kfp.batching(readahead=False):
         y = model.predict(x)
         row = y[0]
