@@ -380,13 +380,17 @@ class Scope(object):
                 for buf, a in zip(batch.buffers, arrays):
                     buf[start:stop] = a
             batch.stops.append(stop)
-            proxies = batch.proxies
             # Per output: an untracked _Pending, placed by its id (see _calls), in a proxy.
-            for _ in range(batch.n_outputs):
+            proxies = batch.proxies
+            slot = batch.key + len(proxies)
+            pending = _Pending()
+            _calls[id(pending)] = slot
+            result = [DeferredArray(pending)]
+            for k in range(1, batch.n_outputs):
                 pending = _Pending()
-                _calls[id(pending)] = batch.key + len(proxies)
-                proxies.append(DeferredArray(pending))
-            result = proxies[-batch.n_outputs:]
+                _calls[id(pending)] = slot + k
+                result.append(DeferredArray(pending))
+            proxies += result
             entry.stats.deferred += 1
             if stop >= self.max_batch_size:
                 self._run_full(batch)
