@@ -483,7 +483,7 @@ def _settle(batch):
     # two flushes, at most); their places in _calls as long.
     proxies, results = batch.proxies, batch.results
     retired = batch.retired = list(map(_wrapped_of, proxies))
-    if any(isinstance(r, Exception) for r in results):
+    if any(map(isinstance, results, itertools.repeat(Exception))):
         n_outputs = batch.n_outputs
         for slot, (proxy, result) in enumerate(zip(proxies, results)):
             if isinstance(result, Exception):
