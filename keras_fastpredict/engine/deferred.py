@@ -109,6 +109,12 @@ class DeferredArray(wrapt.ObjectProxy):
 
 _SHAPE_ONLY = frozenset((np.shape, np.ndim, np.size))
 
+try:    # Results that bring no garbage collection on, as the ndarrays they stand for.
+    from ._alloc import uncounted
+    uncounted(DeferredArray)
+except ImportError:     # (not built: they count towards the next one as any object)
+    pass
+
 
 def resolve(value):
     """The real ndarray behind ``value`` (running its batch if need be)."""
@@ -605,7 +611,7 @@ def auto_caller(entries, owner, serves, eligible):
     an input signature Keras has not validated for the model; too many rows. (It is on
     every call of such a site: the names it reads are bound in this closure.)"""
     stats = signatures = None
-    bound = [_dead]                 # the entry the names above are of, weakly
+    bound = [lambda: None]          # the entry the names above are of, weakly
     seen_dtype = seen_tail = None   # the input signature last checked: dtype, shape[1:]
     local, len_, entries_get = _local, len, entries.get
 
@@ -645,10 +651,6 @@ def auto_caller(entries, owner, serves, eligible):
         result = scope.defer(entry, args, rows, owner)
         return result[0] if len_(result) == 1 else result
     return call
-
-
-def _dead():
-    return None
 
 
 def auto_scope():
