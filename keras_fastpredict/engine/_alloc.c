@@ -14,8 +14,9 @@
  * count; and drops the instance dict wrapt makes each proxy (where it keeps copies of the
  * wrapped object's __module__ and __doc__; back to the dict free list, so that the next
  * proxy's comes from there, uncounted too; attribute code makes one again if it is ever
- * needed: DeferredArray sets no attribute of its own). It returns False, changing nothing, where the type is not laid out as
- * expected (the proxy then counts as any object). CPython 3.7's object layout. */
+ * needed: DeferredArray sets no attribute of its own). It returns False, changing
+ * nothing, where the type is not laid out as expected (the proxy then counts as any
+ * object). CPython 3.7's object layout. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
