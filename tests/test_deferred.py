@@ -754,3 +754,13 @@ def test_a_cycle_through_a_deferred_result_is_freed_by_the_collector():
         del holder, proxy
         gc.collect()
         assert [r() for r in refs] == [None, None]
+
+
+def test_a_deferred_result_initialised_again_wraps_its_new_value():
+    # The allocator drops the instance dict wrapt's init writes to: an explicit __init__
+    # call must still work (it crashed the interpreter before DeferredArray had its own).
+    y = DeferredArray(np.zeros(3))
+    y.__init__(np.ones(2))
+    assert_same(np.asarray(y), np.ones(2))
+    with pytest.raises(TypeError):
+        DeferredArray()

@@ -50,13 +50,33 @@ uncounted_free(void *op)
 static int
 dictless_init(PyObject *self, PyObject *args, PyObject *kwds)
 {
+    PyObject **dict = _PyObject_GetDictPtr(self);
+    if (dict == NULL) {
+        PyErr_SetString(PyExc_TypeError, "a proxy with no instance dict");
+        return -1;
+    }
+    if (*dict == NULL && (*dict = PyDict_New()) == NULL)   /* (wrapt's init writes it) */
+        return -1;
     if (base_init(self, args, kwds) < 0)
         return -1;
-    PyObject **dict = _PyObject_GetDictPtr(self);
-    if (dict != NULL)
-        Py_CLEAR(*dict);
+    Py_CLEAR(*dict);
     return 0;
 }
+
+/* The type's __init__, for an explicit call (``y.__init__(x)``): wrapt's own, reached
+ * through its base's slot wrapper, would write to the dict dropped above. */
+static PyObject *
+init_method(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    if (dictless_init(self, args, kwds) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef init_def = {
+    "__init__", (PyCFunction)(void (*)(void))init_method, METH_VARARGS | METH_KEYWORDS,
+    "Initialize self.  See help(type(self)) for accurate signature."
+};
 
 static PyObject *
 uncounted(PyObject *module, PyObject *arg)
@@ -68,15 +88,26 @@ uncounted(PyObject *module, PyObject *arg)
     PyTypeObject *type = (PyTypeObject *)arg;
     if (type->tp_alloc == uncounted_alloc)
         Py_RETURN_TRUE;
-    if (base_init != NULL                     /* (one type only: its base's tp_init kept) */
+    PyTypeObject *base = type;                  /* the nearest static type: wrapt's proxy */
+    while (base != NULL && (base->tp_flags & Py_TPFLAGS_HEAPTYPE))
+        base = base->tp_base;
+    if (base_init != NULL                       /* (one type only: its base's init kept) */
+            || base == NULL || base->tp_init == NULL
+            || PyDict_GetItemString(type->tp_dict, "__init__") != NULL
             || !(type->tp_flags & Py_TPFLAGS_HEAPTYPE) || !PyType_IS_GC(type)
             || type->tp_itemsize != 0 || type->tp_alloc != PyType_GenericAlloc
-            || type->tp_free != PyObject_GC_Del || type->tp_init == NULL
-            || type->tp_dictoffset <= 0
+            || type->tp_free != PyObject_GC_Del || type->tp_dictoffset <= 0
             || (size_t)type->tp_dictoffset + sizeof(PyObject *) > (size_t)type->tp_basicsize)
         Py_RETURN_FALSE;
-    base_init = type->tp_init;
-    type->tp_init = dictless_init;
+    PyObject *init = PyDescr_NewMethod(type, &init_def);
+    if (init == NULL)
+        return NULL;
+    int failed = PyObject_SetAttrString(arg, "__init__", init);
+    Py_DECREF(init);
+    if (failed)
+        return NULL;
+    base_init = base->tp_init;
+    type->tp_init = dictless_init;      /* (direct: the slot would look __init__ up per call) */
     type->tp_alloc = uncounted_alloc;
     type->tp_free = uncounted_free;
     Py_RETURN_TRUE;
