@@ -58,7 +58,7 @@ def _split(out, stops):
     """``out``'s rows of each call, each in an array of its own (as plain Keras returns
     a fresh array per call)."""
     rows = stops[0]
-    if (out.shape[:1] == (stops[-1],) and stops[-1] == rows * len(stops)
+    if (rows and out.shape[:1] == (stops[-1],) and stops[-1] == rows * len(stops)
             and stops == list(range(rows, stops[-1] + 1, rows))):
         # Calls of as many rows each (one row, usually): copied in one pass of C.
         return list(map(_copy, out.reshape((len(stops), rows) + out.shape[1:])))
