@@ -60,9 +60,10 @@ class CompiledModel(object):
             # Auto-batch alone will run several rows at once: TF's multi-row kernels are
             # made now, on their thread, beside this entry's own one-time work (a first
             # batch waited up to 50 ms for them where they were begun at a site's
-            # decision). Not where the report times plain Keras: it waits for our
-            # threads, and its sites' calls with it.
-            warmup.start()
+            # decision); their product is made here (2 ms), the thread only runs it.
+            # Not where the report times plain Keras: it waits for our threads, and its
+            # sites' calls with it.
+            warmup.start(prepare_here=True)
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
         # How the adapter's predict loop puts runs together (Keras 2.2.5's by default).
