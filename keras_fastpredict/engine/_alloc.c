@@ -59,6 +59,13 @@ dictless_init(PyObject *self, PyObject *args, PyObject *kwds)
         return -1;
     if (base_init(self, args, kwds) < 0)
         return -1;
+    /* Only what wrapt's init put there: a subclass's own attributes stay. */
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(*dict, &pos, &key, &value))
+        if (!PyUnicode_Check(key) || (!_PyUnicode_EqualToASCIIString(key, "__module__")
+                                      && !_PyUnicode_EqualToASCIIString(key, "__doc__")))
+            return 0;
     Py_CLEAR(*dict);
     return 0;
 }
