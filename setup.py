@@ -1,8 +1,12 @@
 # Kept so that `pip install -e .` works with the pip that Python 3.7 venvs ship. The C
-# extension is the call-site report's usual call; where it cannot be built, the report
-# runs the same logic in Python.
+# extensions: the call-site report's usual call (where it cannot be built, the report runs
+# the same logic in Python); deferred results' allocator (engine/_alloc.c; where it cannot
+# be built, they are allocated as any object).
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension('keras_fastpredict.report._steady',
                              ['keras_fastpredict/report/_steady.c'],
+                             extra_compile_args=['-O2', '-std=c11'], optional=True),
+                   Extension('keras_fastpredict.engine._alloc',
+                             ['keras_fastpredict/engine/_alloc.c'],
                              extra_compile_args=['-O2', '-std=c11'], optional=True)])

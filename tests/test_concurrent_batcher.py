@@ -520,6 +520,7 @@ class FakeEntry(object):
     fixed_rows = True
     feed_names = ('x',)
     large_batch = 64
+    n_outputs = 1
     fastest_run_s = 1.0
 
     def __init__(self):

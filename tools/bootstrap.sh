@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with Python 3.7 and installs the project into it, once.
-# Re-installs only when setup.cfg, setup.py, constraints.txt or the C source changed since
-# the last install (an editable install builds the C extension in place).
+# Re-installs only when setup.cfg, setup.py, constraints.txt or a C source changed since
+# the last install (an editable install builds the C extensions in place).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -40,7 +40,8 @@ MSG
 fi
 
 stamp="$VENV/.installed"
-want="$(cat setup.cfg setup.py constraints.txt keras_fastpredict/report/_steady.c | cksum) $EXTRAS"
+want="$(cat setup.cfg setup.py constraints.txt keras_fastpredict/report/_steady.c \
+    keras_fastpredict/engine/_alloc.c | cksum) $EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade 'pip<24' 'setuptools<68' wheel
     "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]"

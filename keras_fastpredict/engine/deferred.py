@@ -3,10 +3,12 @@
 A ``DeferredArray`` is a wrapt proxy. Until its batch has run it wraps a ``_Pending``
 object that knows the shape and dtype and runs the batch on any other use; then the
 proxy is pointed at the real array, so later uses cost what a plain proxy costs.
-A ``Scope`` (one per ``batching()`` block or ``@fast_predict`` call) collects the pending
-requests of its thread and runs them together.
+A ``Scope`` (one per ``batching()`` block or ``@fast_predict`` call, one per thread for
+auto-batched sites) collects the pending requests of its thread and runs them together;
+``Scope.defer`` is the one way a call is deferred.
 """
 import collections
+import itertools
 import os
 import threading
 import time
@@ -23,7 +25,6 @@ _scopes = set()                     # scopes with pending work, for hooks to flu
 _scopes_lock = threading.Lock()
 _active = 0                         # scopes on any thread's stack
 _ZERO = bytearray(1)
-_retired = collections.deque(maxlen=4)     # _Pending objects replaced by recent flushes
 # Points a proxy at another object, past DeferredArray.__setattr__ (and faster).
 _set_wrapped = wrapt.ObjectProxy.__dict__['__wrapped__'].__set__
 
@@ -108,12 +109,18 @@ class DeferredArray(wrapt.ObjectProxy):
 
 _SHAPE_ONLY = frozenset((np.shape, np.ndim, np.size))
 
+try:    # Results that bring no garbage collection on, as the ndarrays they stand for.
+    from ._alloc import uncounted
+    uncounted(DeferredArray)
+except ImportError:     # (not built: they count towards the next one as any object)
+    pass
+
 
 def resolve(value):
     """The real ndarray behind ``value`` (running its batch if need be)."""
     if type(value) is DeferredArray:
         inner = value.__wrapped__
-        if type(inner) is _Pending:
+        if type(inner) in _PENDING:
             return inner._kfp_value()
         return inner
     return value
@@ -152,35 +159,55 @@ def _shape_after(shape, key):
 
 
 class _Pending(object):
-    """What a DeferredArray wraps until its batch has run.
+    """What a DeferredArray wraps until its batch has run: one output of one call.
 
-    Its own names start with ``_kfp_`` so that none hides an ndarray attribute (the proxy
-    forwards every attribute here; ``hasattr(y, 'keys')`` must stay False).
+    It holds nothing (no slots: the garbage collector does not track it, where a tracked
+    object per pending call filled the youngest generation and brought full collections
+    into collect loops); its batch and slot are found by its id in ``_calls`` (see
+    ``Scope.defer``). ``_Known`` is the same with its place held in slots. Its own names
+    start with ``_kfp_`` so that none hides an ndarray attribute (the proxy forwards every
+    attribute here; ``hasattr(y, 'keys')`` must stay False).
     """
-    __slots__ = ('_kfp_batch', '_kfp_call', '_kfp_output', '_kfp_keys', '_kfp_shape',
-                 '_kfp_dtype')
-
-    def __init__(self, batch, call, output, keys, shape, dtype):
-        self._kfp_batch = batch
-        self._kfp_call = call
-        self._kfp_output = output
-        self._kfp_keys = keys
-        self._kfp_shape = shape       # None where the output shape is not static
-        self._kfp_dtype = dtype
+    __slots__ = ()
 
     @property
     def __class__(self):
         return np.ndarray
+
+    @property
+    def _kfp_batch(self):
+        return _batches[_calls[id(self)] >> _SLOT_BITS]
+
+    @property
+    def _kfp_slot(self):            # the call's index times its model's outputs, + output
+        return _calls[id(self)] & _SLOT_MASK
+
+    _kfp_keys = ()                  # indexes applied to the output (a row of it, ...)
+
+    @property
+    def _kfp_shape(self):           # None where the output shape is not static
+        batch = self._kfp_batch
+        slot = self._kfp_slot
+        row = batch.row_shapes[slot % batch.n_outputs]
+        if row is None:
+            return None
+        call = slot // batch.n_outputs
+        stops = batch.stops
+        return (stops[call] - (stops[call - 1] if call else 0),) + row
+
+    @property
+    def _kfp_dtype(self):
+        batch = self._kfp_batch
+        return batch.dtypes[self._kfp_slot % batch.n_outputs]
 
     def _kfp_value(self):
         batch = self._kfp_batch
         scope = batch.scope     # (first: another thread's run sets results, then clears it)
         if batch.results is None:
             scope.flush()
-        result = batch.results[self._kfp_call]
-        if isinstance(result, Exception):
-            raise result
-        value = result[self._kfp_output]
+        value = batch.results[self._kfp_slot]
+        if isinstance(value, Exception):
+            raise value
         for key in self._kfp_keys:
             value = value[key]
         return value
@@ -192,7 +219,8 @@ class _Pending(object):
 
     @property
     def shape(self):
-        return self._kfp_shape if self._kfp_shape is not None else self._kfp_value().shape
+        shape = self._kfp_shape
+        return shape if shape is not None else self._kfp_value().shape
 
     @property
     def ndim(self):
@@ -217,10 +245,9 @@ class _Pending(object):
             if shape and scope is not None:
                 with scope.lock:        # (another thread's run settles batches under it)
                     if batch.results is None:
-                        proxy = DeferredArray(_Pending(batch, self._kfp_call,
-                                                       self._kfp_output,
-                                                       self._kfp_keys + (key,), shape,
-                                                       self._kfp_dtype))
+                        proxy = DeferredArray(_Known(batch, self._kfp_slot,
+                                                     self._kfp_keys + (key,), shape,
+                                                     self._kfp_dtype))
                         batch.derived.append(proxy)
                         return proxy
         return self._kfp_value()[key]
@@ -233,6 +260,30 @@ class _Pending(object):
 
     def __hash__(self):
         raise TypeError("unhashable type: 'numpy.ndarray'")
+
+
+class _Known(_Pending):
+    """A ``_Pending`` whose place is held here: a row (or other part) of a pending result,
+    and a failed call's result (which raises the call's error on every use)."""
+    __slots__ = ('_kfp_batch', '_kfp_slot', '_kfp_keys', '_kfp_shape', '_kfp_dtype')
+
+    def __init__(self, batch, slot, keys, shape, dtype):
+        self._kfp_batch = batch
+        self._kfp_slot = slot
+        self._kfp_keys = keys
+        self._kfp_shape = shape
+        self._kfp_dtype = dtype
+
+
+_PENDING = (_Pending, _Known)
+# Pending calls: id(_Pending) -> its batch's serial << _SLOT_BITS | its slot (untracked
+# ints), from its call until its batch leaves the retired ring (_retire); the batches by
+# serial, as long.
+_SLOT_BITS = 32
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
+_calls = {}
+_batches = {}
+_serials = itertools.count(1)
 
 
 def _simple_key(key):
@@ -271,20 +322,27 @@ _Pending.__repr__ = _forward('__repr__')
 
 class _Batch(object):
     """One model's deferred calls in a scope: their rows, copied into one input buffer."""
-    __slots__ = ('scope', 'entry', 'buffers', 'n', 'pieces', 'proxies', 'derived',
-                 'results', 'owner', 'capacity')
+    __slots__ = ('scope', 'entry', 'buffers', 'n', 'stops', 'proxies', 'derived',
+                 'results', 'owner', 'capacity', 'serial', 'key', 'n_outputs', 'row_shapes',
+                 'dtypes', 'retired')
 
-    def __init__(self, scope, entry, buffers):
-        self.owner = None         # auto-batch: the site (its Auto) of the first call
+    def __init__(self, scope, entry, buffers, owner):
+        self.owner = owner        # auto-batch: the site (its Auto) of the first call
         self.capacity = len(buffers[0])
         self.scope = scope
         self.entry = entry
         self.buffers = buffers
         self.n = 0
-        self.pieces = []          # (start, stop) rows of each call
-        self.proxies = []         # per call: its proxy, or list of proxies (several outputs)
+        self.stops = []           # per call: where its rows end (untracked ints)
+        self.proxies = []         # per slot (call * n_outputs + output): its proxy
         self.derived = []         # proxies made by indexing a pending one
-        self.results = None       # per call: list of outputs, or the call's exception
+        self.results = None       # per slot: the output, or the call's exception
+        self.serial = next(_serials)
+        self.key = self.serial << _SLOT_BITS
+        self.n_outputs = entry.n_outputs
+        self.row_shapes = entry.row_shapes
+        self.dtypes = entry.output_dtypes
+        self.retired = None       # the objects its proxies wrapped before it ran
 
 
 class Scope(object):
@@ -308,56 +366,64 @@ class Scope(object):
                 return False
         return entry.fixed_rows and self._lone_flushes.get(id(entry), 0) < 16
 
-    def defer(self, entry, arrays, rows):
+    def defer(self, entry, arrays, rows, owner=None):
+        """One call's deferred results, a list of one per output. Its ``rows``
+        rows of ``arrays`` (one per feed) are copied into the batch's buffers now, cast
+        as Keras casts them (loops often refill one input buffer for the next call).
+        ``owner``: the auto-batched site making the call (told how its batches ran)."""
         with self.lock:
             batch = self._open.get(entry)
-            if batch is not None and batch.n + rows > len(batch.buffers[0]):
-                _retired.append(self._run(batch, lone_read=False))
+            if batch is not None and batch.n + rows > batch.capacity:
+                self._run_full(batch)
                 batch = None
             if batch is None:
-                batch = self._new_batch(entry, rows)
+                batch = self._new_batch(entry, rows, owner)
             start = batch.n
             stop = batch.n = start + rows
-            # A copy now: loops often refill one input buffer for the next call.
-            for buf, a in zip(batch.buffers, arrays):
-                buf[start:stop] = a
-            call = len(batch.pieces)
-            batch.pieces.append((start, stop))
-            if entry.n_outputs == 1:
-                row = entry.row_shapes[0]
-                shape = None if row is None else (rows,) + row
-                proxy = DeferredArray(_Pending(batch, call, 0, (), shape,
-                                               entry.output_dtypes[0]))
-                batch.proxies.append(proxy)
-                result = [proxy]
+            if len(arrays) == 1:
+                batch.buffers[0][start:stop] = arrays[0]
             else:
-                result = [DeferredArray(_Pending(batch, call, i, (),
-                                                 None if row is None else (rows,) + row, dtype))
-                          for i, (row, dtype) in enumerate(zip(entry.row_shapes,
-                                                               entry.output_dtypes))]
-                batch.proxies.append(result)
+                for buf, a in zip(batch.buffers, arrays):
+                    buf[start:stop] = a
+            batch.stops.append(stop)
+            # Per output: an untracked _Pending, placed by its id (see _calls), in a proxy.
+            proxies = batch.proxies
+            slot = batch.key + len(proxies)
+            pending = _Pending()
+            _calls[id(pending)] = slot
+            result = [DeferredArray(pending)]
+            for k in range(1, batch.n_outputs):
+                pending = _Pending()
+                _calls[id(pending)] = slot + k
+                result.append(DeferredArray(pending))
+            proxies += result
             entry.stats.deferred += 1
             if stop >= self.max_batch_size:
-                _retired.append(self._run(batch, lone_read=False))
+                self._run_full(batch)
         return result
 
-    def _new_batch(self, entry, rows):
+    def _run_full(self, batch):
+        _retire([self._run(batch, lone_read=False)])
+
+    def _new_batch(self, entry, rows, owner):
         capacity = max(rows, min(self.max_batch_size, entry.large_batch))
         buffers = [np.empty((capacity,) + shape[1:], dtype) for shape, dtype in
                    zip(entry.feed_shapes, entry.feed_dtypes)]
-        batch = self._open[entry] = _Batch(self, entry, buffers)
+        batch = self._open[entry] = _Batch(self, entry, buffers, owner)
+        _batches[batch.serial] = batch
         if len(self._open) == 1:
             with _scopes_lock:
                 _scopes.add(self)
         return batch
 
     def _run(self, batch, lone_read):
+        """Run ``batch`` and settle its proxies; returns it (to be retired)."""
         entry = batch.entry
         del self._open[entry]
         if not self._open:
             with _scopes_lock:
                 _scopes.discard(self)
-        n_calls = len(batch.pieces)
+        n_calls = len(batch.stops)
         key = id(entry)
         if lone_read and n_calls == 1:
             self._lone_flushes[key] = self._lone_flushes.get(key, 0) + 1
@@ -366,21 +432,20 @@ class Scope(object):
         arrays = [buf[:batch.n] for buf in batch.buffers]
         entry.stats.deferred_batches += 1
         try:
-            results = merge.run_merged(entry, arrays, batch.pieces)
+            results = merge.run_calls(entry, arrays, batch.stops)
         except Exception as exc:      # a failure of the engine itself: every call gets it
-            results = [exc] * n_calls
+            results = [exc] * len(batch.proxies)
         batch.results = results
         batch.buffers = batch.entry = batch.scope = None    # results are all it needs now
-        return _settle(batch)
+        _settle(batch)
+        return batch
 
     def flush(self, lone_read=True):
         """Run every pending call of this scope."""
         with self.lock:
-            retired = []
-            for batch in list(self._open.values()):
-                retired += self._run(batch, lone_read)
-            if retired:
-                _retired.append(retired)
+            ran = [self._run(batch, lone_read) for batch in list(self._open.values())]
+            if ran:
+                _retire(ran)
 
     # Context-manager use: push on this thread's stack; leaving runs what is pending.
     def activate(self):
@@ -411,30 +476,53 @@ class Scope(object):
         return False
 
 
+_wrapped_of = wrapt.ObjectProxy.__dict__['__wrapped__'].__get__
+
+
 def _settle(batch):
-    """Point the proxies at their real arrays; a failed call's proxies keep raising."""
+    """Point the proxies at their real arrays; a failed call's proxies at a ``_Known``
+    that keeps raising its error."""
     # A settle can happen inside an operation on a proxy: wrapt hands numpy the wrapped
     # _Pending as a borrowed reference, and numpy may still use it. The replaced objects
-    # are returned to be kept (in _retired) for the next few flushes, longer than any one
-    # operation lasts (it touches two proxies, so two flushes, at most).
-    retired = []
-    for proxy, result in zip(batch.proxies, batch.results):
-        if isinstance(result, Exception):
-            continue
-        if type(proxy) is list:
-            for p, value in zip(proxy, result):
-                retired.append(p.__wrapped__)
-                _set_wrapped(p, value)
-        else:
-            retired.append(proxy.__wrapped__)
-            _set_wrapped(proxy, result[0])
+    # are kept with the batch, in the ring of recently retired ones (_retire), for the
+    # next few flushes, longer than any one operation lasts (it touches two proxies, so
+    # two flushes, at most); their places in _calls as long.
+    proxies, results = batch.proxies, batch.results
+    retired = batch.retired = list(map(_wrapped_of, proxies))
+    if any(map(isinstance, results, itertools.repeat(Exception))):
+        n_outputs = batch.n_outputs
+        for slot, (proxy, result) in enumerate(zip(proxies, results)):
+            if isinstance(result, Exception):
+                pending = retired[slot]
+                result = _Known(batch, slot, (), pending._kfp_shape,
+                                batch.dtypes[slot % n_outputs])
+            _set_wrapped(proxy, result)
+    else:
+        collections.deque(map(_set_wrapped, proxies, results), 0)
     for proxy in batch.derived:
         pending = proxy.__wrapped__
-        if not isinstance(batch.results[pending._kfp_call], Exception):
+        if not isinstance(results[pending._kfp_slot], Exception):
             retired.append(pending)
             _set_wrapped(proxy, pending._kfp_value())
     batch.proxies = batch.derived = None
-    return retired
+
+
+_retired = collections.deque()  # lists of the batches run by recent flushes
+_RETIRED_KEPT = 4
+
+
+def _retire(batches):
+    """Keep the batches just run (and what their proxies wrapped) for a few flushes."""
+    _retired.append(batches)
+    while len(_retired) > _RETIRED_KEPT:
+        try:
+            old = _retired.popleft()
+        except IndexError:          # (another thread's retire took it)
+            break
+        for batch in old:
+            _batches.pop(batch.serial, None)
+            collections.deque(map(_calls.pop, map(id, batch.retired),
+                                  itertools.repeat(None)), 0)
 
 
 def _stack():
@@ -477,11 +565,10 @@ def settle_session(session):
         scopes = list(_scopes)
     for scope in scopes:
         with scope.lock:
-            retired = [scope._run(batch, lone_read=False)
-                       for batch in list(scope._open.values())
-                       if batch.entry.session is session]
-        if retired:
-            _retired.append([p for part in retired for p in part])
+            ran = [scope._run(batch, lone_read=False) for batch in list(scope._open.values())
+                   if batch.entry.session is session]
+        if ran:
+            _retire(ran)
 
 
 hooks.flush_all = flush_all
@@ -496,52 +583,40 @@ class AutoScope(Scope):
 
     calling = False     # a full batch run inside a call (timed as part of the call)
 
-    def run_full(self, batch):
+    def _run_full(self, batch):
         self.calling = True
         try:
-            _retired.append(self._run(batch, lone_read=False))
+            Scope._run_full(self, batch)
         finally:
             self.calling = False
 
     def _run(self, batch, lone_read):
         owner = batch.owner
-        lone = lone_read and len(batch.pieces) == 1
+        lone = lone_read and len(batch.stops) == 1
         start = time.perf_counter()
-        retired = Scope._run(self, batch, lone_read)
+        Scope._run(self, batch, lone_read)
         if owner is not None:
             owner.ran(lone, 0.0 if self.calling else time.perf_counter() - start)
-        return retired
+        return batch
 
 
 def auto_caller(entries, owner, serves, eligible):
     """The call of an auto-batched site of a single-input model: ``call(model, args,
-    kwargs)`` gives its deferred result (a list of them for several outputs), or None
-    where the call must take the usual path: not ``owner.on``; other arguments than one
-    array (the recorder checked its type and rows); the model's entry (in ``entries``, by
-    id: none is held here, so a freed model's session is not kept) not ``eligible`` or no
-    longer batched as it was; an opt-in scope or ``defer=True``; ``serves(model, entry)``
-    false (another session or predict function); an input signature Keras has not
-    validated for the model; too many rows. The array is copied into the batch's buffer
-    now (cast as Keras casts it). The checks and the deferral as ``Scope.defer`` does
-    them, in one function: it is on every call of such a site."""
-    stats = signatures = single = dtype = row = one_row = None
-    bound = [_dead]                 # the entry the names above are of, weakly
+    kwargs)`` gives its deferred result (a list of them for several outputs, as predict
+    returns them; made by ``Scope.defer``, in this thread's ``AutoScope``), or None where the call must take the usual path: not ``owner.on``;
+    other arguments than one array (the recorder checked its type and rows); the model's
+    entry (in ``entries``, by id: none is held here, so a freed model's session is not
+    kept) not ``eligible`` or no longer batched as it was; an opt-in scope or
+    ``defer=True``; ``serves(model, entry)`` false (another session or predict function);
+    an input signature Keras has not validated for the model; too many rows. (It is on
+    every call of such a site: the names it reads are bound in this closure.)"""
+    stats = signatures = None
+    bound = [lambda: None]          # the entry the names above are of, weakly
     seen_dtype = seen_tail = None   # the input signature last checked: dtype, shape[1:]
-    local, len_, Pending, Proxy, entries_get = _local, len, _Pending, DeferredArray, \
-        entries.get
-
-    def bind(entry):
-        nonlocal stats, signatures, single, dtype, row, one_row, seen_dtype, seen_tail
-        stats, signatures = entry.stats, entry.signatures
-        single = entry.n_outputs == 1
-        dtype = entry.output_dtypes[0]
-        row = entry.row_shapes[0] if single else None
-        one_row = None if row is None else (1,) + row
-        seen_dtype = seen_tail = None
-        bound[0] = weakref.ref(entry)
+    local, len_, entries_get = _local, len, entries.get
 
     def call(model, args, kwargs):
-        nonlocal seen_dtype, seen_tail
+        nonlocal stats, signatures, seen_dtype, seen_tail
         if kwargs or len_(args) != 1 or not owner.on:
             return None
         entry = entries_get(id(model))
@@ -550,7 +625,9 @@ def auto_caller(entries, owner, serves, eligible):
         if bound[0]() is not entry:         # (first call, compiled again, a new session)
             if not eligible(entry):
                 return None
-            bind(entry)
+            stats, signatures = entry.stats, entry.signatures
+            seen_dtype = seen_tail = None
+            bound[0] = weakref.ref(entry)
         x = args[0]
         if (entry.batch_safe is not True or entry.excluded or entry.unroll_ready
                 or settings.defer or (_active and current() is not None)
@@ -562,11 +639,7 @@ def auto_caller(entries, owner, serves, eligible):
                 return None
             seen_dtype, seen_tail = x.dtype, tail
         rows = len_(x)
-        if rows == 1:
-            shape = one_row
-        elif rows < settings.max_batch_size:
-            shape = None if row is None else (rows,) + row
-        else:
+        if rows >= settings.max_batch_size:
             return None
         try:
             scope = local.auto
@@ -575,35 +648,9 @@ def auto_caller(entries, owner, serves, eligible):
         stats.calls += 1
         stats.fast_calls += 1
         owner.calls += 1
-        with scope.lock:
-            batch = scope._open.get(entry)
-            if batch is not None and batch.n + rows > batch.capacity:
-                scope.run_full(batch)
-                batch = None
-            if batch is None:
-                batch = scope._new_batch(entry, rows)
-                batch.owner = owner
-            start = batch.n
-            stop = batch.n = start + rows
-            batch.buffers[0][start:stop] = x
-            i = len_(batch.pieces)
-            batch.pieces.append((start, stop))
-            if single:
-                result = Proxy(Pending(batch, i, 0, (), shape, dtype))
-            else:
-                result = [Proxy(Pending(batch, i, k, (), None if r is None else (rows,) + r, d))
-                          for k, (r, d) in enumerate(zip(entry.row_shapes,
-                                                         entry.output_dtypes))]
-            batch.proxies.append(result)
-            stats.deferred += 1
-            if stop >= scope.max_batch_size:
-                scope.run_full(batch)
-        return result
+        result = scope.defer(entry, args, rows, owner)
+        return result[0] if len_(result) == 1 else result
     return call
-
-
-def _dead():
-    return None
 
 
 def auto_scope():

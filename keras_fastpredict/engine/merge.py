@@ -32,24 +32,42 @@ class Request(object):
         self.released = 0.0
 
 
-def run_merged(entry, arrays, pieces):
-    """Run the rows of several calls as one batch. ``pieces`` holds each call's (start,
-    stop) rows in ``arrays``; returns, per call, its list of outputs or its exception."""
+def run_calls(entry, arrays, stops):
+    """Run the rows of several calls as one batch. ``stops``: where each call's rows end
+    in ``arrays``. Returns each call's outputs in call order, ``entry.n_outputs`` a call,
+    a call's exception in place of each of its outputs."""
     stats = entry.stats
     start_time = time.perf_counter()
-    if len(pieces) == 1 or entry.batch_safe is not True or entry.excluded:
-        return [_alone(entry, arrays, lo, hi) for lo, hi in pieces]
+    if len(stops) == 1 or entry.batch_safe is not True or entry.excluded:
+        return _each_alone(entry, arrays, stops)
     try:
         outs = entry.run(arrays, batch_size=max(entry.large_batch, settings.max_batch_size))
     except Exception:
         # Isolate the failure: only the calls whose own rows fail get an error.
-        return [_alone(entry, arrays, lo, hi) for lo, hi in pieces]
-    stats.batch(pieces[-1][1], len(pieces))
+        return _each_alone(entry, arrays, stops)
+    stats.batch(stops[-1], len(stops))
     stats.exec_s += time.perf_counter() - start_time
-    if len(outs) == 1:
-        out = outs[0]
-        return [[out[lo:hi].copy()] for lo, hi in pieces]
-    return [[o[lo:hi].copy() for o in outs] for lo, hi in pieces]
+    parts = [_split(out, stops) for out in outs]
+    return parts[0] if len(parts) == 1 else [o for call in zip(*parts) for o in call]
+
+
+_copy = np.ndarray.copy
+
+
+def _split(out, stops):
+    """``out``'s rows of each call, each in an array of its own (as plain Keras returns
+    a fresh array per call)."""
+    rows = stops[0]
+    if (rows and out.shape[:1] == (stops[-1],) and stops[-1] == rows * len(stops)
+            and stops == list(range(rows, stops[-1] + 1, rows))):
+        # Calls of as many rows each (one row, usually): copied in one pass of C.
+        return list(map(_copy, out.reshape((len(stops), rows) + out.shape[1:])))
+    parts = []
+    lo = 0
+    for hi in stops:
+        parts.append(out[lo:hi].copy())
+        lo = hi
+    return parts
 
 
 def _alone(entry, arrays, lo, hi):
@@ -63,13 +81,23 @@ def _alone(entry, arrays, lo, hi):
     return result
 
 
+def _each_alone(entry, arrays, stops):
+    results = []
+    lo = 0
+    for hi in stops:
+        result = _alone(entry, arrays, lo, hi)
+        results += [result] * entry.n_outputs if isinstance(result, Exception) else result
+        lo = hi
+    return results
+
+
 def run_requests(entry, requests):
     """Fill ``outputs`` or ``error`` of each request (calls from several threads)."""
-    pieces = []
+    stops = []
     offset = 0
     for req in requests:
-        pieces.append((offset, offset + req.rows))
         offset += req.rows
+        stops.append(offset)
     n_feeds = len(entry.feed_names)
     if len(requests) == 1:
         merged = requests[0].arrays
@@ -81,8 +109,11 @@ def run_requests(entry, requests):
         return
     else:
         merged = [np.concatenate([r.arrays[i] for r in requests]) for i in range(n_feeds)]
-    for req, result in zip(requests, run_merged(entry, merged, pieces)):
-        if isinstance(result, Exception):
-            req.error = result
+    results = run_calls(entry, merged, stops)
+    k = entry.n_outputs
+    for i, req in enumerate(requests):
+        outputs = results[i * k:(i + 1) * k]
+        if isinstance(outputs[0], Exception):
+            req.error = outputs[0]
         else:
-            req.outputs = result
+            req.outputs = outputs

@@ -27,7 +27,12 @@ def running():
     return _started and not done.is_set()
 
 
-def start():
+def start(prepare_here=False):
+    """Begin making the kernels on a thread of their own. ``prepare_here``: the product's
+    graph, session and callable (about 2 ms, all Python) are made in the caller's thread
+    first, so that the thread only runs it (TensorFlow's run, without the GIL): begun
+    where the caller goes on with Python at once (a deferring loop), the thread would wait
+    for the GIL at each of its steps, up to the interpreter's switch interval each."""
     global _started
     if _started:
         return
@@ -35,27 +40,47 @@ def start():
         if _started:
             return
         _started = True
-    threading.Thread(target=_warm, name='keras_fastpredict-warmup', daemon=True).start()
-
-
-def _warm():
-    try:
-        import numpy as np
-        import tensorflow as tf
-        from tensorflow.core.protobuf import config_pb2
-        from tensorflow.python import pywrap_tensorflow
-        graph = tf.Graph()
-        with graph.as_default():
-            x = tf.compat.v1.placeholder(tf.float32, (None, 8))
-            y = tf.matmul(x, tf.ones((8, 8)))
-        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=1,
-                                          inter_op_parallelism_threads=1)
-        session = tf.compat.v1.Session(graph=graph, config=config)
+    prepared = []
+    if prepare_here:
         try:
-            options = config_pb2.CallableOptions(feed=[x.name], fetch=[y.name])
-            fn = session._make_callable_from_options(options)
-            pywrap_tensorflow.TF_SessionRunCallable(
-                session._session, fn._handle, [np.ones((2, 8), np.float32)], None)
+            prepared.append(_prepare())
+        except Exception:   # (the thread tries again, and gives up as it does)
+            pass
+    threading.Thread(target=_warm, args=(prepared,), name='keras_fastpredict-warmup',
+                     daemon=True).start()
+
+
+def _prepare():
+    """A one-product graph on a private session: (session, its callable, its feed)."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, (None, 8))
+        y = tf.matmul(x, tf.ones((8, 8)))
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=1,
+                                      inter_op_parallelism_threads=1)
+    session = tf.compat.v1.Session(graph=graph, config=config)
+    try:
+        options = config_pb2.CallableOptions(feed=[x.name], fetch=[y.name])
+        fn = session._make_callable_from_options(options)
+    except Exception:
+        session.close()
+        raise
+    return session, fn, np.ones((2, 8), np.float32)
+
+
+def _warm(prepared=()):
+    """Run the product (the kernels are made then), on a private session closed after;
+    ``prepared``: a list holding what ``_prepare`` made, taken from it (so that the
+    callable is released before its session closes)."""
+    try:
+        from tensorflow.python import pywrap_tensorflow
+        session, fn, feed = prepared.pop() if prepared else _prepare()
+        try:
+            pywrap_tensorflow.TF_SessionRunCallable(session._session, fn._handle, [feed],
+                                                    None)
             del fn
         finally:
             session.close()
