@@ -200,20 +200,21 @@ SIGTERM_DURING_A_THREADS_REPORT = textwrap.dedent('''
     print('STILL ALIVE', flush=True)
 ''')
 
-SIGTERM_DURING_A_BLOCKED_REPORT = textwrap.dedent('''
-    import sys
+# A report whose stderr write blocks: stderr is a pipe the parent does not read (a child
+# that logged a lot; the parent's terminate() then wait()).
+BLOCKING_REPORT = textwrap.dedent('''
+    import sys, time
     from keras_fastpredict import counters, processes
     processes.install_reports()
     real = counters.snapshot
 
     def snapshot():
-        # A report whose stderr write blocks: stderr is a pipe the parent does not read.
         processes._write(2, 'x' * 200000)
         return real()
     counters.snapshot = snapshot
     print('READY', flush=True)
-    sys.exit(0)                  # the atexit report
 ''')
+SIGTERM_DURING_A_BLOCKED_REPORT = BLOCKING_REPORT + 'sys.exit(0)    # the atexit report\n'
 
 
 def test_sigterm_during_another_threads_report_still_ends_the_process(tmp_path):
@@ -222,14 +223,16 @@ def test_sigterm_during_another_threads_report_still_ends_the_process(tmp_path):
         out.returncode, out.stdout, out.stderr[-2000:])
 
 
-def test_sigterm_during_a_blocked_report_still_ends_the_process(tmp_path):
+def terminated_in_grace(tmp_path, text, settle_s):
+    """``text`` run as a script, SIGTERM'd ``settle_s`` after it printed READY: it must
+    die of the signal within the reports' grace period."""
     script = tmp_path / 'blocked.py'
-    script.write_text(SIGTERM_DURING_A_BLOCKED_REPORT)
+    script.write_text(text)
     child = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=clean_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert child.stdout.readline().strip() == b'READY'
-        time.sleep(1.0)                             # its report is blocked by now
+        time.sleep(settle_s)
         child.terminate()
         assert child.wait(timeout=processes.REPORT_GRACE_S + 10) == -signal.SIGTERM
     finally:
@@ -238,39 +241,18 @@ def test_sigterm_during_a_blocked_report_still_ends_the_process(tmp_path):
             child.wait()
 
 
-SIGTERM_WHOSE_OWN_REPORT_BLOCKS = textwrap.dedent('''
-    import time
-    from keras_fastpredict import counters, processes
-    processes.install_reports()
-    real = counters.snapshot
+def test_sigterm_during_a_blocked_report_still_ends_the_process(tmp_path):
+    terminated_in_grace(tmp_path, SIGTERM_DURING_A_BLOCKED_REPORT, 1.0)  # report blocked
 
-    def snapshot():
-        # The report the SIGTERM itself starts blocks: stderr is a pipe the parent does
-        # not read (a child that logged a lot; the parent's terminate() then wait()).
-        processes._write(2, 'x' * 200000)
-        return real()
-    counters.snapshot = snapshot
-    print('READY', flush=True)
-    while True:
-        time.sleep(0.1)          # no report running when the signal comes
-''')
+
+# The report the SIGTERM itself starts blocks (no report running when the signal comes).
+SIGTERM_WHOSE_OWN_REPORT_BLOCKS = BLOCKING_REPORT + 'while True:\n    time.sleep(0.1)\n'
 
 
 def test_sigterm_whose_own_report_blocks_still_ends_the_process(tmp_path):
     # Plain Python dies of the signal at once; the report it writes first may not keep
     # it alive past the grace period.
-    script = tmp_path / 'own_blocked.py'
-    script.write_text(SIGTERM_WHOSE_OWN_REPORT_BLOCKS)
-    child = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=clean_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert child.stdout.readline().strip() == b'READY'
-        child.terminate()
-        assert child.wait(timeout=processes.REPORT_GRACE_S + 10) == -signal.SIGTERM
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    terminated_in_grace(tmp_path, SIGTERM_WHOSE_OWN_REPORT_BLOCKS, 0.0)
 
 
 SIGTERM_AFTER_THE_EXIT_REPORT = textwrap.dedent('''
