@@ -583,6 +583,7 @@ def auto_caller(entries, owner, serves, eligible):
             if batch is None:
                 batch = scope._new_batch(entry, rows)
                 batch.owner = owner
+                owner.open += 1     # (the report counts no run that is still to come)
             start = batch.n
             stop = batch.n = start + rows
             batch.buffers[0][start:stop] = x
