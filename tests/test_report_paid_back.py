@@ -14,7 +14,8 @@ from report_support import line, recorder, site_at  # noqa: F401 (autouse)
 
 
 def fake_site(stats, hot, time_s, other_s, plain_per_call, outside_s=None):
-    auto = None if outside_s is None else types.SimpleNamespace(outside_s=outside_s, calls=0)
+    auto = None if outside_s is None else types.SimpleNamespace(outside_s=outside_s, calls=0,
+                                                                open=0)
     return types.SimpleNamespace(stats=stats, path=stats, hot=hot, time_s=time_s,
                                  other_s=other_s, plain_per_call=plain_per_call, auto=auto,
                                  deferred=0, where=lambda: 'job.py:3 in main')
@@ -171,3 +172,29 @@ def test_calls_that_raise_are_not_usual_time(recorder):
     assert n and site.errors == 100, (n, site.errors)
     assert after[0] == n and abs(after[0] * after[1] - n * per_call) < 1e-9, (
         n * per_call, after)
+
+
+def test_auto_batched_calls_not_run_yet_claim_no_saving(recorder):
+    # A report read while an auto-batched loop's batch waits for its first read: the
+    # calls so far cost what deferring them cost, their run is still to come.
+    model = keras.models.Sequential([keras.layers.Dense(16, input_shape=(8,)),
+                                     keras.layers.Dense(3)])
+    X = np.random.RandomState(7).rand(400, 8).astype('float32')
+    plain = [model.predict(np.array(x[None])) for x in X]
+    kfp.reset_stats()
+    with kfp.patched(report=True, auto_batch=True):
+        ys = [model.predict(np.array(x[None])) for x in X]
+        before = kfp.report()
+        got = [np.array(y) for y in ys]
+        after = kfp.report()
+    assert_same(got, plain)
+    [site] = [s for s in before['sites'] if s['model'] == model.name]
+    assert site['auto_batch']['calls'] and site['usual_calls'], site
+    assert site['usual_call_s'] is None, site
+    [d] = [m for m in before['one_time'] if m['model'] == model.name]
+    assert d['paid_back'] is None and 'not run yet' in d['note'], d
+    # Once the batch ran, its run counts for the calls.
+    [site] = [s for s in after['sites'] if s['model'] == model.name]
+    assert site['auto_batch']['run_after_calls_s'] > 0 and site['usual_call_s'] > 0, site
+    [d] = [m for m in after['one_time'] if m['model'] == model.name]
+    assert d['paid_back'] is not None, d

@@ -23,7 +23,7 @@ class Auto(object):
     """One auto-batched site: whether it defers, its counts, and its call (which finds
     the model's entry per call: none is held, see ``deferred.auto_caller``)."""
     __slots__ = ('on', 'lone', 'calls', 'batches', 'lone_batches', 'stopped', 'outside_s',
-                 'call')
+                 'call', 'open')
 
     def __init__(self, entry):
         self.on = True
@@ -33,6 +33,7 @@ class Auto(object):
         self.lone_batches = 0
         self.stopped = None         # why it went back to the fast path
         self.outside_s = 0.0        # time of its batches run outside its calls (at a read)
+        self.open = 0               # batches begun by this site, not run yet
         self.call = deferred.auto_caller(compiled.by_model_id, self,
                                          entry.adapter.serving_check(), _eligible)
         warmup.start()              # TF's multi-row kernels, made while calls queue up
@@ -42,6 +43,7 @@ class Auto(object):
         """A batch begun by this site ran; ``lone``: one call, its value read at once;
         ``outside_s``: its time where it ran outside the site's calls (else 0)."""
         self.batches += 1
+        self.open -= 1
         self.outside_s += outside_s
         if not lone:
             self.lone = 0

@@ -378,6 +378,8 @@ class Scope(object):
                 batch = None
             if batch is None:
                 batch = self._new_batch(entry, rows, owner)
+                if owner is not None:
+                    owner.open += 1     # (the report counts no run that is still to come)
             start = batch.n
             stop = batch.n = start + rows
             if len(arrays) == 1:

@@ -18,18 +18,27 @@ later, at a read, untimed: their own time is not their cost, so nothing is said 
 import collections
 
 
+def untimed(site):
+    """Why the runs of a site's usual calls are not all in their time (None: they are)."""
+    auto = site.auto
+    if site.deferred > (auto.calls if auto is not None else 0):
+        return 'deferred calls ran untimed'     # by a scope: at a read, not timed
+    if auto is not None and auto.open > 0:
+        return 'auto-batched calls not run yet'
+    return None
+
+
 def usual(site):
     """A site's usual calls and their mean time (seconds, with deferred calls' runs), or
     (calls, None) where it has none or their runs were not timed."""
     calls = site.hot
     if not calls:
         return 0, None
+    if untimed(site) is not None:
+        return calls, None
     spent = site.time_s - site.other_s
-    auto = site.auto
-    if site.deferred > (auto.calls if auto is not None else 0):
-        return calls, None          # deferred by a scope: run at a read, not timed
-    if auto is not None:
-        spent += auto.outside_s     # deferred calls ran after the calls (all usual ones)
+    if site.auto is not None:
+        spent += site.auto.outside_s    # deferred calls ran after the calls (usual ones)
     return calls, max(0.0, spent) / calls
 
 
@@ -52,7 +61,7 @@ def models(found):
             if not n:
                 continue
             if per_call is None:
-                unknown.append('deferred calls ran untimed at %s' % site.where())
+                unknown.append('%s at %s' % (untimed(site), site.where()))
             elif not site.plain_per_call:
                 unknown.append('plain Keras not timed at %s' % site.where())
             else:
