@@ -329,9 +329,7 @@ class _Batch(object):
     def __init__(self, scope, entry, buffers, owner):
         self.owner = owner        # auto-batch: the site (its Auto) of the first call
         self.capacity = len(buffers[0])
-        self.scope = scope
-        self.entry = entry
-        self.buffers = buffers
+        self.scope, self.entry, self.buffers = scope, entry, buffers
         self.n = 0
         self.stops = []           # per call: where its rows end (untracked ints)
         self.proxies = []         # per slot (call * n_outputs + output): its proxy
