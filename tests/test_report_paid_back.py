@@ -21,6 +21,18 @@ def fake_site(stats, hot, time_s, other_s, plain_per_call, outside_s=None):
                                  deferred=0, where=lambda: 'job.py:3 in main')
 
 
+def model_site(data, model):
+    """The one site of ``model`` in the report ``data``."""
+    [site] = [s for s in data['sites'] if s['model'] == model.name]
+    return site
+
+
+def verdict(data, model):
+    """``model``'s one-time-work line in the report ``data``."""
+    [d] = [m for m in data['one_time'] if m['model'] == model.name]
+    return d
+
+
 def test_the_rule_counts_usual_calls_only(recorder):
     stats = counters.ModelStats('m')
     stats.paid('callable', 0.010)
@@ -74,7 +86,7 @@ def test_a_loops_report_agrees_with_the_rule(recorder):
     assert_same([np.asarray(y) for y in got], plain)
     site = site_at(at)
     [mine] = [s for s in sites.all_sites() if s.line == at and s.model_ref() is model]
-    [d] = [m for m in data['one_time'] if m['model'] == model.name]
+    d = verdict(data, model)
     assert 'callable' in d['one_time_ms']                 # its first call made one
     assert 0 <= site['usual_calls'] <= site['calls'] - 1  # (the first call never is)
     assert d['usual_calls'] == site['usual_calls'] == mine.hot
@@ -139,10 +151,10 @@ def test_deferred_calls_whose_runs_were_not_timed_do_not_claim_a_saving(recorder
         got = loop()
         data = kfp.report()
     assert_same(got, plain)
-    [site] = [s for s in data['sites'] if s['model'] == model.name]
+    site = model_site(data, model)
     assert site['paths']['deferred'] and site['usual_calls'], site
     assert site['usual_call_s'] is None, site
-    [d] = [m for m in data['one_time'] if m['model'] == model.name]
+    d = verdict(data, model)
     assert d['paid_back'] is None and d['saved_s'] is None, d
     assert 'deferred' in d['note'] and site['site'] in d['note'], d
 
@@ -188,13 +200,13 @@ def test_auto_batched_calls_not_run_yet_claim_no_saving(recorder):
         got = [np.array(y) for y in ys]
         after = kfp.report()
     assert_same(got, plain)
-    [site] = [s for s in before['sites'] if s['model'] == model.name]
+    site = model_site(before, model)
     assert site['auto_batch']['calls'] and site['usual_calls'], site
     assert site['usual_call_s'] is None, site
-    [d] = [m for m in before['one_time'] if m['model'] == model.name]
+    d = verdict(before, model)
     assert d['paid_back'] is None and 'not run yet' in d['note'], d
     # Once the batch ran, its run counts for the calls.
-    [site] = [s for s in after['sites'] if s['model'] == model.name]
+    site = model_site(after, model)
     assert site['auto_batch']['run_after_calls_s'] > 0 and site['usual_call_s'] > 0, site
-    [d] = [m for m in after['one_time'] if m['model'] == model.name]
+    d = verdict(after, model)
     assert d['paid_back'] is not None, d
