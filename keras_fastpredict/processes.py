@@ -232,13 +232,6 @@ def _end_after_grace(main):
     #                                             blocked in returns, and the handler runs)
 
 
-def _report_then_release(done):
-    try:
-        report('SIGTERM', wait=REPORT_GRACE_S)  # (after another thread's report, if any)
-    finally:
-        done.release()
-
-
 def _on_sigterm(signum, frame):
     # (Python runs this in the main thread.) A report may be being written: by the very
     # code this interrupted (at os._exit, say: Pool.terminate() races a worker's own
@@ -258,10 +251,7 @@ def _on_sigterm(signum, frame):
     # The report is written by a thread of its own, waited for here: this wait returns
     # after the grace period whatever the report does. (A second SIGTERM could not end a
     # report blocked in this handler: Python runs no handler inside another one.)
-    done = _thread.allocate_lock()
-    done.acquire()
-    _thread.start_new_thread(_report_then_release, (done,))
-    done.acquire(True, REPORT_GRACE_S)
+    term_watch.run_for_at_most(_late_report, REPORT_GRACE_S)
     _die_of_sigterm()
 
 
@@ -286,7 +276,7 @@ def _sigterm_started():
 
 
 def _late_report():
-    report('SIGTERM', wait=REPORT_GRACE_S)
+    report('SIGTERM', wait=REPORT_GRACE_S)  # (after another thread's report, if any)
 
 
 def install_reports():

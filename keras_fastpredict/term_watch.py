@@ -62,18 +62,24 @@ def _watch(r, is_ours, started, late, grace):
             time.sleep(0.01)
         if started():
             continue                        # the handler runs: it ends the process
-        # late() on a thread of its own, waited for the rest of the grace period at most:
-        # a report blocked for good (a full stderr pipe) does not keep the process either.
-        done = _thread.allocate_lock()
-        done.acquire()
-        _thread.start_new_thread(_call_then_release, (late, done))
-        done.acquire(True, grace - first)
+        # late() waited for the rest of the grace period at most: a report blocked for
+        # good (a full stderr pipe) does not keep the process either.
+        run_for_at_most(late, grace - first)
         _die()
 
 
-def _call_then_release(late, done):
+def run_for_at_most(fn, seconds):
+    """``fn()`` on a bare thread of its own (threading's would take locks the thread
+    that was interrupted may hold), waited for ``seconds`` at most."""
+    done = _thread.allocate_lock()
+    done.acquire()
+    _thread.start_new_thread(_call_then_release, (fn, done))
+    done.acquire(True, seconds)
+
+
+def _call_then_release(fn, done):
     try:
-        late()
+        fn()
     finally:
         done.release()
 
