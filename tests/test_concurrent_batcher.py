@@ -697,6 +697,43 @@ def test_direct_way_never_queues(always_queue):
     assert entry.stats.queued == 0
 
 
+@pytest.mark.parametrize('merge', [False, 'auto', True])
+def test_a_call_that_finds_a_slot_freed_meanwhile_runs_directly(merge):
+    # submit() saw every slot busy, then, before it counted the callers inside, the
+    # other calls returned (a thread switch between the two looks): no caller is waiting
+    # and a slot is free, so the call runs at once, as concurrent=False runs it; it does
+    # not queue to lead a batch of its own call alone (merge=False never queues).
+    settings.update(merge=merge, num_batch_threads=1)
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    me = threading.get_ident()
+    batcher.inside.add(me)                  # this caller alone is inside now
+    x = rows_of(1, 2)
+    got = batcher.submit(entry, [x], len(x), None, me)
+    batcher.inside.discard(me)
+    np.testing.assert_array_equal(got[0], entry.run([x])[0])      # its rows, run alone
+    assert entry.stats.queued == 0 and not batcher.queue
+    assert not batcher.running and batcher.waking is None
+
+
+def test_a_model_call_that_finds_a_slot_freed_meanwhile_gives_plain_keras_rows():
+    # The same, through a Keras model's own entry: plain Keras' answer, and no queueing.
+    model = keras.models.Sequential([layers.Dense(16, activation='relu', input_shape=(6,)),
+                                     layers.Dense(3)])
+    x = np.random.RandomState(1).rand(3, 6).astype('float32')
+    expected = unpatched_predict(model, x)
+    with kfp.patched(merge=False, num_batch_threads=1, readahead=False):
+        model.predict(x[:1])                        # the model's fast path is made
+        entry = keras_adapter.lookup(model)
+        batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+        me = threading.get_ident()
+        batcher.inside.add(me)
+        got = batcher.submit(entry, [x], len(x), None, me)
+        batcher.inside.discard(me)
+    np.testing.assert_array_equal(got[0], expected)
+    assert entry.stats.queued == 0
+
+
 class ScriptedPolicy(merge_policy.Policy):
     """The policy's levels, with the way given by the test; each call ends a phase."""
 

@@ -152,6 +152,11 @@ class Batcher(object):
         merge = settings.merge
         callers = len(self.inside)
         if callers <= self.slots:
+            if not self.queue:
+                # The calls in flight returned since submit() looked (a thread switch
+                # between the looks): a free slot, nobody to lead, so run as the usual
+                # call does. (Queueing here made merge=False queue.)
+                return self._direct(entry, arrays, batch_size, me)
             way = MERGE                 # calls wait, a slot is free: lead them now
         elif merge == 'auto':
             # The load level: the callers inside, this one included, whichever way they
