@@ -18,7 +18,8 @@ RETIME_CALLS = 4096     # calls that may then wait for it to end, to time plain 
 _cache = {}                        # (stats, row bucket) -> (seconds, rows) or reason str
 
 PLAIN_METHOD = ('calls left to Keras are their own measure; otherwise the original '
-                '(unpatched) method was timed on this model once per power-of-two row '
+                '(unpatched) method was timed, as it runs unpatched (the patched entries it '
+                'calls left to their originals), on this model once per power-of-two row '
                 'count, on the rows of the first such call (%d rows at most, scaled by '
                 'rows): 1 warm-up, then the median of 3 runs, not while our one-time work '
                 'runs on another thread (for %d calls at most); timed again at the end of '
