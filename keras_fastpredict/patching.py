@@ -70,13 +70,14 @@ def _apply(module, path, wrapper):
     current = owner.__dict__.get(name)
     if current is None or _ours(owner, name, current):
         return
+    kind = _wrapper_type(wrapper)
     if settings.report:         # off: nothing wrapped, no frame ever looked at
         wrapper = _report.wrap(path, wrapper)
     elif settings.auto_batch and path in _report.CALL_PATHS:
         # Auto-batch alone: predict's call sites are sampled (silently) to find collect
         # loops; other entries stay as they are.
         wrapper = _report.wrap(path, wrapper)
-    patched = _installed[(id(owner), name)] = _wrapper_type(wrapper)(current, wrapper)
+    patched = _installed[(id(owner), name)] = kind(current, wrapper)
     setattr(owner, name, patched)
 
 

@@ -643,11 +643,13 @@ def test_shuffle_of_a_deferred_result_permutes_its_rows_as_plain():
     assert np.random.shuffle is _SHUFFLE and np.random.mtrand.shuffle is _SHUFFLE
 
 
-def test_numpy_random_shuffle_pickles_while_patched():
+@pytest.mark.parametrize('options', [{}, {'report': True}])
+def test_numpy_random_shuffle_pickles_while_patched(options):
     """numpy.random.shuffle pickles (a bound method of numpy's global RandomState): code
     that ships it to another process (multiprocessing, a Spark task's closure over a
     ``from numpy.random import shuffle``) worked plainly; while patched, the patch table's
-    wrapt wrapper raised NotImplementedError('object proxy must define __reduce_ex__()')."""
+    wrapt wrapper raised NotImplementedError('object proxy must define __reduce_ex__()').
+    With the report on too (its gate around the wrapper)."""
     import pickle
 
     def shuffled_by_copy():
@@ -657,7 +659,7 @@ def test_numpy_random_shuffle_pickles_while_patched():
         fn(a)
         return a
     expected = shuffled_by_copy()
-    with kfp.patched():
+    with kfp.patched(**options):
         got = shuffled_by_copy()
     assert np.array_equal(got, expected)
 

@@ -5,13 +5,16 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
+from keras.engine import training
 
 import keras_fastpredict as kfp
 from conftest import assert_same, inputs_for, unpatched_predict
-from keras_fastpredict.report import plain, sites as S
+from keras_fastpredict.engine import hooks
+from keras_fastpredict.report import frames, plain, sites as S
 from report_support import kinds, line, site_at, recorder  # noqa: F401 (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,3 +230,166 @@ def test_calls_that_waited_count_once_their_model_is_timed_elsewhere(models, mon
     assert site_at(second)['plain_estimate_s'] == pytest.approx(10e-3)
     s = site_at(first)
     assert s['plain_estimate'] == 'measured' and s['plain_estimate_s'] == pytest.approx(10e-3)
+
+
+# Plain Keras timed as it runs unpatched (found by review: while the original predict was
+# timed, Keras' own predict function, a K.function, was served by our K.function adapter:
+# the estimate said 80 us where unpatched Keras took 179-190 us).
+
+class _Spy(object):
+    """Counts the calls of ``owner.name`` (put in place before patching, so that the
+    patch wraps it), and apart those made on a thread that times plain Keras."""
+
+    def __init__(self, monkeypatch, owner, name, timing):
+        real = owner.__dict__[name]
+        self.calls = self.while_timing = 0
+        spy = self
+
+        def counted(*args, **kwargs):
+            spy.calls += 1
+            if threading.get_ident() in timing:
+                spy.while_timing += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, _not_the_users(monkeypatch, counted))
+
+
+def _not_the_users(monkeypatch, fn):
+    """``fn``, whose frames the report skips as it skips Keras' own (a spy in this file
+    would be taken for the user's code, the site of the calls made inside it)."""
+    monkeypatch.setitem(frames.skip_of, id(fn.__code__), True)
+    return fn
+
+
+def _mark_timing(monkeypatch):
+    """The threads timing plain Keras now, and our hooks' generation moves during each
+    timing (a settle of pending work: plain Keras has none)."""
+    timing, moved = set(), []
+    real = plain._time
+
+    def marked(wrapped, args, kwargs):
+        me = threading.get_ident()
+        timing.add(me)
+        generation = hooks.state.generation
+        try:
+            return real(wrapped, args, kwargs)
+        finally:
+            moved.append(hooks.state.generation - generation)
+            timing.discard(me)
+    monkeypatch.setattr(plain, '_time', _not_the_users(monkeypatch, marked))
+    return timing, moved
+
+
+def _backend_function_class(flavour):
+    if flavour.name == 'keras':
+        from keras.backend.tensorflow_backend import Function
+        return Function
+    from tensorflow.python.keras.backend import GraphExecutionFunction
+    return GraphExecutionFunction
+
+
+def _model_class(flavour):
+    if flavour.name == 'keras':
+        return training.Model
+    from tensorflow.python.keras.engine import training as tf_training
+    return tf_training.Model
+
+
+def _ours_on(function):
+    """What our entries keep on a backend function: their attributes, and the calls its
+    K.function state counted (the model pool is shared: earlier tests may have left some)."""
+    found = {k: v for k, v in vars(function).items() if k.startswith('_kfp')}
+    state = found.get('_kfp_fn')
+    return sorted(found), state.stats.calls if state is not None else None
+
+
+def test_plain_predict_is_timed_with_keras_own_predict_function(flavour, monkeypatch):
+    model = flavour.models['dense']
+    X = inputs_for('dense', 24)
+    timing, moved = _mark_timing(monkeypatch)
+    predicts = _Spy(monkeypatch, _model_class(flavour), 'predict', timing)
+    functions = _Spy(monkeypatch, _backend_function_class(flavour), '__call__', timing)
+    model.predict(X[:1])
+    before = predicts.calls, functions.calls
+    expected = [model.predict(np.array(X[i:i + 1])) for i in range(len(X))]   # unpatched
+    per_predict = (functions.calls - before[1]) / (predicts.calls - before[0])
+    assert per_predict >= 1
+    ours = _ours_on(model.predict_function)
+    kfp.patch(report=True)
+    got = [model.predict(np.array(X[i:i + 1])) for i in range(len(X))]; here = line()  # noqa
+    kfp.unpatch()
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert site_at(here)['plain_estimate'] == 'measured' and predicts.while_timing > 0
+    # Each original predict timed ran Keras' own predict function, as unpatched, and
+    # touched nothing of ours: no state of the function's, no settle of pending work.
+    assert functions.while_timing == per_predict * predicts.while_timing
+    assert _ours_on(model.predict_function) == ours
+    assert moved and set(moved) == {0}
+
+
+def test_plain_session_run_and_k_function_are_timed_as_tensorflow_runs_them(models,
+                                                                          monkeypatch):
+    from keras import backend as K
+    from keras.backend.tensorflow_backend import Function
+    from tensorflow.python.client.session import BaseSession
+    model = models['dense']
+    X = inputs_for('dense', 24)
+    sess = K.get_session()
+    f = K.function([model.input], [model.output])
+    timing, moved = _mark_timing(monkeypatch)
+    runs = _Spy(monkeypatch, BaseSession, 'run', timing)
+    tf_runs = _Spy(monkeypatch, BaseSession, '_call_tf_sessionrun', timing)
+    functions = _Spy(monkeypatch, Function, '__call__', timing)
+
+    def loops():
+        a = [sess.run(model.output, {model.input: np.array(X[i:i + 1])}) for i in range(24)]
+        b = [f([np.array(X[i:i + 1])])[0] for i in range(24)]
+        return a, b
+    sites_line = loops.__code__.co_firstlineno + 1
+    loops()
+    before = runs.calls, tf_runs.calls
+    expected = loops()                          # unpatched
+    per_run = (tf_runs.calls - before[1]) / (runs.calls - before[0])
+    assert per_run >= 1
+    kfp.patch(report=True)
+    got = loops()
+    kfp.unpatch()
+    for g, e in zip(got, expected):
+        assert_same(np.concatenate(g), np.concatenate(e))
+    for lineno in (sites_line, sites_line + 1):
+        assert site_at(lineno)['plain_estimate'] == 'measured'
+    assert runs.while_timing > 0 and functions.while_timing > 0
+    assert tf_runs.while_timing == per_run * runs.while_timing
+    assert moved and set(moved) == {0}          # no settle of pending work while timed
+
+
+def test_other_threads_are_served_while_one_thread_times_plain(models, monkeypatch):
+    """Plain Keras is timed on one thread: another thread's calls meanwhile take the
+    fast path as ever."""
+    model = models['dense']
+    X = inputs_for('dense', 8)
+    timing, _ = _mark_timing(monkeypatch)
+    predicts = _Spy(monkeypatch, training.Model, 'predict', timing)
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(len(X))]
+    got, started, served = {}, [], []
+    real_predict = training.Model.__dict__['predict']
+
+    def predict_once_in_another_thread(self, *args, **kwargs):
+        if threading.get_ident() in timing and not started:
+            started.append(1)           # (once: the other thread times plain too)
+            fast = kfp.stats(model)['fast_calls']
+            t = threading.Thread(target=lambda: got.setdefault(
+                'thread', model.predict(np.array(X[7:8]))))
+            t.start()
+            t.join()
+            served.append(kfp.stats(model)['fast_calls'] - fast)
+        return real_predict(self, *args, **kwargs)
+    monkeypatch.setattr(training.Model, 'predict',
+                        _not_the_users(monkeypatch, predict_once_in_another_thread))
+    kfp.patch(report=True)
+    ys = [model.predict(np.array(X[i:i + 1])) for i in range(7)]
+    kfp.unpatch()
+    for y, e in zip(ys + [got['thread']], expected):
+        assert_same(y, e)
+    assert predicts.while_timing > 0
+    assert served == [1]                # the other thread's call: on the fast path

@@ -60,7 +60,7 @@ every other call to ``rest``; without it, the same Python runs them):
   and its two callers, and their rows compared.
 """
 
-from . import announced, predict_calls, sites
+from . import announced, passing, predict_calls, sites
 from .announced import stop_announcing
 from .output import (JSON_ENV, at_exit, child_path, format_table, in_child, report, reset,
                      write_json)
@@ -94,9 +94,10 @@ def is_call_entry(path, wrapper):
 
 
 def wrap(path, wrapper):
-    """The recorder around a call entry's wrapper (``wrapper`` itself for other entries)."""
+    """The recorder around a call entry's wrapper; other entries' wrapper gated (the
+    original while this thread times plain Keras: ``passing``)."""
     if not is_call_entry(path, wrapper):
-        return wrapper
+        return passing.gate(wrapper)
     entry_name = path.rsplit('.', 1)[-1]
     with sites.lock:      # kept across patch cycles
         table, by_line = sites.tables.setdefault(path, ({}, {}))

@@ -17,7 +17,11 @@
  * instance weakly, rows, state weakly, acc, site, the state's stats, the stats its paths
  * are read from, the site table, entry name), whose call in flight is this thread's
  * ``_in_flight.current``: [steady, the state's fast_calls before (-1: not announced yet,
- * -2: announced otherwise), frame, the whole call's list]. */
+ * -2: announced otherwise), frame, the whole call's list].
+ *
+ * While a thread times plain Keras (report/plain.py, ``passing``), every patched entry
+ * hands that thread's calls to the original: the recorders check this thread's flag
+ * first, and ``Gate`` does for the entries the report does not record. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
@@ -55,6 +59,20 @@ set_current(PyObject *value)
     Py_XDECREF(old);
 }
 
+/* Whether this thread times plain Keras now (passing.py's ``this_thread.plain``). */
+static _Thread_local int timing_plain = 0;
+
+/* The original's call, as wrapt's wrapper makes it: wrapped(*args, **kwargs). */
+static PyObject *
+original(PyObject *wrapped, PyObject *args, PyObject *kwargs)
+{
+    if (!PyTuple_Check(args) || (kwargs != Py_None && !PyDict_Check(kwargs))) {
+        PyErr_SetString(PyExc_TypeError, "wrapt's args and kwargs expected");
+        return NULL;
+    }
+    return PyObject_Call(wrapped, args, kwargs == Py_None ? NULL : kwargs);
+}
+
 typedef struct {
     PyObject_HEAD
 } Calls;
@@ -74,8 +92,26 @@ Calls_set_current(PyObject *self, PyObject *value, void *closure)
     return 0;
 }
 
+static PyObject *
+Calls_get_plain(PyObject *self, void *closure)
+{
+    return PyBool_FromLong(timing_plain);
+}
+
+static int
+Calls_set_plain(PyObject *self, PyObject *value, void *closure)
+{
+    int on = value == NULL ? 0 : PyObject_IsTrue(value);
+    if (on < 0)
+        return -1;
+    timing_plain = on;
+    return 0;
+}
+
 static PyGetSetDef Calls_getset[] = {
     {"current", Calls_get_current, Calls_set_current, "this thread's call in flight", NULL},
+    {"plain", Calls_get_plain, Calls_set_plain, "whether this thread times plain Keras now",
+     NULL},
     {NULL}
 };
 
@@ -84,7 +120,8 @@ static PyTypeObject CallsType = {
     .tp_name = "keras_fastpredict.report._steady.Calls",
     .tp_basicsize = sizeof(Calls),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Calls(): each thread's announced call in flight, as ``current``.",
+    .tp_doc = "Calls(): each thread's announced call in flight, as ``current``; whether it "
+              "times plain Keras, as ``plain``.",
     .tp_new = PyType_GenericNew,
     .tp_getset = Calls_getset,
 };
@@ -210,8 +247,9 @@ tell_error(PyObject *on_error, PyObject *first, PyObject *second)
     PyErr_Restore(type, value, tb);             /* the call's own exception */
 }
 
-/* wrapt's call: (wrapped, instance, args, kwargs). A thread with no Python frame (a
- * C-level thread's target) has no call site: its call is not recorded. */
+/* wrapt's call: (wrapped, instance, args, kwargs). A thread that times plain Keras
+ * calls the original. A thread with no Python frame (a C-level thread's target) has no
+ * call site: its call is not recorded. */
 #define UNPACK_CALL(name) \
     PyObject *wrapped, *instance, *args, *kwargs; \
     if (self->table == NULL || self->unsteady == NULL) { \
@@ -224,6 +262,8 @@ tell_error(PyObject *on_error, PyObject *first, PyObject *second)
     } \
     if (!PyArg_UnpackTuple(callargs, name, 4, 4, &wrapped, &instance, &args, &kwargs)) \
         return NULL; \
+    if (timing_plain) \
+        return original(wrapped, args, kwargs); \
     PyFrameObject *f = PyEval_GetFrame(); \
     if (f == NULL) \
         return PyObject_CallFunctionObjArgs(self->through, self->wrapper, wrapped, instance, \
@@ -589,6 +629,90 @@ static PyTypeObject AnnounceType = {
     .tp_dealloc = (destructor)Announce_dealloc,
 };
 
+/* An entry the report does not record: its wrapper, or the original on a thread that
+ * times plain Keras. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *wrapper;
+} Gate;
+
+static PyObject *
+Gate_call(Gate *self, PyObject *callargs, PyObject *callkw)
+{
+    PyObject *wrapped, *instance, *args, *kwargs;
+    if (self->wrapper == NULL) {
+        PyErr_SetString(PyExc_TypeError, "gate is not initialised");
+        return NULL;
+    }
+    if (!timing_plain || (callkw != NULL && PyDict_GET_SIZE(callkw))
+            || !PyArg_UnpackTuple(callargs, "gate", 4, 4, &wrapped, &instance, &args, &kwargs)) {
+        PyErr_Clear();
+        return PyObject_Call(self->wrapper, callargs, callkw);
+    }
+    return original(wrapped, args, kwargs);
+}
+
+static int
+Gate_init(Gate *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *wrapper;
+    if (!PyArg_ParseTuple(args, "O", &wrapper))
+        return -1;
+    Py_INCREF(wrapper);
+    Py_XSETREF(self->wrapper, wrapper);
+    return 0;
+}
+
+static int
+Gate_traverse(Gate *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->wrapper);
+    return 0;
+}
+
+static int
+Gate_clear(Gate *self)
+{
+    Py_CLEAR(self->wrapper);
+    return 0;
+}
+
+static void
+Gate_dealloc(Gate *self)
+{
+    PyObject_GC_UnTrack(self);
+    Gate_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Gate_get_wrapper(Gate *self, void *closure)
+{
+    PyObject *wrapper = self->wrapper != NULL ? self->wrapper : Py_None;
+    Py_INCREF(wrapper);
+    return wrapper;
+}
+
+static PyGetSetDef Gate_getset[] = {
+    {"_kfp_gated", (getter)Gate_get_wrapper, NULL, "the entry's wrapper", NULL},
+    {NULL}
+};
+
+static PyTypeObject GateType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "keras_fastpredict.report._steady.Gate",
+    .tp_basicsize = sizeof(Gate),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Gate(wrapper): the wrapper, or the original while this thread times plain.",
+    .tp_call = (ternaryfunc)Gate_call,
+    .tp_init = (initproc)Gate_init,
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)Gate_traverse,
+    .tp_clear = (inquiry)Gate_clear,
+    .tp_dealloc = (destructor)Gate_dealloc,
+    .tp_getset = Gate_getset,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "keras_fastpredict.report._steady",
     "The call-site report's usual call, in C.", -1, NULL,
@@ -598,7 +722,8 @@ PyMODINIT_FUNC
 PyInit__steady(void)
 {
     if (PyType_Ready(&RecorderType) < 0 || PyType_Ready(&AnnouncedRecorderType) < 0
-            || PyType_Ready(&AnnounceType) < 0 || PyType_Ready(&CallsType) < 0)
+            || PyType_Ready(&AnnounceType) < 0 || PyType_Ready(&CallsType) < 0
+            || PyType_Ready(&GateType) < 0)
         return NULL;
     str_report_owner = PyUnicode_InternFromString("report_owner");
     str_fast_calls = PyUnicode_InternFromString("fast_calls");
@@ -612,10 +737,12 @@ PyInit__steady(void)
     Py_INCREF(&AnnouncedRecorderType);
     Py_INCREF(&AnnounceType);
     Py_INCREF(&CallsType);
+    Py_INCREF(&GateType);
     if (PyModule_AddObject(m, "Recorder", (PyObject *)&RecorderType) < 0
             || PyModule_AddObject(m, "AnnouncedRecorder", (PyObject *)&AnnouncedRecorderType) < 0
             || PyModule_AddObject(m, "Announce", (PyObject *)&AnnounceType) < 0
-            || PyModule_AddObject(m, "Calls", (PyObject *)&CallsType) < 0) {
+            || PyModule_AddObject(m, "Calls", (PyObject *)&CallsType) < 0
+            || PyModule_AddObject(m, "Gate", (PyObject *)&GateType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -3,7 +3,7 @@ Python where it is not, and a call's accounting once it returned."""
 import sys
 
 from ..config import settings
-from . import auto, frames, plain, sampling, sites
+from . import auto, frames, passing, plain, sampling, sites
 
 
 try:                        # the usual call in C, where the extension is built
@@ -17,10 +17,13 @@ _getframe = sys._getframe
 
 
 def in_python(wrapper, rest):
-    """The recorder where the C extension is not built: the calling frame, then rest."""
-    getframe = _getframe
+    """The recorder where the C extension is not built: the calling frame, then rest (the
+    original, while this thread times plain Keras: see ``passing``)."""
+    getframe, thread = _getframe, passing.this_thread
 
     def recorded(wrapped, instance, args, kwargs):
+        if thread.plain:
+            return wrapped(*args, **kwargs)
         try:
             f = getframe(1)
         except ValueError:          # (a thread with no Python frame: no call site)

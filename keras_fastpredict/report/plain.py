@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from ..config import settings
+from . import passing
 
 
 _perf = time.perf_counter
@@ -17,7 +18,8 @@ RETIME_CALLS = 4096     # calls that may then wait for it to end, to time plain 
 _cache = {}                        # (stats, row bucket) -> (seconds, rows) or reason str
 
 PLAIN_METHOD = ('calls left to Keras are their own measure; otherwise the original '
-                '(unpatched) method was timed on this model once per power-of-two row '
+                '(unpatched) method was timed, as it runs unpatched (the patched entries it '
+                'calls left to their originals), on this model once per power-of-two row '
                 'count, on the rows of the first such call (%d rows at most, scaled by '
                 'rows): 1 warm-up, then the median of 3 runs, not while our one-time work '
                 'runs on another thread (for %d calls at most); timed again at the end of '
@@ -106,6 +108,8 @@ def _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x):
     """Time the original method (see the module docs); returns (seconds, rows) or, where
     it was not timed, why (a str; retried where it may work later)."""
     from ..engine import compiled
+    if not settings.report:     # (the entries leave a plain run alone only while wrapped)
+        return NOT_SHOWN
     state = site.state() if site.state is not None else None
     if site.state is not None and state is None:
         return 'not timed: the signature is gone'
@@ -219,6 +223,12 @@ def count_waiting(site):
 
 
 def _time(wrapped, args, kwargs):
+    # The original as it runs unpatched: the patched entries it calls (Keras' predict
+    # function, TensorFlow's session run) pass this thread's calls to theirs.
+    return passing.run_plain(_runs, wrapped, args, kwargs)
+
+
+def _runs(wrapped, args, kwargs):
     wrapped(*args, **kwargs)
     times = []
     for _ in range(3):
