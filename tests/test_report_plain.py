@@ -393,3 +393,44 @@ def test_other_threads_are_served_while_one_thread_times_plain(models, monkeypat
         assert_same(y, e)
     assert predicts.while_timing > 0
     assert served == [1]                # the other thread's call: on the fast path
+
+
+def test_plain_is_not_timed_once_the_report_is_turned_off(models, monkeypatch):
+    """Plain Keras is timed only while the report is on: off (auto-batch alone), the
+    entries an original reaches are not gated, and a run of it would be served by ours
+    (Keras' predict function by our K.function adapter). A site whose sample began with
+    the report on and ends with it off (the last plain figure is timed again there) times
+    nothing more once it is off; results as plain Keras'."""
+    model = models['dense']
+    X = inputs_for('dense', 200)
+    timing, _ = _mark_timing(monkeypatch)
+    predicts = _Spy(monkeypatch, training.Model, 'predict', timing)
+    from keras.backend.tensorflow_backend import Function
+    functions = _Spy(monkeypatch, Function, '__call__', timing)
+    from keras_fastpredict.config import settings
+    report_on_when_timed = []
+    real = plain._time
+
+    def noted(wrapped, args, kwargs):
+        report_on_when_timed.append(bool(settings.report))
+        return real(wrapped, args, kwargs)
+    monkeypatch.setattr(plain, '_time', _not_the_users(monkeypatch, noted))
+    model.predict(X[:1])
+    before = predicts.calls, functions.calls
+    expected = [model.predict(np.array(X[i:i + 1])) for i in range(len(X))]   # unpatched
+    per_predict = (functions.calls - before[1]) / (predicts.calls - before[0])
+    assert per_predict >= 1
+    kfp.patch(report=True, auto_batch=True)
+    got = []
+    for i in range(len(X)):
+        if i == 8:
+            kfp.patch(report=False)     # (auto-batch stays on: the site keeps sampling)
+        got.append(model.predict(np.array(X[i:i + 1])))
+    kfp.unpatch()
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    # Each timing ran Keras' own predict function, as unpatched (served by ours, had the
+    # report been off), and none was made with the report off.
+    assert predicts.while_timing > 0
+    assert functions.while_timing == per_predict * predicts.while_timing
+    assert report_on_when_timed and all(report_on_when_timed), report_on_when_timed
