@@ -7,7 +7,7 @@ import pytest
 
 import keras_fastpredict as kfp
 from conftest import assert_same
-from keras_fastpredict.report import calls
+from keras_fastpredict.report import calls, passing
 
 
 @pytest.fixture(autouse=True, params=['C', 'Python'])
@@ -18,6 +18,9 @@ def recorder(request, monkeypatch):
         assert calls.Recorder is not None, 'keras_fastpredict.report._steady is not built'
     else:
         monkeypatch.setattr(calls, 'Recorder', None)
+        # The gate and the timing flag too (their Python forms: a closure, a thread local).
+        monkeypatch.setattr(passing, 'Gate', None)
+        monkeypatch.setattr(passing, 'this_thread', passing._Thread())
     return request.param
 
 
