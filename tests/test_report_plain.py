@@ -434,3 +434,44 @@ def test_plain_is_not_timed_once_the_report_is_turned_off(models, monkeypatch):
     assert predicts.while_timing > 0
     assert functions.while_timing == per_predict * predicts.while_timing
     assert report_on_when_timed and all(report_on_when_timed), report_on_when_timed
+
+
+@pytest.mark.parametrize('error', [KeyboardInterrupt, SystemExit, ValueError])
+def test_an_error_inside_the_timed_original_leaves_the_thread_served_as_ever(
+        models, monkeypatch, error):
+    """An original that raises while timed (Ctrl-C in Keras' predict function, say) ends
+    the timing, and this thread's later calls are served by our entries again, as before
+    the timing: the flag that passed them to the originals is not left set. A
+    KeyboardInterrupt or SystemExit reaches the caller (as raised in plain Keras' own
+    predict); an Exception leaves the site not timed. Results as plain Keras'."""
+    from keras.backend.tensorflow_backend import Function
+    model = models['dense']
+    X = inputs_for('dense', 24)
+    timing, _ = _mark_timing(monkeypatch)
+    real = Function.__dict__['__call__']
+    raised = []
+
+    def interrupted_once(self, *args, **kwargs):
+        if threading.get_ident() in timing and not raised:
+            raised.append(1)
+            raise error('interrupted')
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Function, '__call__', _not_the_users(monkeypatch, interrupted_once))
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(len(X))]
+    kfp.patch(report=True)
+    got, caught = [], []
+    for i in range(len(X)):
+        try:
+            got.append(model.predict(np.array(X[i:i + 1])))
+        except error:
+            caught.append(i)
+            got.append(unpatched_predict(model, X[i:i + 1]))
+    fast = kfp.stats(model)['fast_calls']
+    again = [model.predict(np.array(X[i:i + 1])) for i in range(len(X))]
+    fast = kfp.stats(model)['fast_calls'] - fast
+    kfp.unpatch()
+    for g, e in zip(got + again, expected + expected):
+        assert_same(g, e)
+    assert raised == [1]
+    assert len(caught) == (0 if issubclass(error, Exception) else 1)
+    assert fast == len(X)       # each served by ours after the timing raised
