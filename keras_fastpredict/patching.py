@@ -137,6 +137,7 @@ def patch(**options):
             elif name not in _hooks_registered:
                 _hooks_registered.add(name)
                 wrapt.register_post_import_hook(_on_import, name)
+        _report.passing.gating = bool(settings.report)
 
 
 def _recording():
@@ -147,11 +148,13 @@ def _recording():
 def _rewrap():
     _report.stop_announcing()
     _report.forget_steady()
+    _report.passing.gating = False          # (plain is not timed while half re-wrapped)
     for name, path, wrapper in ENTRY_POINTS:
         module = sys.modules.get(name)
         if module is not None:
             _remove(module, path)
             _apply(module, path, wrapper)
+    _report.passing.gating = bool(settings.report)
 
 
 def unpatch():
@@ -162,6 +165,7 @@ def unpatch():
         if not _active:
             return
         hooks.graph_event()
+        _report.passing.gating = False
         for name, path, _ in ENTRY_POINTS:
             module = sys.modules.get(name)
             if module is not None:

@@ -475,3 +475,42 @@ def test_an_error_inside_the_timed_original_leaves_the_thread_served_as_ever(
     assert raised == [1]
     assert len(caught) == (0 if issubclass(error, Exception) else 1)
     assert fast == len(X)       # each served by ours after the timing raised
+
+
+def test_plain_is_timed_as_plain_when_a_callback_turns_the_report_on(monkeypatch):
+    """``FastPredict(report=True)`` turns the report option on for its training without
+    wrapping the entries again: with auto-batch on (the predict entries recorded), plain
+    Keras timed then reached Keras' own predict function once in 24 runs of the original
+    predict (served by our K.function adapter, not gated). Either it is timed as plain
+    Keras runs it (its predict function once a predict) or not at all; results as plain
+    Keras' at each step's weights."""
+    import keras
+    from keras import layers
+    from keras.backend.tensorflow_backend import Function
+    model = keras.models.Sequential([layers.Dense(8, input_shape=(4,)), layers.Dense(2)])
+    model.compile('sgd', 'mse')
+    X = np.random.RandomState(0).rand(64, 4).astype('float32')
+    timing, _ = _mark_timing(monkeypatch)
+    predicts = _Spy(monkeypatch, training.Model, 'predict', timing)
+    functions = _Spy(monkeypatch, Function, '__call__', timing)
+    got, expected = [], []
+
+    class Predicting(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            for n in (1, 2, 4, 8, 16, 32):
+                for i in range(3):
+                    got.append(model.predict(np.array(X[i:i + n])))
+                    expected.append(unpatched_predict(model, X[i:i + n]))
+    model.predict(X[:1])
+    before = predicts.calls, functions.calls
+    model.predict(X[:1])                        # unpatched
+    per_predict = (functions.calls - before[1]) / (predicts.calls - before[0])
+    assert per_predict >= 1
+    kfp.patch(auto_batch=True)
+    model.fit(X, X[:, :2], epochs=2, verbose=0,
+              callbacks=[kfp.FastPredict(report=True, defer=False), Predicting()])
+    kfp.unpatch()
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert len(got) == 36
+    assert functions.while_timing == per_predict * predicts.while_timing

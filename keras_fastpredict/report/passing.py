@@ -25,6 +25,11 @@ class _Thread(threading.local):
 # ``this_thread.plain``: the flag (in C, read by the C recorders without a call).
 this_thread = _CCalls() if _CCalls is not None else _Thread()
 
+# Whether the entries were wrapped with the report on (set by ``patching``): only then do
+# they all pass a timing thread's calls on. The report option may be on without it (a
+# ``FastPredict(report=True)`` callback's training: options, not wrappers, change).
+gating = False
+
 
 def gate(wrapper):
     """``wrapper`` for an entry the report does not record, or its original while this

@@ -108,8 +108,8 @@ def _measure_plain(site, key, rows, wrapped, instance, args, kwargs, x):
     """Time the original method (see the module docs); returns (seconds, rows) or, where
     it was not timed, why (a str; retried where it may work later)."""
     from ..engine import compiled
-    if not settings.report:     # (the entries leave a plain run alone only while wrapped)
-        return NOT_SHOWN
+    if not (settings.report and passing.gating):   # (the entries leave a plain run
+        return NOT_SHOWN                              # alone only while so wrapped)
     state = site.state() if site.state is not None else None
     if site.state is not None and state is None:
         return 'not timed: the signature is gone'
