@@ -8,7 +8,6 @@ import threading
 import weakref
 
 from . import patching
-from .config import settings
 from .engine import deferred
 
 # Callbacks whose scope is open. Keras does not call on_train_end when fit raises, so a
@@ -48,7 +47,7 @@ class FastPredictBehaviour(object):
         self._ensure_patched()
         if self._options:
             # They last as long as the training; then the settings before it come back.
-            self._saved = settings.update(**self._options)
+            self._saved = patching.update(**self._options)
         if self._defer:
             self._scope = deferred.Scope(**self._scope_options)
             self._scope.activate()
@@ -68,7 +67,7 @@ class FastPredictBehaviour(object):
             scope.flush(lone_read=False)
         saved, self._saved = self._saved, None
         if saved:
-            settings.update(**saved)
+            patching.update(**saved)
         if self._patched_here:
             self._patched_here = False
             patching.unpatch()

@@ -123,11 +123,8 @@ def patch(**options):
     re-wraps the entry points: calls in flight finish as they began)."""
     global _active
     with _lock:
-        was_recording = _recording()
-        settings.update(**options)
+        update(**options)
         if _active:
-            if _recording() != was_recording:
-                _rewrap()
             return
         _active = True
         for name, path, wrapper in ENTRY_POINTS:
@@ -138,6 +135,18 @@ def patch(**options):
                 _hooks_registered.add(name)
                 wrapt.register_post_import_hook(_on_import, name)
         _report.passing.gating = bool(settings.report)
+
+
+def update(**options):
+    """Set options; while patched, turning the report or auto-batch on or off re-wraps the
+    entry points (the option alone would leave them as they were wrapped). Returns the
+    options' earlier values, for ``update(**saved)``."""
+    with _lock:
+        was_recording = _recording()
+        saved = settings.update(**options)
+        if _active and _recording() != was_recording:
+            _rewrap()
+        return saved
 
 
 def _recording():

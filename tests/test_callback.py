@@ -1,5 +1,7 @@
 """FastPredict callback: predictions made during fit are fast, batched, and see the weights
 of the step they were made in."""
+import sys
+
 import numpy as np
 import pytest
 import keras
@@ -101,3 +103,35 @@ def test_callback_options_apply_only_while_its_training_runs():
               callbacks=[kfp.FastPredict(timeout=30.0), Look()])
     assert Look.seen[2:] == [30.0, 30.0]
     assert settings.timeout == 5.0 and kfp.is_patched()
+
+
+def test_report_option_records_the_training_as_patch_report_does():
+    """FastPredict(report=True) turns the report on for its training as patch(report=True)
+    does: the entries are wrapped with the report while it trains (the predict line of a
+    callback is a site of the report), and as before after it (the option alone left them
+    unwrapped: no site); results as plain Keras' at each step."""
+
+    class Probe2(Probe):
+        def on_batch_end(self, batch, logs=None):
+            for i in range(len(self.x)):
+                self.seen.append(self.model.predict(self.x[i:i + 1].copy()))   # a site
+            self.expected.append(unpatched_predict(self.model, self.x))
+
+    model = make()
+    x = np.random.RandomState(3).rand(3, 4).astype('float32')
+    probe = Probe2(x)
+    kfp.patch()
+    try:
+        model.fit(np.zeros((8, 4)), np.zeros((8, 2)), batch_size=4, verbose=0,
+                  callbacks=[kfp.FastPredict(report=True, defer=False), probe])
+        after_line = sys._getframe().f_lineno + 1
+        after = model.predict(x[:1].copy())          # after the training: not recorded
+        here = {s['line']: s['calls'] for s in kfp.report()['sites']
+                if s['file'] == __file__}
+    finally:
+        kfp.unpatch()
+    # (fit's own K.function calls are a site too, at the fit line, as under patch(report=True))
+    assert here.get(Probe2.on_batch_end.__code__.co_firstlineno + 2) == 6
+    assert after_line not in here
+    assert_same(np.concatenate(probe.seen), np.concatenate(probe.expected))
+    assert_same(after, unpatched_predict(model, x[:1]))
