@@ -48,12 +48,12 @@ GAP_MAX = 128        # the gap doubles each time the other way loses, up to this
 # (its drain's included), in epochs, up to GAP_LOSS_MAX: each of the trial's calls cost
 # that fraction of a call more than the best way's would have, so a check and the gap after
 # it spend at most 1 / GAP_PER_LOSS of their time on the check, however badly the other
-# way lost. A trial's drain runs its way uncounted (3 reference times: 10 to 20 calls at 8
-# callers), so a trial is charged an epoch's calls at least plus those. (An epoch at
-# least: a trial cut early is judged on a few arrivals; merging Dense(64)x2 at 4 threads
+# way lost. A trial's drain runs its way unmeasured (3 reference times: 10 to 30 calls at
+# 8 callers), so a trial is charged its calls, the drain's included, an epoch's at least
+# (a trial cut early is judged on a few arrivals; merging Dense(64)x2 at 4 threads
 # measured 10 ms a call against 0.08 ms direct under load: a trial cut after two arrivals
 # still cost about 10 ms, an estimated tenth of the time of GAP_MAX epochs of direct
-# calls.)
+# calls).
 GAP_PER_LOSS = 32
 GAP_LOSS_MAX = 4096
 MIN_CALLS = 32       # arrivals per epoch, at least (more for higher levels)
