@@ -6,7 +6,7 @@ from keras_fastpredict.engine import merge_policy
 from keras_fastpredict.engine.merge_policy import (DIRECT, MERGE, GAP, REFERENCE, TRIAL,
                                                    GAP_FIRST, GAP_MAX, GAP_PER_LOSS,
                                                    GAP_LOSS_MAX, DRAIN,
-                                                   MARGIN)
+                                                   MARGIN, loss_gap)
 
 
 class Clock(object):
@@ -94,11 +94,12 @@ def test_a_check_is_a_reference_epoch_then_a_trial_then_a_gap():
     p = policy(first=DIRECT)
     key = p.level(16)
     calls = opened(p, key).calls
-    seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.05}, 4)
+    seen = phases(p, key, {DIRECT: 1.0, MERGE: 1.03}, 4)
     assert [s[:2] for s in seen] == [(DIRECT, REFERENCE), (MERGE, TRIAL), (DIRECT, GAP),
                                      (DIRECT, REFERENCE)]
     # After a close loss the gap is 2 x GAP_FIRST epochs' worth of calls (the turn's
-    # call included).
+    # call included). (3% lost: the trial's 112 calls, its drain's included, cost
+    # 3.4 calls more than direct ones, within 1 / GAP_PER_LOSS of 2 epochs' 128.)
     assert seen[2][2] == 2 * GAP_FIRST * calls + 1
 
 
@@ -133,26 +134,60 @@ def test_a_losing_way_is_checked_ever_less_often():
     assert p.levels[key].best == DIRECT and p.levels[key].switches == 0
 
 
-def gap_after_loss(gap, ratio):
-    """The gap after a loss: doubling up to GAP_MAX, or in proportion to the loss."""
-    return max(min(2 * gap, GAP_MAX), min(int(GAP_PER_LOSS * (ratio - 1)), GAP_LOSS_MAX))
+def gap_after_loss(gap, ratio, ran, calls):
+    """The gap after a loss: doubling up to GAP_MAX, or in proportion to the loss and to
+    the trial's ``ran`` calls (an epoch's at least)."""
+    return max(min(2 * gap, GAP_MAX), loss_gap(ratio, ran, calls))
+
+
+def test_loss_gap():
+    # GAP_PER_LOSS x the calls' extra time, in epochs, rounded up: 64 calls at 1.5 times
+    # the best way's time cost 32 calls' time more, so 32 x 32 calls = 16 epochs of 64.
+    assert loss_gap(1.5, 64, 64) == GAP_PER_LOSS // 2
+    assert loss_gap(1.5, 96, 64) == 3 * GAP_PER_LOSS // 4
+    assert loss_gap(1.5, 10, 64) == GAP_PER_LOSS // 2           # an epoch's at least
+    assert loss_gap(1.01, 64, 64) == 1 and loss_gap(0.95, 64, 64) <= 0
+    assert loss_gap(1e6, 64, 64) == loss_gap(float('inf'), 64, 64) == GAP_LOSS_MAX
 
 
 def test_the_worse_a_way_lost_the_longer_until_it_is_checked_again():
-    # A check costs about (its time / the best's - 1) of an epoch: after a loss the gap
-    # is at least GAP_PER_LOSS times that, so checks stay a small share of the time, also
-    # past GAP_MAX for a way many times slower (up to GAP_LOSS_MAX).
-    for ratio, gap in [(1.05, 2 * GAP_FIRST), (1.3, int(GAP_PER_LOSS * 0.3)),
-                       (1.5, GAP_PER_LOSS // 2), (6.0, 5 * GAP_PER_LOSS),
+    # A check costs (its time / the best's - 1) x its calls more than the best way would
+    # have: the trial's 65 calls and its drain's (3 reference times: 48 / ratio calls at
+    # 16 callers), 64 at least. After a loss the gap is at least GAP_PER_LOSS times that,
+    # so checks stay a small share of the time, also past GAP_MAX for a way many times
+    # slower (up to GAP_LOSS_MAX). (A trial 6 times slower is cut early: charged 64.)
+    for ratio, gap in [(1.05, 3), (1.3, 16), (1.5, 25), (6.0, 5 * GAP_PER_LOSS),
                        (1000.0, GAP_LOSS_MAX)]:
         p = policy(first=DIRECT)
         key = p.level(16)
-        phases(p, key, {DIRECT: 1.0, MERGE: ratio}, 2)
+        (_, _, _), (way, name, ran) = phases(p, key, {DIRECT: 1.0, MERGE: ratio}, 2)
         level = p.levels[key]
-        assert level.current[:2] == (DIRECT, GAP)
+        assert (way, name) == (MERGE, TRIAL) and level.current[:2] == (DIRECT, GAP)
         measured = level.times[MERGE] / level.times[DIRECT]
-        assert level.gap == gap_after_loss(GAP_FIRST, measured)
+        assert level.gap == gap_after_loss(GAP_FIRST, measured, ran, level.calls)
         assert abs(level.gap - gap) <= max(1, 0.05 * gap), (ratio, level.gap)
+
+
+def test_checks_cost_at_most_their_share_of_the_time_the_trials_drain_included():
+    # A check costs what its calls of the other way took beyond what the best way would
+    # have: every one of them, the trial's drain (3 reference times after the switch, run
+    # the trial's way but not counted in its W) included. The gap after a loss keeps each
+    # check, with the gap after it, within 1 / GAP_PER_LOSS of the time. (Closed loop:
+    # N callers, a call of way w takes cost[w], so each arrival of way w adds
+    # cost[w] / N seconds; 8 callers: 32-call epochs and a drain of 24 / ratio arrivals;
+    # 16 callers: 64 and 48 / ratio.)
+    for callers in (8, 16):
+        for ratio in (1.05, 1.15, 1.3, 1.6, 2.0, 3.0, 20.0):
+            p = policy(first=DIRECT)
+            key = p.level(callers)
+            cost = {DIRECT: 1.0, MERGE: ratio}
+            seen = phases(p, key, cost, 3 * 12)
+            assert [s[1] for s in seen] == [REFERENCE, TRIAL, GAP] * 12
+            for k in range(0, len(seen), 3):
+                spent = sum(n * cost[way] / callers for way, _, n in seen[k:k + 3])
+                trial = seen[k + 1][2]
+                extra = trial * (ratio - 1.0) / callers
+                assert extra <= spent / GAP_PER_LOSS, (callers, ratio, k, extra / spent)
 
 
 def test_a_trial_that_cannot_win_ends_early():
@@ -171,7 +206,8 @@ def test_a_trial_that_cannot_win_ends_early():
         assert (way, name) == (MERGE, TRIAL) and level.calls == 64
         assert 2 <= arrivals - drain <= most, (ratio, arrivals - drain)
         assert level.current[:2] == (DIRECT, GAP)
-        assert level.gap == gap_after_loss(GAP_FIRST, level.times[MERGE] / reference)
+        assert level.gap == gap_after_loss(GAP_FIRST, level.times[MERGE] / reference,
+                                           arrivals, level.calls)
 
 
 def test_after_a_switch_arrivals_count_once_the_other_way_drained():

@@ -35,6 +35,7 @@ a phase turns it under its lock (``turn``); the clock is a parameter, so it is t
 with made-up arrivals and time.
 """
 import itertools
+import math
 import time
 
 DIRECT, MERGE = 'direct', 'merge'
@@ -43,12 +44,16 @@ OTHER = {DIRECT: MERGE, MERGE: DIRECT}
 GAP_FIRST = 1        # epochs' worth of calls of the better way before the next check: a
                      # wrong first guess costs one epoch
 GAP_MAX = 128        # the gap doubles each time the other way loses, up to this
-# ... and is at least GAP_PER_LOSS x (its time / the best's time - 1) epochs, up to
-# GAP_LOSS_MAX: a check costs about that fraction of an epoch more than the best way would
-# have, so checks stay near 1 / GAP_PER_LOSS of the time however badly the other way lost
-# (merging Dense(64)x2 at 4 threads measured 10 ms a call against 0.08 ms direct under
-# load: a trial cut after two arrivals still cost about 10 ms, an estimated tenth of the
-# time of GAP_MAX epochs of direct calls).
+# ... and is at least GAP_PER_LOSS x (its time / the best's time - 1) x the trial's calls
+# (its drain's included), in epochs, up to GAP_LOSS_MAX: each of the trial's calls cost
+# that fraction of a call more than the best way's would have, so a check and the gap after
+# it spend at most 1 / GAP_PER_LOSS of their time on the check, however badly the other
+# way lost. A trial's drain runs its way unmeasured (3 reference times: 10 to 30 calls at
+# 8 callers), so a trial is charged its calls, the drain's included, an epoch's at least
+# (a trial cut early is judged on a few arrivals; merging Dense(64)x2 at 4 threads
+# measured 10 ms a call against 0.08 ms direct under load: a trial cut after two arrivals
+# still cost about 10 ms, an estimated tenth of the time of GAP_MAX epochs of direct
+# calls).
 GAP_PER_LOSS = 32
 GAP_LOSS_MAX = 4096
 MIN_CALLS = 32       # arrivals per epoch, at least (more for higher levels)
@@ -92,11 +97,11 @@ class Level(object):
         self.last = 0.0             # its last counted arrival
         self.touched = False        # a call arrived (cleared by whoever reads it)
         self.guess = False          # the model's guess is read at the warm-up's end
-        # (way, phase, arrivals, loads, start, end): read by callers without a lock, a
-        # new tuple for each phase. next() on the counter is atomic (each arrival gets
-        # its own number), and so is list.append. ``start``: arrivals before it (a
-        # switch's drain) are not counted, or None; ``end``: the arrival that ends the
-        # phase.
+        # (way, phase, arrivals, loads, start, end, drained): read by callers without a
+        # lock, a new tuple for each phase. next() on a counter is atomic (each arrival
+        # gets its own number), and so is list.append. ``start``: arrivals before it (a
+        # switch's drain) are not measured, or None, and are counted in ``drained`` (a
+        # trial's cost them too); ``end``: the arrival that ends the phase.
         self.current = None
 
 
@@ -122,13 +127,14 @@ class Policy(object):
         if level is None:
             level = self._open(key)
         level.touched = True
-        way, phase, arrivals, loads, start, end = current = level.current
+        way, phase, arrivals, loads, start, end, drained = current = level.current
         if phase is GAP:            # (the usual call)
             if next(arrivals) != end:
                 return way, None
             return way, (key, current, None)
         now = self.clock()
         if start is not None and now < start:
+            next(drained)
             return way, None        # the other way's calls may still be out
         i = next(arrivals)
         if i < end:
@@ -164,7 +170,7 @@ class Policy(object):
         level = self.levels[key]
         if level.current is not current:
             return
-        way, phase, arrivals, loads = current[:4]
+        way, phase, arrivals, loads, _, _, drained = current
         if phase is GAP:
             if level.guess:
                 # The warm-up ran direct (as concurrent=False does); now that the model
@@ -192,11 +198,11 @@ class Policy(object):
         w = sum(loads) * elapsed / (n * n) if n else float('inf')
         level.times[way] = w
         level.epochs += 1
-        drained = self.clock() + DRAIN * w
+        resume = self.clock() + DRAIN * w
         if phase is REFERENCE:
             level.best_time = w         # the latest: load changes over time
             level.checks += 1
-            self._begin(level, TRIAL, OTHER[way], drained)
+            self._begin(level, TRIAL, OTHER[way], resume)
             return
         if not lost and w < level.best_time * (1 - MARGIN):
             level.best, level.best_time = way, w
@@ -204,9 +210,12 @@ class Policy(object):
             level.switches += 1
             level.resume = None
         else:
+            # The trial's calls, its way's all: the drain's, those measured, the one that
+            # ended it (a losing one is among those measured).
+            ran = next(drained) + n + (0 if lost else 1)
             level.gap = max(min(2 * level.gap, GAP_MAX),
-                            min(int(GAP_PER_LOSS * (w / level.best_time - 1)), GAP_LOSS_MAX))
-            level.resume = drained      # back to the best way: its next epoch waits
+                            loss_gap(w / level.best_time, ran, level.calls))
+            level.resume = resume       # back to the best way: its next epoch waits
         self._begin(level, GAP, level.best, None)
 
     def restart(self):
@@ -245,7 +254,7 @@ class Policy(object):
             start = None
         level.began = level.last = now     # (the epoch's first arrival sets them again)
         end = level.gap * level.calls if phase is GAP else level.calls
-        level.current = (way, phase, itertools.count(), [], start, end)
+        level.current = (way, phase, itertools.count(), [], start, end, itertools.count())
 
     def describe(self):
         """Per level: callers, way in use, the last epoch's mean time inside of each way
@@ -264,6 +273,15 @@ class Policy(object):
                 'switches': level.switches,
             })
         return out
+
+
+def loss_gap(ratio, ran, calls):
+    """Epochs (of ``calls`` calls) of the best way after a trial of ``ran`` calls that took
+    ``ratio`` times the best way's mean time, so that the trial cost at most
+    1 / GAP_PER_LOSS of the gap's time (an epoch's calls charged at least), up to
+    GAP_LOSS_MAX."""
+    gap = GAP_PER_LOSS * (ratio - 1) * max(ran, calls) / calls
+    return GAP_LOSS_MAX if gap >= GAP_LOSS_MAX else int(math.ceil(gap))
 
 
 def _ms(seconds):
