@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import counters
 from ..engine import compiled, hooks, route
-from ..engine.deferred import DeferredArray
+from ..engine.pending import DeferredArray
 from ..report import announcing
 from . import model_path, tf1_session
 from .keras import adapter as keras_adapter

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import counters
 from ..engine import compiled, deferred, hooks, route
-from ..engine.deferred import DeferredArray
+from ..engine.pending import DeferredArray
 from ..report import announcing
 from . import model_path, tf1_session
 
