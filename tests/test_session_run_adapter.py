@@ -458,10 +458,13 @@ def test_bad_feeds_of_a_known_model_raise_what_tf_raises(monkeypatch):
              {model.input: 'abc'}, {model.input: x[:1]}, {model.input: np.ones((1, 7))},
              {model.input: x[:2].astype('float64')}, {model.input: x.tolist()},
              {model.input: x[:1, :, None]}, {model.input: x[:1]}]
+    phase = K.learning_phase()      # (its checks come before its value is read)
+    calls += [{model.input: x[:1], phase: [0, 1]}, {model.input: x[:1], phase: np.zeros(1)},
+              {model.input: x[:1], phase: 0}, {model.input: x[:2, :4], phase: 0}]
     expected = [outcome(lambda: plain(sess, model.output, feed)) for feed in calls]
     with kfp.patched():
         got = [outcome(lambda: sess.run(model.output, feed)) for feed in calls]
-    assert [type(e) for e in expected].count(tuple) == 5        # (the test sees errors)
+    assert [type(e) for e in expected].count(tuple) == 8        # (the test sees errors)
     for a, e in zip(got, expected):
         if type(e) is tuple:
             assert a == e

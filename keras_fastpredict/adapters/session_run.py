@@ -454,8 +454,8 @@ class SessionRunAdapter(object):
         of its own besides the model's callable (5-7 ms on Dense(64)x2), paid once more in
         the loop's first calls. Anything else: ``Session.run`` checks them (and answers)."""
         if (entry.n_feeds and (entry.model_ref is not None or not entry.model_checked)
-                and (entry.phase_index is None or not arrays[entry.phase_index])
-                and not session._closed and _passes_run_checks(entry, arrays)):
+                and not session._closed and _passes_run_checks(entry, arrays)
+                and (entry.phase_index is None or not arrays[entry.phase_index])):
             stats = entry.stats
             stats.calls += 1
             stats.fast_calls += 1
