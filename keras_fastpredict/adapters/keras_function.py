@@ -273,9 +273,10 @@ class KerasFunctionAdapter(object):
         own = st.own_session
         if (session is None or own is None or own() is not session or session._closed
                 or _vars_count(st.graph) != st.own_vars_len):
-            session = keras_adapter.keras_session()
+            count = _vars_count(st.graph)       # (before: a variable made meanwhile, by
+            session = keras_adapter.keras_session()     # another thread, is seen later)
+            st.own_vars_len = count
             st.own_session = weakref.ref(session)
-            st.own_vars_len = _vars_count(st.graph)
         shapes = (arrays[0].shape,) if st.n == 1 else tuple([a.shape for a in arrays])
         if shapes not in st.shapes:
             for t, a in zip(st.inputs, arrays):
