@@ -27,7 +27,7 @@ from .engine.compiled import clear as clear_cache
 from .engine.compiled import exclude
 from .engine.concurrent_batcher import PredictTimeoutError, QueueFullError
 from .config import DEFAULTS
-from .engine.deferred import DeferredArray
+from .engine.pending import DeferredArray
 from .patching import is_patched, patch, patched, unpatch
 from .report import report   # the function: internal code imports from .report by name
 from .processes import ForkedAfterSessionError   # also guards forks after a session

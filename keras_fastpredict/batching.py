@@ -8,7 +8,7 @@ import functools
 import inspect
 
 from . import patching
-from .engine import deferred
+from .engine import deferred, pending
 
 
 @contextlib.contextmanager
@@ -73,7 +73,7 @@ def fast_predict(func=None, max_batch_size=None, models=None, readahead=None):
                         except BaseException as exc:
                             thrown = type(exc), exc, exc.__traceback__
                     scope.flush(lone_read=False)
-                    return deferred.materialize(result)
+                    return pending.materialize(result)
                 finally:
                     gen.close()
                     scope.flush(lone_read=False)
@@ -83,5 +83,5 @@ def fast_predict(func=None, max_batch_size=None, models=None, readahead=None):
     def wrapper(*args, **kwargs):
         with batching(**options):
             result = func(*args, **kwargs)
-        return deferred.materialize(result)
+        return pending.materialize(result)
     return wrapper

@@ -17,7 +17,7 @@ from .adapters import keras_function, model_path, session_run
 from .adapters import tf_keras as tf_keras_adapter
 from .config import settings
 from . import report as _report         # the call-site report (only when on)
-from .engine import compiled, concurrent_batcher, deferred, hooks, readahead
+from .engine import compiled, concurrent_batcher, hooks, pending, readahead
 
 # (module, class.attribute, wrapper(wrapped, instance, args, kwargs)): each adapter's
 # entry points, then TensorFlow's, before which pending work is settled.
@@ -28,8 +28,8 @@ ENTRY_POINTS = keras_adapter.adapter.entry_points() + tf_keras_adapter.adapter.e
      hooks.before_graph_use),
     # Shuffling a deferred result in place (numpy's module-level function; the same
     # object under both names).
-    ('numpy.random', 'shuffle', deferred.resolving_first_argument),
-    ('numpy.random.mtrand', 'shuffle', deferred.resolving_first_argument),
+    ('numpy.random', 'shuffle', pending.resolving_first_argument),
+    ('numpy.random.mtrand', 'shuffle', pending.resolving_first_argument),
 )
 
 _lock = threading.RLock()

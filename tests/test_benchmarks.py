@@ -90,6 +90,24 @@ def test_first_pass_quick_runs_scripts_plain_and_under_the_runner(tmp_path):
     assert all(r['plain_cpu_s'] > 0 and r['patched_cpu_s'] > 0 for r in saved['results'])
 
 
+def test_first_call_quick_times_phases_plain_and_under_the_runner():
+    # benchmarks.first_call end to end: the phases of each process's first calls, plain
+    # and under the runner, results checked against plain's (exit status 1 on a mismatch).
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.first_call', '--quick', '--ways',
+         'sess.run,K.function'], cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split(' | ')[0]: line.split(' | ')[1:] for line in proc.stdout.splitlines()}
+    assert '| sess.run (10 calls)' in rows and '| K.function (10 calls)' in rows
+    # Plain Keras' session and its variables' init (K.function's first call); the model's
+    # entry made by ours in each patched process, within its first two calls.
+    made = rows['| ours: model entry (its callable included)']
+    assert made[-1].endswith('(1) |') and made[-2] == '-'
+    keras_session = rows["| Keras: get_session (session, variables' init)"]
+    assert keras_session[0] != '-'
+
+
 def test_threads_quick_prints_ratios_checked_against_plain(tmp_path):
     # benchmarks.threads end to end on one model and two thread counts: every variant's
     # outputs are checked against plain Keras (a mismatch exits non-zero).

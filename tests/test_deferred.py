@@ -558,12 +558,12 @@ def test_row_of_a_pending_result_while_another_thread_settles_it(models, monkeyp
     # the check that it is pending and the derived result's making (it once raised
     # AttributeError: 'NoneType' object has no attribute 'append').
     import sys
-    from keras_fastpredict.engine import deferred
+    from keras_fastpredict.engine import pending
     model = models['dense']
     x = inputs_for('dense', 5)
     expected = unpatched_predict(model, x)
     seen = {}
-    init = deferred._Known.__init__
+    init = pending.Known.__init__
 
     def making(self, *args):
         if not seen and sys._getframe(1).f_code.co_name == '__getitem__':
@@ -571,7 +571,7 @@ def test_row_of_a_pending_result_while_another_thread_settles_it(models, monkeyp
         init(self, *args)
 
     model.predict(x)
-    monkeypatch.setattr(deferred._Known, '__init__', making)
+    monkeypatch.setattr(pending.Known, '__init__', making)
     with kfp.batching(readahead=False):
         y = model.predict(x)
         row = y[0]
@@ -587,11 +587,11 @@ def test_reading_a_pending_result_while_another_thread_settles_it(models):
     # 'NoneType' object has no attribute 'flush'). Forced with a line trace in this thread.
     import inspect
     import sys
-    from keras_fastpredict.engine import deferred
+    from keras_fastpredict.engine import pending
     model = models['dense']
     x = inputs_for('dense', 5)
     expected = unpatched_predict(model, x)
-    code = deferred._Pending._kfp_value.__code__
+    code = pending.Pending._kfp_value.__code__
     src, first = inspect.getsourcelines(code)
     after_check = first + next(i for i, l in enumerate(src) if 'results is None' in l) + 1
     seen = {}

@@ -118,6 +118,80 @@ def test_input_forms_and_errors_as_keras(models):
     assert sum(type(e) is tuple and e[0] == 'raised' for e in expected) >= 6
 
 
+def _counting_callables(monkeypatch):
+    from tensorflow.python.client import session as tf_session
+    made = []
+    original = tf_session.BaseSession._make_callable_from_options
+
+    def counting(self, options):
+        made.append(list(options.fetch))
+        return original(self, options)
+    monkeypatch.setattr(tf_session.BaseSession, '_make_callable_from_options', counting)
+    return made
+
+
+def _fresh_model(seed):
+    np.random.seed(seed)
+    return keras.models.Sequential([layers.Dense(16, activation='relu', input_shape=(6,)),
+                                    layers.Dense(3)])
+
+
+def test_first_call_of_a_model_function_makes_one_callable(monkeypatch):
+    # The first calls of a model's function, its variables not yet initialised: served on
+    # the model's path, without Keras' own callable (one callable made in all, not two),
+    # the variables initialised as Keras' call does; results as plain Keras'.
+    model = _fresh_model(7)
+    f = K.function([model.input], [model.output])
+    x = np.random.RandomState(8).rand(9, 6).astype('float32')
+    made = _counting_callables(monkeypatch)
+    with kfp.patched():
+        got = [f([x[i:i + 1]]) for i in range(5)] + [f([x[5:]])]
+    assert len(made) == 1
+    monkeypatch.undo()
+    g = K.function([model.input], [model.output])     # plain Keras, the same variables
+    expected = [plain(g, [x[i:i + 1]]) for i in range(5)] + [plain(g, [x[5:]])]
+    for a, e in zip(got, expected):
+        assert_equal(a, e, exact=False)
+    assert kfp.stats(model)['fast_calls'] == 6
+
+
+def test_bad_inputs_of_a_model_function_raise_what_keras_raises():
+    # On a first call (no callable of Keras' yet), after a good one, with the learning
+    # phase: shapes, ranks and dtypes Keras' own call rejects raise its own errors.
+    model = _fresh_model(9)
+    K.get_session()
+    x = np.random.RandomState(10).rand(3, 6).astype('float32')
+    cases = [[x[:1, :5]], [x[None]], ['abc'], [x[:1]], [np.ones((1, 7))],
+             [np.array([['a'] * 6])], [x[:2].astype('float64')], [x[:1, :, None]], [x[:1]]]
+    for inputs in ([model.input], [model.input, K.learning_phase()]):
+        extra = [] if len(inputs) == 1 else [0]
+        calls = [c + extra for c in cases]
+        f, g = K.function(inputs, [model.output]), K.function(inputs, [model.output])
+        expected = [outcome(plain, g, c) for c in calls]
+        with kfp.patched():
+            got = [outcome(f, c) for c in calls]
+        assert sum(type(e) is tuple for e in expected) >= 4
+        for a, e in zip(got, expected):
+            if type(e) is tuple:
+                assert a == e
+            else:
+                assert_equal(a, e, exact=False)
+
+
+def test_a_run_error_on_the_first_call_of_a_model_function_is_keras_own():
+    model = keras.models.Sequential([layers.Embedding(10, 4, input_length=3),
+                                     layers.Flatten(), layers.Dense(2)])
+    K.get_session()
+    bad, good = np.array([[1, 2, 12]]), np.array([[1, 2, 3]])
+    f, g = K.function([model.input], [model.output]), K.function([model.input], [model.output])
+    expected = [outcome(plain, g, [v]) for v in (bad, good, bad)]
+    with kfp.patched():
+        got = [outcome(f, [v]) for v in (bad, good, bad)]
+    assert type(expected[0]) is tuple and expected[0][1].__name__ == 'InvalidArgumentError'
+    assert got[0] == expected[0] and got[2] == expected[2]
+    assert_equal(got[1], expected[1], exact=False)
+
+
 def test_tensor_inputs_go_to_keras(models):
     model = models['dense']
     f = K.function([model.input], [model.layers[0].output])

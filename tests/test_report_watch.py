@@ -60,12 +60,13 @@ def test_results_passed_back_into_k_function_and_session_run(models):
     got = loop()
     for g, e in zip(got, expected):
         assert_same(g, e)
-    for entry in ('__call__', 'run'):
+    # Watched results fed back in are plain arrays to the adapter: each call on its fast
+    # path, as without the report, but the first of K.function's signature (left to Keras;
+    # Session.run's first call, whose feeds pass TF's checks, is on the model path too).
+    for entry, left_to_keras in (('__call__', 1), ('run', 0)):
         found = sites(entry=entry, function='loop')
         assert len(found) == 1 and found[0]['calls'] == 20
-        # Watched results fed back in are plain arrays to the adapter: one call (the
-        # first of its signature) left to Keras or TF, as without the report.
-        assert found[0]['paths']['keras'] == 1, found[0]
+        assert found[0]['paths']['keras'] == left_to_keras, found[0]
 
 
 def _frozen_and_in_place(predict, x):

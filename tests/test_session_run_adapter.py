@@ -413,6 +413,82 @@ def test_known_model_deferred_in_batching(models):
     assert kfp.stats(model)['deferred'] >= 45
 
 
+def _counting_tf_runs(monkeypatch):
+    runs = []
+    original = tf_session.BaseSession.__dict__['_call_tf_sessionrun']
+
+    def counting(self, *args):
+        runs.append(1)
+        return original(self, *args)
+    monkeypatch.setattr(tf_session.BaseSession, '_call_tf_sessionrun', counting)
+    return runs
+
+
+def _fresh_dense():
+    model = keras.models.Sequential([layers.Dense(16, activation='relu', input_shape=(6,)),
+                                     layers.Dense(3)])
+    return model, K.get_session()           # (its variables initialised, unpatched)
+
+
+def test_first_call_of_a_known_model_makes_no_run_of_tf_own(monkeypatch):
+    # The first call of a model's signature (and of new feed shapes) goes down the model
+    # path once its feeds pass Session.run's own checks: TF's run would make an executor of
+    # its own besides the model's callable. Results as plain TF's.
+    model, sess = _fresh_dense()
+    x = np.random.RandomState(4).rand(12, 6).astype('float32')
+    expected = [plain(sess, model.output, {model.input: x[i:i + 1]}) for i in range(6)]
+    expected.append(plain(sess, model.output, {model.input: x[6:]}))
+    runs = _counting_tf_runs(monkeypatch)
+    with kfp.patched():
+        got = [sess.run(model.output, {model.input: x[i:i + 1]}) for i in range(6)]
+        got.append(sess.run(model.output, {model.input: x[6:]}))    # new shapes
+    assert runs == []
+    for a, e in zip(got, expected):
+        assert type(a) is np.ndarray and a.shape == e.shape and a.dtype == e.dtype
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+    assert kfp.stats(model)['fast_calls'] == 7
+
+
+def test_bad_feeds_of_a_known_model_raise_what_tf_raises(monkeypatch):
+    # The checks Session.run makes before it runs, on a first call, on a later call of new
+    # shapes, and after good calls: where they fail, TF's run answers (and raises).
+    model, sess = _fresh_dense()
+    x = np.random.RandomState(6).rand(3, 6).astype('float32')
+    calls = [{model.input: x[:, :5]}, {model.input: x[:1]}, {model.input: x[None]},
+             {model.input: 'abc'}, {model.input: x[:1]}, {model.input: np.ones((1, 7))},
+             {model.input: x[:2].astype('float64')}, {model.input: x.tolist()},
+             {model.input: x[:1, :, None]}, {model.input: x[:1]}]
+    phase = K.learning_phase()      # (its checks come before its value is read)
+    calls += [{model.input: x[:1], phase: [0, 1]}, {model.input: x[:1], phase: np.zeros(1)},
+              {model.input: x[:1], phase: 0}, {model.input: x[:2, :4], phase: 0}]
+    expected = [outcome(lambda: plain(sess, model.output, feed)) for feed in calls]
+    with kfp.patched():
+        got = [outcome(lambda: sess.run(model.output, feed)) for feed in calls]
+    assert [type(e) for e in expected].count(tuple) == 8        # (the test sees errors)
+    for a, e in zip(got, expected):
+        if type(e) is tuple:
+            assert a == e
+        else:
+            np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_error_on_the_first_call_of_a_known_model_is_tf_own(monkeypatch):
+    # An index out of an Embedding's range fails in TF's run: on the first call (model
+    # path), TF's own run then raises its own error; a good call after it is served.
+    model = keras.models.Sequential([layers.Embedding(10, 4, input_length=3),
+                                     layers.Flatten(), layers.Dense(2)])
+    sess = K.get_session()
+    bad, good = np.array([[1, 2, 12]]), np.array([[1, 2, 3]])
+    expected = [outcome(lambda: plain(sess, model.output, {model.input: v}))
+                for v in (bad, good, bad)]
+    with kfp.patched():
+        got = [outcome(lambda: sess.run(model.output, {model.input: v}))
+               for v in (bad, good, bad)]
+    assert type(expected[0]) is tuple and expected[0][1].__name__ == 'InvalidArgumentError'
+    assert got[0] == expected[0] and got[2] == expected[2]
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-6)
+
+
 def test_training_phase_and_stateful_models_not_on_the_engine(models):
     model = models['dropout']
     sess = K.get_session()
@@ -610,8 +686,8 @@ def test_a_thread_that_waited_for_another_threads_model_scan_finds_its_model(mon
         m2, m3 = dense(2), dense(3)
         K.get_session()                     # (their variables initialised, as Keras does)
         expected = {m: plain(sess, m.output, {m.input: v}) for m in (m2, m3)}
-        for m in (m2, m3):                  # each signature checked by TF once
-            sess.run(m.output, {m.input: v})
+        # (First calls of m2's and m3's signatures: their feeds pass TF's checks, so the
+        # model path is looked for at once.)
         monkeypatch.setattr(model_path, '_match', matching)
         got = outcome(lambda: sess.run(m2.output, {m2.input: v}))
         monkeypatch.setattr(model_path, '_match', match)

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 
 from .. import counters as _stats
-from ..engine import compiled, deferred, hooks, route
+from ..engine import compiled, hooks, pending, route
 
 _ndarray = np.ndarray
 
@@ -31,7 +31,7 @@ def _plain_array(x):
     Keras treats it) viewed as a plain ndarray."""
     if type(x) is np.memmap:
         return x.view(_ndarray)
-    return deferred.resolve(x)
+    return pending.resolve(x)
 
 
 class KerasAdapter(object):
@@ -215,7 +215,7 @@ class KerasAdapter(object):
         if entry.refused:
             return self._fallback(wrapped, model, args, kwargs, entry.reason)
         if type(x) is not _ndarray:
-            x = deferred.map_nested(x, _plain_array)
+            x = pending.map_nested(x, _plain_array)
         arrays = entry.prepare(x)
         if arrays is None:
             return self._fallback(wrapped, model, args, kwargs, 'input Keras handles itself')

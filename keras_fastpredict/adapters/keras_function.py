@@ -15,7 +15,8 @@ side effects, settle pending work first (``hooks.graph_event``), as before.
 When a function's inputs are a Keras model's inputs (and, optionally, the learning phase,
 fed 0) and its outputs are among the model's outputs, calls go through the model's engine
 path (read-ahead, deferral, merging of threads' calls); the first call of each set of input
-shapes goes to Keras. The same holds for ``Session.run`` (``adapters.session_run``).
+shapes goes to Keras, except while Keras has made no callable for the function (its first
+calls: ``_before_keras``). The same holds for ``Session.run`` (``adapters.session_run``).
 """
 import weakref
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from .. import counters
 from ..engine import compiled, hooks, route
-from ..engine.deferred import DeferredArray
+from ..engine.pending import DeferredArray
 from ..report import announcing
 from . import model_path, tf1_session
 from .keras import adapter as keras_adapter
@@ -77,7 +78,7 @@ class _State(object):
                  'callable', 'phase_index', 'updates', 'pure', 'name', 'shapes',
                  'model_ref', 'model_feeds', 'model_outputs', 'model_checked', 'inputs',
                  'outputs', 'fetches', 'targets', 'runner', 'compiled', 'model_id',
-                 'model_pure', 'stats', '__weakref__')
+                 'model_pure', 'stats', 'own_session', 'own_vars_len', '__weakref__')
 
     def __init__(self, fn):
         import tensorflow as tf
@@ -85,6 +86,8 @@ class _State(object):
         self.pure = {}
         self.callable = None
         self.vars_len = -1
+        self.own_session = None     # (weakly) the session our own first calls initialised
+        self.own_vars_len = -1      # and its graph's variable count then
         self.shapes = set()
         self.model_ref = self.compiled = None
         self.model_checked = False
@@ -192,6 +195,14 @@ class KerasFunctionAdapter(object):
         session = _current_session()
         if (cfn is None or cfn is not st.callable or session is not fn._session
                 or session._closed or _vars_count(st.graph) != st.vars_len):
+            if cfn is None and not phase and (st.model_ref is not None or not st.model_checked):
+                values = self._before_keras(st, session, arrays)
+                if values is RERUN:
+                    return self._original(st, wrapped, fn, args, kwargs, None, phase, _FAILED)
+                if values is not None:
+                    st.stats.calls += 1
+                    st.stats.fast_calls += 1
+                    return values
             return self._original(st, wrapped, fn, args, kwargs, arrays, phase, _KERAS_RUNS)
         if not phase and (st.model_ref is not None or not st.model_checked):
             shapes = (arrays[0].shape,) if st.n == 1 else tuple([a.shape for a in arrays])
@@ -250,6 +261,38 @@ class KerasFunctionAdapter(object):
                     st.shapes = set()
                 st.shapes.add(tuple([a.shape for a in arrays]))
         return result
+
+    def _before_keras(self, st, session, arrays):
+        """The call of a model's function for which Keras has made no callable yet (its
+        first call): through the model's engine path, as ``_model``, where the inputs' shapes
+        are compatible with the function's placeholders; the variables initialised first
+        as Keras' call initialises them (``get_session()``), unless it would do nothing (no
+        new variable since, on the same session). Keras' own first call would make a
+        callable of its own (an executor: 5-10 ms), besides the one of the model's entry.
+        None where this does not apply (Keras' own call then answers)."""
+        own = st.own_session
+        if (session is None or own is None or own() is not session or session._closed
+                or _vars_count(st.graph) != st.own_vars_len):
+            count = _vars_count(st.graph)       # (before: a variable made meanwhile, by
+            session = keras_adapter.keras_session()     # another thread, is seen later)
+            st.own_vars_len = count
+            st.own_session = weakref.ref(session)
+        shapes = (arrays[0].shape,) if st.n == 1 else tuple([a.shape for a in arrays])
+        if shapes not in st.shapes:
+            for t, a in zip(st.inputs, arrays):
+                if not t.get_shape().is_compatible_with(a.shape):
+                    return None
+        ce = st.compiled
+        if ce is None or compiled_entries.get(st.model_id) is not ce or ce.session is not session:
+            ce = self._model_entry(st, session)
+            if ce is None:
+                return None
+        values = self._model(st, ce, arrays)
+        if values is not None and values is not RERUN and shapes not in st.shapes:
+            if len(st.shapes) >= MAX_SHAPES:
+                st.shapes = set()
+            st.shapes.add(shapes)
+        return values
 
     @staticmethod
     def _model(st, ce, arrays):

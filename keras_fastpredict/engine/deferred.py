@@ -1,11 +1,9 @@
-"""Deferred results: predict returns at once with a stand-in for its numpy array.
+"""Deferred calls: predict returns at once with a stand-in for its numpy array.
 
-A ``DeferredArray`` is a wrapt proxy. Until its batch has run it wraps a ``_Pending``
-object that knows the shape and dtype and runs the batch on any other use; then the
-proxy is pointed at the real array, so later uses cost what a plain proxy costs.
 A ``Scope`` (one per ``batching()`` block or ``@fast_predict`` call, one per thread for
 auto-batched sites) collects the pending requests of its thread and runs them together;
-``Scope.defer`` is the one way a call is deferred.
+``Scope.defer`` is the one way a call is deferred. The stand-in (``DeferredArray``) and
+the pending state it wraps until its batch has run are ``engine.pending``'s.
 """
 import collections
 import itertools
@@ -18,306 +16,15 @@ import numpy as np
 import wrapt
 
 from . import hooks, merge
+from .pending import DeferredArray, Known, Pending, SLOT_BITS, set_wrapped
+from .pending import batches as pending_batches, calls as pending_calls
 from ..config import settings
 
 _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush
 _scopes_lock = threading.Lock()
 _active = 0                         # scopes on any thread's stack
-_ZERO = bytearray(1)
-# Points a proxy at another object, past DeferredArray.__setattr__ (and faster).
-_set_wrapped = wrapt.ObjectProxy.__dict__['__wrapped__'].__set__
-
-
-class DeferredArray(wrapt.ObjectProxy):
-    """Stands for the ndarray a deferred predict call will return."""
-
-    def __repr__(self):
-        return repr(self.__wrapped__)
-
-    # wrapt's C proxy fills only the mapping slot for [], so PySequence_Check() is false
-    # for it. numpy 1.18 (discover_dimensions) then takes a list element for a scalar
-    # before looking at its __array_struct__: np.array([proxies]) gave a 1-d array (or
-    # float(proxy) failed). Defined in Python, __getitem__ also fills the sequence slot.
-    def __getitem__(self, key):
-        return self.__wrapped__[key]
-
-    # Setting an attribute (y.shape = ..., y.dtype = ...) acts on the real array, as on an
-    # ndarray: the batch runs first. (Here, not on _Pending: its __init__ stays cheap.)
-    def __setattr__(self, name, value):
-        if name == '__wrapped__':
-            _set_wrapped(self, value)
-        else:
-            resolve(self)               # runs the batch: self now wraps the real array
-            setattr(self.__wrapped__, name, value)
-
-    def __delattr__(self, name):
-        if name == '__wrapped__':
-            wrapt.ObjectProxy.__delattr__(self, name)
-        else:
-            resolve(self)
-            delattr(self.__wrapped__, name)
-
-    # numpy looks these up when converting; defined here they skip a failed attribute
-    # lookup on the proxy (np.concatenate of many results is a common next step).
-    # (ndarray's own priority, found on the class: no lookup forwarded to the wrapped
-    # object, which for a pending one would run its batch.)
-    __array_priority__ = 0.0
-
-    # numpy functions (np.concatenate, np.stack, ...) get the real arrays: numpy's own
-    # conversion of each proxy cost 1.5-2.5 us against 0.2 a real array. Functions that
-    # read only the shape get the proxies as they are (a pending one answers without
-    # running its batch).
-    def __array_function__(self, func, types, args, kwargs):
-        if func in _SHAPE_ONLY:
-            return func._implementation(*args, **kwargs)
-        return func(*materialize(args), **materialize(kwargs))
-
-    @property
-    def __array_struct__(self):
-        return resolve(self).__array_struct__
-
-    @property
-    def __array_interface__(self):
-        return resolve(self).__array_interface__
-
-    def __reduce_ex__(self, protocol):
-        return resolve(self).__reduce_ex__(protocol)
-
-    def __reduce__(self):
-        return resolve(self).__reduce__()
-
-    def __copy__(self):
-        return resolve(self).copy()
-
-    def __deepcopy__(self, memo):
-        return resolve(self).copy()
-
-    # A ufunc writes only into real arrays (out=y raised TypeError): the real ones are
-    # passed, and the proxy given as out= is returned as plain numpy returns the out array.
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        out = kwargs.get('out')
-        if out is not None:
-            kwargs['out'] = tuple(resolve(o) for o in out)
-        result = getattr(ufunc, method)(*(resolve(v) for v in inputs), **kwargs)
-        if out is None:
-            return result
-        if type(result) is tuple:
-            return tuple(o if type(o) is DeferredArray else r for o, r in zip(out, result))
-        return out[0] if type(out[0]) is DeferredArray and result is not None else result
-
-
-_SHAPE_ONLY = frozenset((np.shape, np.ndim, np.size))
-
-try:    # Results that bring no garbage collection on, as the ndarrays they stand for.
-    from ._alloc import uncounted
-    uncounted(DeferredArray)
-except ImportError:     # (not built: they count towards the next one as any object)
-    pass
-
-
-def resolve(value):
-    """The real ndarray behind ``value`` (running its batch if need be)."""
-    if type(value) is DeferredArray:
-        inner = value.__wrapped__
-        if type(inner) in _PENDING:
-            return inner._kfp_value()
-        return inner
-    return value
-
-
-def resolving_first_argument(wrapped, instance, args, kwargs):
-    """numpy.random.shuffle's type check is C's, not isinstance: a proxy takes its path
-    for sequences, which swaps rows through views and duplicates them. It gets the array."""
-    if args and type(args[0]) is DeferredArray:
-        args = (resolve(args[0]),) + tuple(args[1:])
-    return wrapped(*args, **kwargs)
-
-
-resolving_first_argument._kfp_pickled_as_original = True
-
-
-def map_nested(obj, leaf):
-    """``obj`` with ``leaf`` applied to everything in it that is no list, tuple or dict
-    (the containers Keras takes inputs in and functions return results in)."""
-    kind = type(obj)
-    if kind is list or kind is tuple:
-        return kind(map_nested(v, leaf) for v in obj)
-    if kind is dict:
-        return {k: map_nested(v, leaf) for k, v in obj.items()}
-    return leaf(obj)
-
-
-def materialize(obj):
-    """``obj`` with deferred arrays replaced by ndarrays, in lists, tuples and dicts too."""
-    return map_nested(obj, resolve)
-
-
-def _shape_after(shape, key):
-    # The shape of array[key] without the data: index a zero-stride array of that shape.
-    return np.ndarray(shape, np.bool_, _ZERO, 0, (0,) * len(shape))[key].shape
-
-
-class _Pending(object):
-    """What a DeferredArray wraps until its batch has run: one output of one call.
-
-    It holds nothing (no slots: the garbage collector does not track it, where a tracked
-    object per pending call filled the youngest generation and brought full collections
-    into collect loops); its batch and slot are found by its id in ``_calls`` (see
-    ``Scope.defer``). ``_Known`` is the same with its place held in slots. Its own names
-    start with ``_kfp_`` so that none hides an ndarray attribute (the proxy forwards every
-    attribute here; ``hasattr(y, 'keys')`` must stay False).
-    """
-    __slots__ = ()
-
-    @property
-    def __class__(self):
-        return np.ndarray
-
-    @property
-    def _kfp_batch(self):
-        return _batches[_calls[id(self)] >> _SLOT_BITS]
-
-    @property
-    def _kfp_slot(self):            # the call's index times its model's outputs, + output
-        return _calls[id(self)] & _SLOT_MASK
-
-    _kfp_keys = ()                  # indexes applied to the output (a row of it, ...)
-
-    @property
-    def _kfp_shape(self):           # None where the output shape is not static
-        batch = self._kfp_batch
-        slot = self._kfp_slot
-        row = batch.row_shapes[slot % batch.n_outputs]
-        if row is None:
-            return None
-        call = slot // batch.n_outputs
-        stops = batch.stops
-        return (stops[call] - (stops[call - 1] if call else 0),) + row
-
-    @property
-    def _kfp_dtype(self):
-        batch = self._kfp_batch
-        return batch.dtypes[self._kfp_slot % batch.n_outputs]
-
-    def _kfp_value(self):
-        batch = self._kfp_batch
-        scope = batch.scope     # (first: another thread's run sets results, then clears it)
-        if batch.results is None:
-            scope.flush()
-        value = batch.results[self._kfp_slot]
-        if isinstance(value, Exception):
-            raise value
-        for key in self._kfp_keys:
-            value = value[key]
-        return value
-
-    # Known without running the batch.
-    @property
-    def dtype(self):
-        return self._kfp_dtype
-
-    @property
-    def shape(self):
-        shape = self._kfp_shape
-        return shape if shape is not None else self._kfp_value().shape
-
-    @property
-    def ndim(self):
-        shape = self._kfp_shape
-        return len(shape) if shape is not None else self._kfp_value().ndim
-
-    @property
-    def size(self):
-        shape = self._kfp_shape
-        return int(np.prod(shape)) if shape is not None else self._kfp_value().size
-
-    def __len__(self):
-        shape = self._kfp_shape
-        return shape[0] if shape is not None else len(self._kfp_value())
-
-    def __getitem__(self, key):
-        shape = self._kfp_shape
-        batch = self._kfp_batch
-        if shape is not None and _simple_key(key):
-            shape = _shape_after(shape, key)
-            scope = batch.scope
-            if shape and scope is not None:
-                with scope.lock:        # (another thread's run settles batches under it)
-                    if batch.results is None:
-                        proxy = DeferredArray(_Known(batch, self._kfp_slot,
-                                                     self._kfp_keys + (key,), shape,
-                                                     self._kfp_dtype))
-                        batch.derived.append(proxy)
-                        return proxy
-        return self._kfp_value()[key]
-
-    def __getattr__(self, name):
-        return getattr(self._kfp_value(), name)
-
-    def __iter__(self):
-        return iter(self._kfp_value())
-
-    def __hash__(self):
-        raise TypeError("unhashable type: 'numpy.ndarray'")
-
-
-class _Known(_Pending):
-    """A ``_Pending`` whose place is held here: a row (or other part) of a pending result,
-    and a failed call's result (which raises the call's error on every use)."""
-    __slots__ = ('_kfp_batch', '_kfp_slot', '_kfp_keys', '_kfp_shape', '_kfp_dtype')
-
-    def __init__(self, batch, slot, keys, shape, dtype):
-        self._kfp_batch = batch
-        self._kfp_slot = slot
-        self._kfp_keys = keys
-        self._kfp_shape = shape
-        self._kfp_dtype = dtype
-
-
-_PENDING = (_Pending, _Known)
-# Pending calls: id(_Pending) -> its batch's serial << _SLOT_BITS | its slot (untracked
-# ints), from its call until its batch leaves the retired ring (_retire); the batches by
-# serial, as long.
-_SLOT_BITS = 32
-_SLOT_MASK = (1 << _SLOT_BITS) - 1
-_calls = {}
-_batches = {}
-_serials = itertools.count(1)
-
-
-def _simple_key(key):
-    if type(key) is tuple:
-        return all(type(k) in (int, slice) or k is None or k is Ellipsis for k in key)
-    return type(key) in (int, slice)
-
-
-def _forward(name):
-    def method(self, *args):
-        return getattr(self._kfp_value(), name)(*args)
-    method.__name__ = name
-    return method
-
-
-def _forward_inplace(name):
-    def method(self, other):
-        value = self._kfp_value()
-        getattr(value, name)(other)
-        return value
-    method.__name__ = name
-    return method
-
-
-for _name in ('add sub mul truediv floordiv mod divmod pow matmul lshift rshift and or xor'
-              ).split():
-    for _fmt in ('__%s__', '__r%s__'):
-        setattr(_Pending, _fmt % _name, _forward(_fmt % _name))
-    if _name != 'divmod':
-        setattr(_Pending, '__i%s__' % _name, _forward_inplace('__i%s__' % _name))
-for _name in ('lt le eq ne gt ge neg pos abs invert float int index complex bool '
-              'contains setitem delitem str format round array').split():
-    setattr(_Pending, '__%s__' % _name, _forward('__%s__' % _name))
-_Pending.__repr__ = _forward('__repr__')
+_serials = itertools.count(1)       # batches' serials (see pending.calls)
 
 
 class _Batch(object):
@@ -336,7 +43,7 @@ class _Batch(object):
         self.derived = []         # proxies made by indexing a pending one
         self.results = None       # per slot: the output, or the call's exception
         self.serial = next(_serials)
-        self.key = self.serial << _SLOT_BITS
+        self.key = self.serial << SLOT_BITS
         self.n_outputs = entry.n_outputs
         self.row_shapes = entry.row_shapes
         self.dtypes = entry.output_dtypes
@@ -386,15 +93,15 @@ class Scope(object):
                 for buf, a in zip(batch.buffers, arrays):
                     buf[start:stop] = a
             batch.stops.append(stop)
-            # Per output: an untracked _Pending, placed by its id (see _calls), in a proxy.
+            # Per output: an untracked Pending, placed by its id (pending.calls), in a proxy.
             proxies = batch.proxies
             slot = batch.key + len(proxies)
-            pending = _Pending()
-            _calls[id(pending)] = slot
+            pending = Pending()
+            pending_calls[id(pending)] = slot
             result = [DeferredArray(pending)]
             for k in range(1, batch.n_outputs):
-                pending = _Pending()
-                _calls[id(pending)] = slot + k
+                pending = Pending()
+                pending_calls[id(pending)] = slot + k
                 result.append(DeferredArray(pending))
             proxies += result
             entry.stats.deferred += 1
@@ -410,7 +117,7 @@ class Scope(object):
         buffers = [np.empty((capacity,) + shape[1:], dtype) for shape, dtype in
                    zip(entry.feed_shapes, entry.feed_dtypes)]
         batch = self._open[entry] = _Batch(self, entry, buffers, owner)
-        _batches[batch.serial] = batch
+        pending_batches[batch.serial] = batch
         if len(self._open) == 1:
             with _scopes_lock:
                 _scopes.add(self)
@@ -480,13 +187,13 @@ _wrapped_of = wrapt.ObjectProxy.__dict__['__wrapped__'].__get__
 
 
 def _settle(batch):
-    """Point the proxies at their real arrays; a failed call's proxies at a ``_Known``
+    """Point the proxies at their real arrays; a failed call's proxies at a ``Known``
     that keeps raising its error."""
     # A settle can happen inside an operation on a proxy: wrapt hands numpy the wrapped
-    # _Pending as a borrowed reference, and numpy may still use it. The replaced objects
+    # Pending as a borrowed reference, and numpy may still use it. The replaced objects
     # are kept with the batch, in the ring of recently retired ones (_retire), for the
     # next few flushes, longer than any one operation lasts (it touches two proxies, so
-    # two flushes, at most); their places in _calls as long.
+    # two flushes, at most); their places in pending.calls as long.
     proxies, results = batch.proxies, batch.results
     retired = batch.retired = list(map(_wrapped_of, proxies))
     if any(map(isinstance, results, itertools.repeat(Exception))):
@@ -494,16 +201,16 @@ def _settle(batch):
         for slot, (proxy, result) in enumerate(zip(proxies, results)):
             if isinstance(result, Exception):
                 pending = retired[slot]
-                result = _Known(batch, slot, (), pending._kfp_shape,
+                result = Known(batch, slot, (), pending._kfp_shape,
                                 batch.dtypes[slot % n_outputs])
-            _set_wrapped(proxy, result)
+            set_wrapped(proxy, result)
     else:
-        collections.deque(map(_set_wrapped, proxies, results), 0)
+        collections.deque(map(set_wrapped, proxies, results), 0)
     for proxy in batch.derived:
         pending = proxy.__wrapped__
         if not isinstance(results[pending._kfp_slot], Exception):
             retired.append(pending)
-            _set_wrapped(proxy, pending._kfp_value())
+            set_wrapped(proxy, pending._kfp_value())
     batch.proxies = batch.derived = None
 
 
@@ -520,8 +227,8 @@ def _retire(batches):
         except IndexError:          # (another thread's retire took it)
             break
         for batch in old:
-            _batches.pop(batch.serial, None)
-            collections.deque(map(_calls.pop, map(id, batch.retired),
+            pending_batches.pop(batch.serial, None)
+            collections.deque(map(pending_calls.pop, map(id, batch.retired),
                                   itertools.repeat(None)), 0)
 
 

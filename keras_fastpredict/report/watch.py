@@ -3,7 +3,7 @@ records its first use (whether results are read before the next call, the eviden
 deferral advice rests on)."""
 import numpy as np
 
-from ..engine.deferred import map_nested
+from ..engine.pending import map_nested
 
 _ndarray = np.ndarray
 
