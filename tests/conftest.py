@@ -19,14 +19,59 @@ import keras_fastpredict as kfp  # noqa: E402
 from keras_fastpredict.config import settings  # noqa: E402
 from keras_fastpredict.engine.verification import within_tolerance  # noqa: E402
 
+from keras.backend import tensorflow_backend  # noqa: E402
+
 # The original methods, captured before any test patches them.
 ORIGINAL = {name: training.Model.__dict__[name] for name in ('predict', 'predict_on_batch')}
+ORIGINAL_CALL = tensorflow_backend.Function.__dict__['__call__']     # K.function's
 RTOL, ATOL = 1e-5, 1e-6
+
+
+class _PlainFunction(object):
+    """A model's own predict function called as unpatched Keras calls it: its class's
+    original ``__call__`` (the patched one would serve the call through our engine)."""
+
+    def __init__(self, function, original_call):
+        self._function = function
+        self._call = original_call
+
+    def __call__(self, inputs):
+        return self._call(self._function, inputs)
+
+    def __getattr__(self, name):
+        return getattr(self._function, name)
+
+
+def plain_twin(model, original_call):
+    """A shallow copy of ``model`` (its layers, weights and graph shared) whose predict
+    function is the model's own, called through ``original_call``: the original predict
+    and predict_on_batch run on it are plain Keras whatever the patch state, and other
+    threads' calls of ``model`` (patched or not) are left as they are."""
+    if not model.built:
+        # Plain predict builds the model it is given (a twin would be built alone).
+        assert not kfp.is_patched(), 'a plain reference while patched needs a built model'
+        return model
+    # (Not copy.copy: Keras 2.2.5's models copy by pickling, a new model and graph.)
+    twin = object.__new__(type(model))
+    twin.__dict__.update(model.__dict__)
+
+    def make_predict_function():
+        model._make_predict_function()          # (on the model, as plain Keras would)
+        object.__setattr__(twin, 'predict_function',
+                           _PlainFunction(model.predict_function, original_call))
+    # Instance attributes of the twin only (object's setattr: tf.keras' tracking of
+    # attributes would count them in the dict the twin shares with the model).
+    object.__setattr__(twin, '_make_predict_function', make_predict_function)
+    return twin
 
 
 def unpatched_predict(model, x, **kwargs):
     """Plain Keras' answer, whatever the patch state."""
-    return ORIGINAL['predict'](model, x, **kwargs)
+    return ORIGINAL['predict'](plain_twin(model, ORIGINAL_CALL), x, **kwargs)
+
+
+def unpatched_predict_on_batch(model, x):
+    return ORIGINAL['predict_on_batch'](plain_twin(model, ORIGINAL_CALL), x)
 
 
 def assert_same(actual, expected):
@@ -117,20 +162,23 @@ def models():
 
 # -- Both Keras flavours: Keras 2.2.5 and tf.keras (TensorFlow 1.15, graph mode) ---------------
 
+from tensorflow.python.keras import backend as tf_backend  # noqa: E402
 from tensorflow.python.keras.engine import training as tf_training  # noqa: E402
 
 TF_ORIGINAL = {name: tf_training.Model.__dict__[name] for name in ('predict', 'predict_on_batch')}
+TF_ORIGINAL_CALL = tf_backend.GraphExecutionFunction.__dict__['__call__']
 
 
 class Flavour(object):
     """One Keras flavour: its modules, its original methods and its model pool."""
 
-    def __init__(self, name, keras_module, original):
+    def __init__(self, name, keras_module, original, original_call):
         self.name = name
         self.keras = keras_module
         self.layers = keras_module.layers
         self.backend = keras_module.backend
         self.original = original
+        self.original_call = original_call
         self._models = None
 
     @property
@@ -140,17 +188,18 @@ class Flavour(object):
         return self._models
 
     def unpatched_predict(self, model, x, **kwargs):
-        return self.original['predict'](model, x, **kwargs)
+        """Plain Keras' answer, whatever the patch state."""
+        return self.original['predict'](plain_twin(model, self.original_call), x, **kwargs)
 
     def unpatched_predict_on_batch(self, model, x):
-        return self.original['predict_on_batch'](model, x)
+        return self.original['predict_on_batch'](plain_twin(model, self.original_call), x)
 
     def __repr__(self):
         return self.name
 
 
-FLAVOURS = {'keras': Flavour('keras', keras, ORIGINAL),
-            'tf.keras': Flavour('tf.keras', tf.keras, TF_ORIGINAL)}
+FLAVOURS = {'keras': Flavour('keras', keras, ORIGINAL, ORIGINAL_CALL),
+            'tf.keras': Flavour('tf.keras', tf.keras, TF_ORIGINAL, TF_ORIGINAL_CALL)}
 
 
 @pytest.fixture(scope='session', params=sorted(FLAVOURS))
@@ -178,3 +227,5 @@ def _restore():
     settings.reset()
     assert training.Model.__dict__['predict'] is ORIGINAL['predict']
     assert tf_training.Model.__dict__['predict'] is TF_ORIGINAL['predict']
+    assert tensorflow_backend.Function.__dict__['__call__'] is ORIGINAL_CALL
+    assert tf_backend.GraphExecutionFunction.__dict__['__call__'] is TF_ORIGINAL_CALL

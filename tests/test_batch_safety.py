@@ -13,11 +13,8 @@ from keras.models import Model, Sequential
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import keras as keras_adapter
 from keras_fastpredict.engine import batch_safety
-from conftest import ORIGINAL, assert_same, unpatched_predict
-
-
-def plain_on_batch(model, x):
-    return ORIGINAL['predict_on_batch'](model, x)
+from conftest import assert_same, unpatched_predict
+from conftest import unpatched_predict_on_batch as plain_on_batch
 
 
 def every_way(model, X):

@@ -3,7 +3,8 @@
 tf.keras' own test files are not in the wheel: this differential suite is the proof. Every
 expected value comes from plain tf.keras in this process: the original ``Model.predict`` /
 ``predict_on_batch`` captured before anything patched them (``conftest.TF_ORIGINAL``),
-called on the same model. Models: Sequential, functional, multi-input/output, Conv, LSTM
+called on the same model as unpatched tf.keras whatever the patch state
+(``Flavour.unpatched_predict``). Models: Sequential, functional, multi-input/output, Conv, LSTM
 (plain, ``unroll``, ``stateful``, ``return_sequences``), BatchNormalization, Dropout, Lambda.
 """
 import os
@@ -20,19 +21,15 @@ from tensorflow.python.keras import backend as TK
 
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import tf_keras as tf_keras_adapter
-from conftest import FLAVOURS, TF_ORIGINAL, assert_same, raised, run_in_threads
+from conftest import FLAVOURS, assert_same, raised, run_in_threads
 
 L = tfk.layers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAVOUR = FLAVOURS['tf.keras']
 
 
-def plain(model, x, **kwargs):
-    return TF_ORIGINAL['predict'](model, x, **kwargs)
-
-
-def plain_on_batch(model, x):
-    return TF_ORIGINAL['predict_on_batch'](model, x)
+plain = FLAVOUR.unpatched_predict                     # plain tf.keras, whatever the patch state
+plain_on_batch = FLAVOUR.unpatched_predict_on_batch
 
 
 def rand(rows, shape, seed=1):
