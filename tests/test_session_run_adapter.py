@@ -180,13 +180,7 @@ def test_keyword_forms_options_and_run_metadata(g):
 
 
 def test_cached_calls_skip_session_run(g, monkeypatch):
-    runs = []
-    original = tf_session.BaseSession.__dict__['_call_tf_sessionrun']
-
-    def counting(self, *args):
-        runs.append(1)
-        return original(self, *args)
-    monkeypatch.setattr(tf_session.BaseSession, '_call_tf_sessionrun', counting)
+    runs = _counting_tf_runs(monkeypatch)
     with kfp.patched():
         for i in range(10):
             g.sess.run([g.y, g.s], {g.x: X + i})
