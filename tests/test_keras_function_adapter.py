@@ -192,6 +192,34 @@ def test_a_run_error_on_the_first_call_of_a_model_function_is_keras_own():
     assert_equal(got[1], expected[1], exact=False)
 
 
+def _initialised(model):
+    """Which of the model's variables Keras' session holds values for (read without
+    ``get_session()``, which would initialise them)."""
+    session = tfb._SESSION
+    return session.run([tf1.is_variable_initialized(v) for v in model.weights])
+
+
+def test_inputs_that_fail_conversion_initialise_variables_as_keras_does():
+    # Keras' call runs get_session() (initialising new variables) before it converts its
+    # inputs: an input numpy cannot convert raises numpy's error after that, first call
+    # or later, on the model path or not.
+    K.get_session()
+    cases = [[np.array([['a', 'b', 'c']])], [[['a', 'b', 'c']]], [[[1., 2.], [1., 2., 3.]]]]
+    for inputs in cases:
+        results = []
+        for patched in (False, True):
+            model = _fresh_model(11)            # new variables, not yet initialised
+            f = K.function([model.input], [model.output])
+            if patched:
+                with kfp.patched():
+                    got = outcome(f, inputs)
+            else:
+                got = outcome(plain, f, inputs)
+            results.append((got, _initialised(model)))
+        assert results[0][0][0] == 'raised'
+        assert results[1] == results[0]
+
+
 def test_tensor_inputs_go_to_keras(models):
     model = models['dense']
     f = K.function([model.input], [model.layers[0].output])
