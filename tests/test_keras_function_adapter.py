@@ -192,6 +192,34 @@ def test_a_run_error_on_the_first_call_of_a_model_function_is_keras_own():
     assert_equal(got[1], expected[1], exact=False)
 
 
+def _initialised(model):
+    """Which of the model's variables Keras' session holds values for (read without
+    ``get_session()``, which would initialise them)."""
+    session = tfb._SESSION
+    return session.run([tf1.is_variable_initialized(v) for v in model.weights])
+
+
+def test_inputs_that_fail_conversion_initialise_variables_as_keras_does():
+    # Keras' call runs get_session() (initialising new variables) before it converts its
+    # inputs: an input numpy cannot convert raises numpy's error after that, first call
+    # or later, on the model path or not.
+    K.get_session()
+    cases = [[np.array([['a', 'b', 'c']])], [[['a', 'b', 'c']]], [[[1., 2.], [1., 2., 3.]]]]
+    for inputs in cases:
+        results = []
+        for patched in (False, True):
+            model = _fresh_model(11)            # new variables, not yet initialised
+            f = K.function([model.input], [model.output])
+            if patched:
+                with kfp.patched():
+                    got = outcome(f, inputs)
+            else:
+                got = outcome(plain, f, inputs)
+            results.append((got, _initialised(model)))
+        assert results[0][0][0] == 'raised'
+        assert results[1] == results[0]
+
+
 def test_tensor_inputs_go_to_keras(models):
     model = models['dense']
     f = K.function([model.input], [model.layers[0].output])
@@ -397,3 +425,87 @@ def test_a_thread_calling_while_another_binds_the_model_entry(monkeypatch):
     assert_equal(seen['other'], expected[2], exact=False)
     for a, e in zip(got, expected):
         assert_equal(a, e, exact=False)
+
+
+def test_first_calls_of_model_functions_in_every_form_as_keras():
+    # Each call the first of a new function (no callable of Keras' yet): inputs reordered,
+    # outputs reordered and repeated, the learning phase fed 0 in any position, tuples,
+    # int lists, float64, NaN, batch 0, rows that differ, lists too short or too long,
+    # scalars, None and tensors: the same results and errors as plain Keras'.
+    np.random.seed(14)
+    a, b = layers.Input((6,), name='ka'), layers.Input((4,), name='kb')
+    h = layers.Dropout(0.5)(layers.concatenate([layers.Dense(8)(a), layers.Dense(8)(b)]))
+    model = keras.models.Model([a, b], [layers.Dense(2)(h), layers.Dense(3)(h)])
+    (o1, o2), lp = model.outputs, K.learning_phase()
+    K.get_session()
+    rs = np.random.RandomState(15)
+    xa, xb = rs.rand(4, 6).astype('float32'), rs.rand(4, 4).astype('float32')
+    cases = [([b, a], [o2, o1, o2], [xb[:1], xa[:1]]), ([lp, a, b], [o1], [0, xa[:2], xb[:2]]),
+             ([a, b, lp], [o1], [xa[:2], xb[:2], np.bool_(False)]),
+             ([a, b], [o1], (xa[:1], xb[:1])), ([a, b], [o1], [[[1] * 6], [[2] * 4]]),
+             ([a, b], [o2], [xa[:1].astype('float64'), xb[:1].astype('float64')]),
+             ([a, b], [o1], [np.full((1, 6), np.nan, 'float32'), xb[:1]]),
+             ([a, b], [o1, o2], [xa[:0], xb[:0]]), ([a, b], [o1], [xa[:1], xb[:2]]),
+             ([a, b], [o1], [xa[:1]]), ([a, b], [o1], [xa[:1], xb[:1], xb[:1]]),
+             ([a, b], [o1], [3.0, xb[:1]]), ([a, b], [o1], [None, xb[:1]]),
+             ([a, b], [o1], [tf.constant(xa[:1]), xb[:1]])]
+    expected = [outcome(plain, K.function(i, o), x) for i, o, x in cases]
+    functions = [K.function(i, o) for i, o, _ in cases]
+    with kfp.patched():
+        got = [outcome(f, x) for f, (_, _, x) in zip(functions, cases)]
+    assert sum(type(e) is tuple for e in expected) == 4
+    for g_, e in zip(got, expected):
+        if type(e) is tuple:
+            assert g_ == e
+        else:
+            assert_equal(g_, e, exact=False)
+    assert kfp.stats(model)['fast_calls'] == 7         # (first calls on the model path)
+
+
+def test_first_calls_of_a_model_function_in_a_thread_run_side_effects_as_keras():
+    # A model with an op that counts its runs (before an Embedding that fails on an index
+    # out of range), on a graph of its own with its session as the default one: first calls
+    # of new functions from another thread (its default graph not the model's), with the
+    # variables not yet initialised: results, errors, runs and initialisation as Keras'.
+    def build():
+        graph = tf.Graph()
+        with graph.as_default():
+            counter = tf1.Variable(0, name='runs')
+
+            def counted(t):
+                with tf.control_dependencies([tf1.assign_add(counter, 1)]):
+                    return tf.identity(t)
+            inp = layers.Input((3,), dtype='int32')
+            table = keras.initializers.Constant(np.arange(20.).reshape(10, 2))
+            model = keras.models.Model(inp, layers.Flatten()(layers.Embedding(
+                10, 2, embeddings_initializer=table)(layers.Lambda(counted)(inp))))
+            functions = [K.function([inp], [model.output]) for _ in range(4)]
+        return model, counter, functions, tf1.Session(graph=graph)
+    calls = [np.array([[1, 2, 12]]), np.array([[1, 2, 3], [4, 5, 6]]), np.array([[7, 8, 9]]),
+             np.array([[1, 2, 12]])]
+
+    def loop(call, model, counter, functions, sess):
+        results = []
+        with sess.as_default():
+            for f, v in zip(functions, calls):
+                results.append(outcome(call, f, [v]))
+                results.append(sess.run(counter))
+            results.append(sess.run([tf1.is_variable_initialized(w) for w in model.weights]))
+        return results
+
+    def in_thread(call):
+        parts = build()
+        out = []
+        assert not run_in_threads(1, lambda t: out.append(loop(call, *parts)))
+        parts[3].close()
+        return out[0], parts[0]
+    expected, _ = in_thread(plain)
+    with kfp.patched():
+        got, model = in_thread(lambda f, x: f(x))
+    assert type(expected[0]) is tuple and expected[1] == 1 and expected[-1] == [True]
+    for g_, e in zip(got, expected):
+        if type(e) is tuple:
+            assert g_ == e
+        else:
+            assert_equal(g_, e, exact=False)
+    assert kfp.stats(model)['fast_calls'] == 4         # (all four on the model path)

@@ -5,6 +5,7 @@ patched (the first call of a signature goes to the original, later ones to the c
 same result types, nesting, dtypes, values, and the same exception type and message.
 """
 import collections
+import contextlib
 import gc
 import os
 import subprocess
@@ -730,3 +731,169 @@ def test_noting_is_complete_only_for_models_made_since_import():
     model_path.noting.complete = True
     kfp.unpatch()
     assert model_path.noting.complete is False
+
+
+# -- first calls of a known model, every form, against plain TF --------------------------------
+
+def _two_input_model():
+    np.random.seed(12)
+    a, b = layers.Input((6,), name='fa'), layers.Input((4,), name='fb')
+    h = layers.Dropout(0.5)(layers.concatenate([layers.Dense(8)(a), layers.Dense(8)(b)]))
+    return keras.models.Model([a, b], [layers.Dense(2, name='fo1')(h),
+                                       layers.Dense(3, name='fo2')(h)])
+
+
+def _first_call_cases(model, lp):
+    (a, b), (o1, o2) = model.inputs, model.outputs
+    rs = np.random.RandomState(13)
+    xa, xb = rs.rand(4, 6).astype('float32'), rs.rand(4, 4).astype('float32')
+    nan = np.full((1, 6), np.nan, 'float32')
+    return [
+        ({'x': o1, 'y': [o2, o1]}, {a: xa[:1], b: xb[:1]}, {}),
+        (NT(o2, o1), {a: xa[:2], b: xb[:2]}, {}),
+        (collections.OrderedDict([('z', o2), ('a', o1)]), {a: xa[:1], b: xb[:1]}, {}),
+        ((o1,), {a: xa[:1], b: xb[:1]}, {}),
+        (['fo1/BiasAdd:0', o2], {'fa:0': xa[:3], 'fb:0': xb[:3]}, {}),
+        (o1, {a: xa[:1], b: xb[:1], lp: 0}, {}),
+        (o1, {a: xa[:1].tolist(), b: xb[:1].tolist(), lp: False}, {}),
+        (o1, {a: xa[:2], b: xb[:2], lp: np.int64(0)}, {}),
+        (o1, {a: xa[:2], b: xb[:3], lp: 0.0}, {}),                     # rows differ
+        (o1, {a: xa[:1]}, {}),                                          # partial feed
+        (o1, {a: xa[:1], b: xb[:1], model.layers[2].output: np.ones((1, 8), 'float32')}, {}),
+        ([o1, o2], {a: xa[:0], b: xb[:0]}, {}),                         # batch 0
+        ([o1, o1.op], {a: xa[:1], b: xb[:1]}, {}),
+        (o1, {a: np.ones((1, 6), 'int64'), b: np.ones((1, 4), 'int32')}, {}),
+        (o1, {a: xa[:1], b: xb[:1], lp: 2 ** 40}, {}),
+        (o1, {a: nan, b: xb[:1]}, {}),
+        (o1, {a: None, b: xb[:1]}, {}),
+        (o1, {a: 'x', b: xb[:1]}, {}),
+        (o1, {a: tf.constant(xa[:1]), b: xb[:1]}, {}),
+        (o1, {a: xa[1:3], b: xb[1:3]}, {'run_metadata': tf1.RunMetadata()}),
+        (o1, {a: xa[1:3], b: xb[1:3]}, {'options': tf1.RunOptions()}),
+    ]
+
+
+def _raised(result):
+    return type(result) is tuple and len(result) == 3 and type(result[0]) is str
+
+
+def _same_outcome(got, expected):
+    if _raised(expected):
+        assert got == expected
+    else:
+        assert type(got) is type(expected)
+        if isinstance(expected, dict):
+            assert list(got) == list(expected)
+            got, expected = list(got.values()), list(expected.values())
+        if isinstance(expected, (list, tuple)):
+            assert len(got) == len(expected)
+            for a, e in zip(got, expected):
+                _same_outcome(a, e)
+        elif isinstance(expected, np.ndarray):
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert got == expected
+
+
+def test_first_calls_of_a_known_model_in_every_form_as_plain_tf():
+    # Each call the first of its signature (the cache cleared), fetches and feeds in every
+    # form, errors included: the same results and errors as plain TF's.
+    model = _two_input_model()
+    sess = K.get_session()
+    cases = _first_call_cases(model, K.learning_phase())
+    expected = [outcome(lambda: plain(sess, f, d, **kw)) for f, d, kw in cases]
+    got = []
+    with kfp.patched():
+        for f, d, kw in cases:
+            session_run.clear()
+            got.append(outcome(lambda: sess.run(f, d, **kw)))
+    assert sum(_raised(e) for e in expected) == 6
+    assert kfp.stats(model)['fast_calls'] == 10     # (first calls on the model path)
+    for a, e in zip(got, expected):
+        _same_outcome(a, e)
+
+
+def _initialised(sess, model):
+    return plain(sess, [tf1.is_variable_initialized(v) for v in model.weights])
+
+
+def test_first_call_with_uninitialised_variables_raises_as_plain_tf():
+    # A session the user made (as the default session: Keras' session then) and Keras' own
+    # session made before the model: plain TF raises FailedPreconditionError, and
+    # initialises nothing.
+    def dense():
+        return keras.models.Sequential([layers.Dense(5, input_shape=(6,)), layers.Dense(2)])
+    x = np.ones((1, 6), 'float32')
+    keras_session = K.get_session()
+    results = []
+    for patched in (False, True):
+        run = (lambda s, *args: s.run(*args)) if patched else plain
+        own = tf1.Session()
+        with kfp.patched() if patched else contextlib.nullcontext():
+            model = dense()
+            with own.as_default():
+                first = outcome(lambda: run(own, model.output, {model.input: x}))
+            late = dense()                  # made after Keras' session initialised
+            first_keras = outcome(lambda: run(keras_session, late.output, {late.input: x}))
+        results.append((first, _initialised(own, model), first_keras,
+                        _initialised(keras_session, late)))
+        own.close()
+    assert results[0][0][1].__name__ == 'FailedPreconditionError'
+    assert results[0][2][1].__name__ == 'FailedPreconditionError'
+    assert results[0][1] == results[0][3] == [False] * 4
+    assert (results[1][1], results[1][3]) == (results[0][1], results[0][3])
+    # (Which uninitialised variable TF names first varies from run to run, plain too.)
+    for got in (results[1][0], results[1][2]):
+        assert got[1].__name__ == 'FailedPreconditionError'
+        assert got[2].startswith('Attempting to use uninitialized value dense_')
+
+
+def test_first_calls_in_a_thread_on_another_graph_run_side_effects_as_plain_tf():
+    # A model on a graph of its own with an op that counts its runs (before an Embedding
+    # that fails on an index out of range): first calls from another thread, its default
+    # graph not the model's, on that graph's session as the default session (Keras' then)
+    # and on a session that is not Keras': results, errors and runs as plain TF's.
+    graph = tf.Graph()
+    with graph.as_default():
+        counter = tf1.Variable(0, name='runs')
+
+        def counted(t):
+            with tf.control_dependencies([tf1.assign_add(counter, 1)]):
+                return tf.identity(t)
+        inp = layers.Input((3,), dtype='int32')
+        out = layers.Flatten()(layers.Embedding(10, 2)(layers.Lambda(counted)(inp)))
+        model = keras.models.Model(inp, out)
+        init = tf1.global_variables_initializer()
+    sessions = [tf1.Session(graph=graph), tf1.Session(graph=graph)]
+    for s in sessions:
+        plain(s, init)
+    calls = [np.array([[1, 2, 12]]), np.array([[1, 2, 3], [4, 5, 6]]), np.array([[7, 8, 9]]),
+             np.array([[1, 2, 12]])]
+
+    def loop(run, sess, default):
+        results = []
+        for v in calls:
+            before = plain(sess, counter)
+            with sess.as_default() if default else contextlib.nullcontext():
+                results.append(outcome(lambda: run(sess, model.output, {model.input: v})))
+            results.append(plain(sess, counter) - before)
+        return results
+
+    def in_thread(run, sess, default):
+        out = []
+        assert not run_in_threads(1, lambda t: out.append(loop(run, sess, default)))
+        return out[0]
+    patched_run = (lambda s, *args: s.run(*args))     # (the method at the time of the call)
+    expected = [in_thread(plain, s, d) for s, d in zip(sessions, (True, False))]
+    with kfp.patched():
+        got = [in_thread(patched_run, s, d) for s, d in zip(sessions, (True, False))]
+    assert _raised(expected[0][0]) and expected[0][1] == 1
+    for g_, e_ in zip(got, expected):
+        for a, e in zip(g_, e_):
+            _same_outcome(a, e)
+    # The default session's four calls on the model path (its op with side effects: a
+    # failed run is raised from there, not run again by TF); the other session's on TF's.
+    assert kfp.stats(model)['fast_calls'] == 4
+    for s in sessions:
+        s.close()

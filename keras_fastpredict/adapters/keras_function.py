@@ -185,7 +185,10 @@ class KerasFunctionAdapter(object):
             arrays = [inputs[0]]
             phase = False if st.phase_index is None else st.phase_of(arrays)
         else:
-            arrays = st.convert(inputs)
+            try:
+                arrays = st.convert(inputs)
+            except Exception:       # Keras raises it, after its get_session() initialises
+                arrays = None
             if arrays is None:
                 return self._original(st, wrapped, fn, args, kwargs, None, True, _ARGUMENTS)
             phase = st.phase_of(arrays)
