@@ -897,3 +897,38 @@ def test_first_calls_in_a_thread_on_another_graph_run_side_effects_as_plain_tf()
     assert kfp.stats(model)['fast_calls'] == 4
     for s in sessions:
         s.close()
+
+
+@pytest.mark.parametrize('way', ['sess.run', 'K.function'])
+def test_a_finalized_graph_tries_keras_predict_function_once(way, monkeypatch):
+    # A script that finalizes its graph (a leak guard, MonitoredSession) before its loop:
+    # sess.run and K.function of the model's tensors work plain; Keras' predict function
+    # cannot be built there, and the model path that needs it must give up once, not pay
+    # the failed build on every call (found by review). Results as plain TF / Keras.
+    model, sess = _fresh_dense()
+    f = K.function([model.input], [model.output])
+    X = np.random.RandomState(5).rand(20, 6).astype('float32')
+    call = ((lambda x: sess.run(model.output, {model.input: x})) if way == 'sess.run'
+            else (lambda x: f([x])[0]))
+    sess.graph.finalize()
+    try:
+        expected = [call(X[i:i + 1]) for i in range(len(X))]         # unpatched
+        predict_plain = raised(model.predict, X[:1])     # Keras cannot build it: raises
+        tries = []
+        real = type(model).__dict__.get('_make_predict_function') or \
+            keras.engine.training.Model._make_predict_function
+
+        def counted(self, *args, **kwargs):
+            tries.append(1)
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(type(model), '_make_predict_function', counted)
+        with kfp.patched():
+            got = [call(X[i:i + 1]) for i in range(len(X))]
+            loop_tries = len(tries)
+            predict_patched = raised(model.predict, X[:1])   # (Keras' own try: one more)
+    finally:
+        sess.graph._unsafe_unfinalize()
+    assert predict_patched == predict_plain and predict_plain is not None
+    for g_, e in zip(got, expected):
+        assert_identical(g_, e)
+    assert loop_tries <= 1

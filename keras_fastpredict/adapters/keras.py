@@ -338,7 +338,11 @@ class KerasAdapter(object):
                 reason = 'model not on the session Keras uses'
             if reason is not None:
                 return compiled.store(model, compiled.Refusal(model, session, reason))
-            function = ensure_predict_function(model, session.graph)
+            try:
+                function = ensure_predict_function(model, session.graph)
+            except Exception as exc:    # e.g. a finalized graph: refused once, not per call
+                return compiled.store(model, compiled.Refusal(
+                    model, session, 'no predict function: %s' % str(exc).split('\n')[0]))
             phase = self.learning_phases().get(session.graph)
             feeds = [t for t in function.inputs if t is not phase]
             if len(feeds) != len(model._feed_inputs):
