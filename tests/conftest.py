@@ -65,13 +65,26 @@ def plain_twin(model, original_call):
     return twin
 
 
+def on_plain_twin(method, model, original_call, *args, **kwargs):
+    """``method`` (an original) run on ``model``'s plain twin. The twin is emptied after:
+    it shares the model's tensors, and the engine's heap scan for the model a
+    ``Session.run`` or ``K.function`` call belongs to (models made before patching) would
+    find the twin instead while it lives (its closure keeps it until a collection)."""
+    twin = plain_twin(model, original_call)
+    try:
+        return method(twin, *args, **kwargs)
+    finally:
+        if twin is not model:
+            twin.__dict__.clear()
+
+
 def unpatched_predict(model, x, **kwargs):
     """Plain Keras' answer, whatever the patch state."""
-    return ORIGINAL['predict'](plain_twin(model, ORIGINAL_CALL), x, **kwargs)
+    return on_plain_twin(ORIGINAL['predict'], model, ORIGINAL_CALL, x, **kwargs)
 
 
 def unpatched_predict_on_batch(model, x):
-    return ORIGINAL['predict_on_batch'](plain_twin(model, ORIGINAL_CALL), x)
+    return on_plain_twin(ORIGINAL['predict_on_batch'], model, ORIGINAL_CALL, x)
 
 
 def assert_same(actual, expected):
@@ -189,10 +202,11 @@ class Flavour(object):
 
     def unpatched_predict(self, model, x, **kwargs):
         """Plain Keras' answer, whatever the patch state."""
-        return self.original['predict'](plain_twin(model, self.original_call), x, **kwargs)
+        return on_plain_twin(self.original['predict'], model, self.original_call, x,
+                             **kwargs)
 
     def unpatched_predict_on_batch(self, model, x):
-        return self.original['predict_on_batch'](plain_twin(model, self.original_call), x)
+        return on_plain_twin(self.original['predict_on_batch'], model, self.original_call, x)
 
     def __repr__(self):
         return self.name
