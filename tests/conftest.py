@@ -78,6 +78,23 @@ def on_plain_twin(method, model, original_call, *args, **kwargs):
             twin.__dict__.clear()
 
 
+def counting_embedding_model(embeddings_initializer='uniform'):
+    """On a graph of its own: a model with an op that counts its runs (the variable
+    ``runs``) before an Embedding, which fails in TF's run on an index out of range (10
+    rows). Returns (graph, counter, model)."""
+    graph = tf.Graph()
+    with graph.as_default():
+        counter = tf.compat.v1.Variable(0, name='runs')
+
+        def counted(t):
+            with tf.control_dependencies([tf.compat.v1.assign_add(counter, 1)]):
+                return tf.identity(t)
+        inp = layers.Input((3,), dtype='int32')
+        model = keras.models.Model(inp, layers.Flatten()(layers.Embedding(
+            10, 2, embeddings_initializer=embeddings_initializer)(layers.Lambda(counted)(inp))))
+    return graph, counter, model
+
+
 def unpatched_predict(model, x, **kwargs):
     """Plain Keras' answer, whatever the patch state."""
     return on_plain_twin(ORIGINAL['predict'], model, ORIGINAL_CALL, x, **kwargs)

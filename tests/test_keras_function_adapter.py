@@ -17,7 +17,8 @@ from keras.backend import tensorflow_backend as tfb
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import keras_function
 from keras_fastpredict.engine import hooks
-from conftest import inputs_for, raised, run_in_threads, unpatched_predict
+from conftest import (counting_embedding_model, inputs_for, raised, run_in_threads,
+                      unpatched_predict)
 
 tf1 = tf.compat.v1
 _call = tfb.Function.__dict__['__call__']
@@ -468,18 +469,10 @@ def test_first_calls_of_a_model_function_in_a_thread_run_side_effects_as_keras()
     # of new functions from another thread (its default graph not the model's), with the
     # variables not yet initialised: results, errors, runs and initialisation as Keras'.
     def build():
-        graph = tf.Graph()
+        graph, counter, model = counting_embedding_model(
+            keras.initializers.Constant(np.arange(20.).reshape(10, 2)))
         with graph.as_default():
-            counter = tf1.Variable(0, name='runs')
-
-            def counted(t):
-                with tf.control_dependencies([tf1.assign_add(counter, 1)]):
-                    return tf.identity(t)
-            inp = layers.Input((3,), dtype='int32')
-            table = keras.initializers.Constant(np.arange(20.).reshape(10, 2))
-            model = keras.models.Model(inp, layers.Flatten()(layers.Embedding(
-                10, 2, embeddings_initializer=table)(layers.Lambda(counted)(inp))))
-            functions = [K.function([inp], [model.output]) for _ in range(4)]
+            functions = [K.function([model.input], [model.output]) for _ in range(4)]
         return model, counter, functions, tf1.Session(graph=graph)
     calls = [np.array([[1, 2, 12]]), np.array([[1, 2, 3], [4, 5, 6]]), np.array([[7, 8, 9]]),
              np.array([[1, 2, 12]])]

@@ -23,7 +23,8 @@ from tensorflow.python.client import session as tf_session
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import session_run
 from keras_fastpredict.engine import hooks
-from conftest import inputs_for, raised, run_in_threads, unpatched_predict
+from conftest import (counting_embedding_model, inputs_for, raised, run_in_threads,
+                      unpatched_predict)
 
 tf1 = tf.compat.v1
 _run = tf_session.BaseSession.__dict__['run']
@@ -854,16 +855,8 @@ def test_first_calls_in_a_thread_on_another_graph_run_side_effects_as_plain_tf()
     # that fails on an index out of range): first calls from another thread, its default
     # graph not the model's, on that graph's session as the default session (Keras' then)
     # and on a session that is not Keras': results, errors and runs as plain TF's.
-    graph = tf.Graph()
+    graph, counter, model = counting_embedding_model()
     with graph.as_default():
-        counter = tf1.Variable(0, name='runs')
-
-        def counted(t):
-            with tf.control_dependencies([tf1.assign_add(counter, 1)]):
-                return tf.identity(t)
-        inp = layers.Input((3,), dtype='int32')
-        out = layers.Flatten()(layers.Embedding(10, 2)(layers.Lambda(counted)(inp)))
-        model = keras.models.Model(inp, out)
         init = tf1.global_variables_initializer()
     sessions = [tf1.Session(graph=graph), tf1.Session(graph=graph)]
     for s in sessions:
