@@ -13,6 +13,9 @@ from .engine import deferred
 # Callbacks whose scope is open. Keras does not call on_train_end when fit raises, so a
 # new training closes what an earlier one left open.
 _open = weakref.WeakSet()
+# Callbacks whose options hold now, in the order they set them. Keras ends callbacks in
+# the order they began: one that ends under a later one hands the values it saved to it.
+_setters = []
 
 
 class FastPredictBehaviour(object):
@@ -48,6 +51,7 @@ class FastPredictBehaviour(object):
         if self._options:
             # They last as long as the training; then the settings before it come back.
             self._saved = patching.update(**self._options)
+            _setters.append(self)
         if self._defer:
             self._scope = deferred.Scope(**self._scope_options)
             self._scope.activate()
@@ -66,6 +70,14 @@ class FastPredictBehaviour(object):
             scope.deactivate()
             scope.flush(lone_read=False)
         saved, self._saved = self._saved, None
+        if self in _setters:
+            above = _setters[_setters.index(self) + 1:]
+            _setters.remove(self)
+            for option in list(saved):      # set again by a later callback: it restores
+                for later in above:
+                    if option in later._saved:
+                        later._saved[option] = saved.pop(option)
+                        break
         if saved:
             patching.update(**saved)
         if self._patched_here:

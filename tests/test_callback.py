@@ -137,9 +137,6 @@ def test_report_option_records_the_training_as_patch_report_does():
     assert_same(after, unpatched_predict(model, x[:1]))
 
 
-@pytest.mark.xfail(strict=True, reason='two callbacks setting one option: Keras ends them in '
-                   'the order they began, so the first restores first and the second '
-                   'then puts back the first one\'s value (found by review, not fixed)')
 def test_two_callbacks_setting_one_option_restore_the_settings_before_the_training():
     """Two FastPredict callbacks (defer=False) in one fit both set ``timeout``: after the
     training the value before it comes back, whatever order they end in; predictions
