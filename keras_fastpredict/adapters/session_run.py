@@ -38,7 +38,7 @@ import weakref
 import numpy as np
 
 from .. import counters
-from ..engine import compiled, deferred, hooks, route
+from ..engine import compiled, deferred, hooks, route, warmup
 from ..engine.pending import DeferredArray
 from ..report import announcing
 from . import model_path, tf1_session
@@ -425,6 +425,7 @@ class SessionRunAdapter(object):
 
     def _first(self, wrapped, session, args, kwargs, cache, key, fetches, feed_dict):
         """The first call of a signature: the original run, and the signature cached."""
+        warmup.expect_batches()     # a session runs: TF's pools are set
         pins = (fetches, tuple(feed_dict))
         try:
             entry = _Entry(session, fetches, feed_dict, pins)

@@ -56,14 +56,7 @@ class CompiledModel(object):
     def __init__(self, model, session, adapter, feeds, fetches, updates, target):
         """``updates``: the state updates to run with each call (a stateful model), or
         None; ``target``: what Keras' own callable runs besides its fetches."""
-        if settings.auto_batch and not settings.report:
-            # Auto-batch alone will run several rows at once: TF's multi-row kernels are
-            # made now, on their thread, beside this entry's own one-time work (a first
-            # batch waited up to 50 ms for them where they were begun at a site's
-            # decision); their product is made here (2 ms), the thread only runs it.
-            # Not where the report times plain Keras: it waits for our threads, and its
-            # sites' calls with it.
-            warmup.start(prepare_here=True)
+        warmup.expect_batches()     # (where no session ran through us before)
         self.model_ref = weakref.ref(model)
         self.adapter = adapter
         # How the adapter's predict loop puts runs together (Keras 2.2.5's by default).

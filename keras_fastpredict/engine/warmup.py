@@ -9,6 +9,8 @@ a private graph and session through TensorFlow's own calls, never through the pa
 entry points (which would settle the user's pending work)."""
 import threading
 
+from ..config import settings
+
 _started = False
 _lock = threading.Lock()
 done = threading.Event()
@@ -25,6 +27,17 @@ def ready():
 def running():
     """Whether the kernels are being made on their thread now."""
     return _started and not done.is_set()
+
+
+def expect_batches():
+    """A session exists (so TF's thread pools are set as the user's session set them;
+    the first session in a process sets them for all) and auto-batch alone is on: its
+    sites will run several rows at once, so the kernels are begun now, beside the first
+    call's own one-time work (Keras' variable initialisation, the entry), not at the entry
+    (the first batch then waited about 10 ms for them). Not where the report times plain
+    Keras: it waits for our threads, and its sites' calls with it."""
+    if settings.auto_batch and not settings.report and not _started:
+        start(prepare_here=True)
 
 
 def start(prepare_here=False):
