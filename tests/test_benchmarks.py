@@ -78,15 +78,16 @@ def test_first_pass_quick_runs_scripts_plain_and_under_the_runner(tmp_path):
     # plainly and under the runner, outputs compared (exit status 1 on a mismatch).
     proc = subprocess.run(
         [sys.executable, '-m', 'benchmarks.first_pass', '--quick', '--cases',
-         'fresh rows: sess.run,array rows: LSTM', '--out', str(tmp_path)],
+         'fresh rows: sess.run,array rows: LSTM,hand-batched', '--out', str(tmp_path)],
         cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (tmp_path / 'first_pass.md').read_text()
     assert '| fresh rows: sess.run | 100 |' in text and '| array rows: LSTM | 50 |' in text
+    assert '| collect rows: hand-batched predict(X) | 200 |' in text
     assert 'outputs differ' not in text
     saved = json.loads((tmp_path / 'first_pass.json').read_text())
-    assert [r['mismatches'] for r in saved['results']] == [0, 0]
+    assert [r['mismatches'] for r in saved['results']] == [0, 0, 0]
     assert all(r['plain_cpu_s'] > 0 and r['patched_cpu_s'] > 0 for r in saved['results'])
 
 
