@@ -19,6 +19,8 @@ import tempfile
 
 import numpy as np
 
+from .plain_env import plain_environ
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, 'scripts')
 WAYS = {'predict': [], 'sess.run': [], 'K.function': [], 'collect': ['--auto-batch']}
@@ -28,7 +30,7 @@ MARKS = ('call 1', 'call 2', 'loop')
 def run_once(way, calls, patched, out_file):
     command = [sys.executable] + (['-m', 'keras_fastpredict'] + WAYS[way] if patched else [])
     command += ['first_calls.py', way, str(calls)]
-    env = dict(os.environ, KFP_BENCH_OUT=out_file)
+    env = plain_environ(KFP_BENCH_OUT=out_file)      # nothing of the runner inherited
     env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     env.setdefault('PYTHONWARNINGS', 'ignore')
     proc = subprocess.run(command, cwd=SCRIPTS, env=env, stdout=subprocess.PIPE,

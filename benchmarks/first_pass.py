@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from .plain_env import plain_environ
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, 'scripts')
 PASSES = 3
@@ -54,7 +56,9 @@ CASES = [
 
 
 def _run(command, out_file):
-    env = dict(os.environ, KFP_BENCH_OUT=out_file, KFP_BENCH_PASSES=str(PASSES))
+    # Nothing of the runner inherited: plain processes plain, patched ones with the case's
+    # flags alone.
+    env = plain_environ(KFP_BENCH_OUT=out_file, KFP_BENCH_PASSES=str(PASSES))
     env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     env.setdefault('PYTHONWARNINGS', 'ignore')
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from .plain_env import plain_environ
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         'examples')
 
@@ -37,6 +39,11 @@ def main(argv=None):
     parser.add_argument('--rows-per-client', type=int, default=8)
     args = parser.parse_args(argv)
     load = _load_module()
+    # The servers inherit this environment: nothing of the runner's (its bootstrap folder
+    # would patch the plain server, its options change the patched one's).
+    environ = plain_environ()
+    os.environ.clear()
+    os.environ.update(environ)
     counts = [int(c) for c in args.clients.split(',') if c]
     print('%s, %d cores, load average %.2f %.2f %.2f; %d repeats of %d requests per client'
           % (time.strftime('%Y-%m-%d %H:%M'), len(os.sched_getaffinity(0)),

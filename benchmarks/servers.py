@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from .plain_env import plain_environ
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EXAMPLES = os.path.join(ROOT, 'examples')
@@ -40,10 +42,11 @@ CASES = ('gunicorn-sync', 'gunicorn-gthread', 'celery-row', 'celery-rows')
 
 
 def _env():
-    # No options inherited; this checkout's package (for every process it starts).
+    # No options inherited, no bootstrap folder (which would patch the plain servers); this
+    # checkout's package (for every process it starts). None removes a variable (load.py).
     env = {k: None for k in os.environ if k.startswith('KERAS_FASTPREDICT_')}
     return dict(env, PYTHONPATH=os.pathsep.join(
-        p for p in [ROOT, os.environ.get('PYTHONPATH')] if p),
+        p for p in [ROOT, plain_environ().get('PYTHONPATH')] if p),
         TF_CPP_MIN_LOG_LEVEL='3', PYTHONWARNINGS='ignore')
 
 

@@ -161,3 +161,28 @@ def test_server_quick_loads_plain_and_patched_servers(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert '| 1 |' in proc.stdout and '| 2 |' in proc.stdout
     assert 'errors 0  wrong 0' in proc.stdout and 'FAILED' not in proc.stderr
+
+
+def test_benchmark_children_get_nothing_of_the_runner():
+    # A driver whose environment carries the runner's bootstrap folder and options (run
+    # under the runner, or from a shell that exported them) started its "plain" processes
+    # patched (first_pass's plain fresh-rows loop: 10 ms for 500 calls, not 97). The
+    # environment it gives them now patches nothing; the runner's own does (the control).
+    from keras_fastpredict import processes
+    from benchmarks.plain_env import plain_environ
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))
+    dirty = processes.child_environ({'auto_batch': True},
+                                    environ=dict(os.environ, PYTHONPATH=path))
+    ask = ('import sys, keras; m = sys.modules.get("keras_fastpredict.patching"); '
+           'print(bool(m and m.is_patched()))')
+
+    def patched_in(env):
+        proc = subprocess.run([sys.executable, '-c', ask], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=120,
+                              env=dict(env, TF_CPP_MIN_LOG_LEVEL='2'))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.split()[-1]
+    assert patched_in(dirty) == 'True'
+    clean = plain_environ(dirty)
+    assert not any(k.startswith('KERAS_FASTPREDICT_') for k in clean)
+    assert patched_in(clean) == 'False'
