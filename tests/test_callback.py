@@ -195,12 +195,7 @@ def fit(model, *callbacks, **kwargs):
 
 X = np.random.RandomState(6).rand(4, 4).astype('float32')
 
-# Strict xfail until the callback stops unpatching a patch others asked for.
-UNPATCHES_OTHERS = pytest.mark.xfail(strict=True, reason='the callback unpatches at its '
-                                     "end whoever asked for the patch")
 
-
-@UNPATCHES_OTHERS
 @pytest.mark.parametrize('when', ['before fit', 'during fit'])
 def test_users_patch_outlasts_the_callbacks_training(when):
     """The user's patch(), made after the callback (which patched) was created, holds after
@@ -218,7 +213,6 @@ def test_users_patch_outlasts_the_callbacks_training(when):
     assert_same(got, expected)
 
 
-@UNPATCHES_OTHERS
 def test_tf_keras_callback_leaves_the_users_patch_in_place():
     import tensorflow as tf
     tfk = tf.keras
@@ -241,7 +235,6 @@ def test_tf_keras_callback_leaves_the_users_patch_in_place():
     assert_same(got, expected)
 
 
-@UNPATCHES_OTHERS
 def test_users_patch_during_training_keeps_the_users_options_not_the_callbacks():
     """The callback's options are put back after its training, but an option the user
     chose with patch() during it stays as the user chose it."""
@@ -256,7 +249,6 @@ def test_users_patch_during_training_keeps_the_users_options_not_the_callbacks()
     assert_same(got, expected)
 
 
-@UNPATCHES_OTHERS
 @pytest.mark.parametrize('then_patch', [False, True], ids=['unpatch', 'unpatch, patch'])
 def test_users_unpatch_during_training_is_not_undone(then_patch):
     """The user's unpatch() during training ends the callback's patch too: the training
@@ -280,14 +272,13 @@ def test_users_unpatch_during_training_is_not_undone(then_patch):
     assert kfp.is_patched() is then_patch
     assert settings.as_dict() == DEFAULTS
     for step, expected in enumerate(probe.expected):
-        assert_same(np.concatenate([np.asarray(s) for s in probe.seen[step * 4:step * 4 + 4]]),
-                    expected)
+        got = [np.asarray(s) for s in probe.seen[step * 4:step * 4 + 4]]
+        assert_same(np.concatenate(got), expected)
     got, expected, fast = predict_rows(model, X)
     assert fast == (len(X) if then_patch else 0)
     assert_same(got, expected)
 
 
-@UNPATCHES_OTHERS
 def test_two_callbacks_in_two_trainings_one_after_another():
     """Two callbacks made while unpatched: the patch lasts until the second's training
     ends, so its fit is wrapped too (and closes its scope when it raises)."""
@@ -314,7 +305,6 @@ def test_two_callbacks_in_one_training():
         assert_same(np.concatenate(probe.seen[step * 4:step * 4 + 4]), expected)
 
 
-@UNPATCHES_OTHERS
 def test_a_dropped_callback_does_not_unpatch_under_a_training_one():
     """The first of two callbacks made while unpatched is collected while the second
     trains: the patch holds until the second's training ends."""
@@ -337,8 +327,7 @@ def test_a_dropped_callback_does_not_unpatch_under_a_training_one():
     assert not kfp.is_patched()
 
 
-@pytest.mark.parametrize('made', [pytest.param('outside', marks=UNPATCHES_OTHERS),
-                                  'inside'])
+@pytest.mark.parametrize('made', ['outside', 'inside'])
 def test_patched_block_around_the_training(made):
     """``with patched():`` around fit: patched for the whole block, whenever the callback
     was made, and unpatched after it (nobody else asked)."""
@@ -375,7 +364,6 @@ def test_patched_block_inside_the_training():
     assert not kfp.is_patched() and settings.as_dict() == DEFAULTS
 
 
-@UNPATCHES_OTHERS
 def test_unused_callback_dropped_unpatches_only_if_nobody_else_asked():
     import gc
     callback = kfp.FastPredict()
