@@ -24,8 +24,13 @@ class FastPredictBehaviour(object):
     batched unless ``defer=False``. Every training step first runs what is pending, so no
     deferred prediction sees weights from a later step than the one it was made in.
 
-    Creating the callback patches Keras (if it was not patched) until training ends, so
-    that ``fit`` itself is wrapped and closes the callback's scope even when it raises.
+    Creating the callback patches Keras (if it was not patched), so that ``fit`` itself is
+    wrapped and closes the callback's scope even when it raises. The callback holds the
+    patch until its training ends (or it is collected unused): then Keras is unpatched,
+    unless another callback still holds it or the user patched (``patch()``, before or
+    during the training, or a ``patched()`` block around it). The user's ``unpatch()`` ends
+    the hold at once. The callback's options hold during its training; then the values
+    before it come back, except those the user chose with ``patch(**options)`` meanwhile.
     """
 
     def __init__(self, defer=True, max_batch_size=None, readahead=None, **options):
@@ -33,23 +38,24 @@ class FastPredictBehaviour(object):
         self._defer = defer
         self._scope_options = dict(max_batch_size=max_batch_size, readahead=readahead)
         self._options = options
-        self._patched_here = False
+        self._ticket = None         # this callback's hold on the patch
         self._saved = None          # options there were before this training's own
+        self._mark = None           # the user's choices of options when they were set
         self._scope = None
-        self._ensure_patched()
+        self._hold()
 
-    def _ensure_patched(self):
+    def _hold(self):
         # Only so that fit is wrapped: the options wait for the training.
-        if not patching.is_patched():
-            patching.patch()
-            self._patched_here = True
+        if not patching.holding(self._ticket):
+            self._ticket = patching.hold()
 
     def on_train_begin(self, logs=None):
         for stale in list(_open):
             stale._close()
-        self._ensure_patched()
+        self._hold()
         if self._options:
             # They last as long as the training; then the settings before it come back.
+            self._mark = patching.choices()
             self._saved = patching.update(**self._options)
             _setters.append(self)
         if self._defer:
@@ -70,19 +76,23 @@ class FastPredictBehaviour(object):
             scope.deactivate()
             scope.flush(lone_read=False)
         saved, self._saved = self._saved, None
+        ticket, self._ticket = self._ticket, None
         if self in _setters:
             above = _setters[_setters.index(self) + 1:]
             _setters.remove(self)
-            for option in list(saved):      # set again by a later callback: it restores
+            if not patching.holding(ticket):
+                saved = None        # the user's unpatch() reset every option meanwhile
+            else:
+                for option in patching.chosen_since(self._mark):
+                    saved.pop(option, None)     # the user's choice stays
+            for option in list(saved or ()):   # set again by a later callback: it restores
                 for later in above:
                     if option in later._saved:
                         later._saved[option] = saved.pop(option)
                         break
         if saved:
             patching.update(**saved)
-        if self._patched_here:
-            self._patched_here = False
-            patching.unpatch()
+        patching.release(ticket)    # the last hold unpatches, unless the user patched
 
     def __del__(self):
         try:

@@ -36,6 +36,18 @@ _lock = threading.RLock()
 _active = False
 _hooks_registered = set()
 
+# Who asked for the patch. The user's patch() (or a patched() block) is explicit; implicit
+# holders (FastPredict callbacks) hold() it while they may train and release() it after: the
+# last release unpatches unless the user asked. The user's unpatch() ends every hold (their
+# tickets, the count of unpatch() calls when taken, go stale: releasing one does nothing).
+_explicit = False
+_holds = 0
+_unpatches = 0
+# Options the user chose with patch(**options), each with the choice's number: a holder that
+# set an option for a while puts it back only if the user has not chosen it since.
+_choices = 0
+_chosen = {}
+
 
 _installed = {}             # (id(owner), attribute) -> the wrapper we put there
 
@@ -120,7 +132,18 @@ def is_patched():
 def patch(**options):
     """Speed up ``Model.predict`` and its siblings (see the package docs for options).
     A second call only updates the options (turning the report or auto-batch on or off
-    re-wraps the entry points: calls in flight finish as they began)."""
+    re-wraps the entry points: calls in flight finish as they began). The patch is then
+    the user's: a ``FastPredict`` callback's end leaves it, and the options chosen here."""
+    global _explicit, _choices
+    with _lock:
+        _patch(**options)       # (unknown options raise before anything is marked)
+        _explicit = True
+        if options:
+            _choices += 1
+            _chosen.update(dict.fromkeys(options, _choices))
+
+
+def _patch(**options):
     global _active
     with _lock:
         update(**options)
@@ -135,6 +158,44 @@ def patch(**options):
                 _hooks_registered.add(name)
                 wrapt.register_post_import_hook(_on_import, name)
         _report.passing.gating = bool(settings.report)
+
+
+def hold():
+    """Patch for an implicit holder (a ``FastPredict`` callback) until it calls
+    ``release(ticket)`` with the ticket returned, once; the user's ``unpatch()`` ends the
+    hold first."""
+    global _holds
+    with _lock:
+        _patch()
+        _holds += 1
+        return _unpatches
+
+
+def holding(ticket):
+    """Whether ``ticket`` still holds the patch (not released, no ``unpatch()`` since)."""
+    return ticket is not None and ticket == _unpatches and _holds > 0
+
+
+def release(ticket):
+    """End a hold: the last one unpatches unless the user patched (stale ticket: no-op)."""
+    global _holds
+    with _lock:
+        if not holding(ticket):
+            return
+        _holds -= 1
+        if not _holds and not _explicit:
+            unpatch()
+
+
+def choices():
+    """The number of the user's latest choice of options, for ``chosen_since``."""
+    return _choices
+
+
+def chosen_since(mark):
+    """The options the user has chosen with ``patch(**options)`` since ``choices()`` was
+    ``mark`` (none after an ``unpatch()``)."""
+    return {name for name, number in _chosen.items() if number > mark}
 
 
 def update(**options):
@@ -168,9 +229,13 @@ def _rewrap():
 
 def unpatch():
     """Restore the original methods exactly; pending deferred results are computed first.
-    Every option returns to its default: a later ``patch()`` starts afresh."""
-    global _active
+    Every option returns to its default: a later ``patch()`` starts afresh. It ends the
+    callbacks' holds too: their end will not patch again nor put options back."""
+    global _active, _explicit, _holds, _unpatches
     with _lock:
+        _explicit, _holds = False, 0
+        _unpatches += 1
+        _chosen.clear()
         if not _active:
             return
         hooks.graph_event()
@@ -191,17 +256,31 @@ def unpatch():
 
 @contextlib.contextmanager
 def patched(**options):
-    """``with patched(): ...`` patches for the block (leaves an outer patch in place)."""
+    """``with patched(): ...`` patches for the block (leaves an outer patch in place, and a
+    ``FastPredict`` callback's that still holds)."""
+    global _explicit
     with _lock:
-        was_active = _active
+        was_active, was_explicit, unpatches = _active, _explicit, _unpatches
         old = {name: getattr(settings, name, None) for name in options}
-        patch(**options)        # (patch() re-wraps where the report is turned on or off)
+        chosen = {name: _chosen.get(name) for name in options}
+        _patch(**options)       # (re-wraps where the report is turned on or off)
+        _explicit = True
     try:
         yield
     finally:
         with _lock:
-            if was_active:
-                patch(**old)
+            _explicit = was_explicit
+            if _explicit or _holds:
+                # As before the block, unless the user's unpatch() in it ended the holds
+                # it found (an outer patch of the user's is put back, as it always was).
+                if was_explicit or unpatches == _unpatches:
+                    _patch(**old)
+                    for name, number in chosen.items():
+                        if number is None:
+                            _chosen.pop(name, None)
+                        else:
+                            _chosen[name] = number
             else:
                 unpatch()
-                settings.update(**old)
+                if not was_active:
+                    settings.update(**old)

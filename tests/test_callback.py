@@ -155,3 +155,238 @@ def test_two_callbacks_setting_one_option_restore_the_settings_before_the_traini
         kfp.unpatch()
     assert_same(got, unpatched_predict(model, x))
     assert after == 5.0
+
+
+# Who asked for the patch: a callback patches for as long as it may train, but a user's
+# own patch() (or patched() block) outlasts it, and a user's unpatch() ends every holder's.
+
+def predict_rows(model, x, plain=unpatched_predict):
+    """A user's predict loop (one row a call): its results, plain Keras' answer, and how
+    many of its calls took the fast path (none unpatched)."""
+    before = kfp.stats(model)['fast_calls']
+    got = np.concatenate([np.asarray(model.predict(x[i:i + 1].copy()))
+                          for i in range(len(x))])
+    return got, plain(model, x), kfp.stats(model)['fast_calls'] - before
+
+
+class At(Callback):
+    """Runs ``action()`` at the end of the first epoch, and notes the patch state at every
+    batch's end."""
+
+    def __init__(self, action):
+        super(At, self).__init__()
+        self.action = action
+        self.patched = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            self.action()
+
+    def on_batch_end(self, batch, logs=None):
+        self.patched.append(kfp.is_patched())
+
+
+def fit(model, *callbacks, **kwargs):
+    rng = np.random.RandomState(5)
+    x, y = rng.rand(8, 4).astype('float32'), rng.rand(8, 2).astype('float32')
+    kwargs.setdefault('epochs', 2)
+    model.fit(x, y, batch_size=4, verbose=0, callbacks=list(callbacks), **kwargs)
+
+
+X = np.random.RandomState(6).rand(4, 4).astype('float32')
+
+
+@pytest.mark.parametrize('when', ['before fit', 'during fit'])
+def test_users_patch_outlasts_the_callbacks_training(when):
+    """The user's patch(), made after the callback (which patched) was created, holds after
+    the training: the user's later loops take the fast path, with plain Keras' results."""
+    model = make()
+    callback = kfp.FastPredict()
+    if when == 'before fit':
+        kfp.patch()
+        fit(model, callback)
+    else:
+        fit(model, callback, At(kfp.patch))
+    assert kfp.is_patched()
+    got, expected, fast = predict_rows(model, X)
+    assert fast == len(X)
+    assert_same(got, expected)
+
+
+def test_tf_keras_callback_leaves_the_users_patch_in_place():
+    import tensorflow as tf
+    tfk = tf.keras
+    model = tfk.models.Sequential([tfk.layers.Dense(6, activation='relu', input_shape=(4,)),
+                                   tfk.layers.Dense(2)])
+    model.compile('sgd', 'mse')
+
+    class Patch(tfk.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            kfp.patch()
+
+    rng = np.random.RandomState(5)
+    model.fit(rng.rand(8, 4).astype('float32'), rng.rand(8, 2).astype('float32'),
+              batch_size=4, epochs=2, verbose=0,
+              callbacks=[kfp.TfKerasFastPredict(), Patch()])
+    assert kfp.is_patched()
+    from conftest import FLAVOURS
+    got, expected, fast = predict_rows(model, X, FLAVOURS['tf.keras'].unpatched_predict)
+    assert fast == len(X)
+    assert_same(got, expected)
+
+
+def test_users_patch_during_training_keeps_the_users_options_not_the_callbacks():
+    """The callback's options are put back after its training, but an option the user
+    chose with patch() during it stays as the user chose it."""
+    from keras_fastpredict.config import DEFAULTS, settings
+    model = make()
+    callback = kfp.FastPredict(timeout=30.0, concurrent=False)
+    at = At(lambda: kfp.patch(timeout=5.0))
+    fit(model, callback, at)
+    assert (settings.timeout, settings.concurrent) == (5.0, DEFAULTS['concurrent'])
+    got, expected, fast = predict_rows(model, X)
+    assert fast == len(X)
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize('then_patch', [False, True], ids=['unpatch', 'unpatch, patch'])
+def test_users_unpatch_during_training_is_not_undone(then_patch):
+    """The user's unpatch() during training ends the callback's patch too: the training
+    finishes (the callback's end does not fail), its predictions right throughout, and
+    nothing comes back after it (no option of the callback's or of before the unpatch)
+    unless the user patched again."""
+    from keras_fastpredict.config import DEFAULTS, settings
+    model = make()
+    kfp.patch(timeout=5.0)
+    callback = kfp.FastPredict(timeout=30.0)
+    probe = Probe(X)
+
+    def action():
+        kfp.unpatch()
+        if then_patch:
+            kfp.patch()
+
+    at = At(action)
+    fit(model, callback, at, probe)
+    assert at.patched == [True, True, then_patch, then_patch]
+    assert kfp.is_patched() is then_patch
+    assert settings.as_dict() == DEFAULTS
+    for step, expected in enumerate(probe.expected):
+        got = [np.asarray(s) for s in probe.seen[step * 4:step * 4 + 4]]
+        assert_same(np.concatenate(got), expected)
+    got, expected, fast = predict_rows(model, X)
+    assert fast == (len(X) if then_patch else 0)
+    assert_same(got, expected)
+
+
+def test_two_callbacks_in_two_trainings_one_after_another():
+    """Two callbacks made while unpatched: the patch lasts until the second's training
+    ends, so its fit is wrapped too (and closes its scope when it raises)."""
+    model = make()
+    first, second = kfp.FastPredict(), kfp.FastPredict()
+    fit(model, first)
+    assert kfp.is_patched()              # the second may still train
+    probe = Probe(X)
+    with pytest.raises(RuntimeError):
+        fit(model, second, probe, Boom())
+    assert not kfp.is_patched()
+    assert_same(np.concatenate([np.asarray(s) for s in probe.seen]), probe.expected[0])
+    got, expected, fast = predict_rows(model, X)
+    assert fast == 0
+    assert_same(got, expected)
+
+
+def test_two_callbacks_in_one_training():
+    model = make()
+    probe = Probe(X)
+    fit(model, kfp.FastPredict(), kfp.FastPredict(), probe)
+    assert not kfp.is_patched()
+    for step, expected in enumerate(probe.expected):
+        assert_same(np.concatenate(probe.seen[step * 4:step * 4 + 4]), expected)
+
+
+def test_a_dropped_callback_does_not_unpatch_under_a_training_one():
+    """The first of two callbacks made while unpatched is collected while the second
+    trains: the patch holds until the second's training ends."""
+    import gc
+    model = make()
+    held = [kfp.FastPredict()]
+    second = kfp.FastPredict()
+    probe = Probe(X)
+
+    def drop():
+        del held[:]
+        gc.collect()
+
+    at = At(drop)
+    fit(model, second, at, probe)
+    assert at.patched == [True] * 4
+    assert all(type(s) is DeferredArray for s in probe.seen)
+    for step, expected in enumerate(probe.expected):
+        assert_same(np.concatenate(probe.seen[step * 4:step * 4 + 4]), expected)
+    assert not kfp.is_patched()
+
+
+@pytest.mark.parametrize('made', ['outside', 'inside'])
+def test_patched_block_around_the_training(made):
+    """``with patched():`` around fit: patched for the whole block, whenever the callback
+    was made, and unpatched after it (nobody else asked)."""
+    model = make()
+    if made == 'outside':
+        callback = kfp.FastPredict()
+    with kfp.patched():
+        if made == 'inside':
+            callback = kfp.FastPredict()
+        fit(model, callback)
+        assert kfp.is_patched()
+        got, expected, fast = predict_rows(model, X)
+    assert fast == len(X)
+    assert_same(got, expected)
+    assert not kfp.is_patched()
+    del callback
+    assert not kfp.is_patched()
+
+
+def test_patched_block_inside_the_training():
+    from keras_fastpredict.config import DEFAULTS, settings
+    model = make()
+    seen = []
+
+    def block():
+        with kfp.patched(timeout=5.0):
+            seen.append(settings.timeout)
+        seen.append(settings.timeout)
+
+    at = At(block)
+    fit(model, kfp.FastPredict(timeout=30.0), at)
+    assert seen == [5.0, 30.0]
+    assert at.patched == [True] * 4
+    assert not kfp.is_patched() and settings.as_dict() == DEFAULTS
+
+
+def test_unused_callback_dropped_unpatches_only_if_nobody_else_asked():
+    import gc
+    callback = kfp.FastPredict()
+    assert kfp.is_patched()
+    del callback
+    gc.collect()
+    assert not kfp.is_patched()
+    # The user patched after making it: the patch stays.
+    callback = kfp.FastPredict()
+    kfp.patch()
+    del callback
+    gc.collect()
+    assert kfp.is_patched()
+    kfp.unpatch()
+    # Two made: dropping either leaves the other's patch.
+    first, second = kfp.FastPredict(), kfp.FastPredict()
+    del first
+    gc.collect()
+    assert kfp.is_patched()
+    model = make()
+    got, expected, fast = predict_rows(model, X)
+    assert fast == len(X)
+    assert_same(got, expected)
+    del second
+    gc.collect()
+    assert not kfp.is_patched()

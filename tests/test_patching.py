@@ -176,3 +176,45 @@ def test_options_do_not_outlive_their_patch(models):
     callback = kfp.FastPredict(max_batch_size=7, readahead=True, concurrent=False)
     trainee.fit(np.ones((4, 3)), np.ones((4, 1)), epochs=1, verbose=0, callbacks=[callback])
     assert settings.concurrent is True and settings.readahead is False
+
+
+def test_holds_end_with_the_last_release_or_the_users_unpatch(models):
+    """hold()/release(): the patch lasts while any hold does, or the user's patch(); the
+    user's unpatch() ends every hold (a later release does nothing). Results as plain's."""
+    from conftest import unpatched_predict
+    model = models['dense']
+    x = inputs_for('dense', 3)
+    first, second = patching.hold(), patching.hold()
+    patching.release(first)
+    assert kfp.is_patched() and patching.holding(second)
+    assert_same(model.predict(x), unpatched_predict(model, x))
+    assert kfp.stats(model)['fast_calls'] == 1
+    patching.release(second)
+    assert not kfp.is_patched()
+    ticket = patching.hold()
+    kfp.patch()
+    patching.release(ticket)
+    assert kfp.is_patched()             # the user's patch outlasts the hold
+    ticket = patching.hold()
+    kfp.unpatch()
+    assert not patching.holding(ticket)
+    kfp.patch()
+    patching.release(ticket)            # stale: the user's new patch stays
+    assert kfp.is_patched()
+    assert_same(model.predict(x), unpatched_predict(model, x))
+    assert kfp.stats(model)['fast_calls'] == 2
+
+
+def test_patched_block_puts_back_an_outer_patch_the_block_unpatched():
+    """Unchanged by holds: the user's unpatch() inside a block within the user's patch
+    comes back patched, with the outer options; a patch() inside an outermost block ends
+    with it."""
+    from keras_fastpredict.config import settings
+    kfp.patch(timeout=5.0)
+    with kfp.patched(timeout=7.0):
+        kfp.unpatch()
+    assert kfp.is_patched() and settings.timeout == 5.0
+    kfp.unpatch()
+    with kfp.patched():
+        kfp.patch()
+    assert not kfp.is_patched()
