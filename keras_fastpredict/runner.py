@@ -26,7 +26,7 @@ import tempfile
 import types
 import zipfile
 
-from . import config, patching, processes
+from . import config, import_freeze, patching, processes
 from . import counters as _stats
 from .engine import deferred as _deferred
 from .report import JSON_ENV as _REPORT_JSON_ENV, at_exit as _report_at_exit
@@ -56,6 +56,9 @@ def _parser():
     p.add_argument('--stats-json', metavar='FILE',
                    help='write the call-site report (docs/report.md: schema) as JSON at exit; '
                         "child processes write FILE named by their pid")
+    p.add_argument('--no-gc-freeze', action='store_true',
+                   help="do not freeze the objects of TensorFlow's import for Python's garbage "
+                        'collector (keras_fastpredict/import_freeze.py)')
     p.add_argument('--max-batch-size', type=int)
     p.add_argument('--verify', choices=['auto', 'true', 'false'])
     return p
@@ -146,6 +149,9 @@ def main(argv=None):
         options['report'] = True          # the call-site report (keras_fastpredict.report)
     if ns.stats_json:
         os.environ[_REPORT_JSON_ENV] = os.path.abspath(ns.stats_json)
+    if ns.no_gc_freeze:
+        os.environ[import_freeze.ENV] = '0'     # (for the processes it starts too)
+    import_freeze.install()
     stats_dir = _for_children(options, show_stats)
     patching.patch(**options)
     runner_pid = os.getpid()
