@@ -436,3 +436,26 @@ def test_a_callback_collected_while_the_user_patches_leaves_the_users_options(
     assert state == (True, 5.0)
     assert fast == len(X)
     assert_same(got, expected)
+
+
+def test_a_callback_dropped_after_a_training_that_raised_unwrapped_restores():
+    """A callback reused after its first training (which unpatched) patches again when its
+    second begins, but that fit was looked up unpatched: it raises without closing the
+    callback. Dropped, the callback ends its patch and its options (it was kept alive by
+    the record of option setters); predictions then as plain Keras', unpatched."""
+    from keras_fastpredict.config import DEFAULTS, settings
+    model = make()
+    callback = kfp.FastPredict(timeout=30.0, defer=False)
+    fit(model, callback)
+    assert not kfp.is_patched()
+    try:
+        fit(model, callback, Boom())
+    except RuntimeError:
+        pass
+    assert kfp.is_patched() and settings.timeout == 30.0     # open until dropped
+    del callback
+    gc.collect()
+    assert not kfp.is_patched() and settings.as_dict() == DEFAULTS
+    got, expected, fast = predict_rows(model, X)
+    assert fast == 0
+    assert_same(got, expected)
