@@ -28,7 +28,7 @@ class FastPredictBehaviour(object):
 
     Creating the callback patches Keras (if it was not patched), so that ``fit`` itself is
     wrapped and closes the callback's scope even when it raises. The callback holds the
-    patch until its training ends (or it is collected unused): then Keras is unpatched,
+    patch until its training ends (or it is collected): then Keras is unpatched,
     unless another callback still holds it or the user patched (``patch()``, before or
     during the training, or a ``patched()`` block around it). The user's ``unpatch()`` ends
     the hold at once. The callback's options hold during its training; then the values
