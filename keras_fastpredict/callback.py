@@ -13,8 +13,10 @@ from .engine import deferred
 # Callbacks whose scope is open. Keras does not call on_train_end when fit raises, so a
 # new training closes what an earlier one left open.
 _open = weakref.WeakSet()
-# Callbacks whose options hold now, in the order they set them. Keras ends callbacks in
-# the order they began: one that ends under a later one hands the values it saved to it.
+# The values saved by the callbacks whose options hold now (each one's own dict, in the
+# order they set them). Keras ends callbacks in the order they began: one that ends under a
+# later one hands the values it saved to it. Not the callbacks: one left open by a fit
+# that raised unwrapped must be collectable, to restore and release when dropped.
 _setters = []
 
 
@@ -26,7 +28,7 @@ class FastPredictBehaviour(object):
 
     Creating the callback patches Keras (if it was not patched), so that ``fit`` itself is
     wrapped and closes the callback's scope even when it raises. The callback holds the
-    patch until its training ends (or it is collected unused): then Keras is unpatched,
+    patch until its training ends (or it is collected): then Keras is unpatched,
     unless another callback still holds it or the user patched (``patch()``, before or
     during the training, or a ``patched()`` block around it). The user's ``unpatch()`` ends
     the hold at once. The callback's options hold during its training; then the values
@@ -57,7 +59,7 @@ class FastPredictBehaviour(object):
             # They last as long as the training; then the settings before it come back.
             self._mark = patching.choices()
             self._saved = patching.update(**self._options)
-            _setters.append(self)
+            _setters.append(self._saved)
         if self._defer:
             self._scope = deferred.Scope(**self._scope_options)
             self._scope.activate()
@@ -77,9 +79,10 @@ class FastPredictBehaviour(object):
             scope.flush(lone_read=False)
         saved, self._saved = self._saved, None
         ticket, self._ticket = self._ticket, None
-        if self in _setters:
-            above = _setters[_setters.index(self) + 1:]
-            _setters.remove(self)
+        index = [i for i, values in enumerate(_setters) if values is saved]
+        if index:
+            above = _setters[index[0] + 1:]
+            del _setters[index[0]]
             if not patching.holding(ticket):
                 saved = None        # the user's unpatch() reset every option meanwhile
             else:
@@ -87,8 +90,8 @@ class FastPredictBehaviour(object):
                     saved.pop(option, None)     # the user's choice stays
             for option in list(saved or ()):   # set again by a later callback: it restores
                 for later in above:
-                    if option in later._saved:
-                        later._saved[option] = saved.pop(option)
+                    if option in later:
+                        later[option] = saved.pop(option)
                         break
         if saved:
             patching.update(**saved)

@@ -47,6 +47,10 @@ _unpatches = 0
 # set an option for a while puts it back only if the user has not chosen it since.
 _choices = 0
 _chosen = {}
+# _claimed: whoever patches claims the patch (the user's mark, a hold) before the work, not
+# after: a callback collected meanwhile (its __del__ releases, at any allocation, in this
+# thread: the lock is reentrant) must not find the last hold gone and unpatch mid-way,
+# resetting the options just set or leaving entries wrapped while unpatched.
 
 
 _installed = {}             # (id(owner), attribute) -> the wrapper we put there
@@ -136,8 +140,12 @@ def patch(**options):
     the user's: a ``FastPredict`` callback's end leaves it, and the options chosen here."""
     global _explicit, _choices
     with _lock:
-        _patch(**options)       # (unknown options raise before anything is marked)
-        _explicit = True
+        was, _explicit = _explicit, True     # first: see _claimed
+        try:
+            _patch(**options)
+        except BaseException:
+            _explicit = was     # (unknown options raise before anything is changed)
+            raise
         if options:
             _choices += 1
             _chosen.update(dict.fromkeys(options, _choices))
@@ -166,8 +174,12 @@ def hold():
     hold first."""
     global _holds
     with _lock:
-        _patch()
-        _holds += 1
+        _holds += 1             # first: see _claimed
+        try:
+            _patch()
+        except BaseException:
+            _holds -= 1
+            raise
         return _unpatches
 
 
@@ -263,24 +275,28 @@ def patched(**options):
         was_active, was_explicit, unpatches = _active, _explicit, _unpatches
         old = {name: getattr(settings, name, None) for name in options}
         chosen = {name: _chosen.get(name) for name in options}
-        _patch(**options)       # (re-wraps where the report is turned on or off)
-        _explicit = True
+        _explicit = True        # first: see _claimed
+        try:
+            _patch(**options)   # (re-wraps where the report is turned on or off)
+        except BaseException:
+            _explicit = was_explicit
+            raise
     try:
         yield
     finally:
         with _lock:
+            # As before the block, unless the user's unpatch() in it ended the holds it
+            # found (an outer patch of the user's is put back, as it always was).
+            if (was_explicit or _holds) and (was_explicit or unpatches == _unpatches):
+                _explicit = True            # while the options go back: see _claimed
+                _patch(**old)
+                for name, number in chosen.items():
+                    if number is None:
+                        _chosen.pop(name, None)
+                    else:
+                        _chosen[name] = number
             _explicit = was_explicit
-            if _explicit or _holds:
-                # As before the block, unless the user's unpatch() in it ended the holds
-                # it found (an outer patch of the user's is put back, as it always was).
-                if was_explicit or unpatches == _unpatches:
-                    _patch(**old)
-                    for name, number in chosen.items():
-                        if number is None:
-                            _chosen.pop(name, None)
-                        else:
-                            _chosen[name] = number
-            else:
+            if not (_explicit or _holds):
                 unpatch()
                 if not was_active:
                     settings.update(**old)

@@ -1,5 +1,6 @@
 """FastPredict callback: predictions made during fit are fast, batched, and see the weights
 of the step they were made in."""
+import gc
 import sys
 
 import numpy as np
@@ -390,3 +391,71 @@ def test_unused_callback_dropped_unpatches_only_if_nobody_else_asked():
     del second
     gc.collect()
     assert not kfp.is_patched()
+
+
+class CollectedDuringUpdate(object):
+    """A callback kept alive only by a reference cycle, collected by the garbage collector
+    while patching sets options (a collection may run at any allocation: here, just after
+    ``settings.update`` has set them)."""
+
+    def __init__(self, monkeypatch):
+        from keras_fastpredict.config import settings
+        callback = kfp.FastPredict()
+        callback.cycle = callback
+        self.held = [callback]
+        original = settings.update
+
+        def update(**options):
+            saved = original(**options)
+            if self.held:
+                del self.held[:]
+                gc.collect()
+            return saved
+        monkeypatch.setattr(settings, 'update', update)
+
+
+@pytest.mark.parametrize('how', ['patch', 'patched'])
+def test_a_callback_collected_while_the_user_patches_leaves_the_users_options(
+        monkeypatch, how):
+    """The last hold ends (an unused callback collected) in the middle of the user's
+    patch(timeout=5.0): the patch is the user's, with the user's option (the release
+    unpatched mid-way and reset it); predictions as plain Keras', on the fast path."""
+    from keras_fastpredict.config import settings
+    model = make()
+    collected = CollectedDuringUpdate(monkeypatch)
+    if how == 'patch':
+        kfp.patch(timeout=5.0)
+        state = kfp.is_patched(), settings.timeout
+        got, expected, fast = predict_rows(model, X)
+    else:
+        with kfp.patched(timeout=5.0):
+            state = kfp.is_patched(), settings.timeout
+            got, expected, fast = predict_rows(model, X)
+        assert not kfp.is_patched()         # nobody holds it after the block
+    assert not collected.held
+    assert state == (True, 5.0)
+    assert fast == len(X)
+    assert_same(got, expected)
+
+
+def test_a_callback_dropped_after_a_training_that_raised_unwrapped_restores():
+    """A callback reused after its first training (which unpatched) patches again when its
+    second begins, but that fit was looked up unpatched: it raises without closing the
+    callback. Dropped, the callback ends its patch and its options (it was kept alive by
+    the record of option setters); predictions then as plain Keras', unpatched."""
+    from keras_fastpredict.config import DEFAULTS, settings
+    model = make()
+    callback = kfp.FastPredict(timeout=30.0, defer=False)
+    fit(model, callback)
+    assert not kfp.is_patched()
+    try:
+        fit(model, callback, Boom())
+    except RuntimeError:
+        pass
+    assert kfp.is_patched() and settings.timeout == 30.0     # open until dropped
+    del callback
+    gc.collect()
+    assert not kfp.is_patched() and settings.as_dict() == DEFAULTS
+    got, expected, fast = predict_rows(model, X)
+    assert fast == 0
+    assert_same(got, expected)

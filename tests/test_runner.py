@@ -339,3 +339,53 @@ def test_objects_of_the_script_are_freed_at_exit_as_python_frees_them(tmp_path, 
     assert sums[0] == sums[1] and len(sums[0]) == 1
     assert 'Exception ignored' not in plain.stderr
     assert 'Exception ignored' not in fast.stderr, fast.stderr[-3000:]
+
+
+TRAINS_WITH_THE_CALLBACK = textwrap.dedent('''
+    import os, sys
+    import numpy as np
+    import keras
+    import keras_fastpredict
+    from keras_fastpredict.config import settings
+    model = keras.models.Sequential([keras.layers.Dense(6, activation='relu', input_shape=(4,)),
+                                     keras.layers.Dense(2)])
+    model.set_weights([np.arange(24.).reshape(4, 6) / 24 - .5, np.zeros(6),
+                       np.arange(12.).reshape(6, 2) / 12 - .5, np.zeros(2)])
+    model.compile('sgd', 'mse')
+    rng = np.random.RandomState(5)
+    x, y = rng.rand(8, 4).astype('float32'), rng.rand(8, 2).astype('float32')
+    callbacks = [keras_fastpredict.FastPredict(timeout=30.0)] if sys.argv[2:] else []
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False, callbacks=callbacks)
+    del callbacks[:]
+    rows = np.concatenate([model.predict(x[i:i + 1].copy()) for i in range(8)])
+    print('STATE', keras_fastpredict.is_patched(), settings.timeout,
+          keras_fastpredict.stats(model)['fast_calls'])
+    np.save(sys.argv[1], rows)
+    np.savez(sys.argv[1] + '.weights.npz', *model.get_weights())
+''')
+
+
+def test_a_callback_under_the_runner_leaves_its_patch_and_options(tmp_path):
+    """The runner's patch is the user's: a FastPredict callback's end leaves it, with the
+    runner's options (not the callback's); the loop after the training is fast, with the
+    results of plain Keras (here, unpatched) for the trained weights (training itself
+    differs run to run by ~3e-5, in plain python too). Plain python's own run of the
+    script: unpatched after the callback's training."""
+    import numpy as np
+    from keras import layers, models
+    script = tmp_path / 'train.py'
+    script.write_text(TRAINS_WITH_THE_CALLBACK)
+    plain = call([sys.executable, str(script), str(tmp_path / 'plain.npy'), 'callback'])
+    fast = call(RUNNER + [str(script), str(tmp_path / 'fast.npy'), 'callback'],
+                KERAS_FASTPREDICT_TIMEOUT='5')
+    assert plain.returncode == 0 and fast.returncode == 0, (plain.stderr[-3000:],
+                                                            fast.stderr[-3000:])
+    assert 'STATE False None 0' in plain.stdout, plain.stdout
+    assert 'STATE True 5.0 8' in fast.stdout, fast.stdout
+    weights = np.load(str(tmp_path / 'fast.npy.weights.npz'))
+    model = models.Sequential([layers.Dense(6, activation='relu', input_shape=(4,)),
+                               layers.Dense(2)])
+    model.set_weights([weights['arr_%d' % i] for i in range(4)])
+    x = np.random.RandomState(5).rand(8, 4).astype('float32')
+    np.testing.assert_allclose(np.load(str(tmp_path / 'fast.npy')), model.predict(x),
+                               rtol=1e-5, atol=1e-6)
