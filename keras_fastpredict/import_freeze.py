@@ -8,12 +8,17 @@ entry, about 300 objects kept) brought it into a loop's first call (a 300-image
 ``sess.run`` detector's first pass 0.76-0.90x plain, its first call 101-108 ms against
 plain's 34). Frozen, any later full collection, the script's or at exit, skips them.
 
-Frozen objects are never collected: what the script made before importing TensorFlow
-(its own imports and settings) is frozen with it, and a garbage cycle among those would
-stay. Models, graphs and sessions come after the import and are collected as ever.
+Frozen objects are not collected while the script runs: what the script made before
+importing TensorFlow (its own imports and settings) is frozen with it, and a garbage
+cycle among those stays until exit. At exit they are unfrozen (an ``atexit`` handler,
+after the script's own): the collections of the interpreter's exit then finalise them as
+under python (kept frozen, a cycle holding a buffered file lost what was written to it,
+its ``__del__`` never ran). Models, graphs and sessions come after the import and are
+collected as ever.
 Off with ``KERAS_FASTPREDICT_GC_FREEZE=0`` (the runner's ``--no-gc-freeze``).
 (``bootstrap/sitecustomize.py`` holds a copy of ``install``: it must not import this
 package, whose import takes 100 ms, in children that may never import TensorFlow.)"""
+import atexit
 import gc
 import os
 import sys
@@ -32,3 +37,4 @@ def install():
 
 def _freeze(module):
     gc.freeze()
+    atexit.register(gc.unfreeze)    # (runs after the handlers registered since the import)

@@ -65,3 +65,49 @@ def test_no_gc_freeze_and_its_variable_turn_it_off_for_children_too(tmp_path):
                          (RUNNER, {'KERAS_FASTPREDICT_GC_FREEZE': '0'})):
         fast = _run(tmp_path, command, **env)
         assert fast['FROZEN'] == 'False' and fast['CHILD_FROZEN'] == 'False', command
+
+
+EXIT_SCRIPT = textwrap.dedent('''
+    import sys
+
+    class Log(object):
+        """A buffered file held by a cycle (a bound method kept on the instance)."""
+        def __init__(self, path):
+            self.f = open(path, 'w')
+            self.write = self._write
+
+        def _write(self, text):
+            self.f.write(text)
+
+        def __del__(self):
+            print('DEL Log', flush=True)
+
+    log = Log(sys.argv[1])          # made before TensorFlow's import: frozen with it
+    import tensorflow as tf
+    log.write('written after the import')
+    print('END', flush=True)
+''')
+
+
+def test_what_the_script_made_before_the_import_is_finalised_at_exit_as_under_python(tmp_path):
+    """A cycle the script made before importing TensorFlow is collected at exit as under
+    python: its ``__del__`` runs and the buffered file it holds is flushed (frozen for
+    good, the file lost what was written to it), in the script and in a process it starts."""
+    script = tmp_path / 'exit_cycle.py'
+    script.write_text(EXIT_SCRIPT)
+    driver = tmp_path / 'driver.py'      # the script as a process the runner starts
+    driver.write_text('import subprocess, sys\n'
+                      'sys.exit(subprocess.call([sys.executable] + sys.argv[1:]))\n')
+    outs = {}
+    for name, command in (('plain', [sys.executable]), ('fast', RUNNER),
+                          ('child', RUNNER + [str(driver)])):
+        path = tmp_path / (name + '.txt')
+        out = subprocess.run(command + [str(script), str(path)], cwd=str(tmp_path),
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=ROOT),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert 'Exception ignored' not in out.stderr, out.stderr[-3000:]
+        outs[name] = (out.stdout, path.read_text())
+    assert outs['plain'] == ('END\nDEL Log\n', 'written after the import')
+    assert outs['fast'] == outs['plain'] and outs['child'] == outs['plain']

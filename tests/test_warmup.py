@@ -68,3 +68,53 @@ def test_without_auto_batch_a_session_begins_nothing(tmp_path):
     stdout = _run(tmp_path, 'plain')
     assert 'SESSION False' in stdout
     assert 'FIRST_SESSION_IS_KERAS True 1' in stdout
+
+
+POOL_SCRIPT = r'''
+import sys, threading, time
+import numpy as np
+import tensorflow as tf
+server = tf.train.Server.create_local_server()      # its sessions set no local pools
+x = tf.compat.v1.placeholder(tf.float32, (None, 8))
+y = tf.matmul(x, tf.ones((8, 8)))
+with tf.compat.v1.Session(server.target) as remote:
+    remote.run(y, {x: np.ones((1, 8))})
+warmup = sys.modules.get('keras_fastpredict.engine.warmup')
+if warmup is not None and warmup._started:
+    assert warmup.done.wait(60)
+lock = threading.Lock()
+now = [0, 0]
+def slow(v):
+    with lock:
+        now[0] += 1
+        now[1] = max(now[1], now[0])
+    time.sleep(0.3)
+    with lock:
+        now[0] -= 1
+    return v
+outs = [tf.compat.v1.py_func(slow, [tf.constant(float(i))], tf.float32) for i in range(4)]
+with tf.compat.v1.Session() as local:     # the process' first local session
+    print('SUM', local.run(tf.add_n(outs)))
+print('AT_ONCE', now[1])
+'''
+
+
+def test_the_warm_up_session_never_sets_the_process_inter_op_pool(tmp_path):
+    """A session on a server (here one in the process) sets none of TF's global pools:
+    the first local session does. The warm-up's session, begun at the remote session's
+    first run under auto-batch, must not be that one (its one inter-op thread became the
+    pool of every later session: the user's local session ran its ops one at a time,
+    where plain runs two at once on this machine). Compared with plain TF."""
+    script = tmp_path / 'pools.py'
+    script.write_text(POOL_SCRIPT)
+    outs = []
+    for command in ([sys.executable], [sys.executable, '-m', 'keras_fastpredict', '--auto-batch']):
+        out = subprocess.run(command + [str(script)],
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        outs.append([line for line in out.stdout.splitlines()
+                     if line.startswith(('SUM', 'AT_ONCE'))])
+    assert outs[0][0] == 'SUM 6.0' and outs[0][1] != 'AT_ONCE 1'   # (else nothing to see)
+    assert outs[1] == outs[0]

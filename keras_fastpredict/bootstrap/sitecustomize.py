@@ -53,8 +53,10 @@ def _spark_worker(module):
 
 
 def _freeze_imports(module):
+    import atexit
     import gc
     gc.freeze()
+    atexit.register(gc.unfreeze)
 
 
 def _register():

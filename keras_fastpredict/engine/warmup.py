@@ -72,8 +72,14 @@ def _prepare():
     with graph.as_default():
         x = tf.compat.v1.placeholder(tf.float32, (None, 8))
         y = tf.matmul(x, tf.ones((8, 8)))
-    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=1,
-                                      inter_op_parallelism_threads=1)
+    # Its own one-thread inter-op pool, never TF's global one: a session on a server
+    # (tf.train.Server's target) sets no local pool, so this one could be the first local
+    # session, whose pools every later one shares (the user's would then run its ops one
+    # at a time). The intra-op pool is TF's global one as soon as any local device exists;
+    # where this session's device is the first, its size is TF's default, as a plain
+    # default session's.
+    config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=1,
+                                      use_per_session_threads=True)
     session = tf.compat.v1.Session(graph=graph, config=config)
     try:
         options = config_pb2.CallableOptions(feed=[x.name], fetch=[y.name])
