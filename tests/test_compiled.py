@@ -298,34 +298,3 @@ def test_too_fast_runs_do_not_make_the_pool_callable_when_their_rent_ends_mid_ca
         for i in range(1, 60):
             assert_same(model.predict(x[i:i + 1].copy()), expected[i])
         assert entry._pool is None and 'pool callable' not in kfp.stats(model)['one_time_ms']
-
-
-def test_a_sizes_first_run_does_not_pay_the_pools_rent(monkeypatch):
-    """A size's first run pays one-time work (TF's multi-row kernels made, 25 ms, in a
-    conv net's first run): counted, it paid the inline runs' rent at once, and the next
-    call made the pool's callable (9 ms, in the detector script's second call) for a
-    model whose runs take 0.3 ms. Here the first two-row run is made 0.2 s slower, with
-    a rent of 0.1 s: the pool must wait for the runs' own time. Results as plain Keras'."""
-    import time
-    monkeypatch.setattr(compiled, 'POOL_MIN_RUN_S', 0.0)
-    model = small_model()
-    x = np.random.RandomState(0).rand(42, 4).astype('float32')
-    expected = [unpatched_predict(model, x[i:i + 2]) for i in range(0, 42, 2)]
-    with kfp.patched():
-        assert_same(model.predict(x[:2].copy()), expected[0])      # (made, uncounted)
-        entry = compiled.get(model)
-        entry.make_s = 0.05
-        entry._pool_choice.clear()                  # the two-row size's first run next
-        run = entry._run_callable
-        slowed = []
-
-        def first_slow(*args):
-            if not slowed:
-                slowed.append(1)
-                time.sleep(0.2)
-            return run(*args)
-        entry._run_callable = first_slow
-        for k, i in enumerate(range(0, 42, 2)):
-            assert_same(model.predict(x[i:i + 2].copy()), expected[k])
-        assert slowed and entry._pool is None
-        assert 'pool callable' not in kfp.stats(model)['one_time_ms']

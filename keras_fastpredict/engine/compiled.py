@@ -373,20 +373,14 @@ class CompiledModel(object):
     def _calibrate(self, arrays):
         # The caller's thread is faster for small models (no hand-off to TF's pool), the
         # pool for some larger ones (MobileNet, even one row at a time): for each size
-        # (about a power of two) runs after the first are timed inline; once they have
-        # cost twice what the inline callable cost to make (the pool's costs as much, and
-        # saves at most part of a run), the pool is made and tried, alternating, and the
-        # faster way is kept; not where the fastest run is too short to gain from it
-        # (POOL_MIN_RUN_S).
+        # (about a power of two) runs are timed inline; once they have cost twice what the
+        # inline callable cost to make (the pool's costs as much, and saves at most part
+        # of a run), the pool is made and tried, alternating, and the faster way is kept;
+        # not where the fastest run is too short to gain from it (POOL_MIN_RUN_S).
         bucket = arrays[0].shape[0].bit_length()
         times = self._pool_choice.get(bucket)
         if times is None:
-            # A size's first run is not counted: it pays one-time work (TF's multi-row
-            # kernels are made in a conv net's first run: 25 ms), which paid the rent at
-            # once and made the pool's callable in the next call (9 ms, for 0.3 ms runs).
-            self._pool_choice.setdefault(bucket, [0.0, float('inf'), [], 0])
-            return self._run_callable(self.session._session, self._inline._handle, arrays,
-                                      None)
+            times = self._pool_choice.setdefault(bucket, [0.0, float('inf'), [], 0])
         if type(times) is not list:
             return self._run(arrays, False)
         if times[0] >= 2 * self.make_s and times[1] < POOL_MIN_RUN_S:
