@@ -15,8 +15,9 @@
 * Forks: TensorFlow 1.15 does not work in a process forked after a session was created
   in its parent (any session run there, plain Keras' ``predict`` included, waits for
   ever on thread pools that were not forked). In such a child the patched predict
-  methods raise ``ForkedAfterSessionError`` at once instead. A child forked before any
-  session (a pre-fork server loading its model after the fork) is patched as usual.
+  methods raise ``ForkedAfterSessionError`` at once instead, and the parent's sessions
+  are disowned (``_disown_sessions``). A child forked before any session (a pre-fork
+  server loading its model after the fork) is patched as usual.
 """
 import _thread
 import atexit
@@ -26,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 
 import wrapt
 
@@ -320,9 +322,27 @@ def totals(records):
 
 # --- forks --------------------------------------------------------------------------------
 
+_sessions = weakref.WeakSet()      # the sessions of this process, for a forked child's sake
+
+
 def _note_session(wrapped, instance, args, kwargs):
     state.session_created = True
-    return wrapped(*args, **kwargs)
+    result = wrapped(*args, **kwargs)
+    _sessions.add(instance)
+    return result
+
+
+def _disown_sessions():
+    """In a child forked after sessions were made: they are the parent's, and closing or
+    deleting one here waits for ever for the parent's threads, which a fork does not copy.
+    Plain Keras' child never finalises its session (Keras' predict function holds it until
+    TensorFlow's modules are gone, and it then leaks); patched, Keras' function was never
+    called, so nothing held it and the child hung at exit (``sys.exit``) in
+    ``TF_DeleteSession``. Each is marked closed, its handle dropped (leaked, as plain's):
+    using it here raises TensorFlow's closed-session error where plain would hang."""
+    for session in list(_sessions):
+        session._closed = True
+        session._session = None
 
 
 def _watch_sessions(module):
@@ -372,6 +392,7 @@ def _after_fork_in_child():
     state.forked_from = os.getppid()
     if not patched:
         return
+    _disown_sessions()
     for name in ('keras.engine.training', 'keras.engine.sequential'):
         module = sys.modules.get(name)
         if module is not None:

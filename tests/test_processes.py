@@ -552,8 +552,6 @@ FORK_AND_EXIT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.xfail(strict=True, reason='patched, the Keras session is closed at the exit of '
-                   'a child forked after it, and TF_CloseSession waits for ever there')
 def test_a_child_forked_after_predicting_exits_as_under_plain_keras(tmp_path):
     """A child forked after a predict that never uses TensorFlow and ends with sys.exit:
     plain Keras' child exits 0 (its session is never finalised at exit); patched (found by
@@ -566,6 +564,41 @@ def test_a_child_forked_after_predicting_exits_as_under_plain_keras(tmp_path):
     fast = call(RUNNER + [str(script)])
     assert 'CHILD done' in fast.stdout and 'PARENT child signal 0 exit 0' in fast.stdout, (
         fast.stdout)
+
+
+FORK_AND_RUN = textwrap.dedent('''
+    import os, signal, sys
+    import numpy as np
+    import keras
+    from keras import backend as K
+    model = keras.models.Sequential([keras.layers.Dense(3, input_shape=(4,))])
+    model.predict(np.ones((1, 4), 'float32'))
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(int(sys.argv[1]))
+        try:
+            K.get_session().run(model.output, {model.input: np.ones((1, 4), 'float32')})
+            print('CHILD ran', flush=True)
+        except RuntimeError as exc:
+            print('CHILD error %s' % exc, flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print('PARENT signal %d' % (os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0),
+          flush=True)
+''')
+
+
+def test_a_parents_session_run_in_a_forked_child_raises_where_plain_hangs(tmp_path):
+    """The parent's sessions are disowned in a child forked after them (so that its exit
+    does not wait in TF_DeleteSession): a Session.run on one raises TensorFlow's own
+    closed-session error at once, where plain Keras' child waits for ever."""
+    script = tmp_path / 'fork_run.py'
+    script.write_text(FORK_AND_RUN)
+    plain = call([sys.executable, str(script), '3'])
+    assert 'PARENT signal 14' in plain.stdout and 'CHILD' not in plain.stdout, plain.stdout
+    fast = call(RUNNER + [str(script), '30'])
+    assert 'CHILD error Attempted to use a closed Session.' in fast.stdout, fast.stdout
+    assert 'PARENT signal 0' in fast.stdout
 
 
 def test_child_environ_puts_the_bootstrap_first_once():
