@@ -521,17 +521,22 @@ FORK_AFTER_PREDICT = textwrap.dedent('''
 ''')
 
 
-def test_fork_after_predicting_raises_where_plain_keras_hangs(tmp_path):
-    script = tmp_path / 'fork_after.py'
-    script.write_text(FORK_AFTER_PREDICT)
-    # Plain Keras: the child's predict never returns (killed by its alarm).
+def _hangs_plainly(tmp_path, name, text):
+    """Runs the script plainly, where its forked child must hang until its alarm (3 s),
+    then under the runner (alarm 30 s); returns the runner's output."""
+    script = tmp_path / name
+    script.write_text(text)
     plain = call([sys.executable, str(script), '3'])
     assert 'PARENT signal 14' in plain.stdout and 'CHILD' not in plain.stdout, plain.stdout
+    return call(RUNNER + [str(script), '30']).stdout
+
+
+def test_fork_after_predicting_raises_where_plain_keras_hangs(tmp_path):
     # Under the runner: a clear error at once, and unpatch() still restores Keras.
-    fast = call(RUNNER + [str(script), '30'])
-    assert 'CHILD error keras_fastpredict: process' in fast.stdout, fast.stdout
-    assert 'after TensorFlow had created a session' in fast.stdout
-    assert 'CHILD unpatched True' in fast.stdout and 'PARENT signal 0' in fast.stdout
+    out = _hangs_plainly(tmp_path, 'fork_after.py', FORK_AFTER_PREDICT)
+    assert 'CHILD error keras_fastpredict: process' in out, out
+    assert 'after TensorFlow had created a session' in out
+    assert 'CHILD unpatched True' in out and 'PARENT signal 0' in out
 
 
 FORK_AND_EXIT = textwrap.dedent('''
@@ -592,13 +597,9 @@ def test_a_parents_session_run_in_a_forked_child_raises_where_plain_hangs(tmp_pa
     """The parent's sessions are disowned in a child forked after them (so that its exit
     does not wait in TF_DeleteSession): a Session.run on one raises TensorFlow's own
     closed-session error at once, where plain Keras' child waits for ever."""
-    script = tmp_path / 'fork_run.py'
-    script.write_text(FORK_AND_RUN)
-    plain = call([sys.executable, str(script), '3'])
-    assert 'PARENT signal 14' in plain.stdout and 'CHILD' not in plain.stdout, plain.stdout
-    fast = call(RUNNER + [str(script), '30'])
-    assert 'CHILD error Attempted to use a closed Session.' in fast.stdout, fast.stdout
-    assert 'PARENT signal 0' in fast.stdout
+    out = _hangs_plainly(tmp_path, 'fork_run.py', FORK_AND_RUN)
+    assert 'CHILD error Attempted to use a closed Session.' in out, out
+    assert 'PARENT signal 0' in out
 
 
 def test_child_environ_puts_the_bootstrap_first_once():
