@@ -37,6 +37,17 @@ def outcome(fn, *args):
         return ('raised', type(exc), str(exc))
 
 
+def assert_same_outcomes(got, expected):
+    """Each call's outcome as plain's: the same exception (type and message), or equal
+    outputs (within the README's tolerance)."""
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        if type(e) is tuple:
+            assert g == e
+        else:
+            assert_equal(g, e, exact=False)
+
+
 def assert_equal(got, expected, exact=True):
     assert type(got) is type(expected), (type(got), type(expected))
     if isinstance(expected, (list, tuple)):
@@ -172,11 +183,7 @@ def test_bad_inputs_of_a_model_function_raise_what_keras_raises():
         with kfp.patched():
             got = [outcome(f, c) for c in calls]
         assert sum(type(e) is tuple for e in expected) >= 4
-        for a, e in zip(got, expected):
-            if type(e) is tuple:
-                assert a == e
-            else:
-                assert_equal(a, e, exact=False)
+        assert_same_outcomes(got, expected)
 
 
 def test_a_run_error_on_the_first_call_of_a_model_function_is_keras_own():
@@ -455,11 +462,7 @@ def test_first_calls_of_model_functions_in_every_form_as_keras():
     with kfp.patched():
         got = [outcome(f, x) for f, (_, _, x) in zip(functions, cases)]
     assert sum(type(e) is tuple for e in expected) == 4
-    for g_, e in zip(got, expected):
-        if type(e) is tuple:
-            assert g_ == e
-        else:
-            assert_equal(g_, e, exact=False)
+    assert_same_outcomes(got, expected)
     assert kfp.stats(model)['fast_calls'] == 7         # (first calls on the model path)
 
 
@@ -496,9 +499,5 @@ def test_first_calls_of_a_model_function_in_a_thread_run_side_effects_as_keras()
     with kfp.patched():
         got, model = in_thread(lambda f, x: f(x))
     assert type(expected[0]) is tuple and expected[1] == 1 and expected[-1] == [True]
-    for g_, e in zip(got, expected):
-        if type(e) is tuple:
-            assert g_ == e
-        else:
-            assert_equal(g_, e, exact=False)
+    assert_same_outcomes(got, expected)
     assert kfp.stats(model)['fast_calls'] == 4         # (all four on the model path)
