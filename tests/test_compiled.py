@@ -10,7 +10,7 @@ from keras import layers
 
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import keras as keras_adapter
-from keras_fastpredict.engine import compiled
+from keras_fastpredict.engine import compiled, ways
 from conftest import assert_same, inputs_for, unpatched_predict
 
 
@@ -253,48 +253,30 @@ def test_scenarios_match_plain_keras_in_fresh_processes():
     assert lines['patched'] == lines['plain']
 
 
-def _pool_made(monkeypatch, min_run_s):
-    """Whether 60 fresh one-row calls of a model made TF's inter-op pool callable, with
-    its runs counted past the rent (make_s 0) and the pool's threshold at ``min_run_s``;
-    each result as plain Keras'."""
-    monkeypatch.setattr(compiled, 'POOL_MIN_RUN_S', min_run_s)
-    model = small_model()
-    x = np.random.RandomState(0).rand(60, 4).astype('float32')
-    expected = [unpatched_predict(model, x[i:i + 1]) for i in range(60)]
-    with kfp.patched():
-        model.predict(x[:1].copy())
-        entry = compiled.get(model)
-        entry.make_s = 0.0
-        for i in range(60):
-            assert_same(model.predict(x[i:i + 1].copy()), expected[i])
-        return entry._pool is not None, kfp.stats(model)['one_time_ms']
-
-
-def test_runs_too_fast_to_gain_from_the_pool_do_not_make_its_callable(monkeypatch):
-    made, one_time = _pool_made(monkeypatch, float('inf'))
-    assert not made and 'pool callable' not in one_time
-
-
-def test_slower_runs_try_the_pool(monkeypatch):
-    made, one_time = _pool_made(monkeypatch, 0.0)
-    assert made and 'pool callable' in one_time
-
-
-def test_too_fast_runs_do_not_make_the_pool_callable_when_their_rent_ends_mid_call(
-        monkeypatch):
-    """Found by review: the call that found a bucket too fast for the pool went on to try
-    the pool where the previous call had ended the inline runs' rent (a real 2,000-call
-    Dense(64)x2 loop paid 8.6 ms for its callable, fastest run 7 us). Here the rent ends
-    during the second calibrating call, deterministically."""
-    monkeypatch.setattr(compiled, 'POOL_MIN_RUN_S', float('inf'))
+def _sixty_calls(make_s):
+    """60 fresh one-row calls of a model, the inline callable's cost taken as ``make_s``
+    from the second call on; each result as plain Keras'. Its Ways and one-time costs."""
     model = small_model()
     x = np.random.RandomState(0).rand(60, 4).astype('float32')
     expected = [unpatched_predict(model, x[i:i + 1]) for i in range(60)]
     with kfp.patched():
         assert_same(model.predict(x[:1].copy()), expected[0])
-        entry = compiled.get(model)
-        spent = entry._pool_choice[1][0]          # inline runs' time so far (one run)
-        entry.make_s = spent / 2 + 1e-9           # the rent ends in the next call
+        made = compiled.get(model)._ways
+        made.make_s = make_s
         for i in range(1, 60):
             assert_same(model.predict(x[i:i + 1].copy()), expected[i])
-        assert entry._pool is None and 'pool callable' not in kfp.stats(model)['one_time_ms']
+        return made, kfp.stats(model)['one_time_ms']
+
+
+def test_the_first_callable_runs_on_the_pool_as_plain_keras_does():
+    """One callable, as plain Keras makes, and on TF's pool as Keras' is (a MobileNet run
+    is slower in the caller's thread); the other only once the runs could have paid it."""
+    made, one_time = _sixty_calls(float('inf'))
+    assert made.first == ways.POOL and made.has(ways.POOL) and not made.has(ways.INLINE)
+    assert 'callable' in one_time and 'inline callable' not in one_time
+
+
+def test_the_inline_callable_is_made_once_runs_could_have_paid_it():
+    made, one_time = _sixty_calls(0.0)
+    assert made.has(ways.POOL) and made.has(ways.INLINE) and 'inline callable' in one_time
+    assert made.choice[1] in (ways.POOL, ways.INLINE)     # one row: settled, both tried

@@ -13,7 +13,7 @@ from keras import layers as L
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import keras as keras_adapter
 from keras_fastpredict import config
-from keras_fastpredict.engine import compiled, inference_graph
+from keras_fastpredict.engine import compiled, inference_graph, ways
 from conftest import assert_same, unpatched_predict, unpatched_predict_on_batch
 
 
@@ -276,17 +276,15 @@ def test_once_paid_for_it_is_used_only_if_faster(monkeypatch, slower):
     assert entry.inference_graph in ('building', 'checking')
     compiled._join_makers()                 # its callable is made on a thread of its own
     assert entry.inference_graph == 'checking'
-    own = entry._inline._handle
-    run = entry._run_callable
+    for made, slow in ((entry._ways, slower == 'own graph'),
+                       (entry._candidate[0], slower == 'inference graph')):
+        if slow:
+            run = made._tf_run
 
-    def slowed(session, handle, arrays, options):
-        candidate = entry._candidate
-        is_candidate = candidate is not None and handle == candidate[0]._handle
-        if (slower == 'own graph' and handle == own) or (
-                slower == 'inference graph' and is_candidate):
-            time.sleep(0.05)
-        return run(session, handle, arrays, options)
-    monkeypatch.setattr(entry, '_run_callable', slowed)
+            def slowed(session, handle, arrays, options, run=run):
+                time.sleep(0.05)
+                return run(session, handle, arrays, options)
+            monkeypatch.setattr(made, '_tf_run', slowed)
     got += [model.predict(r) for r in rows[2:]]
     for g, e in zip(got, expected):
         assert_same(g, e)
@@ -367,30 +365,39 @@ def test_other_threads_never_see_the_layers_unrolled():
     assert seen == [(False, False)]
 
 
-def test_where_the_pool_lost_on_the_own_graph_it_is_not_tried_again_on_the_inference_graph(
-        monkeypatch):
+@pytest.mark.auto_policy
+def test_sizes_settled_in_the_callers_thread_stay_there_on_the_inference_graph(monkeypatch):
     """Making a callable holds the GIL (LSTM(128) x 40 steps: the caller's call waited 214
     ms for the unrolled graph's pool callable at its 1,241st call, and the pool lost there
-    too): a row count whose calls ran faster inline than on TF's pool keeps that verdict
-    when the inference graph takes over; one still calibrating starts again."""
+    too). Where the model's own graph settled on the caller's thread, the inference graph's
+    first callable is made for it, and the row counts settled there stay there, the pool
+    not tried for them; another row count calibrates anew."""
     model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
     rows = [np.array(r[None]) for r in rand(30, 7, 4)]
     pairs = [np.array(r) for r in rand(30, 2, 7, 4, seed=1)]
     expected = [unpatched_predict(model, r) for r in rows + pairs]
-    monkeypatch.setattr(compiled, 'POOL_MIN_RUN_S', 0.0)
+    monkeypatch.setitem(inference_graph._cost, 'seconds_per_op', 0.0)
     monkeypatch.setattr(compiled, '_other_threads', lambda: [])   # (pytest-xdist's own)
     kfp.patch()
-    got = [model.predict(rows[0]), model.predict(pairs[0])]
+    got = [model.predict(rows[0])]              # the inference graph falls due
     entry = keras_adapter.lookup(model)
-    entry._pool_choice[1] = False           # one row: the pool lost on the model's graph
+    entry._ways.run_on(ways.INLINE, entry.session._session, [rows[0]])
+    entry._ways.choice[1] = ways.INLINE         # one row: the caller's thread won
+    monkeypatch.setattr(config.settings, 'inference_graph', True)     # used if equal
+    got.append(model.predict(rows[1]))          # built, its callable made beside
     compiled._join_makers()
     assert entry.inference_graph == 'checking', entry.inference_graph
-    got += [model.predict(r) for r in rows[1:10]]
+    got += [model.predict(r) for r in rows[2:10]]
     assert entry.inference_graph.startswith('used'), entry.inference_graph
-    entry.make_s = 0.0                      # the pool may be tried at once
+    made = entry._ways
+    assert made.first == ways.INLINE and made.choice[1] == ways.INLINE
+    made.make_s = 0.0                           # the pool's callable may be bought at once
+    monkeypatch.setattr(ways, 'POOL_HANDOFF_S', 0.0)
+    monkeypatch.setattr(ways, 'POOL_MIN_RUN_S', 0.0)
+    monkeypatch.setattr(ways, 'CORES', 2)
     got += [model.predict(r) for r in rows[10:]]
-    assert entry._pool_choice[1] is False and entry._pool is None   # not tried again
-    got += [model.predict(p) for p in pairs[1:]]
-    for g, e in zip(got, [expected[0], expected[30]] + expected[1:30] + expected[31:]):
+    assert made.choice[1] == ways.INLINE        # one row: not tried again
+    got += [model.predict(p) for p in pairs]
+    for g, e in zip(got, expected):
         assert_same(g, e)
-    assert 2 in entry._pool_choice and entry._pool is not None   # two rows: calibrated anew
+    assert made.has(ways.POOL) and made.choice[2] in (ways.POOL, ways.INLINE)   # two rows

@@ -1,13 +1,11 @@
 """What ``Session.run`` and ``K.function`` calls share on a TensorFlow 1 session: session
-callables run on the caller's thread or TF's inter-op pool (the faster, measured), whether
+callables run on TF's inter-op pool or the caller's thread (``engine.ways``), whether
 running some fetches has side effects, and Keras' learning phase."""
 import threading
-import time
 import weakref
 
-from ..engine import batch_safety
+from ..engine import batch_safety, ways
 
-_CALIBRATION_RUNS = 3
 _lock = threading.Lock()
 _tf = None
 _Tensor = None     # set by bind()
@@ -79,66 +77,58 @@ def keras_phase(graph):
 
 
 class Runner(object):
-    """Session callables for one set of feeds, fetches and targets on one session. The
-    caller's thread is faster for small graphs, TF's inter-op pool for some large ones:
-    both are made on first use, the first runs alternate, and the faster is used.
-    Holds the session weakly; its callables are released when it is dropped (a closed or
-    deleted session frees them itself)."""
-    __slots__ = ('session_ref', 'feeds', 'fetches', 'targets', 'handles', 'handle', 'inline',
-                 'pool', 'times', '__weakref__')
+    """Session callables for one set of feeds, fetches and targets on one session: on
+    TF's inter-op pool as plain TF runs them, in the caller's thread once that may pay
+    (``engine.ways``). Holds the session weakly; its callables are released when it is
+    dropped (a closed or deleted session frees them itself)."""
+    __slots__ = ('session_ref', 'feeds', 'fetches', 'targets', 'ways', '__weakref__')
 
     def __init__(self, session, feeds, fetches, targets):
         self.session_ref = weakref.ref(session)
         self.feeds, self.fetches, self.targets = feeds, fetches, targets
-        self.handles = []
-        self.handle = self.inline = self.pool = None
-        self.times = ([], [])
+        self.ways = None
 
     def run(self, session, arrays):
         """One run; TF's own errors, unwrapped (``Session._do_call`` wraps them)."""
-        handle = self.handle
-        if handle is None:
-            return self._calibrate(session, arrays)
-        return _tf.run_callable(session._session, handle, arrays, None)
-
-    def _calibrate(self, session, arrays):
-        if self.inline is None:
+        made = self.ways
+        if made is None:
             with _lock:
-                if self.inline is None:
-                    self.pool = self._make(session, False)
-                    self.inline = self._make(session, True)     # set last: both exist
-        inline_t, pool_t = self.times
-        if len(inline_t) >= _CALIBRATION_RUNS and len(pool_t) >= _CALIBRATION_RUNS:
-            # Both are kept (another thread may be running either one right now).
-            self.handle = self.pool if min(pool_t) < min(inline_t) else self.inline
-            return _tf.run_callable(session._session, self.handle, arrays, None)
-        use_pool = len(pool_t) < len(inline_t)
-        start = time.perf_counter()
-        out = _tf.run_callable(session._session, self.pool if use_pool else self.inline,
-                               arrays, None)
-        (pool_t if use_pool else inline_t).append(time.perf_counter() - start)
-        return out
+                made = self.ways
+                if made is None:
+                    made = self.ways = ways.Ways(_maker(weakref.ref(self)))
+        return made.run(session._session, arrays)
 
-    def _make(self, session, inline):
+    def make(self, way):
+        """A new callable (its handle) for ``way``."""
+        session = self.session_ref()
+        if session is None:
+            raise RuntimeError('the session was dropped')
         tf = bind()
         options = tf.CallableOptions()
         options.feed.extend(t.name for t in self.feeds)
         options.fetch.extend(t.name for t in self.fetches)
         options.target.extend(op.name for op in self.targets)
-        if inline:
+        if way == ways.INLINE:
             options.run_options.inter_op_thread_pool = -1
         session._extend_graph()
         buf = tf.new_buffer(tf.as_bytes(options.SerializeToString()))
         try:
-            handle = tf.make_callable(session._session, buf)
+            return tf.make_callable(session._session, buf)
         finally:
             tf.delete_buffer(buf)
-        self.handles.append(handle)
-        return handle
 
     def __del__(self):
-        _release(self.session_ref(), self.handles)
-        self.handles = []
+        made = self.ways
+        if made is not None:
+            _release(self.session_ref(), [h for h in made.handles if h is not None])
+            self.ways = None
+
+
+def _maker(runner_ref):
+    # (Weakly: the runner holds the Ways that holds this.)
+    def make(way):
+        return runner_ref().make(way)
+    return make
 
 
 def _release(session, handles):

@@ -10,7 +10,6 @@ flavour. Entries are weakly keyed by the model; a model the fast path leaves to 
 gets a cached ``Refusal``, so the way to Keras costs one lookup.
 """
 import atexit
-import os
 import threading
 import time
 import weakref
@@ -19,19 +18,13 @@ import numpy as np
 
 from .. import counters as _stats
 from ..config import settings
-from . import batch_safety, inference_graph, verification, warmup
+from . import batch_safety, inference_graph, verification, warmup, ways
+from .ways import INLINE, POOL
 
 build_lock = threading.RLock()    # also guards Keras' lazy predict-function build (keras#6124)
 _entries = {}          # id(model) -> CompiledModel
 by_model_id = _entries  # (the adapters read it without a lock, per call)
 _excluded = set()      # id(model) of models the user excluded from batching
-_CALIBRATION_RUNS = 3
-# TF's inter-op pool hands a run to its threads: 20-50 us measured here (Dense(64)x2: 15 us
-# a run inline, 53 on the pool). Parallel ops save at most (1 - 1/cores) of a run, so a
-# run faster than this cannot gain from the pool, and its callable is not made for it.
-POOL_HANDOFF_S = 50e-6
-_CORES = os.cpu_count() or 1
-POOL_MIN_RUN_S = POOL_HANDOFF_S * _CORES / max(1, _CORES - 1) if _CORES > 1 else float('inf')
 _CHECKS = 3            # timed equal runs before the inference graph is used
 
 
@@ -121,22 +114,11 @@ class CompiledModel(object):
         self.warned = False        # told the user once that this model is not batched
         self.excluded = id(model) in _excluded
         self.batcher = None        # the concurrent batcher, made on first use
-        # log2(rows) -> [inline s in all, fastest inline s, [pool s], runs tried], then bool
-        self._pool_choice = {}
-        # The fastest session run timed so far (of any size): a model that ran that fast
-        # once is too quick to gain from queueing concurrent calls.
-        self.fastest_run_s = float('inf')
-        # The graph the callables run: (feeds, fetches, whether Keras' target runs too).
+        # The graph the callables run: (feeds, fetches, whether Keras' target runs too),
+        # first on TF's pool as plain Keras runs it, in the caller's thread once that may
+        # pay (engine.ways).
         self._io = (feeds, self.outputs_list, True)
-        start = time.perf_counter()
-        self._inline = self._make_callable(feeds, self.outputs_list, True)
-        self.make_s = time.perf_counter() - start
-        self.stats.paid('callable', self.make_s)
-        # TF's inter-op pool: made only when a concurrent call needs it, or once runs have
-        # cost enough that trying it may pay (see _calibrate).
-        self._pool = None
-        from tensorflow.python import pywrap_tensorflow
-        self._run_callable = pywrap_tensorflow.TF_SessionRunCallable
+        self._ways = self._new_ways(feeds, self.outputs_list, True, POOL, self.stats.paid)
         # One-time work in progress: a bound method every run goes through (the inference
         # graph waiting to pay for itself, or under check), else None.
         self._pending = None
@@ -221,22 +203,27 @@ class CompiledModel(object):
         maker.start()
 
     def _make_candidate(self, built):
-        start = time.perf_counter()
+        # Its first callable on the way the model's own graph settled on, if that is the
+        # caller's thread everywhere (so the checks compare like with like), else the pool.
+        own = self._ways
+        first = INLINE if own.settled(INLINE) and not own.settled(POOL) else POOL
+
+        def paid(name, seconds):    # (a graph checked under an earlier patch: not again)
+            if name != 'callable' or built.verdict is None:
+                self.stats.paid('inference graph ' + name, seconds)
         try:
-            inline = self._make_callable(built.inputs, built.outputs, True, target=False)
+            made = self._new_ways(built.inputs, built.outputs, False, first, paid)
         except Exception as exc:        # (a session closed meanwhile, say)
             self.inference_graph = 'not used: no callable: %s' % str(exc).split('\n')[0]
             return
         finally:
             with _makers_lock:
                 _makers.discard(threading.current_thread())
-        self._candidate_make_s = time.perf_counter() - start
         if built.verdict is None:
             self.stats.paid('inference graph', built.seconds)
-            self.stats.paid('inference graph callable', self._candidate_make_s)
             inference_graph.learn_cost(built.ops, built.seconds)
-        # [inline callable, pool callable (made on use), built, checks, own s, its s]
-        candidate = [inline, None, built, 0, 0.0, 0.0]
+        # [its Ways, built, checks, own s, its s]
+        candidate = [made, built, 0, 0.0, 0.0]
         if built.verdict:
             self._adopt(candidate)      # checked under an earlier patch
         else:
@@ -251,27 +238,28 @@ class CompiledModel(object):
         candidate = self._candidate
         if candidate is None:           # another thread just decided
             return self.call(arrays, pool)
-        fn = self._pool_callable() if pool else self._inline
+        # Both graphs the same way (the model's own graph's way for this size).
+        way = POOL if pool else self._ways.way_for(arrays)
+        session = self.session._session
         start = time.perf_counter()
-        outs = self._run_callable(self.session._session, fn._handle, arrays, None)
+        outs = self._ways.run_on(way, session, arrays)
         middle = time.perf_counter()
         try:
-            cfn = self._candidate_pool(candidate) if pool else candidate[0]
-            alt = self._run_callable(self.session._session, cfn._handle, arrays, None)
+            alt = candidate[0].run_on(way, session, arrays)
             end = time.perf_counter()
             same = all(verification.within_tolerance(a, o) for a, o in zip(alt, outs))
         except Exception:
             same = False
-        built = candidate[2]
+        built = candidate[1]
         if not same:
             self._reject(candidate, "its outputs differed from the model's")
             return outs
-        if candidate[3]:
-            candidate[4] += middle - start
-            candidate[5] += end - middle
-        candidate[3] += 1
-        if candidate[3] > _CHECKS:
-            own, its = candidate[4], candidate[5]
+        if candidate[2]:
+            candidate[3] += middle - start
+            candidate[4] += end - middle
+        candidate[2] += 1
+        if candidate[2] > _CHECKS:
+            own, its = candidate[3], candidate[4]
             if its < own or settings.inference_graph is True:
                 built.verdict = True
                 built.saving = (own - its) / _CHECKS
@@ -285,32 +273,22 @@ class CompiledModel(object):
     def _reject(self, candidate, why):
         if self._candidate is candidate:
             self._candidate = self._pending = None
-        built = candidate[2]
+        built = candidate[1]
         built.verdict, built.why_not = False, why
         self.inference_graph = 'not used: ' + why
 
-    def _candidate_pool(self, candidate):
-        if candidate[1] is None:
-            with build_lock:
-                if candidate[1] is None:
-                    built = candidate[2]
-                    candidate[1] = self._make_callable(built.inputs, built.outputs, False,
-                                                       target=False)
-        return candidate[1]
-
     def _adopt(self, candidate):
-        built = candidate[2]
-        self._inline, self._pool = candidate[0], candidate[1]
+        made, built = candidate[0], candidate[1]
+        # Timings of the other graph do not carry over, save one verdict: sizes that
+        # settled in the caller's thread stay there (making the pool's callable holds the
+        # GIL, so the caller waits: 214 ms at the 1,241st call of a char-RNN loop, LSTM(128)
+        # x 40 steps, whose pool lost on both graphs).
+        if made.first == INLINE:
+            for size in self._ways.settled(INLINE):
+                made.choice.setdefault(size, INLINE)
+        self._ways = made
         self._io = (built.inputs, built.outputs, False)
         self._candidate = self._pending = None
-        self.make_s = self._candidate_make_s
-        # Timings of the other graph do not carry over, save one verdict: where TF's pool
-        # lost to inline runs, it is not tried again (making its callable holds the GIL,
-        # so the caller waits: 214 ms at the 1,241st call of a char-RNN loop, LSTM(128) x
-        # 40 steps, whose pool lost on both graphs).
-        self._pool_choice = {size: False for size, way in self._pool_choice.items()
-                             if way is False}
-        self.fastest_run_s = float('inf')
         self.inference_graph = 'used'
         if built.saving is not None:
             self.inference_graph = 'used: %.3f ms %s a run' % (
@@ -319,19 +297,6 @@ class CompiledModel(object):
             safe, reason, _ = _batch_safety(self.session, built.inputs, built.outputs)
             if safe is not None:
                 self.batch_safe, self.batching_reason = safe, reason
-
-    def _make_callable(self, feeds, fetches, inline, target=True):
-        from tensorflow.core.protobuf import config_pb2
-        options = config_pb2.CallableOptions()
-        options.feed.extend(t.name for t in feeds)
-        options.fetch.extend(t.name for t in fetches)
-        if target:
-            # What Keras' own callable runs: its updates (state updates of a stateful
-            # model; else a no-op), so TF runs, and fails, exactly as it does for Keras.
-            options.target.append(self.target.name)
-        if inline:
-            options.run_options.inter_op_thread_pool = -1
-        return self.session._make_callable_from_options(options)
 
     def model(self):
         return self.model_ref()
@@ -346,63 +311,21 @@ class CompiledModel(object):
         return self._run(arrays, pool)
 
     def _run(self, arrays, pool):
-        if pool:
-            fn = self._pool_callable()
-        else:
-            choice = self._pool_choice.get(arrays[0].shape[0].bit_length())
-            if choice is True:
-                fn = self._pool
-            elif choice is False:
-                fn = self._inline
-            else:
-                return self._calibrate(arrays)
-        return self._run_callable(self.session._session, fn._handle, arrays, None)
+        return self._ways.run(self.session._session, arrays, pool)
 
-    def _pool_callable(self):
-        fn = self._pool
-        if fn is None:
-            with build_lock:
-                fn = self._pool
-                if fn is None:
-                    start = time.perf_counter()
-                    feeds, fetches, target = self._io
-                    fn = self._pool = self._make_callable(feeds, fetches, False, target)
-                    self.stats.paid('pool callable', time.perf_counter() - start)
-        return fn
+    def _new_ways(self, feeds, fetches, target, first, paid):
+        # (The maker holds the session and Keras' target, not this entry: no cycle.)
+        session, target_op = self.session, self.target if target else None
 
-    def _calibrate(self, arrays):
-        # The caller's thread is faster for small models (no hand-off to TF's pool), the
-        # pool for some larger ones (MobileNet, even one row at a time): for each size
-        # (about a power of two) runs are timed inline; once they have cost twice what the
-        # inline callable cost to make (the pool's costs as much, and saves at most part
-        # of a run), the pool is made and tried, alternating, and the faster way is kept;
-        # not where the fastest run is too short to gain from it (POOL_MIN_RUN_S).
-        bucket = arrays[0].shape[0].bit_length()
-        times = self._pool_choice.get(bucket)
-        if times is None:
-            times = self._pool_choice.setdefault(bucket, [0.0, float('inf'), [], 0])
-        if type(times) is not list:
-            return self._run(arrays, False)
-        if times[0] >= 2 * self.make_s and times[1] < POOL_MIN_RUN_S:
-            self._pool_choice[bucket] = False       # too fast a run to gain from the pool
-            return self._run(arrays, False)
-        use_pool = times[0] >= 2 * self.make_s and times[3] % 2 == 1
-        fn = self._pool_callable() if use_pool else self._inline
-        start = time.perf_counter()
-        out = self._run_callable(self.session._session, fn._handle, arrays, None)
-        elapsed = time.perf_counter() - start
-        if elapsed < self.fastest_run_s:
-            self.fastest_run_s = elapsed
-        if use_pool:
-            times[2].append(elapsed)
-        else:
-            times[0] += elapsed
-            times[1] = min(times[1], elapsed)
-        if times[0] >= 2 * self.make_s:
-            times[3] += 1               # trying: pool and inline alternate
-            if len(times[2]) >= _CALIBRATION_RUNS and times[3] >= 2 * _CALIBRATION_RUNS:
-                self._pool_choice[bucket] = min(times[2]) < times[1]
-        return out
+        def make(way):
+            return _make_callable(session, feeds, fetches, way == INLINE, target_op)
+        return ways.Ways(make, paid, first)
+
+    @property
+    def fastest_run_s(self):
+        """The fastest session run timed so far (of any size): a model that ran that
+        fast once is too quick to gain from queueing concurrent calls."""
+        return self._ways.fastest_run_s
 
     def run(self, arrays, batch_size=None, pool=False, on_batch=False):
         """Predict all rows of ``arrays``: session runs of ``batch_size`` rows (chosen for
@@ -588,3 +511,16 @@ def clear():
 def entries():
     return [e for e in list(_entries.values()) if not e.refused]
 
+
+def _make_callable(session, feeds, fetches, inline, target=None):
+    from tensorflow.core.protobuf import config_pb2
+    options = config_pb2.CallableOptions()
+    options.feed.extend(t.name for t in feeds)
+    options.fetch.extend(t.name for t in fetches)
+    if target is not None:
+        # What Keras' own callable runs: its updates (state updates of a stateful model;
+        # else a no-op), so TF runs, and fails, exactly as it does for Keras.
+        options.target.append(target.name)
+    if inline:
+        options.run_options.inter_op_thread_pool = -1
+    return session._make_callable_from_options(options)

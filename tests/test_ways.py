@@ -1,0 +1,141 @@
+"""engine.ways: which callable each run goes through, each made once it may pay; every
+run's result as plain TF's ``Session.run`` of the same graph."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_fastpredict.engine import ways
+
+
+@pytest.fixture
+def graph():
+    """A small graph, its session, and a maker that logs the ways it made."""
+    g = tf.Graph()
+    with g.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, (None, 3))
+        y = tf.tanh(tf.matmul(x, tf.constant(np.arange(6, dtype='float32').reshape(3, 2))))
+    session = tf.compat.v1.Session(graph=g)
+    made = []
+
+    def make(way):
+        from tensorflow.core.protobuf import config_pb2
+        options = config_pb2.CallableOptions()
+        options.feed.append(x.name)
+        options.fetch.append(y.name)
+        if way == ways.INLINE:
+            options.run_options.inter_op_thread_pool = -1
+        made.append(way)
+        return session._make_callable_from_options(options)
+    yield session, x, y, make, made
+    session.close()
+
+
+def _runs(session, x, y, runner, sizes):
+    """One run per size, each compared with plain ``Session.run``."""
+    rng = np.random.RandomState(0)
+    for rows in sizes:
+        arr = rng.uniform(-1, 1, (rows, 3)).astype('float32')
+        got = runner.run(session._session, [arr])
+        np.testing.assert_array_equal(got[0], session.run(y, {x: arr}))
+
+
+def test_pool_first_the_inline_callable_only_once_its_rent_is_paid(graph, monkeypatch):
+    session, x, y, make, made = graph
+    paid = []
+    runner = ways.Ways(make, lambda name, s: paid.append(name))
+    assert made == [ways.POOL] and paid == ['callable']
+    # Each run could have saved the hand-off (made tiny, exact in binary, so that every run
+    # is longer): the rent is paid at the 30th.
+    monkeypatch.setattr(ways, 'POOL_HANDOFF_S', 2.0 ** -30)
+    runner.make_s = 29.5 * 2.0 ** -30
+    _runs(session, x, y, runner, [1] * 29)
+    assert made == [ways.POOL]
+    _runs(session, x, y, runner, [1])
+    assert made == [ways.POOL, ways.INLINE] and paid == ['callable', 'inline callable']
+    # Each size then tries both, alternating, and settles on the faster.
+    _runs(session, x, y, runner, [1] * (2 * ways.CALIBRATION_RUNS))
+    assert runner.choice[1] in (ways.POOL, ways.INLINE)
+    _runs(session, x, y, runner, [5] * (2 * ways.CALIBRATION_RUNS))
+    assert runner.choice[3] in (ways.POOL, ways.INLINE)
+    assert made == [ways.POOL, ways.INLINE]
+
+
+def test_inline_first_runs_too_fast_for_the_pool_never_make_its_callable(graph, monkeypatch):
+    session, x, y, make, made = graph
+    monkeypatch.setattr(ways, 'POOL_MIN_RUN_S', float('inf'))
+    runner = ways.Ways(make, first=ways.INLINE)
+    runner.make_s = 0.0
+    _runs(session, x, y, runner, [1] * 20)
+    assert made == [ways.INLINE] and runner.choice[1] == ways.INLINE
+
+
+def test_inline_first_slow_runs_buy_the_pool(graph, monkeypatch):
+    session, x, y, make, made = graph
+    monkeypatch.setattr(ways, 'POOL_MIN_RUN_S', 0.0)
+    monkeypatch.setattr(ways, 'POOL_HANDOFF_S', 0.0)
+    monkeypatch.setattr(ways, 'CORES', 2)
+    runner = ways.Ways(make, first=ways.INLINE)
+    runner.make_s = 0.0
+    _runs(session, x, y, runner, [1] * 10)
+    assert made == [ways.INLINE, ways.POOL] and runner.choice[1] in (ways.POOL, ways.INLINE)
+
+
+def test_a_concurrent_call_runs_on_the_pool(graph):
+    session, x, y, make, made = graph
+    runner = ways.Ways(make, first=ways.INLINE)
+    arr = np.ones((2, 3), 'float32')
+    got = runner.run(session._session, [arr], pool=True)
+    np.testing.assert_array_equal(got[0], session.run(y, {x: arr}))
+    assert made == [ways.INLINE, ways.POOL]
+
+
+def test_a_failed_purchase_leaves_the_run_and_stops_renting(graph):
+    session, x, y, make, made = graph
+
+    def make_once(way):
+        if made:
+            raise RuntimeError('closed meanwhile')
+        return make(way)
+    runner = ways.Ways(make_once)
+    runner.make_s = 0.0
+    _runs(session, x, y, runner, [1] * 5)
+    assert made == [ways.POOL] and runner.make_s == float('inf')
+
+
+def test_saving_bounds():
+    assert ways.saving_bound(ways.INLINE, 1.0) == ways.POOL_HANDOFF_S
+    assert ways.saving_bound(ways.INLINE, 1e-6) == 1e-6
+    assert ways.saving_bound(ways.POOL, ways.POOL_MIN_RUN_S) == 0.0
+    if ways.CORES > 1:
+        assert ways.saving_bound(ways.POOL, 1.0) == pytest.approx(
+            1.0 - 1.0 / ways.CORES - ways.POOL_HANDOFF_S)
+
+
+def test_runs_without_rows_share_one_choice():
+    """A ``Session.run`` may feed a scalar, or nothing: such runs calibrate as one size."""
+    from tensorflow.core.protobuf import config_pb2
+    g = tf.Graph()
+    with g.as_default():
+        s = tf.compat.v1.placeholder(tf.float32, ())
+        y = s * 3.0
+        z = tf.constant([1.0, 2.0]) * 2.0
+    session = tf.compat.v1.Session(graph=g)
+
+    def maker(feeds, fetch):
+        def make(way):
+            options = config_pb2.CallableOptions()
+            options.feed.extend(t.name for t in feeds)
+            options.fetch.append(fetch.name)
+            if way == ways.INLINE:
+                options.run_options.inter_op_thread_pool = -1
+            return session._make_callable_from_options(options)
+        return make
+    scalar, nothing = ways.Ways(maker([s], y)), ways.Ways(maker([], z))
+    scalar.make_s = nothing.make_s = 0.0
+    for i in range(10):
+        value = np.array(i, 'float32')
+        assert scalar.run(session._session, [value])[0] == session.run(y, {s: value})
+        np.testing.assert_array_equal(nothing.run(session._session, [])[0], session.run(z))
+    assert scalar.choice[-1] in (ways.POOL, ways.INLINE)
+    assert nothing.choice[-1] in (ways.POOL, ways.INLINE)
+    session.close()
