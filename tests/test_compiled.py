@@ -10,7 +10,7 @@ from keras import layers
 
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import keras as keras_adapter
-from keras_fastpredict.engine import compiled, ways
+from keras_fastpredict.engine import compiled, ways, work
 from conftest import assert_same, inputs_for, unpatched_predict
 
 
@@ -253,9 +253,12 @@ def test_scenarios_match_plain_keras_in_fresh_processes():
     assert lines['patched'] == lines['plain']
 
 
-def _sixty_calls(make_s):
-    """60 fresh one-row calls of a model, the inline callable's cost taken as ``make_s``
-    from the second call on; each result as plain Keras'. Its Ways and one-time costs."""
+def _sixty_calls(make_s, monkeypatch=None):
+    """60 fresh one-row calls of a model, the second callable's cost taken as ``make_s``
+    from the second call on; each result as plain Keras'. Its Ways and one-time costs.
+    With ``monkeypatch``, the model's work does not count as tiny."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(work, 'TINY_FLOPS', 0)
     model = small_model()
     x = np.random.RandomState(0).rand(60, 4).astype('float32')
     expected = [unpatched_predict(model, x[i:i + 1]) for i in range(60)]
@@ -268,15 +271,23 @@ def _sixty_calls(make_s):
         return made, kfp.stats(model)['one_time_ms']
 
 
-def test_the_first_callable_runs_on_the_pool_as_plain_keras_does():
+def test_the_first_callable_runs_on_the_pool_as_plain_keras_does(monkeypatch):
     """One callable, as plain Keras makes, and on TF's pool as Keras' is (a MobileNet run
     is slower in the caller's thread); the other only once the runs could have paid it."""
-    made, one_time = _sixty_calls(float('inf'))
+    made, one_time = _sixty_calls(float('inf'), monkeypatch)
     assert made.first == ways.POOL and made.has(ways.POOL) and not made.has(ways.INLINE)
     assert 'callable' in one_time and 'inline callable' not in one_time
 
 
-def test_the_inline_callable_is_made_once_runs_could_have_paid_it():
-    made, one_time = _sixty_calls(0.0)
+def test_the_inline_callable_is_made_once_runs_could_have_paid_it(monkeypatch):
+    made, one_time = _sixty_calls(0.0, monkeypatch)
     assert made.has(ways.POOL) and made.has(ways.INLINE) and 'inline callable' in one_time
     assert made.choice[1] in (ways.POOL, ways.INLINE)     # one row: settled, both tried
+
+
+def test_a_tiny_model_starts_in_the_callers_thread_and_never_makes_the_pool():
+    """A row of a few hundred operations: the pool cannot gain on it, its callable is
+    not made however long the loop."""
+    made, one_time = _sixty_calls(0.0)
+    assert made.first == ways.INLINE and not made.has(ways.POOL)
+    assert made.choice[1] == ways.INLINE and 'pool callable' not in one_time

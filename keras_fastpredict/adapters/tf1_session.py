@@ -4,7 +4,7 @@ running some fetches has side effects, and Keras' learning phase."""
 import threading
 import weakref
 
-from ..engine import batch_safety, ways
+from ..engine import batch_safety, ways, work
 
 _lock = threading.Lock()
 _tf = None
@@ -78,8 +78,8 @@ def keras_phase(graph):
 
 class Runner(object):
     """Session callables for one set of feeds, fetches and targets on one session: on
-    TF's inter-op pool as plain TF runs them, in the caller's thread once that may pay
-    (``engine.ways``). Holds the session weakly; its callables are released when it is
+    TF's inter-op pool as plain TF runs them (in the caller's thread where a row's work is
+    tiny: ``engine.work``), the other way once that may pay (``engine.ways``). Holds the session weakly; its callables are released when it is
     dropped (a closed or deleted session frees them itself)."""
     __slots__ = ('session_ref', 'feeds', 'fetches', 'targets', 'ways', '__weakref__')
 
@@ -95,7 +95,8 @@ class Runner(object):
             with _lock:
                 made = self.ways
                 if made is None:
-                    made = self.ways = ways.Ways(_maker(weakref.ref(self)))
+                    first = ways.INLINE if work.tiny(self.feeds, self.fetches) else ways.POOL
+                    made = self.ways = ways.Ways(_maker(weakref.ref(self)), first=first)
         return made.run(session._session, arrays)
 
     def make(self, way):

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import counters as _stats
 from ..config import settings
-from . import batch_safety, inference_graph, verification, warmup, ways
+from . import batch_safety, inference_graph, verification, warmup, ways, work
 from .ways import INLINE, POOL
 
 build_lock = threading.RLock()    # also guards Keras' lazy predict-function build (keras#6124)
@@ -115,10 +115,11 @@ class CompiledModel(object):
         self.excluded = id(model) in _excluded
         self.batcher = None        # the concurrent batcher, made on first use
         # The graph the callables run: (feeds, fetches, whether Keras' target runs too),
-        # first on TF's pool as plain Keras runs it, in the caller's thread once that may
-        # pay (engine.ways).
+        # first on TF's pool as plain Keras runs it, unless a row's work is too small for
+        # the pool to gain on it (engine.work); the other way once it may pay (engine.ways).
         self._io = (feeds, self.outputs_list, True)
-        self._ways = self._new_ways(feeds, self.outputs_list, True, POOL, self.stats.paid)
+        first = INLINE if work.tiny(feeds, fetches) else POOL
+        self._ways = self._new_ways(feeds, self.outputs_list, True, first, self.stats.paid)
         # One-time work in progress: a bound method every run goes through (the inference
         # graph waiting to pay for itself, or under check), else None.
         self._pending = None

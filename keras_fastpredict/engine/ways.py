@@ -7,8 +7,9 @@ graphs are faster inline (Dense(64)x2: 10 us a row against 36-50), some large on
 pool (MobileNet 128x128: 10.5 ms a row against 12.5; Keras' BatchNormalization runs its
 training branch beside the other). Each way needs a callable of its own, as costly to
 make as plain Keras' (4 ms for Dense(64)x2, 150-170 ms for MobileNet), so one is made
-first (plain's way, the pool, unless the owner knows the other is the faster) and the
-other only once the runs so far could have saved what it costs (rent, then buy): the most
+first (plain's way, the pool, unless the owner knows better: a graph whose row is
+statically tiny, ``engine.work``; an inference graph whose model's own graph settled
+inline) and the other only once the runs so far could have saved what it costs (rent, then buy): the most
 a run gains inline is the hand-off, on the pool a share of the run less the hand-off
 (``saving_bound``). With both made, each run size (about a power of two) alternates them
 for a few runs and keeps the faster.

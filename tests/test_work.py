@@ -1,0 +1,58 @@
+"""engine.work: a row's work counted from the graph, against hand counts."""
+import tensorflow as tf
+
+from keras_fastpredict.engine import work
+
+v1 = tf.compat.v1
+
+
+def _graph(build):
+    g = tf.Graph()
+    with g.as_default():
+        return build()
+
+
+def test_a_small_dense_net_is_tiny_and_its_products_counted():
+    def build():
+        x = v1.placeholder(tf.float32, (None, 32))
+        h = tf.nn.relu(tf.matmul(x, tf.ones((32, 64))))
+        y = tf.matmul(h, tf.ones((64, 10)))
+        return x, h, y
+    x, h, y = _graph(build)
+    assert work.tiny([x], [y])
+    assert work._flops(y.op) == 2 * 10 * 64
+    assert work._flops(h.op.inputs[0].op) == 2 * 64 * 32      # the first product
+
+
+def test_convolutions_counted_per_output_and_tap():
+    def build():
+        x = v1.placeholder(tf.float32, (None, 32, 32, 3))
+        c = tf.nn.conv2d(x, tf.ones((3, 3, 3, 16)), strides=1, padding='VALID')
+        d = tf.nn.depthwise_conv2d(c, tf.ones((3, 3, 16, 2)), strides=[1, 1, 1, 1],
+                                   padding='VALID')
+        return x, c, d
+    x, c, d = _graph(build)
+    assert work._flops(c.op) == 2 * (30 * 30 * 16) * (3 * 3 * 3)
+    assert work._flops(d.op) == 2 * (28 * 28 * 32) * (3 * 3)
+    assert not work.tiny([x], [d])          # 1.7 million
+
+
+def test_loops_unknown_shapes_and_large_graphs_are_not_tiny():
+    def loop():
+        x = v1.placeholder(tf.float32, (None, 4))
+        return x, tf.while_loop(lambda i, a: i < 3, lambda i, a: (i + 1, a * 2.0),
+                                [tf.constant(0), x])[1]
+
+    def unknown():
+        x = v1.placeholder(tf.float32, (None, None))
+        return x, x * 2.0
+
+    def many():
+        x = v1.placeholder(tf.float32, (None, 2))
+        y = x
+        for _ in range(work.MAX_OPS):
+            y = y + 1.0
+        return x, y
+    for build in (loop, unknown, many):
+        x, y = _graph(build)
+        assert not work.tiny([x], [y]), build.__name__
