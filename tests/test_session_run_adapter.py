@@ -22,7 +22,7 @@ from tensorflow.python.client import session as tf_session
 
 import keras_fastpredict as kfp
 from keras_fastpredict.adapters import session_run
-from keras_fastpredict.engine import hooks
+from keras_fastpredict.engine import hooks, ways
 from conftest import (counting_embedding_model, inputs_for, raised, run_in_threads,
                       unpatched_predict)
 
@@ -925,3 +925,33 @@ def test_a_finalized_graph_tries_keras_predict_function_once(way, monkeypatch):
     for g_, e in zip(got, expected):
         assert_identical(g_, e)
     assert loop_tries <= 1
+
+
+def test_a_step_whose_targets_do_the_work_starts_on_the_pool():
+    """Found by review of c92efb5: the runner judged a row's work from the fetched tensors
+    alone, so ``sess.run([step, count])``, whose target op does a large product and fetches
+    a scalar, counted as tiny and started in the caller's thread (where a large graph's runs
+    can be slower, and its pool's callable is then bought too). Values as plain TF's."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, (None, 512))
+        w = tf1.Variable(np.eye(512, dtype='float32') / 512.0)
+        total = tf1.Variable(0.0)
+        step = tf1.assign_add(total, tf.reduce_sum(tf.matmul(tf.matmul(x, w), w))).op
+        count = tf.reduce_sum(x)
+        init = tf1.global_variables_initializer()
+    rows = np.arange(2 * 512, dtype='float32').reshape(2, 512) / 512.0
+    sessions = [tf1.Session(graph=graph) for _ in range(2)]
+    for sess in sessions:
+        plain(sess, init)
+    expected = [plain(sessions[0], [step, count], {x: rows + i}) for i in range(4)]
+    with kfp.patched():
+        got = [sessions[1].run([step, count], {x: rows + i}) for i in range(4)]
+        runner = next(iter(sessions[1].__dict__[session_run._ATTR].entries.values())).runner
+        first = runner.ways.first
+    for g_, e in zip(got, expected):
+        assert_identical(g_, e)
+    assert_identical(plain(sessions[1], total), plain(sessions[0], total))
+    assert first == ways.POOL
+    for sess in sessions:
+        sess.close()

@@ -56,3 +56,15 @@ def test_loops_unknown_shapes_and_large_graphs_are_not_tiny():
     for build in (loop, unknown, many):
         x, y = _graph(build)
         assert not work.tiny([x], [y]), build.__name__
+
+
+def test_the_targets_work_counts():
+    """What the target ops run with the fetches (a training step's update) counts too."""
+    def build():
+        x = v1.placeholder(tf.float32, (None, 512))
+        w = v1.Variable(tf.ones((512, 512)))
+        step = v1.assign(w, tf.matmul(tf.matmul(x, w), w)[:512]).op
+        return x, tf.reduce_sum(x), step
+    x, count, step = _graph(build)
+    assert work.tiny([x], [count])
+    assert not work.tiny([x], [count], [step])

@@ -118,7 +118,8 @@ class CompiledModel(object):
         # first on TF's pool as plain Keras runs it, unless a row's work is too small for
         # the pool to gain on it (engine.work); the other way once it may pay (engine.ways).
         self._io = (feeds, self.outputs_list, True)
-        first = INLINE if work.tiny(feeds, fetches) else POOL
+        tiny = work.tiny(feeds, fetches, [target] if target is not None else ())
+        first = INLINE if tiny else POOL
         self._ways = self._new_ways(feeds, self.outputs_list, True, first, self.stats.paid)
         # One-time work in progress: a bound method every run goes through (the inference
         # graph waiting to pay for itself, or under check), else None.

@@ -56,13 +56,14 @@ def _flops(op):
     return out
 
 
-def tiny(feeds, fetches):
-    """Whether one row's work between ``feeds`` and ``fetches`` is statically known to be
-    at most ``TINY_FLOPS`` (then TF's pool cannot gain on a one-row run)."""
+def tiny(feeds, fetches, targets=()):
+    """Whether one row's work between ``feeds`` and ``fetches`` (and the ops ``targets``
+    that run with them: a training step's) is statically known to be at most
+    ``TINY_FLOPS`` (then TF's pool cannot gain on a one-row run)."""
     try:
         stop = {t.op for t in feeds}
         seen = set()
-        todo = [t.op for t in fetches]
+        todo = [t.op for t in fetches] + list(targets)
         total = 0
         while todo:
             op = todo.pop()
