@@ -401,3 +401,51 @@ def test_sizes_settled_in_the_callers_thread_stay_there_on_the_inference_graph(m
     for g, e in zip(got, expected):
         assert_same(g, e)
     assert made.has(ways.POOL) and made.choice[2] in (ways.POOL, ways.INLINE)   # two rows
+
+
+@pytest.mark.auto_policy
+def test_a_callable_made_during_the_checks_is_not_timed_as_a_run(monkeypatch):
+    """Found by review of 5b4057c: the checks run both graphs the way the model's own
+    graph runs that size, and a way the inference graph had no callable for yet was made
+    inside its timed run (here a two-row call, on the pool, while its first callable runs
+    in the caller's thread where one row settled): its price counted as run time and a
+    faster inference graph was rejected. The own graph's runs are made 50 ms slower and the
+    candidate's pool callable 300 ms slower to make, so the outcome does not depend on the
+    machine."""
+    import time
+    model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    rows = [np.array(r[None]) for r in rand(12, 7, 4)]
+    pair = rand(2, 7, 4, seed=1)
+    calls = rows[:3] + [pair] + rows[3:]
+    expected = [unpatched_predict(model, r) for r in calls]
+    monkeypatch.setitem(inference_graph._cost, 'seconds_per_op', 0.0)
+    monkeypatch.setattr(compiled, '_other_threads', lambda: [])   # (pytest-xdist's own)
+    kfp.patch()
+    got = [model.predict(calls[0])]             # the inference graph falls due
+    entry = keras_adapter.lookup(model)
+    own = entry._ways
+    assert own.first == ways.POOL
+    own.run_on(ways.INLINE, entry.session._session, [rows[0]])
+    own.choice[1] = ways.INLINE                 # one row: the caller's thread won
+    got.append(model.predict(calls[1]))         # built, its callable made beside
+    compiled._join_makers()
+    assert entry.inference_graph == 'checking', entry.inference_graph
+    candidate = entry._candidate[0]
+    assert candidate.first == ways.INLINE and not candidate.has(ways.POOL)
+    make, run = candidate._make, own._tf_run
+
+    def slow_make(way):
+        if way == ways.POOL:
+            time.sleep(0.3)
+        return make(way)
+
+    def slow_run(session, handle, arrays, options):
+        time.sleep(0.05)
+        return run(session, handle, arrays, options)
+    monkeypatch.setattr(candidate, '_make', slow_make)
+    monkeypatch.setattr(own, '_tf_run', slow_run)
+    got += [model.predict(r) for r in calls[2:]]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    assert candidate.has(ways.POOL)             # made for the two-row check
+    assert entry.inference_graph.startswith('used: '), entry.inference_graph

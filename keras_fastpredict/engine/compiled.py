@@ -236,18 +236,23 @@ class CompiledModel(object):
     def _check_candidate(self, arrays, pool):
         """Run the model's own graph (its outputs are returned) and the inference graph,
         each timed; after CHECKS equal answers the inference graph takes over if it was
-        the faster (the first pair, a new callable's first run, is not timed)."""
+        the faster (the first pair, a new callable's first run, is not timed, nor a pair
+        for which a callable was made)."""
         candidate = self._candidate
         if candidate is None:           # another thread just decided
             return self.call(arrays, pool)
         # Both graphs the same way (the model's own graph's way for this size).
-        way = POOL if pool else self._ways.way_for(arrays)
+        own_ways, its_ways = self._ways, candidate[0]
+        way = POOL if pool else own_ways.way_for(arrays)
+        # A pair where either graph's callable for that way is made now is not timed (nor
+        # counted): its price and its first run's one-time work are no run's time.
+        fresh = not (own_ways.has(way) and its_ways.has(way))
         session = self.session._session
         start = time.perf_counter()
-        outs = self._ways.run_on(way, session, arrays)
+        outs = own_ways.run_on(way, session, arrays)
         middle = time.perf_counter()
         try:
-            alt = candidate[0].run_on(way, session, arrays)
+            alt = its_ways.run_on(way, session, arrays)
             end = time.perf_counter()
             same = all(verification.within_tolerance(a, o) for a, o in zip(alt, outs))
         except Exception:
@@ -255,6 +260,8 @@ class CompiledModel(object):
         built = candidate[1]
         if not same:
             self._reject(candidate, "its outputs differed from the model's")
+            return outs
+        if fresh and candidate[2]:
             return outs
         if candidate[2]:
             candidate[3] += middle - start
