@@ -139,3 +139,31 @@ def test_runs_without_rows_share_one_choice():
     assert scalar.choice[-1] in (ways.POOL, ways.INLINE)
     assert nothing.choice[-1] in (ways.POOL, ways.INLINE)
     session.close()
+
+
+def test_settled_sizes_read_while_another_thread_adds_a_size(graph):
+    """Found by review: the inference graph's maker thread reads the sizes settled while
+    the caller's thread calibrates a new size (adds it to the choice). A thread switch
+    between two steps of that read (simulated here by a trace function adding a size at
+    each line run in engine/ways.py meanwhile) raised 'dictionary changed size during
+    iteration' in the maker thread, which then died with its callable unmade."""
+    import sys
+    session, x, y, make, made = graph
+    runner = ways.Ways(make)
+    runner.choice.update({1: ways.INLINE, 2: ways.POOL, 3: ([], [])})
+    added = []
+
+    def local(frame, event, arg):
+        if event == 'line':
+            added.append(100 + len(added))
+            runner.choice.setdefault(added[-1], ([], []))
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == ways.__file__ else None
+    sys.settrace(tracer)
+    try:
+        inline, pool = runner.settled(ways.INLINE), runner.settled(ways.POOL)
+    finally:
+        sys.settrace(None)
+    assert added and inline == [1] and pool == [2]

@@ -205,15 +205,15 @@ class CompiledModel(object):
         maker.start()
 
     def _make_candidate(self, built):
-        # Its first callable on the way the model's own graph settled on, if that is the
-        # caller's thread everywhere (so the checks compare like with like), else the pool.
-        own = self._ways
-        first = INLINE if own.settled(INLINE) and not own.settled(POOL) else POOL
-
         def paid(name, seconds):    # (a graph checked under an earlier patch: not again)
             if name != 'callable' or built.verdict is None:
                 self.stats.paid('inference graph ' + name, seconds)
         try:
+            # Its first callable on the way the model's own graph settled on, if that is
+            # the caller's thread everywhere (so the checks compare like with like), else
+            # the pool.
+            own = self._ways
+            first = INLINE if own.settled(INLINE) and not own.settled(POOL) else POOL
             made = self._new_ways(built.inputs, built.outputs, False, first, paid)
         except Exception as exc:        # (a session closed meanwhile, say)
             self.inference_graph = 'not used: no callable: %s' % str(exc).split('\n')[0]

@@ -106,7 +106,8 @@ class Ways(object):
 
     def settled(self, way):
         """The sizes settled on ``way``."""
-        return [b for b, w in self.choice.items() if w.__class__ is int and w == way]
+        # (Copied at once: another thread may add a size meanwhile.)
+        return [b for b, w in list(self.choice.items()) if w.__class__ is int and w == way]
 
     def _calibrate(self, session, arrays):
         bucket = _bucket(arrays)
