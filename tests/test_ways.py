@@ -167,3 +167,32 @@ def test_settled_sizes_read_while_another_thread_adds_a_size(graph):
     finally:
         sys.settrace(None)
     assert added and inline == [1] and pool == [2]
+
+
+def test_runs_before_the_purchase_keep_no_growing_record(graph):
+    """Found by review: until the other way's callable was bought, every run's time was
+    appended to its size's list and the list's minimum taken at each run, so each run cost
+    more the more runs came before (over a 3,400-run list, as a MobileNet loop's before its
+    rent is paid, the minimum alone took about 75 us a run here, more than the hand-off the
+    purchase could save), and where no purchase comes (one that failed) without end. Here
+    no purchase comes; the memory engine/ways.py holds must not grow with the runs."""
+    import tracemalloc
+    session, x, y, make, made = graph
+    runner = ways.Ways(make)
+    runner.make_s = float('inf')
+    arr = np.ones((1, 3), 'float32')
+    expected = session.run(y, {x: arr})
+    only_ways = [tracemalloc.Filter(True, ways.__file__)]
+    tracemalloc.start()
+    try:
+        for _ in range(100):
+            runner.run(session._session, [arr])
+        before = tracemalloc.take_snapshot().filter_traces(only_ways)
+        for _ in range(2000):
+            got = runner.run(session._session, [arr])
+        after = tracemalloc.take_snapshot().filter_traces(only_ways)
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got[0], expected)
+    grown = sum(s.size_diff for s in after.compare_to(before, 'filename'))
+    assert grown < 4096, grown

@@ -53,7 +53,8 @@ class Ways(object):
         self.first = first
         self.fns = [None, None]         # per way: the callable (kept alive) ...
         self.handles = [None, None]     # ... and its handle, set once made
-        # bucket (log2 rows) -> the way settled on (an int), or the runs timed each way.
+        # bucket (log2 rows) -> the way settled on (an int), or per way [runs timed,
+        # fastest] (a count, not a list: it would grow with every run until a purchase).
         self.choice = {}
         self.rent_s = 0.0               # what the other way could have saved so far
         self.fastest_run_s = float('inf')
@@ -113,14 +114,14 @@ class Ways(object):
         bucket = _bucket(arrays)
         times = self.choice.get(bucket)
         if times is None:
-            times = self.choice.setdefault(bucket, ([], []))
+            times = self.choice.setdefault(bucket, _open())
         if times.__class__ is int:       # settled by another thread meanwhile
             return self._tf_run(session, self.handles[times], arrays, None)
         first = self.first
         other = 1 - first
         both = self.handles[other] is not None
         if both:    # alternate, the one with fewer runs timed first
-            way = other if len(times[other]) <= len(times[first]) else first
+            way = other if times[other][0] <= times[first][0] else first
         else:
             way = first
         start = time.perf_counter()
@@ -128,12 +129,16 @@ class Ways(object):
         elapsed = time.perf_counter() - start
         if elapsed < self.fastest_run_s:
             self.fastest_run_s = elapsed
-        times[way].append(elapsed)
+        timed = times[way]
+        timed[0] += 1
+        if elapsed < timed[1]:
+            timed[1] = elapsed
         if both:
-            if len(times[POOL]) >= CALIBRATION_RUNS and len(times[INLINE]) >= CALIBRATION_RUNS:
-                self.choice[bucket] = POOL if min(times[POOL]) < min(times[INLINE]) else INLINE
+            pool, inline = times
+            if pool[0] >= CALIBRATION_RUNS and inline[0] >= CALIBRATION_RUNS:
+                self.choice[bucket] = POOL if pool[1] < inline[1] else INLINE
             return out
-        if len(times[first]) >= CALIBRATION_RUNS and not saving_bound(other, min(times[first])):
+        if timed[0] >= CALIBRATION_RUNS and not saving_bound(other, timed[1]):
             self.choice[bucket] = first   # too fast a run for the other way to gain
             return out
         bound = saving_bound(other, elapsed)
@@ -149,8 +154,13 @@ class Ways(object):
             # From now on each size still open tries both, its timings anew.
             for b, t in list(self.choice.items()):
                 if t.__class__ is not int:
-                    self.choice[b] = ([], [])
+                    self.choice[b] = _open()
         return out
+
+
+def _open():
+    """A size's record while its way is open: per way, [runs timed, fastest]."""
+    return ([0, float('inf')], [0, float('inf')])
 
 
 def _bucket(arrays):
