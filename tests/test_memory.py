@@ -159,3 +159,36 @@ def test_models_freed_one_after_another(graph_session):
     assert [e for e in compiled.entries() if e.model() is None] == []
     assert len(entry_refs) == len(refs)
     assert [r() for r in entry_refs] == [None] * len(entry_refs)
+
+
+@pytest.mark.parametrize('mode', ['plain', 'inference graph'])
+def test_a_model_whose_inference_graph_was_used_is_freed(graph_session, monkeypatch, mode):
+    """Found by review: the unrolled graph's outputs kept Keras' history, a reference to
+    the model (the model is applied to fresh placeholders to build them), and the graph,
+    the built-graph cache and the model's entry hold those outputs: the model, and its
+    cached callables with it, were never freed. Then the entry's callables held the entry
+    (a cycle), so it outlived the collection that freed its model. Plain Keras, unpatched,
+    frees the same model after one collection."""
+    from keras_fastpredict import config
+    graph, session = graph_session
+    monkeypatch.setattr(config.settings, 'inference_graph', True)   # built at once
+    inp = layers.Input((7, 4))
+    model = Model(inp, layers.Dense(2)(layers.LSTM(6)(inp)),
+                  name='memory_rnn_%d' % next(_names))
+    x = np.random.RandomState(2).rand(12, 7, 4).astype('float32')
+    expected = [model.predict(x[i:i + 1]) for i in range(12)]     # plain Keras
+    if mode != 'plain':
+        kfp.patch()
+    outs = [model.predict(x[i:i + 1].copy()) for i in range(12)]
+    for out, exp in zip(outs, expected):
+        np.testing.assert_allclose(out, exp, rtol=1e-5, atol=1e-6)
+    entry_refs = _entry_refs(model)
+    if mode != 'plain':
+        assert compiled.get(model).inference_graph.startswith('used'), \
+            compiled.get(model).inference_graph
+    ref = weakref.ref(model)
+    del model, outs
+    gc.collect()
+    assert ref() is None, [type(r).__name__ for r in gc.get_referrers(ref())]
+    alive = [r() for r in entry_refs if r() is not None]
+    assert not alive, _referrers(alive[0])

@@ -205,9 +205,11 @@ class CompiledModel(object):
         maker.start()
 
     def _make_candidate(self, built):
+        stats = self.stats      # (not self: its Ways, which hold this, would hold the entry)
+
         def paid(name, seconds):    # (a graph checked under an earlier patch: not again)
             if name != 'callable' or built.verdict is None:
-                self.stats.paid('inference graph ' + name, seconds)
+                stats.paid('inference graph ' + name, seconds)
         try:
             # Its first callable on the way the model's own graph settled on, if that is
             # the caller's thread everywhere (so the checks compare like with like), else

@@ -213,6 +213,10 @@ def _build(model, feeds, max_steps, adapter):
                 _drop_own(layer._inbound_nodes, inbound)   # may build on the layers)
                 _drop_own(layer._outbound_nodes, outbound)
     outputs = outputs if isinstance(outputs, list) else [outputs]
+    for t in outputs:
+        # Keras' history names the model and the node just dropped: kept, it would hold
+        # the model (through the graph and this cache) for as long as the graph lives.
+        t.__dict__.pop('_keras_history', None)
     made = Built(inputs, outputs, len(graph.get_operations()) - before)
     made.seconds = time.perf_counter() - start
     return made
