@@ -121,8 +121,9 @@ class CompiledModel(object):
         tiny = work.tiny(feeds, fetches, [target] if target is not None else ())
         first = INLINE if tiny else POOL
         self._ways = self._new_ways(feeds, self.outputs_list, True, first, self.stats.paid)
-        # One-time work in progress: a bound method every run goes through (the inference
-        # graph waiting to pay for itself, or under check), else None.
+        # One-time work in progress: a method every run goes through (the inference graph
+        # waiting to pay for itself, or under check), else None. Kept unbound: a bound
+        # method would hold this entry (a cycle, outliving the collection of its model).
         self._pending = None
         self._candidate = None
         self.unroll_ready = False  # the inference graph is due: built at the next call
@@ -147,7 +148,7 @@ class CompiledModel(object):
                 # run), so a short loop never pays more for it than it can gain.
                 self._rent_s = 0.0
                 self._rent_due = cost / inference_graph.GAIN
-                self._pending = self._rent
+                self._pending = CompiledModel._rent
                 self.inference_graph = 'waiting: built once runs have cost %.0f ms' % (
                     1e3 * self._rent_due)
                 return
@@ -165,7 +166,7 @@ class CompiledModel(object):
         """Build the inference graph now (the caller's thread, at the top of a call)."""
         with build_lock:
             self.unroll_ready = False     # (a thread still in _rent may set it again:
-            if self._pending != self._rent:   # it is cleared here for good)
+            if self._pending is not CompiledModel._rent:   # it is cleared here for good)
                 return
             self._pending = None
             others = _other_threads()
@@ -232,7 +233,7 @@ class CompiledModel(object):
             self._adopt(candidate)      # checked under an earlier patch
         else:
             self._candidate = candidate     # (set before the hook that reads it)
-            self._pending = self._check_candidate
+            self._pending = CompiledModel._check_candidate
             self.inference_graph = 'checking'
 
     def _check_candidate(self, arrays, pool):
@@ -318,7 +319,7 @@ class CompiledModel(object):
         """One session run; returns the list of outputs. ``pool``: run on TF's inter-op
         pool (for calls made while others run), else wherever this model ran faster."""
         if self._pending is not None:
-            return self._pending(arrays, pool)
+            return self._pending(self, arrays, pool)
         return self._run(arrays, pool)
 
     def _run(self, arrays, pool):
