@@ -162,13 +162,14 @@ def test_models_freed_one_after_another(graph_session):
 
 
 @pytest.mark.parametrize('mode', ['plain', 'inference graph', 'inference graph waiting'])
-def test_a_model_whose_inference_graph_was_used_is_freed(graph_session, monkeypatch, mode):
+def test_a_recurrent_model_is_freed_with_its_inference_graph(graph_session, monkeypatch, mode):
     """Found by review: the unrolled graph's outputs kept Keras' history, a reference to
     the model (the model is applied to fresh placeholders to build them), and the graph,
     the built-graph cache and the model's entry hold those outputs: the model, and its
     cached callables with it, were never freed. Then the entry's callables held the entry
-    (a cycle), so it outlived the collection that freed its model. Plain Keras, unpatched,
-    frees the same model after one collection."""
+    (a cycle), so it outlived the collection that freed its model; so did it while the
+    inference graph waited to pay for itself (a bound method of the entry on the entry).
+    Plain Keras, unpatched, frees the same model after one collection."""
     from keras_fastpredict import config
     graph, session = graph_session
     # Built at once; or, in the default policy, not yet paid for (a short loop).
