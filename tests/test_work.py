@@ -68,3 +68,37 @@ def test_the_targets_work_counts():
     x, count, step = _graph(build)
     assert work.tiny([x], [count])
     assert not work.tiny([x], [count], [step])
+
+
+def test_transposed_convolutions_counted_per_input_and_tap():
+    def build():
+        x = v1.placeholder(tf.float32, (None, 8, 8, 16))
+        y = tf.nn.conv2d_transpose(x, tf.ones((3, 3, 64, 16)), output_shape=(1, 16, 16, 64),
+                                   strides=2, padding='SAME')
+        return x, y
+    x, y = _graph(build)
+    assert work._flops(y.op) == 2 * (8 * 8 * 16) * (3 * 3 * 64)
+    assert not work.tiny([x], [y])      # 1.2 million (counted at its outputs: 16,384)
+
+
+def test_ops_whose_work_the_graph_does_not_show_are_not_tiny():
+    """A Python function, or a graph function called by one op: its work is not in the
+    graph's shapes, however small its outputs."""
+    import numpy as np
+
+    def py_func():
+        x = v1.placeholder(tf.float32, (None, 4))
+        y = v1.py_func(lambda a: np.tanh(a), [x], tf.float32)
+        y.set_shape((None, 4))
+        return x, y
+
+    def function_call():
+        x = v1.placeholder(tf.float32, (None, 4))
+
+        @tf.function
+        def heavy(a):
+            return tf.matmul(a, tf.ones((4, 4)))
+        return x, heavy(x)
+    for build in (py_func, function_call):
+        x, y = _graph(build)
+        assert not work.tiny([x], [y]), build.__name__

@@ -2,8 +2,9 @@
 TF's inter-op pool to gain on them, so that its first callable may run in the caller's
 thread (``engine.ways``).
 
-Counted from the graph alone, per row: matrix products and convolutions at two operations
-a multiply-add, every other op at its output's size. A graph with a loop, more ops than
+Counted from the graph alone, per row: matrix products and convolutions (transposed too)
+at two operations a multiply-add, every other op at its output's size. A graph with a
+loop, an op whose work the graph does not show (a Python or graph function), more ops than
 ``MAX_OPS``, or a shape not known past the batch axis is not small. ``TINY_FLOPS`` (a
 row of Dense(64)x2 on 32 features: 14,000) is about 100 us of one core's work at 10
 GFLOP/s, the least a run needs before the pool's parallel ops can save more than its
@@ -14,6 +15,11 @@ TINY_FLOPS = 1e6
 MAX_OPS = 200
 _LOOP_OPS = frozenset(('Enter', 'Exit', 'NextIteration', 'LoopCond', 'While',
                        'StatelessWhile'))
+# Ops whose work is not in the graph's shapes: a Python function, a graph function called
+# (or branched to) by one op.
+_OPAQUE_OPS = frozenset(('PyFunc', 'PyFuncStateless', 'EagerPyFunc', 'PartitionedCall',
+                         'StatefulPartitionedCall', 'If', 'StatelessIf', 'Case',
+                         'SymbolicGradient', 'RemoteCall'))
 
 
 def _per_row(shape):
@@ -53,6 +59,15 @@ def _flops(op):
         if kind == 'DepthwiseConv2dNative':
             taps //= kernel.as_list()[-2]     # each output channel reads one input channel
         return 2 * out * taps
+    if kind in ('Conv2DBackpropInput', 'Conv3DBackpropInputV2'):    # transposed: each
+        kernel = op.inputs[1].shape                     # input element meets every tap
+        fed = _per_row(op.inputs[2].shape)
+        if not kernel.is_fully_defined() or fed is None:
+            return None
+        taps = 1
+        for d in kernel.as_list()[:-1]:      # all but the input channels
+            taps *= d
+        return 2 * fed * taps
     return out
 
 
@@ -70,7 +85,7 @@ def tiny(feeds, fetches, targets=()):
             if op in seen:
                 continue
             seen.add(op)
-            if len(seen) > MAX_OPS or op.type in _LOOP_OPS:
+            if len(seen) > MAX_OPS or op.type in _LOOP_OPS or op.type in _OPAQUE_OPS:
                 return False
             if op in stop:
                 continue
