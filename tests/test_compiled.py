@@ -291,3 +291,18 @@ def test_a_tiny_model_starts_in_the_callers_thread_and_never_makes_the_pool():
     made, one_time = _sixty_calls(0.0)
     assert made.first == ways.INLINE and not made.has(ways.POOL)
     assert made.choice[1] == ways.INLINE and 'pool callable' not in one_time
+
+
+def test_a_tiny_model_with_a_flatten_layer_starts_in_the_callers_thread():
+    """Found by review of c92efb5: Keras' Flatten reshapes to a shape TF does not know
+    statically, and the products after it then looked unknown, so the classic MNIST
+    MLP (200,000 operations a row) started on the pool and paid a second callable once
+    its rent was paid, as any large graph. Each result as plain Keras'."""
+    model = keras.models.Sequential([layers.Flatten(input_shape=(28, 28)),
+                                     layers.Dense(128, activation='relu'), layers.Dense(10)])
+    x = np.random.RandomState(0).rand(8, 28, 28).astype('float32')
+    expected = [unpatched_predict(model, x[i:i + 1]) for i in range(8)]
+    with kfp.patched():
+        for i in range(8):
+            assert_same(model.predict(x[i:i + 1].copy()), expected[i])
+        assert compiled.get(model)._ways.first == ways.INLINE

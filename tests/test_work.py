@@ -102,3 +102,18 @@ def test_ops_whose_work_the_graph_does_not_show_are_not_tiny():
     for build in (py_func, function_call):
         x, y = _graph(build)
         assert not work.tiny([x], [y]), build.__name__
+
+
+def test_a_reshape_to_a_shape_unknown_statically_keeps_its_rows_size():
+    """Keras' Flatten: a reshape to a computed shape; a row keeps its elements, and the
+    product after it takes its inner size from its kernel."""
+    def build():
+        x = v1.placeholder(tf.float32, (None, 28, 28))
+        flat = tf.reshape(x, tf.stack([-1, tf.reduce_prod(tf.shape(x)[1:])]))
+        y = tf.matmul(flat, tf.ones((784, 128)))
+        return x, flat, y
+    x, flat, y = _graph(build)
+    assert flat.shape.as_list() == [None, None]
+    assert work._flops(flat.op) == 784
+    assert work._flops(y.op) == 2 * 128 * 784
+    assert work.tiny([x], [y])

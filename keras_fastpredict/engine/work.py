@@ -39,13 +39,13 @@ def _flops(op):
     """One row's operations for ``op``, or None if its shapes are not known."""
     kind = op.type
     out = _per_row(op.outputs[0].shape) if op.outputs else 0
+    if out is None and kind == 'Reshape':
+        # (Keras' Flatten: a shape computed in the graph.) A row keeps its elements.
+        out = _per_row(op.inputs[0].shape)
     if out is None:
         return None
     if kind in ('MatMul', 'BatchMatMul', 'BatchMatMulV2'):
-        a = op.inputs[0].shape
-        if a.ndims is None or a[-1].value is None:
-            return None
-        inner = a[-2].value if kind == 'MatMul' and op.get_attr('transpose_a') else a[-1].value
+        inner = _inner(op, kind)
         if inner is None:
             return None
         return 2 * out * inner
@@ -69,6 +69,22 @@ def _flops(op):
             taps *= d
         return 2 * fed * taps
     return out
+
+
+def _inner(op, kind):
+    """A product's inner size, from either factor's static shape (after Keras' Flatten
+    the rows' is not known, the kernel's is)."""
+    a, b = op.inputs[0].shape, op.inputs[1].shape
+    if kind == 'MatMul':
+        sides = ((a, -2 if op.get_attr('transpose_a') else -1),
+                 (b, -1 if op.get_attr('transpose_b') else -2))
+    else:
+        sides = ((a, -2 if op.get_attr('adj_x') else -1),
+                 (b, -1 if op.get_attr('adj_y') else -2))
+    for shape, axis in sides:
+        if shape.ndims is not None and shape.ndims >= -axis and shape[axis].value is not None:
+            return shape[axis].value
+    return None
 
 
 def tiny(feeds, fetches, targets=()):
