@@ -7,7 +7,7 @@ rows. A site's first call (its callable made) is never a usual call, and plain K
 first-call work (its session, its first run) is not in its warmed-up figure either, so
 neither side's first calls tip the balance; the sample's calls (a site's first 128 at
 most) count as saving nothing. Work done later, inside a usual call (the inference graph,
-built at the top of the call that finds it due, and its checks; TF's pool callable), is in
+built at the top of the call that finds it due, and its checks; a second callable), is in
 that call's time as well as in the work: counted twice. Both can only make the answer
 later, never early. The one-time work itself is what the engine timed when it did it.
 It is done for a model (its counters: a site's ``path``, which for ``K.function`` and
