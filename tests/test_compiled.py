@@ -296,6 +296,18 @@ def test_a_tiny_model_starts_in_the_callers_thread_and_never_makes_the_pool(monk
     assert made.choice[1] == ways.INLINE and 'pool callable' not in one_time
 
 
+def test_a_recurrent_model_starts_in_the_callers_thread():
+    """Its loop's ops would go to the pool one by one at each iteration. Each result as
+    plain Keras'."""
+    model = keras.models.Sequential([layers.LSTM(4, input_shape=(5, 3)), layers.Dense(2)])
+    x = np.random.RandomState(0).rand(8, 5, 3).astype('float32')
+    expected = [unpatched_predict(model, x[i:i + 1]) for i in range(8)]
+    with kfp.patched(inference_graph=False):
+        for i in range(8):
+            assert_same(model.predict(x[i:i + 1].copy()), expected[i])
+        assert compiled.get(model)._ways.first == ways.INLINE
+
+
 def test_a_tiny_model_with_a_flatten_layer_starts_in_the_callers_thread():
     """Found by review of c92efb5: Keras' Flatten reshapes to a shape TF does not know
     statically, and the products after it then looked unknown, so the classic MNIST

@@ -424,9 +424,10 @@ def test_a_callable_made_during_the_checks_is_not_timed_as_a_run(monkeypatch):
     got = [model.predict(calls[0])]             # the inference graph falls due
     entry = keras_adapter.lookup(model)
     own = entry._ways
-    assert own.first == ways.POOL
-    own.run_on(ways.INLINE, entry.session._session, [rows[0]])
+    assert own.first == ways.INLINE             # (a loop)
     own.choice[1] = ways.INLINE                 # one row: the caller's thread won
+    own.run_on(ways.POOL, entry.session._session, [pair])
+    own.choice[2] = ways.POOL                   # two rows: the pool won
     got.append(model.predict(calls[1]))         # built, its callable made beside
     compiled._join_makers()
     assert entry.inference_graph == 'checking', entry.inference_graph

@@ -102,6 +102,17 @@ def test_a_failed_purchase_leaves_the_run_and_stops_renting(graph):
     assert made == [ways.POOL] and runner.make_s == float('inf')
 
 
+def test_the_preferred_way_is_the_one_settled_on_else_the_first(graph):
+    session, x, y, make, made = graph
+    runner = ways.Ways(make)
+    assert runner.preferred() == ways.POOL
+    runner.choice.update({1: ways.INLINE, 2: ([], [])})
+    assert runner.preferred() == ways.INLINE
+    runner.choice[3] = ways.POOL            # both settled somewhere: the first
+    assert runner.preferred() == ways.POOL
+    assert ways.Ways(make, first=ways.INLINE).preferred() == ways.INLINE
+
+
 def test_saving_bounds():
     assert ways.saving_bound(ways.INLINE, 1.0) == ways.POOL_HANDOFF_S
     assert ways.saving_bound(ways.INLINE, 1e-6) == 1e-6

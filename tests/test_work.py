@@ -56,6 +56,9 @@ def test_loops_unknown_shapes_and_large_graphs_are_not_tiny():
     for build in (loop, unknown, many):
         x, y = _graph(build)
         assert not work.tiny([x], [y]), build.__name__
+        # A loop starts in the caller's thread all the same (its ops go to the pool one
+        # by one at each iteration); the others on the pool.
+        assert work.starts_inline([x], [y]) == (build is loop), build.__name__
 
 
 def test_the_targets_work_counts():

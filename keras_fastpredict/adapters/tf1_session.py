@@ -79,9 +79,9 @@ def keras_phase(graph):
 class Runner(object):
     """Session callables for one set of feeds, fetches and targets on one session: on
     TF's inter-op pool as plain TF runs them (in the caller's thread where a row's work is
-    tiny: ``engine.work``), the other way once that may pay (``engine.ways``). Holds the
-    session weakly; its callables are released when it is dropped (a closed or deleted
-    session frees them itself)."""
+    tiny or runs a loop: ``engine.work``), the other way once that may pay
+    (``engine.ways``). Holds the session weakly; its callables are released when it is
+    dropped (a closed or deleted session frees them itself)."""
     __slots__ = ('session_ref', 'feeds', 'fetches', 'targets', 'ways', '__weakref__')
 
     def __init__(self, session, feeds, fetches, targets):
@@ -96,7 +96,8 @@ class Runner(object):
             with _lock:
                 made = self.ways
                 if made is None:
-                    first = (ways.INLINE if work.tiny(self.feeds, self.fetches, self.targets)
+                    first = (ways.INLINE
+                             if work.starts_inline(self.feeds, self.fetches, self.targets)
                              else ways.POOL)
                     made = self.ways = ways.Ways(_maker(weakref.ref(self)), first=first)
         return made.run(session._session, arrays)

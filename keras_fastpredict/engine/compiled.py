@@ -116,10 +116,11 @@ class CompiledModel(object):
         self.batcher = None        # the concurrent batcher, made on first use
         # The graph the callables run: (feeds, fetches, whether Keras' target runs too),
         # first on TF's pool as plain Keras runs it, unless a row's work is too small for
-        # the pool to gain on it (engine.work); the other way once it may pay (engine.ways).
+        # the pool to gain on it or the graph runs a loop (engine.work); the other way
+        # once it may pay (engine.ways).
         self._io = (feeds, self.outputs_list, True)
-        tiny = work.tiny(feeds, fetches, [target] if target is not None else ())
-        first = INLINE if tiny else POOL
+        inline = work.starts_inline(feeds, fetches, [target] if target is not None else ())
+        first = INLINE if inline else POOL
         self._ways = self._new_ways(feeds, self.outputs_list, True, first, self.stats.paid)
         # One-time work in progress: a method every run goes through (the inference graph
         # waiting to pay for itself, or under check), else None. Kept unbound: a bound
@@ -212,12 +213,10 @@ class CompiledModel(object):
             if name != 'callable' or built.verdict is None:
                 stats.paid('inference graph ' + name, seconds)
         try:
-            # Its first callable on the way the model's own graph settled on, if that is
-            # the caller's thread everywhere (so the checks compare like with like), else
-            # the pool.
-            own = self._ways
-            first = INLINE if own.settled(INLINE) and not own.settled(POOL) else POOL
-            made = self._new_ways(built.inputs, built.outputs, False, first, paid)
+            # Its first callable on the way the model's own graph prefers (so the checks
+            # compare like with like).
+            made = self._new_ways(built.inputs, built.outputs, False,
+                                  self._ways.preferred(), paid)
         except Exception as exc:        # (a session closed meanwhile, say)
             self.inference_graph = 'not used: no callable: %s' % str(exc).split('\n')[0]
             return

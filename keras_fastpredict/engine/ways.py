@@ -105,6 +105,13 @@ class Ways(object):
         way = self.choice.get(_bucket(arrays))
         return way if way.__class__ is int else self.first
 
+    def preferred(self):
+        """The way settled on where only one was, else the first."""
+        pool, inline = bool(self.settled(POOL)), bool(self.settled(INLINE))
+        if pool != inline:
+            return POOL if pool else INLINE
+        return self.first
+
     def settled(self, way):
         """The sizes settled on ``way``."""
         # (Copied at once: another thread may add a size meanwhile.)
