@@ -66,8 +66,8 @@ class Worker(Server):
     """``python -m celery -A celery_tasks worker --pool prefork -c N`` (``app``: another module
     that uses celery_tasks' app) on the broker ``url``, plain
     or under ``python -m keras_fastpredict [runner_args]``; ready once every pool process
-    has built its model. ``stop()`` is a warm shutdown (SIGTERM), then SIGKILL to anything
-    left of its session."""
+    has built its model. ``stop()`` waits until the worker is idle (``wait_idle``), then a
+    warm shutdown (SIGTERM), then SIGKILL to anything left of its session."""
 
     PORT = None
     READY = r'celery_tasks: model ready'
@@ -85,6 +85,41 @@ class Worker(Server):
         self.concurrency = concurrency
         self._start(cmd, dict(env or {}, CELERY_BROKER_URL=url, MODEL_SEED=str(seed)),
                     concurrency, startup_timeout, cwd=EXAMPLES, wait=wait)
+
+    def stop(self, grace=15.0):
+        """``wait_idle`` (``grace`` s at most) if the worker started, then Server.stop."""
+        if self.proc.poll() is None and self.ready >= self.concurrency:
+            self.wait_idle(grace)
+        super(Worker, self).stop(grace)
+
+    def wait_idle(self, timeout):
+        """Whether, within ``timeout`` s, the worker's main process has taken in the result
+        of every task (none reserved, then none active: a task goes from one to the other,
+        then is done).
+
+        A pool process stores a task's result in Redis before it sends it to the main
+        process, so a client that has its last result may stop a worker still reading it.
+        Celery 5.2's SIGTERM handler, in a main process with one thread, raises
+        WorkerShutdown wherever that thread is: in the middle of taking in a pool
+        process' message, it loses it, and that pool process then waits 30 s before it
+        exits (billiard 3.6.4's ``_ensure_messages_consumed``), plain or patched: longer
+        than stop()'s grace, whose SIGKILL then ends it before it writes its report."""
+        deadline = time.monotonic() + timeout
+
+        def idle(ask):
+            replies = ask()             # {worker: [task, ...]}, None without an answer
+            return replies is not None and not any(replies.values())
+
+        try:
+            with client_app(self.url) as app:
+                while time.monotonic() < deadline:
+                    inspect = app.control.inspect(
+                        timeout=max(0.1, min(1.0, deadline - time.monotonic())), limit=1)
+                    if idle(inspect.reserved) and idle(inspect.active):
+                        return True
+        except Exception:               # noqa: BLE001 - (Redis gone): stopped regardless
+            pass
+        return False
 
 
 def send(app, task, payload, timeout):

@@ -99,7 +99,9 @@ def test_results_equal_plain_and_pool_processes_on_the_fast_path(tmp_path):
 
     # Each pool process reported as the worker shut down: every call fast. (One thread
     # per pool process: the counters are exact. Whether score_rows' loops were read ahead
-    # depends on the timing of the engine's warm-up: not asserted.)
+    # depends on the timing of the engine's warm-up: not asserted. The worker was stopped
+    # once idle: a SIGTERM while Celery takes in a result can keep a pool process, plain
+    # or patched, 30 s from its exit, past stop()'s SIGKILL; Worker.wait_idle.)
     records = processes.collect(str(folder))
     assert {pid for pid, _ in got['fast'][2]} <= {r['pid'] for r in records}, records
     reports = [r for r in records if r['models']]     # (a process may have served no row)
