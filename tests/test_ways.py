@@ -80,6 +80,21 @@ def test_inline_first_slow_runs_buy_the_pool(graph, monkeypatch):
     assert made == [ways.INLINE, ways.POOL] and runner.choice[1] in (ways.POOL, ways.INLINE)
 
 
+def test_never_bought_on_a_sizes_first_run_alone(graph, monkeypatch):
+    """A size's first run pays one-time work (the kernels for its shape): however long
+    it took, the other way's callable waits for a second run of that size."""
+    session, x, y, make, made = graph
+    monkeypatch.setattr(ways, 'POOL_MIN_RUN_S', 0.0)
+    monkeypatch.setattr(ways, 'POOL_HANDOFF_S', 0.0)
+    monkeypatch.setattr(ways, 'CORES', 2)
+    runner = ways.Ways(make, first=ways.INLINE)
+    runner.make_s = 0.0
+    _runs(session, x, y, runner, [1, 5, 40])        # three sizes, one run each
+    assert made == [ways.INLINE]
+    _runs(session, x, y, runner, [5])
+    assert made == [ways.INLINE, ways.POOL]
+
+
 def test_a_concurrent_call_runs_on_the_pool(graph):
     session, x, y, make, made = graph
     runner = ways.Ways(make, first=ways.INLINE)
