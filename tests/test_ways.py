@@ -69,13 +69,20 @@ def test_inline_first_runs_too_fast_for_the_pool_never_make_its_callable(graph, 
     assert made == [ways.INLINE] and runner.choice[1] == ways.INLINE
 
 
-def test_inline_first_slow_runs_buy_the_pool(graph, monkeypatch):
-    session, x, y, make, made = graph
+def _inline_first_free_pool(make, monkeypatch):
+    """Ways that start in the caller's thread, where every run could have paid the pool's
+    callable (free, and half of any run saved on 2 cores)."""
     monkeypatch.setattr(ways, 'POOL_MIN_RUN_S', 0.0)
     monkeypatch.setattr(ways, 'POOL_HANDOFF_S', 0.0)
     monkeypatch.setattr(ways, 'CORES', 2)
     runner = ways.Ways(make, first=ways.INLINE)
     runner.make_s = 0.0
+    return runner
+
+
+def test_inline_first_slow_runs_buy_the_pool(graph, monkeypatch):
+    session, x, y, make, made = graph
+    runner = _inline_first_free_pool(make, monkeypatch)
     _runs(session, x, y, runner, [1] * 10)
     assert made == [ways.INLINE, ways.POOL] and runner.choice[1] in (ways.POOL, ways.INLINE)
 
@@ -84,11 +91,7 @@ def test_never_bought_on_a_sizes_first_run_alone(graph, monkeypatch):
     """A size's first run pays one-time work (the kernels for its shape): however long
     it took, the other way's callable waits for a second run of that size."""
     session, x, y, make, made = graph
-    monkeypatch.setattr(ways, 'POOL_MIN_RUN_S', 0.0)
-    monkeypatch.setattr(ways, 'POOL_HANDOFF_S', 0.0)
-    monkeypatch.setattr(ways, 'CORES', 2)
-    runner = ways.Ways(make, first=ways.INLINE)
-    runner.make_s = 0.0
+    runner = _inline_first_free_pool(make, monkeypatch)
     _runs(session, x, y, runner, [1, 5, 40])        # three sizes, one run each
     assert made == [ways.INLINE]
     _runs(session, x, y, runner, [5])
