@@ -19,7 +19,7 @@ def test_a_small_dense_net_is_tiny_and_its_products_counted():
         y = tf.matmul(h, tf.ones((64, 10)))
         return x, h, y
     x, h, y = _graph(build)
-    assert work.tiny([x], [y])
+    assert work.kind([x], [y]) == work.TINY
     assert work._flops(y.op) == 2 * 10 * 64
     assert work._flops(h.op.inputs[0].op) == 2 * 64 * 32      # the first product
 
@@ -34,7 +34,7 @@ def test_convolutions_counted_per_output_and_tap():
     x, c, d = _graph(build)
     assert work._flops(c.op) == 2 * (30 * 30 * 16) * (3 * 3 * 3)
     assert work._flops(d.op) == 2 * (28 * 28 * 32) * (3 * 3)
-    assert not work.tiny([x], [d])          # 1.7 million
+    assert work.kind([x], [d]) != work.TINY          # 1.7 million
 
 
 def test_loops_unknown_shapes_and_large_graphs_are_not_tiny():
@@ -55,7 +55,7 @@ def test_loops_unknown_shapes_and_large_graphs_are_not_tiny():
         return x, y
     for build in (loop, unknown, many):
         x, y = _graph(build)
-        assert not work.tiny([x], [y]), build.__name__
+        assert work.kind([x], [y]) != work.TINY, build.__name__
         # A loop starts in the caller's thread all the same (its ops go to the pool one
         # by one at each iteration); the others on the pool.
         assert work.starts_inline([x], [y]) == (build is loop), build.__name__
@@ -69,8 +69,8 @@ def test_the_targets_work_counts():
         step = v1.assign(w, tf.matmul(tf.matmul(x, w), w)[:512]).op
         return x, tf.reduce_sum(x), step
     x, count, step = _graph(build)
-    assert work.tiny([x], [count])
-    assert not work.tiny([x], [count], [step])
+    assert work.kind([x], [count]) == work.TINY
+    assert work.kind([x], [count], [step]) != work.TINY
 
 
 def test_transposed_convolutions_counted_per_input_and_tap():
@@ -81,7 +81,7 @@ def test_transposed_convolutions_counted_per_input_and_tap():
         return x, y
     x, y = _graph(build)
     assert work._flops(y.op) == 2 * (8 * 8 * 16) * (3 * 3 * 64)
-    assert not work.tiny([x], [y])      # 1.2 million (counted at its outputs: 16,384)
+    assert work.kind([x], [y]) != work.TINY      # 1.2 million (counted at its outputs: 16,384)
 
 
 def test_ops_whose_work_the_graph_does_not_show_are_not_tiny():
@@ -104,7 +104,7 @@ def test_ops_whose_work_the_graph_does_not_show_are_not_tiny():
         return x, heavy(x)
     for build in (py_func, function_call):
         x, y = _graph(build)
-        assert not work.tiny([x], [y]), build.__name__
+        assert work.kind([x], [y]) != work.TINY, build.__name__
 
 
 def test_a_reshape_to_a_shape_unknown_statically_keeps_its_rows_size():
@@ -119,4 +119,4 @@ def test_a_reshape_to_a_shape_unknown_statically_keeps_its_rows_size():
     assert flat.shape.as_list() == [None, None]
     assert work._flops(flat.op) == 784
     assert work._flops(y.op) == 2 * 128 * 784
-    assert work.tiny([x], [y])
+    assert work.kind([x], [y]) == work.TINY

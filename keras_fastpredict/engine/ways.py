@@ -80,19 +80,14 @@ class Ways(object):
         """One run of ``arrays`` on ``session`` (the raw handle); ``pool``: on TF's pool
         (a call made while others run), else the way this size runs faster."""
         if pool:
-            handle = self.handles[POOL]
-            if handle is None:
-                self._made(POOL)
-                handle = self.handles[POOL]
-        else:
-            try:
-                way = self.choice.get(arrays[0].shape[0].bit_length())
-            except IndexError:          # no feed, or a 0-d one (a Session.run)
-                way = self.choice.get(-1)
-            if way.__class__ is not int:
-                return self._calibrate(session, arrays)
-            handle = self.handles[way]
-        return self._tf_run(session, handle, arrays, None)
+            return self.run_on(POOL, session, arrays)
+        try:        # (_bucket, inlined: every fast call comes here)
+            way = self.choice.get(arrays[0].shape[0].bit_length())
+        except IndexError:          # no feed, or a 0-d one (a Session.run)
+            way = self.choice.get(-1)
+        if way.__class__ is not int:
+            return self._calibrate(session, arrays)
+        return self._tf_run(session, self.handles[way], arrays, None)
 
     def run_on(self, way, session, arrays):
         """One run on ``way`` (its callable made if it is not yet)."""

@@ -94,21 +94,16 @@ def _inner(op, kind):
 TINY, LOOP, OTHER = 'tiny', 'loop', 'other'
 
 
-def tiny(feeds, fetches, targets=()):
-    """Whether one row's work between ``feeds`` and ``fetches`` (and the ops ``targets``
-    that run with them: a training step's) is statically known to be at most
-    ``TINY_FLOPS`` (then TF's pool cannot gain on a one-row run)."""
-    return kind(feeds, fetches, targets) == TINY
-
-
 def starts_inline(feeds, fetches, targets=()):
     """Whether such runs should start in the caller's thread: tiny, or a loop."""
     return kind(feeds, fetches, targets) != OTHER
 
 
 def kind(feeds, fetches, targets=()):
-    """TINY, LOOP (the first thing the walk tells: a loop op met before the work passed
-    ``TINY_FLOPS``, or ``MAX_OPS`` ops), or OTHER (anything not understood too)."""
+    """What one row's work between ``feeds`` and ``fetches`` (and the ops ``targets`` that
+    run with them: a training step's) is: TINY (at most ``TINY_FLOPS``: TF's pool cannot
+    gain on a one-row run), LOOP (a loop op met before the work passed ``TINY_FLOPS`` or
+    ``MAX_OPS`` ops), or OTHER (anything not understood too)."""
     try:
         stop = {t.op for t in feeds}
         seen = set()
