@@ -19,7 +19,7 @@ import tempfile
 
 import numpy as np
 
-from .plain_env import plain_environ
+from .plain_env import byte_compile_package, plain_environ
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(HERE, 'scripts')
@@ -93,6 +93,7 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true', help='10 calls, 1 repeat')
     args = parser.parse_args(argv)
     calls, repeats = (10, 1) if args.quick else (args.calls, args.repeats)
+    byte_compile_package()       # as installed: see plain_env
     bad = 0
     for way in args.ways.split(','):
         runs, mismatches = measure(way, calls, repeats)

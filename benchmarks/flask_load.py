@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .plain_env import plain_environ
+from .plain_env import byte_compile_package, plain_environ
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         'examples')
@@ -39,6 +39,7 @@ def main(argv=None):
     parser.add_argument('--rows-per-client', type=int, default=8)
     args = parser.parse_args(argv)
     load = _load_module()
+    byte_compile_package()       # as installed: see plain_env
     # The servers inherit this environment: nothing of the runner's (its bootstrap folder
     # would patch the plain server, its options change the patched one's).
     environ = plain_environ()

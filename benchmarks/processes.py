@@ -144,6 +144,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cases = set(args.cases.split(','))
     repeats = args.repeats or (1 if args.quick else 3)
+    from .plain_env import byte_compile_package
+    byte_compile_package()       # as installed: see plain_env
     work = tempfile.mkdtemp(prefix='kfp-processes-')
     subprocess.run([sys.executable, '-c', 'import sys; sys.path.insert(0, "examples"); '
                     'import spark_scoring; spark_scoring.make_model(sys.argv[1])',
