@@ -24,6 +24,7 @@ Variant = namedtuple('Variant', 'name role run patch')
 Timed = namedtuple('Timed', 'outputs elapsed latencies')   # loops that time themselves
 
 THREADS = (1, 4, 16)
+MERGE_BOUND = 'raw callable, %d rows per run (a perfect merge)'
 
 # Rows per loop, per model. A model runs only the loops listed for it.
 FULL = {
@@ -333,6 +334,9 @@ class Case(object):
             Variant('unpatched predict (graph.as_default())', 'unpatched',
                     lambda: threaded(unpatched, requests, k), None),
             Variant('raw callable, whole array', 'limit', lambda: whole(raw, X, n), None),
+            # What merging can reach here: every run holds one row of each of the k
+            # threads (at most k calls are in flight), with no hand-off at all.
+            Variant(MERGE_BOUND % k, 'peer', lambda: hand_batched(raw, X, n, k), None),
             Variant('patched, concurrent=False (fast path alone)', 'patched',
                     lambda: threaded(predict, requests, k), {'concurrent': False}),
             Variant('patched (concurrent batcher)', 'patched',

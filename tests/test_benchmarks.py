@@ -23,8 +23,8 @@ def test_quick_suite_writes_table_plots_and_checks(tmp_path):
     for variant in ('unpatched predict', 'patched + batching()', 'raw callable, whole array',
                     'patched (concurrent batcher)'):
         assert variant in text
-    # The correctness check ran on every run (7 + 4 variants, one repeat each).
-    assert 'Correctness: all 11 runs agree with unpatched predict' in text
+    # The correctness check ran on every run (7 + 5 variants, one repeat each).
+    assert 'Correctness: all 12 runs agree with unpatched predict' in text
     assert '## Targets' in text and ('PASS' in text or 'FAIL' in text)
     assert (out / 'mlp64.png').stat().st_size > 1000
     assert (out / 'threads.png').exists()
