@@ -246,7 +246,14 @@ class Case(object):
                     lambda: use_immediately(predict, X, n), {'readahead': False}),
             Variant('patched (read-ahead)', 'patched', lambda: use_immediately(predict, X, n),
                     {}),
-        ]
+        ] + ([
+            # Layers that read the learning phase (BatchNormalization, Dropout): the
+            # inference graph's steady state, as a loop gets it once it has paid for it
+            # (built here at the warm-up's first call: inference_graph=True).
+            Variant('patched, readahead off, inference graph', 'patched',
+                    lambda: use_immediately(predict, X, n),
+                    {'readahead': False, 'inference_graph': True}),
+        ] if getattr(model, 'uses_learning_phase', False) is True else [])
 
     def _autoregressive(self, model, X, n):
         def predict(x):

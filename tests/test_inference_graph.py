@@ -63,6 +63,94 @@ def test_each_recurrent_layer_equals_plain_and_is_unrolled(kind):
     assert model.layers[0].output is not None and len(model.layers[0]._inbound_nodes) == 1
 
 
+def _nested_bn():
+    inner = keras.models.Sequential([L.Dense(6, input_shape=(5,)), L.BatchNormalization()],
+                                    name='inner')
+    return keras.models.Sequential([inner, L.Dropout(0.4), L.Dense(2)])
+
+
+def _two_io():
+    a, b = L.Input((5,)), L.Input((3,))
+    h = L.Dropout(0.3)(L.concatenate([L.Dense(4)(a), b]))
+    return keras.models.Model([a, b], [L.Dense(2)(h), L.BatchNormalization()(h)])
+
+
+# Models whose layers read the learning phase, no recurrent layer: only the inference
+# branches are built (the learning phase fixed).
+PHASE_READERS = {
+    'batchnorm_conv': lambda: keras.models.Sequential([
+        L.Conv2D(4, 3, input_shape=(8, 8, 2)), L.BatchNormalization(), L.Activation('relu'),
+        L.Flatten(), L.Dropout(0.3), L.Dense(3, activation='softmax')]),
+    'dropout_mlp': lambda: keras.models.Sequential([
+        L.Dense(8, activation='relu', input_shape=(5,)), L.Dropout(0.5), L.Dense(2)]),
+    'noise_layers': lambda: keras.models.Sequential([
+        L.GaussianNoise(0.5, input_shape=(5,)), L.Dense(4), L.GaussianDropout(0.3),
+        L.AlphaDropout(0.2), L.Dense(2)]),
+    'nested_batchnorm': _nested_bn,
+    'two_inputs_two_outputs': _two_io,
+}
+
+
+def _phase_inputs(kind, rows):
+    if kind == 'batchnorm_conv':
+        return rand(rows, 8, 8, 2)
+    if kind == 'two_inputs_two_outputs':
+        return [rand(rows, 5), rand(rows, 3, seed=1)]
+    return rand(rows, 5)
+
+
+@pytest.mark.parametrize('kind', sorted(PHASE_READERS))
+def test_models_reading_the_learning_phase_get_it_fixed_and_equal_plain(kind):
+    model = PHASE_READERS[kind]()
+    if kind == 'batchnorm_conv':        # moving statistics of their own, not 0 and 1
+        bn = model.layers[1]
+        bn.set_weights([w + np.linspace(0.1, 0.5, w.size).astype('float32')
+                        for w in bn.get_weights()])
+    assert model.uses_learning_phase
+    entry = loop_against_plain(model, _phase_inputs(kind, 30))
+    assert entry.inference_graph.startswith('used'), entry.inference_graph
+    assert entry.inference_graph_ops > 0
+    # Its run holds no switch on the learning phase (the inference branches alone).
+    graph = model.outputs[0].graph
+    ops = {op.name: op for op in graph.get_operations()}
+    seen, todo = set(), [t.op for t in entry._io[1]]
+    while todo:
+        op = todo.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        todo += [t.op for t in op.inputs] + list(op.control_inputs)
+    assert not any(ops[name].type in ('Switch', 'Merge') for name in seen)
+    assert not any('keras_learning_phase' in name for name in seen)
+
+
+def test_a_model_built_in_the_training_phase_is_left_as_it_is():
+    """K.set_learning_phase(1) before building: Keras builds the training branches alone
+    (BatchNormalization normalises by the batch's own statistics) and its outputs read no
+    phase; nothing is built with the phase fixed to inference."""
+    from keras import backend as K
+    from keras.backend import tensorflow_backend as tfb
+    K.set_learning_phase(1)
+    try:
+        model = keras.models.Sequential([L.Dense(4, input_shape=(5,)),
+                                         L.BatchNormalization(), L.Dense(2)])
+    finally:
+        tfb._GRAPH_LEARNING_PHASES.pop(tf_graph(), None)
+    assert not model.uses_learning_phase
+    X = rand(20, 5)
+    expected = unpatched_predict(model, X[:8])
+    kfp.patch()
+    assert_same(model.predict(X[:8]), expected)
+    entry = keras_adapter.lookup(model)
+    assert entry.inference_graph.startswith('not used'), entry.inference_graph
+    assert entry.inference_graph_ops == 0
+
+
+def tf_graph():
+    import tensorflow as tf
+    return tf.compat.v1.get_default_graph()
+
+
 def test_masking_and_several_inputs():
     tokens = L.Input((6,))
     embedded = L.Embedding(20, 4, mask_zero=True)(tokens)
@@ -76,8 +164,13 @@ def test_masking_and_several_inputs():
     assert entry.inference_graph.startswith('used')
 
 
-def test_weights_changed_between_calls_are_seen():
-    model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+@pytest.mark.parametrize('kind', ['lstm', 'batchnorm'])
+def test_weights_changed_between_calls_are_seen(kind):
+    if kind == 'lstm':
+        model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    else:
+        model = keras.models.Sequential([L.Flatten(input_shape=(7, 4)),
+                                         L.BatchNormalization(), L.Dense(2)])
     X = rand(10, 7, 4)
     kfp.patch()
     for i in range(4):
@@ -242,8 +335,13 @@ def test_a_model_built_in_another_thread_meanwhile_keeps_its_learning_phase():
 # -- the default: built once it has paid for itself, used only if faster -------------------
 
 @pytest.mark.auto_policy
-def test_a_short_loop_builds_nothing():
-    model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+@pytest.mark.parametrize('kind', ['lstm', 'batchnorm'])
+def test_a_short_loop_builds_nothing(kind):
+    if kind == 'lstm':
+        model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    else:
+        model = keras.models.Sequential([L.Flatten(input_shape=(7, 4)),
+                                         L.BatchNormalization(), L.Dense(2)])
     graph = model.outputs[0].graph
     rows = [np.array(r[None]) for r in rand(30, 7, 4)]
     expected = [unpatched_predict(model, r) for r in rows]
@@ -259,16 +357,21 @@ def test_a_short_loop_builds_nothing():
 
 
 @pytest.mark.auto_policy
+@pytest.mark.parametrize('kind', [inference_graph.UNROLL, inference_graph.PHASE])
 @pytest.mark.parametrize('slower', ['inference graph', 'own graph'])
-def test_once_paid_for_it_is_used_only_if_faster(monkeypatch, slower):
+def test_once_paid_for_it_is_used_only_if_faster(monkeypatch, slower, kind):
     """Built once the runs have cost its estimate (here nothing: the estimate is made
     0), then used only if its timed runs beat the model's own (one side's runs are
     made 50 ms slower, so that the outcome does not depend on the machine)."""
     import time
-    model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    if kind == inference_graph.UNROLL:
+        model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    else:
+        model = keras.models.Sequential([L.Flatten(input_shape=(7, 4)), L.Dropout(0.3),
+                                         L.BatchNormalization(), L.Dense(2)])
     rows = [np.array(r[None]) for r in rand(12, 7, 4)]
     expected = [unpatched_predict(model, r) for r in rows]
-    monkeypatch.setitem(inference_graph._cost, 'seconds_per_op', 0.0)
+    monkeypatch.setitem(inference_graph._cost, kind, 0.0)
     monkeypatch.setattr(compiled, '_other_threads', lambda: [])   # (pytest-xdist's own)
     kfp.patch()
     got = [model.predict(rows[0]), model.predict(rows[1])]    # due, then built
@@ -309,7 +412,7 @@ def test_not_built_in_the_middle_of_a_loop_while_other_threads_run(monkeypatch):
     rows = [np.array(r[None]) for r in rand(12, 7, 4)]
     expected = [unpatched_predict(model, r) for r in rows]
     ops = len(graph.get_operations())
-    monkeypatch.setitem(inference_graph._cost, 'seconds_per_op', 0.0)
+    monkeypatch.setitem(inference_graph._cost, inference_graph.UNROLL, 0.0)
     stop = threading.Event()
     other = threading.Thread(target=stop.wait, name='user-thread')
     other.start()
@@ -376,7 +479,7 @@ def test_sizes_settled_in_the_callers_thread_stay_there_on_the_inference_graph(m
     rows = [np.array(r[None]) for r in rand(30, 7, 4)]
     pairs = [np.array(r) for r in rand(30, 2, 7, 4, seed=1)]
     expected = [unpatched_predict(model, r) for r in rows + pairs]
-    monkeypatch.setitem(inference_graph._cost, 'seconds_per_op', 0.0)
+    monkeypatch.setitem(inference_graph._cost, inference_graph.UNROLL, 0.0)
     monkeypatch.setattr(compiled, '_other_threads', lambda: [])   # (pytest-xdist's own)
     kfp.patch()
     got = [model.predict(rows[0])]              # the inference graph falls due
@@ -418,7 +521,7 @@ def test_a_callable_made_during_the_checks_is_not_timed_as_a_run(monkeypatch):
     pair = rand(2, 7, 4, seed=1)
     calls = rows[:3] + [pair] + rows[3:]
     expected = [unpatched_predict(model, r) for r in calls]
-    monkeypatch.setitem(inference_graph._cost, 'seconds_per_op', 0.0)
+    monkeypatch.setitem(inference_graph._cost, inference_graph.UNROLL, 0.0)
     monkeypatch.setattr(compiled, '_other_threads', lambda: [])   # (pytest-xdist's own)
     kfp.patch()
     got = [model.predict(calls[0])]             # the inference graph falls due

@@ -42,7 +42,8 @@ def test_large_arrays_equal_keras(models, name, batch_size):
         got_on_batch = model.predict_on_batch(rows_of(x, 0, 100))
     assert_same(got, expected)
     assert_same(got_on_batch, unpatched_predict_on_batch(model, rows_of(x, 0, 100)))
-    assert kfp.stats(model)['fallbacks'] == 0
+    stats = kfp.stats(model)
+    assert stats['fallbacks'] == 0, stats['fallback_reasons']
 
 
 def test_dict_and_list_inputs(models):

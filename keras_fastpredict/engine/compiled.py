@@ -138,17 +138,17 @@ class CompiledModel(object):
     def _plan_inference_graph(self, model, feeds):
         built = inference_graph.built(model)
         if built is None:
-            cost, reason = inference_graph.estimate(model, settings.unroll_max_steps,
-                                                    self.adapter)
+            due, reason = inference_graph.estimate(model, settings.unroll_max_steps,
+                                                   self.adapter)
             if reason is not None:
                 self.inference_graph = 'not used: ' + reason
                 return
             if settings.inference_graph == 'auto':
                 # Rent, then buy: build once the runs on the model's own graph have cost
-                # what unrolling could have saved by now (it saves at most about half a
-                # run), so a short loop never pays more for it than it can gain.
+                # what the inference graph could have saved by now (a share of a run), so
+                # a short loop never pays more for it than it can gain.
                 self._rent_s = 0.0
-                self._rent_due = cost / inference_graph.GAIN
+                self._rent_due = due
                 self._pending = CompiledModel._rent
                 self.inference_graph = 'waiting: built once runs have cost %.0f ms' % (
                     1e3 * self._rent_due)
@@ -225,7 +225,7 @@ class CompiledModel(object):
                 _makers.discard(threading.current_thread())
         if built.verdict is None:
             self.stats.paid('inference graph', built.seconds)
-            inference_graph.learn_cost(built.ops, built.seconds)
+            inference_graph.learn_cost(built.kind, built.ops, built.seconds)
         # [its Ways, built, checks, own s, its s]
         candidate = [made, built, 0, 0.0, 0.0]
         if built.verdict:

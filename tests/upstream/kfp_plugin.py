@@ -9,6 +9,9 @@ in the controller and in every xdist worker. ``KFP_UPSTREAM_MODE`` picks the run
   deferred result, resolved in batches when it is read (the implicit per-thread scope).
 * ``auto``: ``keras_fastpredict.patch(auto_batch=True)``: predict call sites sampled, and
   those measured to keep their results for later deferred (``--auto-batch``).
+* ``graph``: ``keras_fastpredict.patch(inference_graph=True)``: every recurrent model, and
+  every Keras model whose layers read the learning phase, gets its inference graph at its
+  first call (by default only once it has paid for itself: a test's loops rarely get it).
 
 With ``KFP_UPSTREAM_OUT`` set, the process that reports (the xdist controller) writes the
 outcome of every test to ``results.json`` there, and each process that runs tests writes its
@@ -20,7 +23,8 @@ import os
 
 import pytest
 
-MODES = {'plain': None, 'patch': {}, 'defer': {'defer': True}, 'auto': {'auto_batch': True}}
+MODES = {'plain': None, 'patch': {}, 'defer': {'defer': True}, 'auto': {'auto_batch': True},
+         'graph': {'inference_graph': True}}
 
 _totals = {}
 _outcomes = {}
