@@ -81,7 +81,10 @@ def logs_text(cluster, app_id):
 def assert_fast_in_reports(folder, cluster, app_id):
     records = [r for r in processes.collect(str(folder)) if r.get('models')]
     total = processes.totals(records)
-    assert total['calls'] == total['fast_calls'] == ROWS, total
+    # (Where calls fell back, each model's reasons, to tell why.)
+    why = [(name, counters.get('fallback_reasons')) for r in records
+           for name, counters in r['models'].items() if counters.get('fallbacks')]
+    assert total['calls'] == total['fast_calls'] == ROWS, (total, why)
     assert total['fallbacks'] == 0 and total['batches'] == 0, total
     # What the driver (or python -m keras_fastpredict.spark reports DIR) prints of them.
     assert ('%d predicted, %d calls, %d fast, 0 fallbacks' % (len(records), ROWS, ROWS)
