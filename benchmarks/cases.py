@@ -20,7 +20,8 @@ from . import models
 
 # role: 'unpatched' (baseline and reference), 'peer', 'limit', 'patched'.
 # patch: None runs with keras_fastpredict unpatched; a dict runs under patch(**options).
-Variant = namedtuple('Variant', 'name role run patch')
+# model: the model a variant runs, where not the case's own (its stats and warm-up call).
+Variant = namedtuple('Variant', 'name role run patch model', defaults=(None,))
 Timed = namedtuple('Timed', 'outputs elapsed latencies')   # loops that time themselves
 
 THREADS = (1, 4, 16)
@@ -210,10 +211,10 @@ class Case(object):
         self._first = [np.array(a) for a in as_list(row(X, 0))]
         self.variants = getattr(self, '_' + self.loop)(model, X, self.rows)
 
-    def warm(self):
+    def warm(self, model=None):
         """One call outside the timing: the cached callable is built on the first call
         after patch() (unpatch() drops it), once per process in real use."""
-        self.model.predict(unwrap(self._first))
+        (model or self.model).predict(unwrap(self._first))
 
     def _collect(self, model, X, n):
         def predict(x):
@@ -246,14 +247,25 @@ class Case(object):
                     lambda: use_immediately(predict, X, n), {'readahead': False}),
             Variant('patched (read-ahead)', 'patched', lambda: use_immediately(predict, X, n),
                     {}),
-        ] + ([
-            # Layers that read the learning phase (BatchNormalization, Dropout): the
-            # inference graph's steady state, as a loop gets it once it has paid for it
-            # (built here at the warm-up's first call: inference_graph=True).
-            Variant('patched, readahead off, inference graph', 'patched',
-                    lambda: use_immediately(predict, X, n),
-                    {'readahead': False, 'inference_graph': True}),
-        ] if getattr(model, 'uses_learning_phase', False) is True else [])
+        ] + ([self._phase_fixed(model, X, n)]
+             if getattr(model, 'uses_learning_phase', False) is True else [])
+
+    def _phase_fixed(self, model, X, n):
+        # Layers that read the learning phase (BatchNormalization, Dropout): the inference
+        # graph's steady state, as a long loop gets it once it has paid for it (built at
+        # the warm-up's first call: inference_graph=True). On a twin of the model (the
+        # same weights): a model's inference graph, once checked, serves it under every
+        # later patch, so the other variants would time it too.
+        import keras
+        twin = keras.models.clone_model(model)
+        twin.set_weights(model.get_weights())
+        twin._make_predict_function()
+
+        def predict(x):
+            return twin.predict(x)
+        return Variant('patched, readahead off, inference graph', 'patched',
+                       lambda: use_immediately(predict, X, n),
+                       {'readahead': False, 'inference_graph': True}, twin)
 
     def _autoregressive(self, model, X, n):
         def predict(x):

@@ -119,13 +119,14 @@ def run_case(case, repeats, progress=None, say=print, warmup=False):
             vr = result.get(variant.name)
             try:
                 _enter(variant)
+                model = variant.model or case.model
                 if variant.patch is not None:
-                    case.warm()
-                before = keras_fastpredict.stats(case.model)
+                    case.warm(model)
+                before = keras_fastpredict.stats(model)
                 start = time.perf_counter()
                 out = variant.run()
                 elapsed = time.perf_counter() - start
-                after = keras_fastpredict.stats(case.model)
+                after = keras_fastpredict.stats(model)
                 if variant.patch is not None:
                     vr.stats = _stats_delta(before, after)
             except Exception as exc:
@@ -176,6 +177,8 @@ def _notes(case, v):
         if s['readahead_hits'] or s['readahead_misses']:
             notes.append('read-ahead %d hits, %d misses' % (s['readahead_hits'],
                                                             s['readahead_misses']))
+        if str(s.get('inference_graph', '')).startswith('used'):
+            notes.append('inference graph ' + s['inference_graph'])
         if s['fallbacks']:
             notes.append('fallbacks: ' + ', '.join('%s x%d' % kv
                                                    for kv in s['fallback_reasons'].items()))
