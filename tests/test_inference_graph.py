@@ -630,3 +630,29 @@ def test_a_checkpoint_of_plain_keras_restores_after_the_build(tmp_path):
     assert keras_adapter.lookup(model).inference_graph.startswith('used')
     tf.compat.v1.train.Saver().restore(K.get_session(), path)
     assert_same(model.predict(X), expected)
+
+
+@pytest.mark.parametrize('change', ['add', 'pop'])
+def test_a_sequential_changed_and_compiled_again_is_not_served_its_old_graph(change):
+    """Found by review of f4b731f: the inference graph is kept per model, and one checked
+    equal was adopted again unchecked by the model's next entry (after ``compile``); after
+    ``model.add`` or ``model.pop`` that was the old stack of layers (outputs of 2 columns
+    where plain Keras gave 3 or 4)."""
+    model = keras.models.Sequential([L.Dense(4, input_shape=(5,)), L.BatchNormalization(),
+                                     L.Dropout(0.3), L.Dense(2)])
+    X = rand(8, 5)
+    kfp.patch()
+    for i in range(4):
+        model.predict(X[i:i + 1].copy())
+    assert keras_adapter.lookup(model).inference_graph.startswith('used')
+    if change == 'add':
+        model.add(L.Dense(3))
+    else:
+        model.pop()
+    model.compile('sgd', 'mse')
+    got = [model.predict(X[i:i + 1].copy()) for i in range(6)] + [model.predict(X)]
+    kfp.unpatch()
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(6)] + [
+        unpatched_predict(model, X)]
+    for g, e in zip(got, expected):
+        assert_same(g, e)

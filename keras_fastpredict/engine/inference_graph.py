@@ -83,7 +83,7 @@ _LOOP_OPS = ('Enter', 'Exit', 'Merge', 'Switch', 'NextIteration', 'LoopCond')
 
 class Built(object):
     __slots__ = ('inputs', 'outputs', 'ops', 'reason', 'verdict', 'seconds', 'saving',
-                 'why_not', 'kind')
+                 'why_not', 'kind', 'of')
 
     def __init__(self, inputs=None, outputs=None, ops=0, reason=None, kind=None):
         self.inputs, self.outputs, self.ops, self.reason = inputs, outputs, ops, reason
@@ -92,6 +92,7 @@ class Built(object):
         self.seconds = 0.0         # what building it took
         self.saving = None         # seconds a run saved, as measured by the check
         self.why_not = None        # why it is not used (verdict False)
+        self.of = None             # the model's inputs and outputs it was built for
 
 
 def _layers(layer, found, layer_class, wrapper=None):
@@ -158,9 +159,16 @@ def _plan(model, max_steps, adapter):
     return None, reason
 
 
+def _io_names(model):
+    return tuple(t.name for t in list(model.inputs or ()) + list(model.outputs or ()))
+
+
 def built(model):
-    """The model's inference graph if it was built already (an earlier patch), or None."""
-    return _built.get(model)
+    """The model's inference graph if it was built already (an earlier patch) for the
+    model as it is now, or None."""
+    made = _built.get(model)
+    # Sequential.add/pop (then compile) make new outputs: the old graph is not theirs.
+    return made if made is not None and made.of == _io_names(model) else None
 
 
 def estimate(model, max_steps, adapter):
@@ -194,13 +202,14 @@ def learn_cost(kind, ops, seconds):
 def get(model, feeds, max_steps, adapter):
     """The model's ``Built`` inference graph (``.reason`` says why there is none), made
     on first use."""
-    built = _built.get(model)
-    if built is None:
+    made = built(model)
+    if made is None:
         with _lock:
-            built = _built.get(model)
-            if built is None:
-                built = _built[model] = _build(model, feeds, max_steps, adapter)
-    return built
+            made = built(model)
+            if made is None:
+                made = _built[model] = _build(model, feeds, max_steps, adapter)
+                made.of = _io_names(model)
+    return made
 
 
 def _drop_own(nodes, start):
