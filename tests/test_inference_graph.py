@@ -656,3 +656,25 @@ def test_a_sequential_changed_and_compiled_again_is_not_served_its_old_graph(cha
         unpatched_predict(model, X)]
     for g, e in zip(got, expected):
         assert_same(g, e)
+
+
+def test_layers_that_make_variables_when_applied_keep_the_models_own_graph():
+    """A Lambda making a variable in each call: applied again, it would add an
+    uninitialised one to the graph's variables (plain predict adds none). The build
+    refuses to make variables, so the model keeps its own graph, with the reason."""
+    import tensorflow as tf
+    from keras import backend as K
+    model = keras.models.Sequential([
+        L.Dense(4, input_shape=(5,)), L.Dropout(0.2),
+        L.Lambda(lambda t: t * K.variable(2.0, name='scale')), L.Dense(2)])
+    X = rand(6, 5)
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(4)]
+    variables = tf.compat.v1.global_variables()
+    kfp.patch()
+    got = [model.predict(X[i:i + 1].copy()) for i in range(4)]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    reason = keras_adapter.lookup(model).inference_graph
+    assert reason.startswith('not used: could not apply the layers again: a layer made a '
+                             'variable'), reason
+    assert tf.compat.v1.global_variables() == variables
