@@ -553,3 +553,128 @@ def test_a_callable_made_during_the_checks_is_not_timed_as_a_run(monkeypatch):
         assert_same(g, e)
     assert candidate.has(ways.POOL)             # made for the two-row check
     assert entry.inference_graph.startswith('used: '), entry.inference_graph
+
+
+# -- what the build leaves behind: nothing a user of the model or graph can see -------------
+
+def _bn_with_regularizers():
+    inner = keras.models.Sequential([L.Dense(6, input_shape=(5,)), L.BatchNormalization()],
+                                    name='inner_bn')
+    return keras.models.Sequential([
+        inner, L.Dense(4, kernel_regularizer='l2', activity_regularizer='l1'),
+        L.Dropout(0.3), L.BatchNormalization(), L.Dense(2)])
+
+
+def _everything_a_user_reads(model):
+    """Per layer (nested ones too) and for the model: its updates and losses, by name;
+    the graph's variables; the model's config."""
+    def names(items):
+        return sorted(getattr(t, 'name', repr(t)) for t in items)
+
+    def walk(layer):
+        yield layer
+        for sub in getattr(layer, 'layers', None) or []:
+            yield from walk(sub)
+    seen = [(layer.name, names(layer.updates), names(layer.losses)) for layer in walk(model)]
+    import tensorflow as tf
+    graph = model.outputs[0].graph
+    return dict(layers=seen, updates=names(model.updates), losses=names(model.losses),
+                unconditional=names(model.get_updates_for(None) + model.get_losses_for(None)),
+                variables=[v.name for v in graph.get_collection(tf.GraphKeys.GLOBAL_VARIABLES)],
+                json=model.to_json())
+
+
+@pytest.mark.parametrize('kind', ['phase', 'unroll'])
+def test_the_build_leaves_layers_updates_losses_and_variables_as_plain(kind):
+    """Found by review of f4b731f: applying the layers again added BatchNormalization's
+    update ops (and its zero-debias variables, ``moving_mean/biased_1`` and
+    ``local_step_1``) and the activity regulariser's loss to the layers, so
+    ``layer.updates`` and ``layer.losses`` grew and ``tf.global_variables()`` held four
+    uninitialised variables more than plain Keras (a ``tf.train.Saver`` made then saved
+    or restored them: see the next test)."""
+    model = _bn_with_regularizers()
+    if kind == 'unroll':
+        model = keras.models.Sequential([L.LSTM(5, input_shape=(6, 5)), L.Reshape((5,)),
+                                         model])
+        X = rand(10, 6, 5)
+    else:
+        X = rand(10, 5)
+    model.compile('sgd', 'mse')
+    expected = unpatched_predict(model, X[:1])
+    plain = _everything_a_user_reads(model)
+    kfp.patch()
+    for i in range(4):
+        got = model.predict(X[i:i + 1].copy())
+    assert_same(model.predict(X[:1].copy()), expected)
+    assert keras_adapter.lookup(model).inference_graph.startswith('used'), \
+        keras_adapter.lookup(model).inference_graph
+    assert got is not None
+    assert _everything_a_user_reads(model) == plain
+
+
+def test_a_checkpoint_of_plain_keras_restores_after_the_build(tmp_path):
+    """A ``tf.train.Saver`` made after the build (legacy TF 1 code saving a Keras model's
+    session) restores a checkpoint that plain Keras saved: it once held the build's
+    zero-debias variables of BatchNormalization, not in the checkpoint (NotFoundError)."""
+    import tensorflow as tf
+    from keras import backend as K
+    model = keras.models.Sequential([L.Dense(4, input_shape=(5,)), L.BatchNormalization(),
+                                     L.Dense(2)])
+    X = rand(6, 5)
+    expected = unpatched_predict(model, X)
+    path = str(tmp_path / 'plain.ckpt')
+    tf.compat.v1.train.Saver().save(K.get_session(), path)
+    kfp.patch()
+    for i in range(4):
+        model.predict(X[i:i + 1].copy())
+    assert keras_adapter.lookup(model).inference_graph.startswith('used')
+    tf.compat.v1.train.Saver().restore(K.get_session(), path)
+    assert_same(model.predict(X), expected)
+
+
+@pytest.mark.parametrize('change', ['add', 'pop'])
+def test_a_sequential_changed_and_compiled_again_is_not_served_its_old_graph(change):
+    """Found by review of f4b731f: the inference graph is kept per model, and one checked
+    equal was adopted again unchecked by the model's next entry (after ``compile``); after
+    ``model.add`` or ``model.pop`` that was the old stack of layers (outputs of 2 columns
+    where plain Keras gave 3 or 4)."""
+    model = keras.models.Sequential([L.Dense(4, input_shape=(5,)), L.BatchNormalization(),
+                                     L.Dropout(0.3), L.Dense(2)])
+    X = rand(8, 5)
+    kfp.patch()
+    for i in range(4):
+        model.predict(X[i:i + 1].copy())
+    assert keras_adapter.lookup(model).inference_graph.startswith('used')
+    if change == 'add':
+        model.add(L.Dense(3))
+    else:
+        model.pop()
+    model.compile('sgd', 'mse')
+    got = [model.predict(X[i:i + 1].copy()) for i in range(6)] + [model.predict(X)]
+    kfp.unpatch()
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(6)] + [
+        unpatched_predict(model, X)]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+
+
+def test_layers_that_make_variables_when_applied_keep_the_models_own_graph():
+    """A Lambda making a variable in each call: applied again, it would add an
+    uninitialised one to the graph's variables (plain predict adds none). The build
+    refuses to make variables, so the model keeps its own graph, with the reason."""
+    import tensorflow as tf
+    from keras import backend as K
+    model = keras.models.Sequential([
+        L.Dense(4, input_shape=(5,)), L.Dropout(0.2),
+        L.Lambda(lambda t: t * K.variable(2.0, name='scale')), L.Dense(2)])
+    X = rand(6, 5)
+    expected = [unpatched_predict(model, X[i:i + 1]) for i in range(4)]
+    variables = tf.compat.v1.global_variables()
+    kfp.patch()
+    got = [model.predict(X[i:i + 1].copy()) for i in range(4)]
+    for g, e in zip(got, expected):
+        assert_same(g, e)
+    reason = keras_adapter.lookup(model).inference_graph
+    assert reason.startswith('not used: could not apply the layers again: a layer made a '
+                             'variable'), reason
+    assert tf.compat.v1.global_variables() == variables

@@ -83,7 +83,7 @@ _LOOP_OPS = ('Enter', 'Exit', 'Merge', 'Switch', 'NextIteration', 'LoopCond')
 
 class Built(object):
     __slots__ = ('inputs', 'outputs', 'ops', 'reason', 'verdict', 'seconds', 'saving',
-                 'why_not', 'kind')
+                 'why_not', 'kind', 'of')
 
     def __init__(self, inputs=None, outputs=None, ops=0, reason=None, kind=None):
         self.inputs, self.outputs, self.ops, self.reason = inputs, outputs, ops, reason
@@ -92,6 +92,7 @@ class Built(object):
         self.seconds = 0.0         # what building it took
         self.saving = None         # seconds a run saved, as measured by the check
         self.why_not = None        # why it is not used (verdict False)
+        self.of = None             # the model's inputs and outputs it was built for
 
 
 def _layers(layer, found, layer_class, wrapper=None):
@@ -158,9 +159,16 @@ def _plan(model, max_steps, adapter):
     return None, reason
 
 
+def _io_names(model):
+    return tuple(t.name for t in list(model.inputs or ()) + list(model.outputs or ()))
+
+
 def built(model):
-    """The model's inference graph if it was built already (an earlier patch), or None."""
-    return _built.get(model)
+    """The model's inference graph if it was built already (an earlier patch) for the
+    model as it is now, or None."""
+    made = _built.get(model)
+    # Sequential.add/pop (then compile) make new outputs: the old graph is not theirs.
+    return made if made is not None and made.of == _io_names(model) else None
 
 
 def estimate(model, max_steps, adapter):
@@ -194,13 +202,14 @@ def learn_cost(kind, ops, seconds):
 def get(model, feeds, max_steps, adapter):
     """The model's ``Built`` inference graph (``.reason`` says why there is none), made
     on first use."""
-    built = _built.get(model)
-    if built is None:
+    made = built(model)
+    if made is None:
         with _lock:
-            built = _built.get(model)
-            if built is None:
-                built = _built[model] = _build(model, feeds, max_steps, adapter)
-    return built
+            made = built(model)
+            if made is None:
+                made = _built[model] = _build(model, feeds, max_steps, adapter)
+                made.of = _io_names(model)
+    return made
 
 
 def _drop_own(nodes, start):
@@ -209,6 +218,46 @@ def _drop_own(nodes, start):
         tensors = getattr(node, 'output_tensors', None) or []
         if any(getattr(t, 'name', '').startswith(_SCOPE + '/') for t in tensors):
             nodes.remove(node)
+
+
+# What applying a Keras 2.2.5 layer adds to it: its updates and losses (BatchNormalization's
+# moving averages, activity regularisers), a network's caches of its calls.
+_ADDED = ('_updates', '_losses', '_per_input_updates', '_per_input_losses',
+          '_output_tensor_cache', '_output_mask_cache', '_output_shape_cache')
+
+
+def _kept(layers):
+    """(list or dict, its length or its keys' list lengths) for each of ``_ADDED``."""
+    kept = []
+    for layer in layers:
+        for name in _ADDED:
+            value = layer.__dict__.get(name)
+            if type(value) is list:
+                kept.append((value, len(value)))
+            elif type(value) is dict:
+                kept.append((value, {k: len(v) if type(v) is list else None
+                                     for k, v in value.items()}))
+    return kept
+
+
+def _restore(kept):
+    # Cut back to the lengths before the build (when due, it is built only while no
+    # other thread of the user's runs: CompiledModel.build_inference_graph).
+    for value, was in kept:
+        if type(was) is int:
+            del value[was:]
+            continue
+        for key in [k for k in value if k not in was]:
+            del value[key]
+        for key, n in was.items():
+            if n is not None and key in value:
+                del value[key][n:]
+
+
+def _no_new_variables(next_creator, **kwargs):
+    # Plain Keras makes none when it predicts: one made here would show in the graph's
+    # variables (a Saver would save it, or look for it in a plain checkpoint).
+    raise ValueError('a layer made a variable (%s)' % kwargs.get('name'))
 
 
 def _build(model, feeds, max_steps, adapter):
@@ -222,10 +271,16 @@ def _build(model, feeds, max_steps, adapter):
     graph = feeds[0].graph
     before = len(graph.get_operations())
     nodes = {key: (len(l._inbound_nodes), len(l._outbound_nodes)) for key, l in layers.items()}
+    kept = _kept(layers.values())
     # Plain placeholders, under a name scope of its own: Keras' name counters (input_1,
     # input_2...) and the user's op names stay as plain Keras leaves them, and Keras adds
     # no nodes for tensors without Keras history.
-    with graph.as_default(), tf.name_scope(_SCOPE):
+    # Variables (BatchNormalization's zero-debias ones) are the model's own, or none: reuse
+    # and the creator hold in this thread alone.
+    v1 = tf.compat.v1
+    with graph.as_default(), v1.variable_scope(v1.get_variable_scope(), reuse=True,
+                                               auxiliary_name_scope=False), \
+            v1.variable_creator_scope(_no_new_variables), tf.name_scope(_SCOPE):
         inputs = [tf.placeholder(t.dtype.base_dtype, t.shape, name='input') for t in feeds]
         module = adapter.learning_phase_module()
         phases = module._GRAPH_LEARNING_PHASES
@@ -246,6 +301,7 @@ def _build(model, feeds, max_steps, adapter):
                 inbound, outbound = nodes[key]    # (only those made here: other threads
                 _drop_own(layer._inbound_nodes, inbound)   # may build on the layers)
                 _drop_own(layer._outbound_nodes, outbound)
+            _restore(kept)
     outputs = outputs if isinstance(outputs, list) else [outputs]
     for t in outputs:
         # Keras' history names the model and the node just dropped: kept, it would hold
