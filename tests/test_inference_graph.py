@@ -130,12 +130,19 @@ def test_a_model_built_in_the_training_phase_is_left_as_it_is():
     phase; nothing is built with the phase fixed to inference."""
     from keras import backend as K
     from keras.backend import tensorflow_backend as tfb
+    # The graph's phase placeholder is put back after: models built earlier in it feed
+    # that one (a new one made them refused: 'predict function with other inputs').
+    phases, graph = tfb._GRAPH_LEARNING_PHASES, tf_graph()
+    had, old = graph in phases, phases.get(graph)
     K.set_learning_phase(1)
     try:
         model = keras.models.Sequential([L.Dense(4, input_shape=(5,)),
                                          L.BatchNormalization(), L.Dense(2)])
     finally:
-        tfb._GRAPH_LEARNING_PHASES.pop(tf_graph(), None)
+        if had:
+            phases[graph] = old
+        else:
+            phases.pop(graph, None)
     assert not model.uses_learning_phase
     X = rand(20, 5)
     expected = unpatched_predict(model, X[:8])
@@ -623,12 +630,21 @@ def test_a_checkpoint_of_plain_keras_restores_after_the_build(tmp_path):
     X = rand(6, 5)
     expected = unpatched_predict(model, X)
     path = str(tmp_path / 'plain.ckpt')
-    tf.compat.v1.train.Saver().save(K.get_session(), path)
+
+    before = set(tf.compat.v1.global_variables())
+
+    def saver():
+        # The model's variables and any the graph gained since, as a default Saver made
+        # then would take them (the whole graph holds other tests' models, not all
+        # initialised in this session).
+        return tf.compat.v1.train.Saver(var_list=list(model.weights) + [
+            v for v in tf.compat.v1.global_variables() if v not in before])
+    saver().save(K.get_session(), path)
     kfp.patch()
     for i in range(4):
         model.predict(X[i:i + 1].copy())
     assert keras_adapter.lookup(model).inference_graph.startswith('used')
-    tf.compat.v1.train.Saver().restore(K.get_session(), path)
+    saver().restore(K.get_session(), path)
     assert_same(model.predict(X), expected)
 
 
