@@ -25,7 +25,8 @@ Variant = namedtuple('Variant', 'name role run patch model', defaults=(None,))
 Timed = namedtuple('Timed', 'outputs elapsed latencies')   # loops that time themselves
 
 THREADS = (1, 4, 16)
-MERGE_BOUND = 'raw callable, %d rows per run (a perfect merge)'
+# (One name at every thread count: the threads plot follows a variant across them.)
+MERGE_BOUND = 'raw callable, a row of each thread a run (a perfect merge)'
 
 # Rows per loop, per model. A model runs only the loops listed for it.
 FULL = {
@@ -355,7 +356,7 @@ class Case(object):
             Variant('raw callable, whole array', 'limit', lambda: whole(raw, X, n), None),
             # What merging can reach here: every run holds one row of each of the k
             # threads (at most k calls are in flight), with no hand-off at all.
-            Variant(MERGE_BOUND % k, 'peer', lambda: hand_batched(raw, X, n, k), None),
+            Variant(MERGE_BOUND, 'peer', lambda: hand_batched(raw, X, n, k), None),
             Variant('patched, concurrent=False (fast path alone)', 'patched',
                     lambda: threaded(predict, requests, k), {'concurrent': False}),
             Variant('patched (concurrent batcher)', 'patched',
