@@ -9,16 +9,22 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quick_suite_writes_table_plots_and_checks(tmp_path):
+def quick_suite(tmp_path, cases):
+    """``python -m benchmarks --quick --repeats 1`` on ``cases``: (its process, results.md,
+    the output folder); it must exit 0."""
     out = tmp_path / 'results'
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
     proc = subprocess.run(
         [sys.executable, '-m', 'benchmarks', '--quick', '--repeats', '1',
-         '--cases', 'mlp64/collect,mlp64/threads-4,mlp64/threads-16', '--out', str(out)],
+         '--cases', cases, '--out', str(out)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = (out / 'results.md').read_text()
+    return proc, (out / 'results.md').read_text(), out
+
+
+def test_quick_suite_writes_table_plots_and_checks(tmp_path):
+    proc, text, out = quick_suite(tmp_path, 'mlp64/collect,mlp64/threads-4,mlp64/threads-16')
     assert '| case | variant | µs/row (median) |' in text
     for variant in ('unpatched predict', 'patched + batching()', 'raw callable, whole array',
                     'patched (concurrent batcher)'):
@@ -36,15 +42,7 @@ def test_quick_suite_runs_session_run_cases(tmp_path):
     # Session.run and K.function cases (benchmarks/tf1_cases) have cases of their own
     # kind: a change to how the suite warms a variant's model once failed every patched
     # run of theirs (TypeError), seen only in a full make bench.
-    out = tmp_path / 'results'
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'benchmarks', '--quick', '--repeats', '1',
-         '--cases', 'mlp64/sess-run,mlp64/k-function', '--out', str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        universal_newlines=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = (out / 'results.md').read_text()
+    proc, text, _ = quick_suite(tmp_path, 'mlp64/sess-run,mlp64/k-function')
     assert 'ERROR' not in text and 'ERROR' not in proc.stdout, proc.stdout[-3000:]
     assert '| mlp64/sess-run | **patched (read-ahead)** |' in text
     assert '| mlp64/k-function | **patched (read-ahead)** |' in text

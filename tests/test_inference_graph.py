@@ -171,13 +171,17 @@ def test_masking_and_several_inputs():
     assert entry.inference_graph.startswith('used')
 
 
+def lstm_or_batchnorm(kind):
+    """A small model of either kind of inference graph, on rows of 7 x 4."""
+    if kind == 'lstm':
+        return keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
+    return keras.models.Sequential([L.Flatten(input_shape=(7, 4)), L.BatchNormalization(),
+                                    L.Dense(2)])
+
+
 @pytest.mark.parametrize('kind', ['lstm', 'batchnorm'])
 def test_weights_changed_between_calls_are_seen(kind):
-    if kind == 'lstm':
-        model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
-    else:
-        model = keras.models.Sequential([L.Flatten(input_shape=(7, 4)),
-                                         L.BatchNormalization(), L.Dense(2)])
+    model = lstm_or_batchnorm(kind)
     X = rand(10, 7, 4)
     kfp.patch()
     for i in range(4):
@@ -344,11 +348,7 @@ def test_a_model_built_in_another_thread_meanwhile_keeps_its_learning_phase():
 @pytest.mark.auto_policy
 @pytest.mark.parametrize('kind', ['lstm', 'batchnorm'])
 def test_a_short_loop_builds_nothing(kind):
-    if kind == 'lstm':
-        model = keras.models.Sequential([L.LSTM(6, input_shape=(7, 4)), L.Dense(2)])
-    else:
-        model = keras.models.Sequential([L.Flatten(input_shape=(7, 4)),
-                                         L.BatchNormalization(), L.Dense(2)])
+    model = lstm_or_batchnorm(kind)
     graph = model.outputs[0].graph
     rows = [np.array(r[None]) for r in rand(30, 7, 4)]
     expected = [unpatched_predict(model, r) for r in rows]
