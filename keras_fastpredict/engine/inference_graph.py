@@ -179,16 +179,23 @@ def estimate(model, max_steps, adapter):
     kind, found = _plan(model, max_steps, adapter)
     if kind is None:
         return None, found
-    names = [(op.name, op.type) for op in model.outputs[0].graph.get_operations()]
+    graph = model.outputs[0].graph
+    # The graph's own index of its ops by name: each op's name and type read through TF's
+    # C API cost 2 µs (MobileNet's 3,143 ops: 8 ms at the model's first call).
+    by_name = getattr(graph, '_nodes_by_name', None)
+    if by_name is None:
+        by_name = {op.name: op for op in graph.get_operations()}
     ops = 0
     if kind is PHASE:
         prefixes = tuple(layer.name + '/' for layer in found[1].values()
                          if layer is not model)
-        ops = sum(1 for name, _ in names if name.startswith(prefixes)) if prefixes else 0
+        ops = sum(1 for name in by_name if name.startswith(prefixes)) if prefixes else 0
     for owner, steps in found[2]:
         prefix = owner.name + '/'
-        body = sum(1 for name, op_type in names if name.startswith(prefix) and '/while' in name
-                   and op_type not in _LOOP_OPS and not op_type.startswith('TensorArray'))
+        types = [by_name[name].type for name in list(by_name)
+                 if name.startswith(prefix) and '/while' in name]
+        body = sum(1 for op_type in types
+                   if op_type not in _LOOP_OPS and not op_type.startswith('TensorArray'))
         ops += steps * (body or 64)
     return max(ops, 1) * _cost[kind] / _GAIN[kind], None
 
