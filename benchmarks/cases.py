@@ -214,7 +214,8 @@ class Case(object):
 
     def warm(self, model=None):
         """One call outside the timing: the cached callable is built on the first call
-        after patch() (unpatch() drops it), once per process in real use."""
+        after patch() (unpatch() drops it), once per process in real use. ``model``: the
+        variant's own, where it has one (None: the case's)."""
         (model or self.model).predict(unwrap(self._first))
 
     def _collect(self, model, X, n):

@@ -121,8 +121,7 @@ def run_case(case, repeats, progress=None, say=print, warmup=False):
                 _enter(variant)
                 model = variant.model or case.model
                 if variant.patch is not None:
-                    # (Cases of tf1_cases warm their own model: their warm() takes none.)
-                    case.warm(model) if variant.model is not None else case.warm()
+                    case.warm(variant.model)
                 before = keras_fastpredict.stats(model)
                 start = time.perf_counter()
                 out = variant.run()

@@ -76,9 +76,10 @@ class TF1Case(Case):
         loop = self.loop if self.model_name == 'mlp64' else 'two-outputs'
         self.variants = getattr(self, '_' + loop.replace('-', '_'))(model, X, n, sess, K)
 
-    def warm(self):
+    def warm(self, model=None):
         # The first call of a signature goes to the original, the second builds the
-        # cached callable: once per process in real use.
+        # cached callable: once per process in real use. (``model``: these cases' variants
+        # all run the case's own.)
         self._warm()
         self._warm()
 

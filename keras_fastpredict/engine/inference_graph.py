@@ -123,14 +123,20 @@ def _time_steps(layer, wrapper):
     return shape[1] if len(shape) >= 3 else None
 
 
-def unrollable(model, max_steps, adapter):
-    """The recurrent layers worth unrolling, or a reason why there are none."""
+def _plan(model, max_steps, adapter):
+    """(kind, (recurrent layers, every layer by id, (owner, time steps) per recurrent
+    layer)), or (None, why nothing is worth building): recurrent layers to unroll, else a
+    Keras model whose outputs read the learning phase (Keras 2.2.5's own flag; tf.keras
+    models have none, and are left as they are)."""
     layer_class, RNN = adapter.layer_classes()
     found = {}
     _layers(model, found, layer_class)
+    layers = {k: v[0] for k, v in found.items()}
     rnns = [(layer, wrapper) for layer, wrapper in found.values()
             if isinstance(layer, RNN) and not layer.unroll]
     if not rnns:
+        if getattr(model, 'uses_learning_phase', False) is True:
+            return PHASE, ([], layers, [])
         return None, 'no recurrent layer to unroll'
     steps_of = []           # (the layer or its wrapper, its time steps)
     for layer, wrapper in rnns:
@@ -140,23 +146,7 @@ def unrollable(model, max_steps, adapter):
         if steps is None or steps > max_steps:
             return None, 'time steps not static or above %d' % max_steps
         steps_of.append((wrapper if wrapper is not None else layer, steps))
-    return ([layer for layer, _ in rnns], {k: v[0] for k, v in found.items()}, steps_of), None
-
-
-def _plan(model, max_steps, adapter):
-    """(kind, what unrollable found), or (None, why nothing is worth building): recurrent
-    layers to unroll, else a Keras model whose outputs read the learning phase (Keras
-    2.2.5's own flag; tf.keras models have none, and are left as they are)."""
-    found, reason = unrollable(model, max_steps, adapter)
-    if found is not None:
-        return UNROLL, found
-    if reason == 'no recurrent layer to unroll' and getattr(model, 'uses_learning_phase',
-                                                            False) is True:
-        layer_class, _ = adapter.layer_classes()
-        layers = {}
-        _layers(model, layers, layer_class)
-        return PHASE, ([], {k: v[0] for k, v in layers.items()}, [])
-    return None, reason
+    return UNROLL, ([layer for layer, _ in rnns], layers, steps_of)
 
 
 def _io_names(model):
