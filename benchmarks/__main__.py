@@ -74,9 +74,16 @@ def main(argv=None):
         for case in selected:
             bar.set_description(case.name)
             results.append(report.run_case(case, repeats, bar, say=tqdm.write, warmup=warmup))
+    paired = None
+    if not args.cases or args.quick:
+        # The batcher against concurrent=False, in paired blocks (tiny with --quick).
+        from . import threads_ab
+        tqdm.write('paired: concurrent batcher vs concurrent=False')
+        paired = (threads_ab.never_slower({'mlp64': 64}, (1, 4), blocks=3, say=tqdm.write)
+                  if args.quick else threads_ab.never_slower(say=tqdm.write))
     command = 'python -m benchmarks ' + ' '.join(argv)
     text, mismatch, error, failed = report.write(results, args.out, command.strip(), repeats,
-                                                 args.quick, time.time() - started)
+                                                 args.quick, time.time() - started, paired)
     print(text)
     print('Written to %s' % os.path.abspath(args.out))
     _release(selected)

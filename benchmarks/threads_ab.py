@@ -69,16 +69,15 @@ class Counts(object):
 
     def __init__(self):
         from keras_fastpredict.engine import concurrent_batcher as cb
-        self.counts = {'bypassed': 0}
+        self.counts = {'entered': 0}
         for name in ('submit', '_queued', '_lead', '_review', '_wake_leader'):
             self._wrap(cb.Batcher, name)
         original, counts = cb.submit, self.counts
 
-        def submit(entry, *args):
-            batcher = entry.batcher
-            if batcher is not None and _calls_so_far(batcher) < batcher.bypass_end:
-                counts['bypassed'] += 1         # (read just before: close enough)
-            return original(entry, *args)
+        def submit(*args):
+            # (engine.route calls the module's submit unless the call bypasses the batcher)
+            counts['entered'] += 1
+            return original(*args)
         cb.submit = submit
 
     def _wrap(self, cls, name):
@@ -136,83 +135,28 @@ def main(argv=None):
     options, against = _options(args.options), _options(args.against)
     from .__main__ import _quiet
     _quiet()
-    import tensorflow as tf
-    import keras_fastpredict as kfp
-    from keras_fastpredict.adapters import keras as keras_adapter
-    from keras_fastpredict.engine.concurrent_batcher import describe
     from . import models
-    from .report import check
 
-    model = models.get(args.model)
-    model._make_predict_function()
-    X = models.data(model, args.calls)
-    requests = [np.array(X[i:i + 1]) for i in range(args.calls)]     # copies: no read-ahead
-    graph = tf.compat.v1.get_default_graph()
-
-    def plain(x):
-        with graph.as_default():
-            return model.predict(x)
-
-    reference = [plain(x) for x in requests]
     counts = Counts() if args.count else None
     if args.no_bypass:
         from keras_fastpredict.engine import concurrent_batcher
         concurrent_batcher.Batcher._review = lambda self, i: None
-    kfp.patch()
-    model.predict(requests[0])
     load = [os.getloadavg()]
     print('%s, %s, %d threads, %d blocks of %d calls, load average %.2f %.2f %.2f; '
           "'batcher': %s, 'concurrent=False': %s"
           % (time.strftime('%Y-%m-%d %H:%M:%S'), args.model, args.threads, args.blocks,
              args.calls, *load[0], 'as the other' if args.control else options or 'defaults',
              against), flush=True)
-    per = {v: {'wall': [], 'cpu': [], 'switches': []} for v in (DIRECT, BATCHER)}
-    ways = []
-    for b in range(args.blocks + 1):                # block 0: warm-up, not counted
-        order = (DIRECT, BATCHER) if b % 2 else (BATCHER, DIRECT)
-        for v in order:
-            if args.cold:
-                kfp.unpatch()
-            if v == BATCHER and not args.control:
-                kfp.patch(**dict(kfp.DEFAULTS, **options))
-            else:
-                kfp.patch(**dict(kfp.DEFAULTS, **against))
-            if args.cold:
-                model.predict(requests[0])      # the callable is made outside the timing
-            entry = keras_adapter.lookup(model)
-            batcher = entry.batcher
-            batcher = batcher if v == BATCHER else None
-            before = _calls_so_far(batcher) if batcher is not None else 0
-            queued = entry.stats.queued
-            if counts:
-                counts.take()
-            out, wall, cpu, switches = _block(model.predict, requests, args.threads)
-            why = check(reference, out)
-            if why is not None:
-                raise AssertionError('%s: outputs differ from plain Keras: %s' % (v, why))
-            if not b:
-                continue
-            n = len(requests)
-            per[v]['wall'].append(wall / n)
-            per[v]['cpu'].append(cpu / n)
-            per[v]['switches'].append(switches / n)
-            if v == BATCHER and entry.batcher is not None:
-                batcher = entry.batcher
-                calls = _calls_so_far(batcher) - before
-                row = {'queued': (entry.stats.queued - queued) / max(calls, 1)}
-                if counts:
-                    row.update({k: c / max(calls, 1) for k, c in counts.take().items()})
-                ways.append(row)
+    got = compare(args.model, args.threads, args.blocks, args.calls, options, against,
+                  control=args.control, cold=args.cold, counts=counts)
+    per, ways, policy, ratio = got['per_call'], got['ways'], got['policy'], got['ratio']
     load.append(os.getloadavg())
-    policy = describe(keras_adapter.lookup(model))
-    kfp.unpatch()
 
     def fmt(values, scale=1.0, digits=2):
         values = [scale * x for x in values]
         return '%.*f (%.*f-%.*f)' % (digits, float(np.median(values)), digits, min(values),
                                      digits, max(values))
 
-    ratio = [d / b for d, b in zip(per[DIRECT]['wall'], per[BATCHER]['wall'])]
     cpu_ratio = [d / b for d, b in zip(per[DIRECT]['cpu'], per[BATCHER]['cpu'])]
     print('batcher speed / concurrent=False (wall, paired per block): %s' % fmt(ratio))
     print('CPU per call, concurrent=False / batcher (paired):          %s' % fmt(cpu_ratio))
@@ -232,6 +176,122 @@ def main(argv=None):
                        'ratio': ratio}, f, indent=1)
     models._built.clear()
     return 0
+
+
+def compare(model_name, threads, blocks, calls, options=None, against=None, control=False,
+            cold=False, counts=None):
+    """The batcher (``options``) against ``against`` (default concurrent=False) on
+    ``model_name``: ``blocks`` paired blocks of ``calls`` one-row calls from ``threads``
+    threads, after an untimed one; every output checked against plain Keras'. Leaves the
+    package unpatched. A dict: 'ratio' (per block, the other's wall time over the
+    batcher's: above 1 the batcher was faster), 'per_call' (per variant and block: wall,
+    CPU, switches per call), 'ways' (per block: the share of the batcher's calls that
+    queued, and ``counts``'), 'policy'."""
+    import tensorflow as tf
+    import keras_fastpredict as kfp
+    from keras_fastpredict.adapters import keras as keras_adapter
+    from keras_fastpredict.engine.concurrent_batcher import describe
+    from . import models
+    from .report import check
+
+    options = options or {}
+    against = {'concurrent': False} if against is None else against
+    model = models.get(model_name)
+    model._make_predict_function()
+    X = models.data(model, calls)
+    requests = [np.array(X[i:i + 1]) for i in range(calls)]     # copies: no read-ahead
+    graph = tf.compat.v1.get_default_graph()
+
+    def plain(x):
+        with graph.as_default():
+            return model.predict(x)
+
+    kfp.unpatch()
+    reference = [plain(x) for x in requests]
+    kfp.patch()
+    model.predict(requests[0])
+    per = {v: {'wall': [], 'cpu': [], 'switches': []} for v in (DIRECT, BATCHER)}
+    ways = []
+    for b in range(blocks + 1):                # block 0: warm-up, not counted
+        order = (DIRECT, BATCHER) if b % 2 else (BATCHER, DIRECT)
+        for v in order:
+            if cold:
+                kfp.unpatch()
+            if v == BATCHER and not control:
+                kfp.patch(**dict(kfp.DEFAULTS, **options))
+            else:
+                kfp.patch(**dict(kfp.DEFAULTS, **against))
+            if cold:
+                model.predict(requests[0])      # the callable is made outside the timing
+            entry = keras_adapter.lookup(model)
+            batcher = entry.batcher
+            batcher = batcher if v == BATCHER else None
+            before = _calls_so_far(batcher) if batcher is not None else 0
+            queued = entry.stats.queued
+            if counts:
+                counts.take()
+            out, wall, cpu, switches = _block(model.predict, requests, threads)
+            why = check(reference, out)
+            if why is not None:
+                raise AssertionError('%s: outputs differ from plain Keras: %s' % (v, why))
+            if not b:
+                continue
+            n = len(requests)
+            per[v]['wall'].append(wall / n)
+            per[v]['cpu'].append(cpu / n)
+            per[v]['switches'].append(switches / n)
+            if v == BATCHER and entry.batcher is not None:
+                batcher = entry.batcher
+                calls = _calls_so_far(batcher) - before
+                row = {'queued': (entry.stats.queued - queued) / max(calls, 1)}
+                if counts:
+                    taken = counts.take()
+                    taken['bypassed'] = calls - taken.pop('entered')
+                    row.update({k: c / max(calls, 1) for k, c in taken.items()})
+                ways.append(row)
+    policy = describe(keras_adapter.lookup(model))
+    kfp.unpatch()
+    ratio = [d / b for d, b in zip(per[DIRECT]['wall'], per[BATCHER]['wall'])]
+    return {'ratio': ratio, 'per_call': per, 'ways': ways, 'policy': policy}
+
+
+# The issue's grid for "the batcher is never slower than concurrent=False": models, thread
+# counts, and calls per block (blocks of 0.1-0.5 s: long against the batcher's first
+# review, 512 calls, short against the load's swings).
+NEVER_SLOWER = {'mlp64': 4000, 'mlp2048': 400, 'cnn': 1500}
+NEVER_SLOWER_THREADS = (1, 2, 4, 8, 16)
+LABELS = {'mlp64': 'Dense(64)x2', 'mlp2048': 'Dense(2048)x2', 'cnn': 'small conv net'}
+
+
+def never_slower(models=NEVER_SLOWER, threads=NEVER_SLOWER_THREADS, blocks=15, alpha=0.05,
+                 say=print):
+    """[(passed, line)] per model: the batcher against concurrent=False at each thread
+    count, ``blocks`` paired blocks each (``compare``). A count fails when the batcher was
+    slower beyond chance: a one-sided Wilcoxon signed-rank test on the blocks' log ratios,
+    at ``alpha`` over all the counts and models together (Bonferroni), so that a batcher
+    exactly as fast as concurrent=False fails one run in 1 / alpha at most; a median
+    alone, of a few unpaired runs, read 0.79x on code that bypasses the batcher."""
+    from scipy.stats import wilcoxon
+    checks = len(models) * len(threads)
+    out = []
+    for name, calls in models.items():
+        parts, ok = [], True
+        for k in threads:
+            ratio = compare(name, k, blocks, calls)['ratio']
+            logs = np.log(ratio)
+            p = wilcoxon(logs, alternative='less').pvalue if np.any(logs) else 1.0
+            slower = p < alpha / checks
+            ok = ok and not slower
+            parts.append('%d thr %.2fx (%.2f-%.2f)%s' % (k, float(np.median(ratio)),
+                                                           min(ratio), max(ratio),
+                                                           ' SLOWER p=%.2g' % p if slower else ''))
+            say('  paired %s, %d threads: %s' % (name, k, parts[-1]))
+        out.append((ok, '%s  %s, concurrent batcher vs fast path alone (concurrent=False), '
+                    'paired, %d blocks each: %s (target: not slower at any count; one-sided '
+                    'Wilcoxon, alpha %g over %d checks)'
+                    % ('PASS' if ok else 'FAIL', LABELS.get(name, name), blocks,
+                       ', '.join(parts), alpha, checks)))
+    return out
 
 
 if __name__ == '__main__':

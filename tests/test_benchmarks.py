@@ -33,9 +33,27 @@ def test_quick_suite_writes_table_plots_and_checks(tmp_path):
     # threads plot follows each variant across thread counts.
     assert 'Correctness: all 17 runs agree with unpatched predict' in text
     assert '## Targets' in text and ('PASS' in text or 'FAIL' in text)
+    # The batcher against concurrent=False in paired blocks ran (tiny with --quick).
+    assert 'concurrent batcher vs fast path alone (concurrent=False), paired' in text
     assert (out / 'mlp64.png').stat().st_size > 1000
     assert (out / 'threads.png').exists()
     assert 'Exception ignored' not in proc.stderr
+
+
+def test_never_slower_fails_a_batcher_slower_beyond_chance(monkeypatch):
+    # The paired check's verdict, on made-up per-block ratios (concurrent=False's time
+    # over the batcher's): consistently below 1 fails; scattered around 1 passes, as does
+    # a batcher consistently faster.
+    from benchmarks import threads_ab
+    rng = np.random.RandomState(0)
+    noise = np.exp(rng.normal(0, 0.2, 15))
+    for ratios, passed in ((0.8 * noise, False), (noise / np.exp(np.mean(np.log(noise))),
+                                                  True), (1.5 * noise, True)):
+        monkeypatch.setattr(threads_ab, 'compare',
+                            lambda *a, **k: {'ratio': list(ratios)})
+        (ok, line), = threads_ab.never_slower({'mlp64': 10}, (16,), say=lambda *a: None)
+        assert ok is passed, line
+        assert line.startswith('PASS' if passed else 'FAIL') and '16 thr' in line
 
 
 def test_quick_suite_runs_session_run_cases(tmp_path):

@@ -85,7 +85,16 @@ def serve(entry, x, arrays, rows, batch_size):
             return scope.defer(entry, arrays, rows)
         batch_size = batch_size or (rows if batch_size == 0 else None)
         if settings.concurrent:
-            return concurrent_batcher.submit(entry, arrays, rows, batch_size)
+            batcher = entry.batcher
+            if batcher is None:
+                return concurrent_batcher.submit(entry, arrays, rows, batch_size)
+            # Settled (concurrent_batcher.Batcher._review): the call runs as with
+            # concurrent=False, with no call into the batcher (one thread measured 0.97x
+            # of concurrent=False with it, in paired blocks).
+            i = next(batcher.calls)
+            if i < batcher.bypass_end:
+                return entry.run(arrays, batch_size)
+            return concurrent_batcher.submit(entry, arrays, rows, batch_size, i)
         return entry.run(arrays, batch_size)
     except entry.adapter.OpError:
         if not entry.rerun_on_error:
