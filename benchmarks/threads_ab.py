@@ -174,7 +174,8 @@ def main(argv=None):
         with open(args.json, 'w') as f:
             json.dump({'args': vars(args), 'load': load, 'per_call': per, 'ways': ways,
                        'ratio': ratio}, f, indent=1)
-    models._built.clear()
+    from .__main__ import _release
+    _release([])     # (session callables freed while TensorFlow is loaded)
     return 0
 
 
