@@ -37,7 +37,8 @@ DEFAULTS = {
     # or never (False).
     'concurrent': True,
     'merge': 'auto',
-    'batch_timeout_micros': 0,
+    # A leader's wait for its batch to fill; None: the model's fastest run, 0: none.
+    'batch_timeout_micros': None,
     'max_enqueued_batches': None,   # None: unbounded, as plain Keras never refuses a call
     'num_batch_threads': None,
     'timeout': None,          # seconds a concurrent caller waits at most; None waits for ever

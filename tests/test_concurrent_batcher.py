@@ -716,6 +716,45 @@ def test_a_call_that_finds_a_slot_freed_meanwhile_runs_directly(merge):
     assert not batcher.running and batcher.waking is None
 
 
+@pytest.mark.parametrize('timeout', [None, 0])
+def test_while_merging_a_caller_at_a_free_slot_leads_a_batch_that_fills(monkeypatch, timeout):
+    # Merging, with more callers inside than slots (two on their way back, stood in for
+    # here by two idents), a caller finding both slots free and nobody queued does not
+    # run alone at once: it leads a batch that waits for others, up to the model's
+    # fastest run by default (here a minute: the batch is taken when full, at 2 rows).
+    # batch_timeout_micros=0: no wait, it runs its own rows at once.
+    monkeypatch.setattr(concurrent_batcher, '_FILL_MAX_S', 60.0)
+    settings.update(merge=True, num_batch_threads=2, max_batch_size=2,
+                    batch_timeout_micros=timeout)
+    entry = FakeEntry()
+    entry.fastest_run_s = 60.0
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    batcher.inside.update((-1, -2))
+    first = Caller(batcher, entry, rows_of(1))
+    if timeout is None:
+        wait_until(lambda: batcher.filling)
+        assert not entry.runs
+    else:
+        first.join(30)
+        assert entry.runs == [[1.0]]
+    second = Caller(batcher, entry, rows_of(2))
+    finish(entry, [first, second])
+    for c in (first, second):
+        assert_own(c)
+    assert entry.runs == ([[1.0, 2.0]] if timeout is None else [[1.0], [2.0]])
+
+
+def test_automatic_fill_is_the_models_fastest_run_capped():
+    class Timed(object):
+        def __init__(self, s):
+            self.fastest_run_s = s
+    fill = concurrent_batcher._fill_s
+    assert fill(Timed(float('inf'))) == 0.0                 # no run timed yet: no wait
+    assert fill(Timed(0.002)) == 0.002
+    assert fill(Timed(10.0)) == concurrent_batcher._FILL_MAX_S
+    assert fill(None) == 0.0
+
+
 def test_a_model_call_that_finds_a_slot_freed_meanwhile_gives_plain_keras_rows():
     # The same, through a Keras model's own entry: plain Keras' answer, and no queueing.
     model = keras.models.Sequential([layers.Dense(16, activation='relu', input_shape=(6,)),
