@@ -744,6 +744,56 @@ def test_while_merging_a_caller_at_a_free_slot_leads_a_batch_that_fills(monkeypa
     assert entry.runs == ([[1.0, 2.0]] if timeout is None else [[1.0], [2.0]])
 
 
+def test_a_leader_interrupted_while_its_batch_fills_hands_the_lead_on(monkeypatch):
+    # The caller whose run ends leads the queue, and is interrupted while it waits for
+    # the batch to fill: only it sees the interrupt; it holds no slot after it, and the
+    # queued call leads (its batch fills with the next caller's rows).
+    monkeypatch.setattr(concurrent_batcher, '_FILL_MAX_S', 60.0)
+    settings.update(merge=True, num_batch_threads=1, max_batch_size=2)
+    entry = FakeEntry()
+    entry.fastest_run_s = 60.0
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry, tag=0.0)
+    second, = queue_in_order(batcher, entry, [rows_of(1)])
+    wait = batcher.cond.wait
+    interrupts = [KeyboardInterrupt()]
+
+    def interrupted_once(*args):
+        if interrupts:
+            raise interrupts.pop()
+        return wait(*args)
+    batcher.cond.wait = interrupted_once
+    entry.gate.set()
+    holder.join(30)
+    assert isinstance(holder.error, KeyboardInterrupt)
+    wait_until(lambda: batcher.filling)             # the queued call leads, and waits
+    third = Caller(batcher, entry, rows_of(2))
+    finish(entry, [second, third])
+    for c in (second, third):
+        assert_own(c)
+    assert entry.runs == [[0.0], [1.0, 2.0]]
+    assert not batcher.running and not batcher.queue and not batcher.filling
+
+
+def test_a_batch_whose_callers_all_gave_up_while_it_filled_is_not_run(monkeypatch):
+    # The caller whose run ends leads the queue and waits for the batch to fill; the one
+    # queued call times out meanwhile: nothing is left to run, the leader returns its own
+    # rows and holds no slot. (Margins: the call times out at 0.3 s, the wait ends at 3.)
+    monkeypatch.setattr(concurrent_batcher, '_FILL_MAX_S', 3.0)
+    settings.update(merge=True, num_batch_threads=1, max_batch_size=2, timeout=0.3)
+    entry = FakeEntry()
+    entry.fastest_run_s = 3.0
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry, tag=0.0)
+    second, = queue_in_order(batcher, entry, [rows_of(1)])
+    entry.gate.set()
+    finish(entry, [holder, second])
+    assert_own(holder)
+    assert isinstance(second.error, concurrent_batcher.PredictTimeoutError)
+    assert entry.runs == [[0.0]]
+    assert not batcher.running and not batcher.queue and not batcher.filling
+
+
 def test_automatic_fill_is_the_models_fastest_run_capped():
     class Timed(object):
         def __init__(self, s):

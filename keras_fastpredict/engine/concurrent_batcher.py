@@ -316,6 +316,8 @@ class Batcher(object):
             elif self.waking is not None or self.filling or not self.queue:
                 return                      # (a direct run's end: a leader is coming)
             batch = self._next_batch(me)
+            if batch is None:
+                return
         extra = _EXTRA_BATCHES if own is not None else _EXTRA_BATCHES - 1
         while True:
             try:
@@ -345,19 +347,29 @@ class Batcher(object):
                     if not pending:
                         extra -= 1
                     batch = self._next_batch(me)
-                    continue
+                    if batch is not None:
+                        continue
                 self.running.discard(me)
                 self._wake_leader()
                 return
 
     def _next_batch(self, me):
         """(Under self.lock.) Gather (``batch_timeout_micros``) and take the next batch
-        for this caller to run; wake another leader if a slot is still free."""
+        for this caller to run (None: the queue emptied while it gathered); wake another
+        leader if a slot is still free."""
         timeout = settings.batch_timeout_micros
         wait_s = _fill_s(self.queue[0].entry) if timeout is None else timeout / 1e6
         self.waking = None
         if wait_s > 0 and self.queued_rows < settings.max_batch_size:
-            self._fill(self.queue[0].enqueued + wait_s)
+            try:
+                self._fill(self.queue[0].enqueued + wait_s)
+            except BaseException:
+                # Interrupted: this caller holds no slot; the calls waiting get a leader.
+                self.running.discard(me)
+                self._wake_leader()
+                raise
+            if not self.queue:
+                return None                 # (every queued caller gave up meanwhile)
         batch = self._take()
         self.running.add(me)
         if self.queue and len(self.running) < self.slots:
