@@ -20,6 +20,11 @@ from .pending import DeferredArray, Known, Pending, SLOT_BITS, set_wrapped
 from .pending import batches as pending_batches, calls as pending_calls
 from ..config import settings
 
+try:    # a scope's usual deferral in C (Scope.defer is its specification)
+    from ._alloc import Deferrer as _Deferrer
+except ImportError:
+    _Deferrer = None
+
 _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush
 _scopes_lock = threading.Lock()
@@ -63,6 +68,7 @@ class Scope(object):
         # (and session) alive: how many flushes in a row ran a lone call because its value
         # was read at once (a use-immediately loop); past a limit deferral only adds cost.
         self._lone_flushes = {}
+        self._fast = _deferrer(self._open, self.max_batch_size)
 
     def wants(self, entry):
         if self.model_ids is not None:
@@ -76,6 +82,11 @@ class Scope(object):
         rows of ``arrays`` (one per feed) are copied into the batch's buffers now, cast
         as Keras casts them (loops often refill one input buffer for the next call).
         ``owner``: the auto-batched site making the call (told how its batches ran)."""
+        fast = self._fast           # (the usual call, where it applies: see _alloc.c)
+        if fast is not None and len(arrays) == 1:
+            proxy = fast(entry, arrays[0], rows, None)
+            if proxy is not None:
+                return [proxy]
         with self.lock:
             batch = self._open.get(entry)
             if batch is not None and batch.n + rows > batch.capacity:
@@ -181,6 +192,25 @@ class Scope(object):
         self.deactivate()
         self.flush(lone_read=False)
         return False
+
+
+# The dtypes whose rows the C deferrer copies byte for byte (no object references).
+_PLAIN = tuple(np.dtype(t) for t in (
+    'int16 bool int8 uint8 uint16 int32 uint32 int64 uint64 float16 float32 float64 '
+    'complex64 complex128').split())
+_PROBE = np.zeros((2, 3), np.int16)     # (its layout checked by the deferrer's init)
+
+
+def _deferrer(open_, max_rows):
+    """The C deferrer of a scope's batches ``open_``, or None (not built, or numpy's
+    arrays not laid out as it reads them)."""
+    if _Deferrer is None:
+        return None
+    try:
+        return _Deferrer(open_, max_rows, Pending, DeferredArray, pending_calls, _PLAIN,
+                         tuple(d.itemsize for d in _PLAIN), _PROBE, _PROBE.ctypes.data)
+    except TypeError:
+        return None
 
 
 _wrapped_of = wrapt.ObjectProxy.__dict__['__wrapped__'].__get__
@@ -352,6 +382,11 @@ def auto_caller(entries, owner, serves, eligible):
             scope = local.auto
         except AttributeError:
             scope = auto_scope()
+        fast = scope._fast
+        if fast is not None:        # (counts the call as below)
+            result = fast(entry, x, rows, owner)
+            if result is not None:
+                return result
         stats.calls += 1
         stats.fast_calls += 1
         owner.calls += 1
