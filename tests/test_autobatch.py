@@ -183,6 +183,37 @@ def test_patch_option_collect_loop_as_plain(flavour, name):
         assert_same(np.concatenate(got), np.concatenate(plain))
 
 
+@pytest.mark.parametrize('in_c', [True, False])
+def test_collect_loop_of_mixed_inputs_as_plain(models, monkeypatch, in_c):
+    # The site's usual call in C (engine/_alloc.c: AutoCall) and what it leaves to
+    # auto_caller's call (another dtype, rows not contiguous, several rows), with and
+    # without it.
+    from conftest import inputs_for
+    from test_deferred import _mixed_rows
+    from keras_fastpredict.engine import deferred
+    import keras_fastpredict as kfp
+    if in_c:
+        pytest.importorskip('keras_fastpredict.engine._alloc')
+    else:
+        monkeypatch.setattr(deferred, '_AutoCall', None)
+        monkeypatch.setattr(deferred, '_Deferrer', None)
+        monkeypatch.setattr(deferred._local, 'auto', deferred.AutoScope(), raising=False)
+    model = models['dense']
+    rows = _mixed_rows(inputs_for('dense', 400))
+
+    def loop():
+        return [model.predict(r) for r in rows]
+    plain = loop()
+    kfp.patch(auto_batch=True)
+    try:
+        got = loop()
+        deferred_calls = kfp.stats(model)['deferred']
+    finally:
+        kfp.unpatch()
+    assert deferred_calls > len(rows) // 2
+    assert_same(np.concatenate(got), np.concatenate(plain))
+
+
 def test_multi_input_model_is_not_auto_batched(models):
     from conftest import inputs_for
     model = models['multi_in']

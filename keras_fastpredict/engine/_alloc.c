@@ -20,6 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#include <structmember.h>
 
 static initproc base_init = NULL;   /* the proxy type's own tp_init (wrapt's) */
 
@@ -85,6 +86,58 @@ static PyMethodDef init_def = {
     "Initialize self.  See help(type(self)) for accurate signature."
 };
 
+/* The type made uncounted, and where its objects hold the wrapped object (0: not
+ * found): a proxy made as its init leaves it (no dict, the wrapped object set) is then
+ * made directly by ``new_proxy``, without wrapt's dict and its copies of the wrapped
+ * object's __module__ and __doc__, which the init drops. */
+static PyTypeObject *proxy_type = NULL;
+static Py_ssize_t wrapped_offset = 0;
+
+static int
+find_wrapped(PyTypeObject *type)
+{
+    PyObject *sentinel = PyList_New(0);             /* (an object at an address of its own) */
+    if (sentinel == NULL)
+        return -1;
+    PyObject *probe = PyObject_CallFunctionObjArgs((PyObject *)type, sentinel, NULL);
+    if (probe == NULL) {
+        Py_DECREF(sentinel);
+        return -1;
+    }
+    Py_ssize_t found = 0, matches = 0;
+    PyObject **dict = _PyObject_GetDictPtr(probe);
+    for (Py_ssize_t off = sizeof(PyObject); off + (Py_ssize_t)sizeof(PyObject *)
+             <= type->tp_basicsize; off += sizeof(PyObject *))
+        if (*(PyObject **)((char *)probe + off) == sentinel) {
+            found = off;
+            matches++;
+        }
+    if (matches == 1 && dict != NULL && *dict == NULL && found != type->tp_dictoffset
+            && found != type->tp_weaklistoffset && Py_REFCNT(sentinel) == 2) {
+        proxy_type = type;
+        wrapped_offset = found;
+    }
+    Py_DECREF(probe);
+    Py_DECREF(sentinel);
+    return 0;
+}
+
+/* type(wrapped), as calling the type would make it (a new reference). */
+static PyObject *
+new_proxy(PyObject *type, PyObject *wrapped)
+{
+    PyTypeObject *t = (PyTypeObject *)type;
+    if (t != proxy_type || wrapped_offset == 0 || t->tp_alloc != uncounted_alloc
+            || t->tp_init != dictless_init)
+        return PyObject_CallFunctionObjArgs(type, wrapped, NULL);
+    PyObject *proxy = t->tp_alloc(t, 0);            /* (zeroed: no dict, no weak references) */
+    if (proxy == NULL)
+        return NULL;
+    Py_INCREF(wrapped);
+    *(PyObject **)((char *)proxy + wrapped_offset) = wrapped;
+    return proxy;
+}
+
 static PyObject *
 uncounted(PyObject *module, PyObject *arg)
 {
@@ -117,6 +170,8 @@ uncounted(PyObject *module, PyObject *arg)
     type->tp_init = dictless_init;      /* (direct: the slot would look __init__ up per call) */
     type->tp_alloc = uncounted_alloc;
     type->tp_free = uncounted_free;
+    if (find_wrapped(type) < 0)
+        return NULL;
     Py_RETURN_TRUE;
 }
 
@@ -172,29 +227,90 @@ address_of(PyObject *obj, void **out)
 static PyObject *s_n, *s_capacity, *s_n_outputs, *s_buffers, *s_stops, *s_proxies, *s_key,
     *s_stats, *s_deferred, *s_calls, *s_fast_calls;
 
+/* Attributes held in slots (classes with __slots__ and no attribute hooks: _Batch,
+ * ModelStats, Auto) read and written at their offsets, as PyObject_GetAttr and SetAttr
+ * would, without their lookups; any other attribute through them. One cache per use
+ * (the object's kind and the name): the type whose slot it found, and where. A type it
+ * has found stays alive (its reference is never released), so that its address is no
+ * other type's. */
+typedef struct {
+    PyTypeObject *type;
+    Py_ssize_t offset;
+} Slot;
+
+static void
+find_slot(Slot *c, PyObject *obj, PyObject *name)
+{
+    PyTypeObject *t = Py_TYPE(obj);
+    if (t->tp_getattro != PyObject_GenericGetAttr || t->tp_setattro != PyObject_GenericSetAttr)
+        return;
+    PyObject *d = _PyType_Lookup(t, name);                  /* (borrowed) */
+    if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type)
+        return;
+    PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+    if (m->type != T_OBJECT_EX || (m->flags & READONLY))
+        return;
+    Py_INCREF(t);
+    c->type = t;
+    c->offset = m->offset;
+}
+
+/* obj.name (a new reference) */
+static PyObject *
+get(Slot *c, PyObject *obj, PyObject *name)
+{
+    if (Py_TYPE(obj) == c->type) {
+        PyObject *v = *(PyObject **)((char *)obj + c->offset);
+        if (v != NULL) {
+            Py_INCREF(v);
+            return v;
+        }
+    } else {
+        find_slot(c, obj, name);
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+/* obj.name = value */
+static int
+set(Slot *c, PyObject *obj, PyObject *name, PyObject *value)
+{
+    if (Py_TYPE(obj) == c->type) {
+        PyObject **p = (PyObject **)((char *)obj + c->offset), *old = *p;
+        Py_INCREF(value);
+        *p = value;
+        Py_XDECREF(old);
+        return 0;
+    }
+    find_slot(c, obj, name);
+    return PyObject_SetAttr(obj, name, value);
+}
+
+static PyObject *one;
+
 /* obj.name += 1 */
 static int
-count(PyObject *obj, PyObject *name)
+count(Slot *c, PyObject *obj, PyObject *name)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = get(c, obj, name);
     if (v == NULL)
         return -1;
-    PyObject *one = PyLong_FromLong(1);
-    PyObject *sum = one == NULL ? NULL : PyNumber_Add(v, one);
+    PyObject *sum = PyNumber_Add(v, one);
     Py_DECREF(v);
-    Py_XDECREF(one);
     if (sum == NULL)
         return -1;
-    int r = PyObject_SetAttr(obj, name, sum);
+    int r = set(c, obj, name, sum);
     Py_DECREF(sum);
     return r;
 }
 
+#define GET(obj, name) get(&slot_##name, obj, s_##name)
+
 /* A batch's count ``name`` (-1 with an error set where it is none). */
 static Py_ssize_t
-size_attr(PyObject *obj, PyObject *name)
+size_attr(Slot *c, PyObject *obj, PyObject *name)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = get(c, obj, name);
     if (v == NULL)
         return -1;
     Py_ssize_t n = PyLong_CheckExact(v) ? PyLong_AsSsize_t(v) : -1;
@@ -203,6 +319,11 @@ size_attr(PyObject *obj, PyObject *name)
         PyErr_SetString(PyExc_TypeError, "a batch's count expected");
     return n;
 }
+
+#define SIZE(obj, name) size_attr(&slot_##name, obj, s_##name)
+
+static Slot slot_n, slot_capacity, slot_n_outputs, slot_buffers, slot_stops, slot_proxies,
+    slot_key, slot_deferred, slot_calls, slot_fast_calls, slot_owner_calls, slot_on;
 
 /* The bytes of one of x's rows where they can be copied into buf's rows [n, n + rows)
  * byte for byte (see above), else 0. */
@@ -235,21 +356,21 @@ row_bytes(Deferrer *self, PyObject *x, PyObject *buf, Py_ssize_t n, Py_ssize_t r
     return size;
 }
 
+/* type(), as object.__new__ makes it where the type has no __new__ or __init__ of its
+ * own (a new reference). */
 static PyObject *
-Deferrer_call(Deferrer *self, PyObject *args, PyObject *kw)
+new_pending(PyObject *type)
 {
-    PyObject *entry, *x, *owner;
-    Py_ssize_t rows;
-    if (self->open == NULL) {
-        PyErr_SetString(PyExc_TypeError, "deferrer is not initialised");
-        return NULL;
-    }
-    if (kw != NULL && PyDict_GET_SIZE(kw)) {
-        PyErr_SetString(PyExc_TypeError, "deferrer takes no keyword arguments");
-        return NULL;
-    }
-    if (!PyArg_ParseTuple(args, "OOnO:deferrer", &entry, &x, &rows, &owner))
-        return NULL;
+    PyTypeObject *t = (PyTypeObject *)type;
+    if (!PyType_Check(type) || t->tp_new != PyBaseObject_Type.tp_new
+            || t->tp_init != PyBaseObject_Type.tp_init || (t->tp_flags & Py_TPFLAGS_IS_ABSTRACT))
+        return PyObject_CallObject(type, NULL);
+    return t->tp_alloc(t, 0);
+}
+
+static PyObject *
+defer(Deferrer *self, PyObject *entry, PyObject *x, Py_ssize_t rows, PyObject *owner)
+{
     PyObject *batch = PyDict_GetItemWithError(self->open, entry);     /* (borrowed) */
     if (batch == NULL) {
         if (PyErr_Occurred())
@@ -261,16 +382,14 @@ Deferrer_call(Deferrer *self, PyObject *args, PyObject *kw)
     PyObject *stats = NULL, *slot = NULL, *stop_obj = NULL, *pending = NULL, *pid = NULL;
     PyObject *proxy = NULL, *again = NULL;
     Py_ssize_t n, capacity, outputs, size;
-    if ((n = size_attr(batch, s_n)) < 0 || (capacity = size_attr(batch, s_capacity)) < 0
-            || (outputs = size_attr(batch, s_n_outputs)) < 0)
+    if ((n = SIZE(batch, n)) < 0 || (capacity = SIZE(batch, capacity)) < 0
+            || (outputs = SIZE(batch, n_outputs)) < 0)
         goto done;
     Py_ssize_t stop = n + rows;
     if (rows < 1 || outputs != 1 || stop > capacity || stop >= self->max_rows)
         goto none;              /* (a full batch runs: Scope.defer's) */
-    if ((buffers = PyObject_GetAttr(batch, s_buffers)) == NULL
-            || (stops = PyObject_GetAttr(batch, s_stops)) == NULL
-            || (proxies = PyObject_GetAttr(batch, s_proxies)) == NULL
-            || (key = PyObject_GetAttr(batch, s_key)) == NULL
+    if ((buffers = GET(batch, buffers)) == NULL || (stops = GET(batch, stops)) == NULL
+            || (proxies = GET(batch, proxies)) == NULL || (key = GET(batch, key)) == NULL
             || (stats = PyObject_GetAttr(entry, s_stats)) == NULL)
         goto done;
     if (!PyList_CheckExact(buffers) || PyList_GET_SIZE(buffers) != 1
@@ -286,17 +405,17 @@ Deferrer_call(Deferrer *self, PyObject *args, PyObject *kw)
     slot = PyNumber_Add(key, index_obj);
     Py_DECREF(index_obj);
     if (slot == NULL || (stop_obj = PyLong_FromSsize_t(stop)) == NULL
-            || (pending = PyObject_CallObject(self->pending, NULL)) == NULL
+            || (pending = new_pending(self->pending)) == NULL
             || (pid = PyLong_FromVoidPtr(pending)) == NULL
-            || (proxy = PyObject_CallFunctionObjArgs(self->proxy, pending, NULL)) == NULL)
+            || (proxy = new_proxy(self->proxy, pending)) == NULL)
         goto done;
     /* Then the batch again: still open, as it was. From here on, nothing that runs
      * Python code or releases the GIL. */
     if (PyDict_GetItemWithError(self->open, entry) != batch)
         goto none;
-    if ((again = PyObject_GetAttr(batch, s_proxies)) == NULL)
+    if ((again = GET(batch, proxies)) == NULL)
         goto done;
-    if (again != proxies || PyList_GET_SIZE(proxies) != index || size_attr(batch, s_n) != n
+    if (again != proxies || PyList_GET_SIZE(proxies) != index || SIZE(batch, n) != n
             || row_bytes(self, x, PyList_GET_ITEM(buffers, 0), n, rows) != size)
         goto none;
     Array *a = (Array *)x, *b = (Array *)PyList_GET_ITEM(buffers, 0);
@@ -304,10 +423,12 @@ Deferrer_call(Deferrer *self, PyObject *args, PyObject *kw)
     if (PyDict_SetItem(self->calls, pid, slot) < 0)
         goto done;
     if (PyList_Append(stops, stop_obj) < 0 || PyList_Append(proxies, proxy) < 0
-            || PyObject_SetAttr(batch, s_n, stop_obj) < 0)
+            || set(&slot_n, batch, s_n, stop_obj) < 0)
         goto done;              /* (out of memory: the batch as Scope.defer leaves it) */
-    if (count(stats, s_deferred) < 0 || (owner != Py_None && (count(owner, s_calls) < 0
-            || count(stats, s_calls) < 0 || count(stats, s_fast_calls) < 0)))
+    if (count(&slot_deferred, stats, s_deferred) < 0
+            || (owner != Py_None && (count(&slot_owner_calls, owner, s_calls) < 0
+                                     || count(&slot_calls, stats, s_calls) < 0
+                                     || count(&slot_fast_calls, stats, s_fast_calls) < 0)))
         goto done;
     out = proxy;
     proxy = NULL;
@@ -331,6 +452,24 @@ done:
     Py_XDECREF(proxy);
     Py_DECREF(batch);
     return out;
+}
+
+static PyObject *
+Deferrer_call(Deferrer *self, PyObject *args, PyObject *kw)
+{
+    PyObject *entry, *x, *owner;
+    Py_ssize_t rows;
+    if (self->open == NULL) {
+        PyErr_SetString(PyExc_TypeError, "deferrer is not initialised");
+        return NULL;
+    }
+    if (kw != NULL && PyDict_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "deferrer takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "OOnO:deferrer", &entry, &x, &rows, &owner))
+        return NULL;
+    return defer(self, entry, x, rows, owner);
 }
 
 #define DEFERRER_FIELDS(X) X(open) X(pending) X(proxy) X(calls) X(dtypes) X(itemsizes) \
@@ -405,6 +544,234 @@ static PyTypeObject DeferrerType = {
     .tp_dealloc = (destructor)Deferrer_dealloc,
 };
 
+/* AutoCall(call, owner, entries, serves, settings, globals, local, ndarray): an
+ * auto-batched site's call in C (deferred.auto_caller: ``call`` is its specification, and
+ * takes every call that is not its usual one). The usual call: one array of the input
+ * signature ``call`` last validated, on the model of the entry it last deferred a call
+ * for (held weakly, as ``call`` holds it), every per-call check of ``call`` passing (in
+ * its order, ``serves`` called as it calls it), deferred by this thread's AutoScope's
+ * Deferrer: its proxy. Any other call (a first call, another entry or signature, a check
+ * failing, no Deferrer or one that leaves the call to Scope.defer) is ``call``'s, which
+ * does all of it again; where ``call`` deferred it, its entry and signature are noted.
+ * Under the GIL; what another thread notes meanwhile is held here for the call. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *call, *owner, *entries, *serves, *settings, *globals, *local, *ndarray;
+    PyObject *entry_ref, *dtype, *tail;     /* noted from ``call``'s last deferral */
+} AutoCall;
+
+#define AUTO_FIELDS(X) X(call) X(owner) X(entries) X(serves) X(settings) X(globals) \
+    X(local) X(ndarray) X(entry_ref) X(dtype) X(tail)
+
+static PyObject *s_on, *s_batch_safe, *s_excluded, *s_unroll_ready, *s_defer, *s_active,
+    *s_max_batch_size, *s_auto, *s__fast, *s_dtype, *s_shape;
+
+/* The truth of obj.name (-1 with an error set). */
+static int
+true_attr(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* The deferred result of the usual call (new reference); None where it is not one
+ * (an error in a check included: ``call`` makes the checks again, and raises where it
+ * raises); NULL with a deferral's error. */
+static PyObject *
+usual(AutoCall *self, PyObject *model, PyObject *args, PyObject *kwargs, PyObject *entry_ref,
+      PyObject *dtype, PyObject *tail)
+{
+    if (!PyTuple_CheckExact(args) || PyTuple_GET_SIZE(args) != 1
+            || (kwargs != Py_None && (!PyDict_CheckExact(kwargs) || PyDict_GET_SIZE(kwargs)))
+            || entry_ref == NULL || !PyTuple_CheckExact(tail))
+        Py_RETURN_NONE;
+    PyObject *v = GET(self->owner, on);
+    int on = v == NULL ? -1 : PyObject_IsTrue(v);
+    Py_XDECREF(v);
+    if (on != 1)
+        goto none_yet;
+    PyObject *key = PyLong_FromVoidPtr(model);
+    if (key == NULL)
+        goto none_yet;
+    PyObject *entry = PyDict_GetItemWithError(self->entries, key);
+    Py_DECREF(key);
+    if (entry == NULL || PyWeakref_GET_OBJECT(entry_ref) != entry)
+        goto none_yet;
+    Py_INCREF(entry);
+    PyObject *out = NULL, *scope = NULL, *fast = NULL;
+    if ((v = PyObject_GetAttr(entry, s_batch_safe)) == NULL)
+        goto none;
+    Py_DECREF(v);
+    if (v != Py_True || true_attr(entry, s_excluded) != 0
+            || true_attr(entry, s_unroll_ready) != 0 || true_attr(self->settings, s_defer) != 0)
+        goto none;
+    v = PyDict_GetItemWithError(self->globals, s_active);     /* (borrowed) */
+    if (v == NULL || PyObject_IsTrue(v) != 0)               /* (a scope is active) */
+        goto none;
+    if ((v = PyObject_CallFunctionObjArgs(self->serves, model, entry, NULL)) == NULL)
+        goto none;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (r != 1)
+        goto none;
+    PyObject *x = PyTuple_GET_ITEM(args, 0);
+    if (Py_TYPE(x) != (PyTypeObject *)self->ndarray)
+        goto none;
+    Array *a = (Array *)x;
+    if (a->descr != dtype || a->nd != PyTuple_GET_SIZE(tail) + 1)
+        goto none;
+    for (int i = 1; i < a->nd; i++) {
+        PyObject *d = PyTuple_GET_ITEM(tail, i - 1);
+        if (!PyLong_CheckExact(d) || PyLong_AsSsize_t(d) != a->dimensions[i])
+            goto none;
+    }
+    Py_ssize_t rows = a->dimensions[0];
+    if ((v = PyObject_GetAttr(self->settings, s_max_batch_size)) == NULL)
+        goto none;
+    Py_ssize_t max_rows = PyLong_CheckExact(v) ? PyLong_AsSsize_t(v) : -1;
+    Py_DECREF(v);
+    if (max_rows < 0 || rows >= max_rows
+            || (scope = PyObject_GetAttr(self->local, s_auto)) == NULL
+            || (fast = PyObject_GetAttr(scope, s__fast)) == NULL
+            || Py_TYPE(fast) != &DeferrerType)
+        goto none;
+    out = defer((Deferrer *)fast, entry, x, rows, self->owner);    /* (NULL: its error) */
+    goto done;
+none:
+    PyErr_Clear();
+    Py_INCREF(Py_None);
+    out = Py_None;
+done:
+    Py_XDECREF(scope);
+    Py_XDECREF(fast);
+    Py_DECREF(entry);
+    return out;
+none_yet:
+    PyErr_Clear();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+AutoCall_call(AutoCall *self, PyObject *callargs, PyObject *callkw)
+{
+    PyObject *model, *args, *kwargs;
+    if (self->call == NULL) {
+        PyErr_SetString(PyExc_TypeError, "auto call is not initialised");
+        return NULL;
+    }
+    if ((callkw != NULL && PyDict_GET_SIZE(callkw))
+            || !PyArg_UnpackTuple(callargs, "auto call", 3, 3, &model, &args, &kwargs))
+        return PyObject_Call(self->call, callargs, callkw);
+    /* What was noted, held for this call (another thread may note others meanwhile). */
+    PyObject *entry_ref = self->entry_ref, *dtype = self->dtype, *tail = self->tail;
+    Py_XINCREF(entry_ref);
+    Py_XINCREF(dtype);
+    Py_XINCREF(tail);
+    PyObject *out = usual(self, model, args, kwargs, entry_ref, dtype, tail);
+    Py_XDECREF(entry_ref);
+    Py_XDECREF(dtype);
+    Py_XDECREF(tail);
+    if (out != Py_None)
+        return out;
+    Py_DECREF(out);
+    out = PyObject_Call(self->call, callargs, NULL);
+    if (out == NULL || out == Py_None || !PyTuple_CheckExact(args) || PyTuple_GET_SIZE(args) != 1)
+        return out;
+    /* Deferred by ``call``: its entry was eligible and this signature valid (noted). */
+    PyObject *x = PyTuple_GET_ITEM(args, 0), *key = PyLong_FromVoidPtr(model), *entry;
+    PyObject *ref = NULL, *shape = NULL, *new_tail = NULL, *new_dtype = NULL;
+    if (key == NULL)
+        goto failed;
+    entry = PyDict_GetItemWithError(self->entries, key);
+    Py_DECREF(key);
+    if (entry == NULL || Py_TYPE(x) != (PyTypeObject *)self->ndarray)
+        goto failed;
+    if ((ref = PyWeakref_NewRef(entry, NULL)) == NULL
+            || (new_dtype = PyObject_GetAttr(x, s_dtype)) == NULL
+            || (shape = PyObject_GetAttr(x, s_shape)) == NULL || !PyTuple_CheckExact(shape)
+            || PyTuple_GET_SIZE(shape) < 1
+            || (new_tail = PyTuple_GetSlice(shape, 1, PyTuple_GET_SIZE(shape))) == NULL)
+        goto failed;
+    Py_XSETREF(self->entry_ref, ref);
+    Py_XSETREF(self->dtype, new_dtype);
+    Py_XSETREF(self->tail, new_tail);
+    Py_DECREF(shape);
+    return out;
+failed:                         /* (noted nothing: the next call is ``call``'s again) */
+    PyErr_Clear();
+    Py_XDECREF(ref);
+    Py_XDECREF(new_dtype);
+    Py_XDECREF(shape);
+    Py_XDECREF(new_tail);
+    return out;
+}
+
+static int
+AutoCall_init(AutoCall *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *call, *owner, *entries, *serves, *settings, *globals, *local, *ndarray;
+    if (!PyArg_ParseTuple(args, "OOO!OOO!OO!", &call, &owner, &PyDict_Type, &entries, &serves,
+                          &settings, &PyDict_Type, &globals, &local, &PyType_Type, &ndarray))
+        return -1;
+    if (((PyTypeObject *)ndarray)->tp_basicsize < (Py_ssize_t)sizeof(Array)) {
+        PyErr_SetString(PyExc_TypeError, "numpy's arrays are not laid out as expected");
+        return -1;
+    }
+#define SET(name) Py_INCREF(name); Py_XSETREF(self->name, name);
+    SET(call) SET(owner) SET(entries) SET(serves) SET(settings) SET(globals) SET(local)
+    SET(ndarray)
+#undef SET
+    Py_CLEAR(self->entry_ref);
+    Py_CLEAR(self->dtype);
+    Py_CLEAR(self->tail);
+    return 0;
+}
+
+static int
+AutoCall_traverse(AutoCall *self, visitproc visit, void *arg)
+{
+#define VISIT(name) Py_VISIT(self->name);
+    AUTO_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+AutoCall_clear(AutoCall *self)
+{
+#define CLEAR(name) Py_CLEAR(self->name);
+    AUTO_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+AutoCall_dealloc(AutoCall *self)
+{
+    PyObject_GC_UnTrack(self);
+    AutoCall_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject AutoCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "keras_fastpredict.engine._alloc.AutoCall",
+    .tp_basicsize = sizeof(AutoCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "AutoCall(call, owner, entries, serves, settings, globals, local, ndarray): an "
+              "auto-batched site's usual call (any other: call's).",
+    .tp_call = (ternaryfunc)AutoCall_call,
+    .tp_init = (initproc)AutoCall_init,
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)AutoCall_traverse,
+    .tp_clear = (inquiry)AutoCall_clear,
+    .tp_dealloc = (destructor)AutoCall_dealloc,
+};
+
 static PyMethodDef methods[] = {
     {"uncounted", uncounted, METH_O,
      "uncounted(type): its objects no longer count towards the collector's next run."},
@@ -419,18 +786,25 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__alloc(void)
 {
-    if (PyType_Ready(&DeferrerType) < 0)
+    if (PyType_Ready(&DeferrerType) < 0 || PyType_Ready(&AutoCallType) < 0
+            || (one = PyLong_FromLong(1)) == NULL)
         return NULL;
 #define INTERN(name) if ((s_##name = PyUnicode_InternFromString(#name)) == NULL) return NULL;
     INTERN(n) INTERN(capacity) INTERN(n_outputs) INTERN(buffers) INTERN(stops)
     INTERN(proxies) INTERN(key) INTERN(stats) INTERN(deferred) INTERN(calls)
-    INTERN(fast_calls)
+    INTERN(fast_calls) INTERN(on) INTERN(batch_safe) INTERN(excluded) INTERN(unroll_ready)
+    INTERN(defer) INTERN(max_batch_size) INTERN(auto) INTERN(dtype) INTERN(shape)
+    if ((s__fast = PyUnicode_InternFromString("_fast")) == NULL
+            || (s_active = PyUnicode_InternFromString("_active")) == NULL)
+        return NULL;
 #undef INTERN
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     Py_INCREF(&DeferrerType);
-    if (PyModule_AddObject(m, "Deferrer", (PyObject *)&DeferrerType) < 0) {
+    Py_INCREF(&AutoCallType);
+    if (PyModule_AddObject(m, "Deferrer", (PyObject *)&DeferrerType) < 0
+            || PyModule_AddObject(m, "AutoCall", (PyObject *)&AutoCallType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -20,10 +20,11 @@ from .pending import DeferredArray, Known, Pending, SLOT_BITS, set_wrapped
 from .pending import batches as pending_batches, calls as pending_calls
 from ..config import settings
 
-try:    # a scope's usual deferral in C (Scope.defer is its specification)
-    from ._alloc import Deferrer as _Deferrer
+try:    # a scope's usual deferral, an auto-batched site's usual call, in C (specified
+    # by Scope.defer and auto_caller's call, which take every other call)
+    from ._alloc import AutoCall as _AutoCall, Deferrer as _Deferrer
 except ImportError:
-    _Deferrer = None
+    _AutoCall = _Deferrer = None
 
 _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush
@@ -392,7 +393,12 @@ def auto_caller(entries, owner, serves, eligible):
         owner.calls += 1
         result = scope.defer(entry, args, rows, owner)
         return result[0] if len_(result) == 1 else result
-    return call
+    if _AutoCall is None:
+        return call
+    try:
+        return _AutoCall(call, owner, entries, serves, settings, globals(), local, np.ndarray)
+    except TypeError:           # (numpy's arrays not laid out as it reads them)
+        return call
 
 
 def auto_scope():
