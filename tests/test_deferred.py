@@ -850,3 +850,30 @@ def test_c_deferral_while_another_thread_runs_the_batches(models):
     assert flushes[0] > 0
     assert_same(np.concatenate(got), expected)
     assert loop_stats(model)['deferred'] == len(x)
+
+
+def test_materialize_in_c_as_in_python(models):
+    # numpy functions given results (np.concatenate of a loop's list) get the real arrays
+    # from pending.materialize, in C where it is built; map_nested(obj, resolve) is it in
+    # Python.
+    pytest.importorskip('keras_fastpredict.engine._alloc')
+    from keras_fastpredict.engine import pending
+    assert type(pending.materialize).__name__ == 'Materializer'
+    model = models['dense']
+    x = inputs_for('dense', 5)
+    expected = [unpatched_predict(model, x[i:i + 1]) for i in range(5)]
+    with kfp.batching(readahead=False):
+        ys = [model.predict(x[i:i + 1]) for i in range(5)]
+        row = ys[4][0]                              # a pending result's row (a Known)
+        obj = (ys[0], [ys[1], {'a': ys[2], 'b': (ys[3], 5)}], 'text', None, row, [])
+        got = pending.materialize(obj)              # (runs the batch)
+    again = pending.map_nested(obj, pending.resolve)
+    for value in (got, again):
+        assert type(value) is tuple and type(value[1]) is list and type(value[1][1]) is dict
+        assert value[2:4] == ('text', None) and value[5] == [] and value[1][1]['b'][1] == 5
+        arrays = [value[0], value[1][0], value[1][1]['a'], value[1][1]['b'][0]]
+        assert all(type(a) is np.ndarray for a in arrays + [value[4]])
+        for a, e in zip(arrays, expected):
+            assert_same(a, e)
+        assert_same(value[4], expected[4][0])
+    assert pending.materialize(x) is x
