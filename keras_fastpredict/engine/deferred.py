@@ -22,9 +22,10 @@ from ..config import settings
 
 try:    # a scope's usual deferral, an auto-batched site's usual call, in C (specified
     # by Scope.defer and auto_caller's call, which take every other call)
-    from ._alloc import AutoCall as _AutoCall, Deferrer as _Deferrer
+    from ._alloc import AutoCall as _AutoCall, Deferrer as _Deferrer, forget as _forget
+    from ._alloc import settle as _settle_c
 except ImportError:
-    _AutoCall = _Deferrer = None
+    _AutoCall = _Deferrer = _forget = _settle_c = None
 
 _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush
@@ -226,8 +227,11 @@ def _settle(batch):
     # next few flushes, longer than any one operation lasts (it touches two proxies, so
     # two flushes, at most); their places in pending.calls as long.
     proxies, results = batch.proxies, batch.results
-    retired = batch.retired = list(map(_wrapped_of, proxies))
-    if any(map(isinstance, results, itertools.repeat(Exception))):
+    retired = None if _settle_c is None else _settle_c(proxies, results)
+    if retired is not None:         # (in C: no result an exception)
+        batch.retired = retired
+    elif any(map(isinstance, results, itertools.repeat(Exception))):
+        retired = batch.retired = list(map(_wrapped_of, proxies))
         n_outputs = batch.n_outputs
         for slot, (proxy, result) in enumerate(zip(proxies, results)):
             if isinstance(result, Exception):
@@ -236,6 +240,7 @@ def _settle(batch):
                                 batch.dtypes[slot % n_outputs])
             set_wrapped(proxy, result)
     else:
+        retired = batch.retired = list(map(_wrapped_of, proxies))
         collections.deque(map(set_wrapped, proxies, results), 0)
     for proxy in batch.derived:
         pending = proxy.__wrapped__
@@ -259,8 +264,11 @@ def _retire(batches):
             break
         for batch in old:
             pending_batches.pop(batch.serial, None)
-            collections.deque(map(pending_calls.pop, map(id, batch.retired),
-                                  itertools.repeat(None)), 0)
+            if _forget is not None:
+                _forget(pending_calls, batch.retired)
+            else:
+                collections.deque(map(pending_calls.pop, map(id, batch.retired),
+                                      itertools.repeat(None)), 0)
 
 
 def _stack():
