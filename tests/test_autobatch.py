@@ -323,6 +323,45 @@ def test_a_site_follows_the_session_keras_uses():
         assert_same(got, want)
 
 
+def test_serving_check_in_c_as_in_python():
+    # The Keras adapter's serving check (asked on each auto-batched call) in C, against
+    # the closure it stands for, as the session Keras would use and the model's predict
+    # function change.
+    pytest.importorskip('keras_fastpredict.engine._alloc')
+    import keras
+    import tensorflow as tf
+    import keras_fastpredict as kfp
+    from conftest import inputs_for
+    from keras_fastpredict.engine import compiled
+    model = keras.models.Sequential([keras.layers.Dense(4, input_shape=(32,))])
+    kfp.patch()
+    try:
+        model.predict(inputs_for('dense', 1))
+        entry = compiled.get(model)
+        check = entry.adapter.serving_check()
+        assert type(check).__name__ == 'Serves'
+        seen = []
+
+        def both():
+            seen.append(check(model, entry))
+            assert seen[-1] is check.python(model, entry)
+        both()
+        other = tf.compat.v1.Session(graph=keras.backend.get_session().graph)
+        with other.as_default():
+            both()
+        other.close()
+        with other.as_default():
+            both()
+        both()
+        function = model.__dict__.pop('predict_function')
+        both()
+        model.predict_function = function
+        both()
+    finally:
+        kfp.unpatch()
+    assert seen == [True, False, False, True, False, True]
+
+
 @pytest.mark.parametrize('scenario', ['in_list', 'use_at_once'])
 def test_stats_show_which_sites_were_auto_batched(tmp_path, scenario):
     out = str(tmp_path / 'out.pkl')
