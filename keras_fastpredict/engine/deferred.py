@@ -139,6 +139,8 @@ class Scope(object):
     def _run(self, batch, lone_read):
         """Run ``batch`` and settle its proxies; returns it (to be retired)."""
         entry = batch.entry
+        # First, before anything of the batch is read: the C deferral (which takes no
+        # lock) then adds no row to it (see _alloc.c's Deferrer).
         del self._open[entry]
         if not self._open:
             with _scopes_lock:
