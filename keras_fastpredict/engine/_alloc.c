@@ -1,4 +1,7 @@
-/* Deferred results that do not bring garbage collections on (engine/deferred.py).
+/* Deferred results that do not bring garbage collections on (engine/deferred.py); below
+ * it, a deferred call's usual path (Deferrer, AutoCall, Serves, settle, forget,
+ * Materializer: the Python code of engine/deferred.py, engine/pending.py and
+ * adapters/keras.py is their specification, and runs where this is not built).
  *
  * CPython starts a collection when the count of live objects of garbage-collected types
  * allocated since the last one passes a threshold. A deferred result stands for an
@@ -1149,7 +1152,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "keras_fastpredict.engine._alloc",
-    "Deferred results that do not bring garbage collections on.", -1, methods,
+    "Deferred results that do not bring garbage collections on; a deferred call's usual "
+    "path.", -1, methods,
 };
 
 PyMODINIT_FUNC
