@@ -1,7 +1,8 @@
 # Kept so that `pip install -e .` works with the pip that Python 3.7 venvs ship. The C
 # extensions: the call-site report's usual call (where it cannot be built, the report runs
-# the same logic in Python); deferred results' allocator (engine/_alloc.c; where it cannot
-# be built, they are allocated as any object).
+# the same logic in Python); deferred results' allocator and a deferred call's usual path
+# (engine/_alloc.c; where it cannot be built, they are allocated as any object, and the
+# deferral runs in Python).
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension('keras_fastpredict.report._steady',

@@ -183,6 +183,37 @@ def test_patch_option_collect_loop_as_plain(flavour, name):
         assert_same(np.concatenate(got), np.concatenate(plain))
 
 
+@pytest.mark.parametrize('in_c', [True, False])
+def test_collect_loop_of_mixed_inputs_as_plain(models, monkeypatch, in_c):
+    # The site's usual call in C (engine/_alloc.c: AutoCall) and what it leaves to
+    # auto_caller's call (another dtype, rows not contiguous, several rows), with and
+    # without it.
+    from conftest import inputs_for
+    from test_deferred import _mixed_rows
+    from keras_fastpredict.engine import deferred
+    import keras_fastpredict as kfp
+    if in_c:
+        pytest.importorskip('keras_fastpredict.engine._alloc')
+    else:
+        monkeypatch.setattr(deferred, '_AutoCall', None)
+        monkeypatch.setattr(deferred, '_Deferrer', None)
+        monkeypatch.setattr(deferred._local, 'auto', deferred.AutoScope(), raising=False)
+    model = models['dense']
+    rows = _mixed_rows(inputs_for('dense', 400))
+
+    def loop():
+        return [model.predict(r) for r in rows]
+    plain = loop()
+    kfp.patch(auto_batch=True)
+    try:
+        got = loop()
+        deferred_calls = kfp.stats(model)['deferred']
+    finally:
+        kfp.unpatch()
+    assert deferred_calls > len(rows) // 2
+    assert_same(np.concatenate(got), np.concatenate(plain))
+
+
 def test_multi_input_model_is_not_auto_batched(models):
     from conftest import inputs_for
     model = models['multi_in']
@@ -290,6 +321,45 @@ def test_a_site_follows_the_session_keras_uses():
     assert np.abs(results[None][1] - results[None][0]).max() > 0.1   # the weights differ
     for got, want in zip(results[True], results[None]):
         assert_same(got, want)
+
+
+def test_serving_check_in_c_as_in_python():
+    # The Keras adapter's serving check (asked on each auto-batched call) in C, against
+    # the closure it stands for, as the session Keras would use and the model's predict
+    # function change.
+    pytest.importorskip('keras_fastpredict.engine._alloc')
+    import keras
+    import tensorflow as tf
+    import keras_fastpredict as kfp
+    from conftest import inputs_for
+    from keras_fastpredict.engine import compiled
+    model = keras.models.Sequential([keras.layers.Dense(4, input_shape=(32,))])
+    kfp.patch()
+    try:
+        model.predict(inputs_for('dense', 1))
+        entry = compiled.get(model)
+        check = entry.adapter.serving_check()
+        assert type(check).__name__ == 'Serves'
+        seen = []
+
+        def both():
+            seen.append(check(model, entry))
+            assert seen[-1] is check.python(model, entry)
+        both()
+        other = tf.compat.v1.Session(graph=keras.backend.get_session().graph)
+        with other.as_default():
+            both()
+        other.close()
+        with other.as_default():
+            both()
+        both()
+        function = model.__dict__.pop('predict_function')
+        both()
+        model.predict_function = function
+        both()
+    finally:
+        kfp.unpatch()
+    assert seen == [True, False, False, True, False, True]
 
 
 @pytest.mark.parametrize('scenario', ['in_list', 'use_at_once'])

@@ -766,3 +766,114 @@ def test_a_deferred_result_initialised_again_wraps_its_new_value():
     assert_same(np.asarray(y), np.ones(2))
     with pytest.raises(TypeError):
         DeferredArray()
+
+
+# -- The usual deferral in C (engine/_alloc.c: Deferrer, AutoCall) --------------------------
+# Scope.defer and auto_caller's call are its specification: the calls it leaves to them
+# (another dtype, rows not contiguous, a batch to begin or to run) and the C code give
+# the same results as plain Keras, with and without it.
+
+def _mixed_rows(x):
+    """One-row inputs the C deferral takes (float32, contiguous) and leaves (float64,
+    a strided view, a Fortran-ordered copy of several rows)."""
+    wide = np.repeat(x, 2, axis=1)                      # columns 0, 2, 4, ... are x's
+    rows = []
+    for i in range(len(x)):
+        kind = i % 7
+        if kind == 3:
+            rows.append(x[i:i + 1].astype(np.float64))
+        elif kind == 5:
+            rows.append(wide[i:i + 1, ::2])
+        elif kind == 6 and i + 2 <= len(x):
+            rows.append(np.asfortranarray(x[i:i + 2]))
+        else:
+            rows.append(np.array(x[i:i + 1]))
+    return rows
+
+
+@pytest.mark.parametrize('in_c', [True, False])
+def test_c_deferral_and_the_calls_it_leaves_as_plain(models, monkeypatch, in_c):
+    from keras_fastpredict.engine import deferred
+    if in_c:
+        pytest.importorskip('keras_fastpredict.engine._alloc')
+    else:
+        monkeypatch.setattr(deferred, '_Deferrer', None)
+    model = models['dense']
+    rows = _mixed_rows(inputs_for('dense', 300))
+    expected = np.concatenate([unpatched_predict(model, r) for r in rows])
+    taken = []
+    with kfp.batching(readahead=False, max_batch_size=64):
+        scope = deferred.current()
+        assert (scope._fast is not None) == in_c
+        if in_c:
+            fast = scope._fast
+
+            def counted(*args):
+                out = fast(*args)
+                taken.append(out is not None)
+                return out
+            scope._fast = counted
+        got = [model.predict(r) for r in rows]
+        assert all(type(g) is DeferredArray for g in got)
+        assert loop_stats(model)['deferred'] == len(rows)
+        assert [g.shape for g in got] == [r.shape[:1] + (10,) for r in rows]
+    assert_same(np.concatenate(got), expected)
+    if in_c:        # (the C code took the usual calls, and left the others)
+        assert len(rows) // 2 < sum(taken) < len(taken) == len(rows)
+
+
+def test_c_deferral_while_another_thread_runs_the_batches(models):
+    # The C deferral takes no lock: a run on another thread (any graph use flushes every
+    # scope) takes its batch out of the scope before reading it. Every row runs once, in
+    # its place.
+    import threading
+    from keras_fastpredict.engine import deferred
+    model = models['dense']
+    x = inputs_for('dense', 2000)
+    expected = unpatched_predict(model, x)
+    done = threading.Event()
+    flushes = [0]
+
+    def flusher():
+        while not done.is_set():
+            deferred.flush_all()
+            flushes[0] += 1
+    with kfp.batching(readahead=False):
+        assert deferred.current()._fast is not None or deferred._Deferrer is None
+        thread = threading.Thread(target=flusher)
+        thread.start()
+        try:
+            got = [model.predict(x[i:i + 1]) for i in range(len(x))]
+        finally:
+            done.set()
+            thread.join()
+    assert flushes[0] > 0
+    assert_same(np.concatenate(got), expected)
+    assert loop_stats(model)['deferred'] == len(x)
+
+
+def test_materialize_in_c_as_in_python(models):
+    # numpy functions given results (np.concatenate of a loop's list) get the real arrays
+    # from pending.materialize, in C where it is built; map_nested(obj, resolve) is it in
+    # Python.
+    pytest.importorskip('keras_fastpredict.engine._alloc')
+    from keras_fastpredict.engine import pending
+    assert type(pending.materialize).__name__ == 'Materializer'
+    model = models['dense']
+    x = inputs_for('dense', 5)
+    expected = [unpatched_predict(model, x[i:i + 1]) for i in range(5)]
+    with kfp.batching(readahead=False):
+        ys = [model.predict(x[i:i + 1]) for i in range(5)]
+        row = ys[4][0]                              # a pending result's row (a Known)
+        obj = (ys[0], [ys[1], {'a': ys[2], 'b': (ys[3], 5)}], 'text', None, row, [])
+        got = pending.materialize(obj)              # (runs the batch)
+    again = pending.map_nested(obj, pending.resolve)
+    for value in (got, again):
+        assert type(value) is tuple and type(value[1]) is list and type(value[1][1]) is dict
+        assert value[2:4] == ('text', None) and value[5] == [] and value[1][1]['b'][1] == 5
+        arrays = [value[0], value[1][0], value[1][1]['a'], value[1][1]['b'][0]]
+        assert all(type(a) is np.ndarray for a in arrays + [value[4]])
+        for a, e in zip(arrays, expected):
+            assert_same(a, e)
+        assert_same(value[4], expected[4][0])
+    assert pending.materialize(x) is x

@@ -88,7 +88,11 @@ class KerasAdapter(object):
             return (session is entry.session
                     and entry.function is model.__dict__.get('predict_function')
                     and not session._closed)
-        return serves
+        try:        # the same in C, where it is built (serves takes what it cannot read)
+            from ..engine._alloc import Serves
+        except ImportError:
+            return serves
+        return Serves(serves, stack_of, tfb)
 
     def keras_session(self):
         """The session Keras' own predict would use now, made and initialised as Keras

@@ -20,6 +20,13 @@ from .pending import DeferredArray, Known, Pending, SLOT_BITS, set_wrapped
 from .pending import batches as pending_batches, calls as pending_calls
 from ..config import settings
 
+try:    # a scope's usual deferral, an auto-batched site's usual call, in C (specified
+    # by Scope.defer and auto_caller's call, which take every other call)
+    from ._alloc import AutoCall as _AutoCall, Deferrer as _Deferrer, forget as _forget
+    from ._alloc import settle as _settle_c
+except ImportError:
+    _AutoCall = _Deferrer = _forget = _settle_c = None
+
 _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush
 _scopes_lock = threading.Lock()
@@ -63,6 +70,7 @@ class Scope(object):
         # (and session) alive: how many flushes in a row ran a lone call because its value
         # was read at once (a use-immediately loop); past a limit deferral only adds cost.
         self._lone_flushes = {}
+        self._fast = _deferrer(self._open, self.max_batch_size)
 
     def wants(self, entry):
         if self.model_ids is not None:
@@ -76,6 +84,11 @@ class Scope(object):
         rows of ``arrays`` (one per feed) are copied into the batch's buffers now, cast
         as Keras casts them (loops often refill one input buffer for the next call).
         ``owner``: the auto-batched site making the call (told how its batches ran)."""
+        fast = self._fast           # (the usual call, where it applies: see _alloc.c)
+        if fast is not None and len(arrays) == 1:
+            proxy = fast(entry, arrays[0], rows, None)
+            if proxy is not None:
+                return [proxy]
         with self.lock:
             batch = self._open.get(entry)
             if batch is not None and batch.n + rows > batch.capacity:
@@ -126,6 +139,8 @@ class Scope(object):
     def _run(self, batch, lone_read):
         """Run ``batch`` and settle its proxies; returns it (to be retired)."""
         entry = batch.entry
+        # First, before anything of the batch is read: the C deferral (which takes no
+        # lock) then adds no row to it (see _alloc.c's Deferrer).
         del self._open[entry]
         if not self._open:
             with _scopes_lock:
@@ -183,6 +198,25 @@ class Scope(object):
         return False
 
 
+# The dtypes whose rows the C deferrer copies byte for byte (no object references).
+_PLAIN = tuple(np.dtype(t) for t in (
+    'int16 bool int8 uint8 uint16 int32 uint32 int64 uint64 float16 float32 float64 '
+    'complex64 complex128').split())
+_PROBE = np.zeros((2, 3), np.int16)     # (its layout checked by the deferrer's init)
+
+
+def _deferrer(open_, max_rows):
+    """The C deferrer of a scope's batches ``open_``, or None (not built, or numpy's
+    arrays not laid out as it reads them)."""
+    if _Deferrer is None:
+        return None
+    try:
+        return _Deferrer(open_, max_rows, Pending, DeferredArray, pending_calls, _PLAIN,
+                         tuple(d.itemsize for d in _PLAIN), _PROBE, _PROBE.ctypes.data)
+    except TypeError:
+        return None
+
+
 _wrapped_of = wrapt.ObjectProxy.__dict__['__wrapped__'].__get__
 
 
@@ -195,8 +229,11 @@ def _settle(batch):
     # next few flushes, longer than any one operation lasts (it touches two proxies, so
     # two flushes, at most); their places in pending.calls as long.
     proxies, results = batch.proxies, batch.results
-    retired = batch.retired = list(map(_wrapped_of, proxies))
-    if any(map(isinstance, results, itertools.repeat(Exception))):
+    retired = None if _settle_c is None else _settle_c(proxies, results)
+    if retired is not None:         # (in C: no result an exception)
+        batch.retired = retired
+    elif any(map(isinstance, results, itertools.repeat(Exception))):
+        retired = batch.retired = list(map(_wrapped_of, proxies))
         n_outputs = batch.n_outputs
         for slot, (proxy, result) in enumerate(zip(proxies, results)):
             if isinstance(result, Exception):
@@ -205,6 +242,7 @@ def _settle(batch):
                                 batch.dtypes[slot % n_outputs])
             set_wrapped(proxy, result)
     else:
+        retired = batch.retired = list(map(_wrapped_of, proxies))
         collections.deque(map(set_wrapped, proxies, results), 0)
     for proxy in batch.derived:
         pending = proxy.__wrapped__
@@ -228,8 +266,11 @@ def _retire(batches):
             break
         for batch in old:
             pending_batches.pop(batch.serial, None)
-            collections.deque(map(pending_calls.pop, map(id, batch.retired),
-                                  itertools.repeat(None)), 0)
+            if _forget is not None:
+                _forget(pending_calls, batch.retired)
+            else:
+                collections.deque(map(pending_calls.pop, map(id, batch.retired),
+                                      itertools.repeat(None)), 0)
 
 
 def _stack():
@@ -352,12 +393,22 @@ def auto_caller(entries, owner, serves, eligible):
             scope = local.auto
         except AttributeError:
             scope = auto_scope()
+        fast = scope._fast
+        if fast is not None:        # (counts the call as below)
+            result = fast(entry, x, rows, owner)
+            if result is not None:
+                return result
         stats.calls += 1
         stats.fast_calls += 1
         owner.calls += 1
         result = scope.defer(entry, args, rows, owner)
         return result[0] if len_(result) == 1 else result
-    return call
+    if _AutoCall is None:
+        return call
+    try:
+        return _AutoCall(call, owner, entries, serves, settings, globals(), local, np.ndarray)
+    except TypeError:           # (numpy's arrays not laid out as it reads them)
+        return call
 
 
 def auto_scope():
