@@ -224,8 +224,11 @@ class Batcher(object):
         req.event.acquire()
         bound = settings.max_enqueued_batches
         with self.lock:
+            # (A batch a leader is filling is as good as taken: with no wait it would be
+            # out of the queue already; it does not count against the bound.)
             if (bound is not None and self.queue
-                    and self.queued_rows + rows > bound * settings.max_batch_size):
+                    and self.queued_rows + rows
+                    > (bound + self.filling) * settings.max_batch_size):
                 self.stats.rejected += 1
                 raise QueueFullError(
                     'keras_fastpredict: queue full for model %r: %d rows already wait '
@@ -358,7 +361,14 @@ class Batcher(object):
         for this caller to run (None: the queue emptied while it gathered); wake another
         leader if a slot is still free."""
         timeout = settings.batch_timeout_micros
-        wait_s = _fill_s(self.queue[0].entry) if timeout is None else timeout / 1e6
+        if timeout is None:
+            wait_s = _fill_s(self.queue[0].entry)
+            if settings.timeout is not None:
+                # The automatic wait leaves the queued callers half their time-out: none
+                # gives up for a wait it did not ask for while a slot is free.
+                wait_s = min(wait_s, settings.timeout / 2)
+        else:
+            wait_s = timeout / 1e6
         self.waking = None
         if wait_s > 0 and self.queued_rows < settings.max_batch_size:
             try:
