@@ -1100,3 +1100,40 @@ def test_a_batch_being_filled_does_not_count_against_max_enqueued_batches(monkey
     assert entry.runs == [[0.0], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
     assert entry.stats.rejected == 0
     assert not batcher.running and not batcher.queue and not batcher.filling
+
+
+class DaemonCaller(Caller):
+    """A Caller whose thread does not keep the process alive (a test of a hang)."""
+
+    def start(self):
+        self.daemon = True
+        super(DaemonCaller, self).start()
+
+
+def test_a_caller_timing_out_while_its_batch_runs_lets_the_leader_finish():
+    # A queued call is taken into a batch another caller leads; its time-out passes while
+    # that run goes on: it waits for its rows (served within one run), without holding
+    # the batcher's lock, so the leader can hand them over when the run ends. (Before: it
+    # waited for them holding the lock the leader needs: every caller of the model hung.)
+    settings.update(merge=True, num_batch_threads=1, max_batch_size=2, timeout=0.3,
+                    batch_timeout_micros=0)
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    entry.gate.clear()
+    holder = DaemonCaller(batcher, entry, rows_of(0))
+    assert entry.at_gate.acquire(timeout=30)
+    queued = DaemonCaller(batcher, entry, rows_of(1))
+    wait_until(lambda: len(batcher.queue) == 1)
+    first_gate, entry.gate = entry.gate, threading.Event()
+    first_gate.set()                        # the holder's run ends; it leads [1] ...
+    assert entry.at_gate.acquire(timeout=30)     # ... which waits at the new gate
+    time.sleep(0.6)                         # (past the queued call's time-out)
+    entry.gate.set()
+    for c in (holder, queued):
+        c.join(10)
+        assert not c.is_alive()
+    for c in (holder, queued):
+        assert_own(c)
+    assert entry.runs == [[0.0], [1.0]]
+    assert entry.stats.timeouts == 0
+    assert not batcher.running and not batcher.queue and batcher.waking is None

@@ -280,17 +280,16 @@ class Batcher(object):
             req.event.acquire()
         elif not req.event.acquire(True, max(0.0, deadline - _clock())):
             with self.lock:
-                if req.lead or req.outputs is not None or req.error is not None:
-                    req.event.acquire()     # signalled meanwhile: released already
-                elif req in self.queue:
+                if (not req.lead and req.outputs is None and req.error is None
+                        and req in self.queue):
                     self.stats.timeouts += 1
                     raise PredictTimeoutError(
                         'keras_fastpredict: predict on model %r not served within %.3f s'
                         % (self.stats.name, settings.timeout))
-                else:
-                    # Taken by a leader, running now: served within one run. (Counted as
-                    # no time-out: the call is not given up.)
-                    req.event.acquire()
+            # Signalled meanwhile (released already), or taken by a leader, running now:
+            # served within one run (counted as no time-out: the call is not given up).
+            # Waited for outside the lock: the leader takes it to hand the rows over.
+            req.event.acquire()
         if req.released:
             # One hand-off measured: a level's first guess compares runs with it.
             self.handoff_s += 0.1 * (_clock() - req.released - self.handoff_s)
