@@ -778,9 +778,11 @@ def test_a_leader_interrupted_while_its_batch_fills_hands_the_lead_on(monkeypatc
 def test_a_batch_whose_callers_all_gave_up_while_it_filled_is_not_run(monkeypatch):
     # The caller whose run ends leads the queue and waits for the batch to fill; the one
     # queued call times out meanwhile: nothing is left to run, the leader returns its own
-    # rows and holds no slot. (Margins: the call times out at 0.3 s, the wait ends at 3.)
+    # rows and holds no slot. (Margins: the call times out at 0.3 s, the wait ends at 3;
+    # a wait the user set: the automatic one ends within half the time-out.)
     monkeypatch.setattr(concurrent_batcher, '_FILL_MAX_S', 3.0)
-    settings.update(merge=True, num_batch_threads=1, max_batch_size=2, timeout=0.3)
+    settings.update(merge=True, num_batch_threads=1, max_batch_size=2, timeout=0.3,
+                    batch_timeout_micros=3000000)
     entry = FakeEntry()
     entry.fastest_run_s = 3.0
     batcher = entry.batcher = concurrent_batcher.Batcher(entry)
@@ -1048,3 +1050,90 @@ def test_first_guess_from_the_models_fastest_run():
     batcher.handoff_s = 1e-3                 # a busy machine: wakes take a millisecond
     entry.fastest_run_s = 200e-6
     assert batcher.policy.prior() == (merge_policy.DIRECT, merge_policy.GAP_MAX)
+
+
+def test_the_automatic_fill_leaves_queued_callers_time_within_their_timeout(monkeypatch):
+    # The caller whose run ends leads the queue and, by default, waits for the batch to
+    # fill, up to the model's fastest run (here 3 s). The queued call has a time-out of
+    # 0.3 s: the automatic wait must not outlast it (a slot is free all along), so the
+    # call is served. (Before: PredictTimeoutError at 0.3 s, the leader still waiting.)
+    monkeypatch.setattr(concurrent_batcher, '_FILL_MAX_S', 3.0)
+    settings.update(merge=True, num_batch_threads=1, max_batch_size=4, timeout=0.3)
+    entry = FakeEntry()
+    entry.fastest_run_s = 3.0
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry, tag=0.0)
+    second, = queue_in_order(batcher, entry, [rows_of(1)])
+    finish(entry, [holder, second])
+    for c in (holder, second):
+        assert_own(c)
+    assert entry.runs == [[0.0], [1.0]]
+    assert entry.stats.timeouts == 0
+    assert not batcher.running and not batcher.queue and not batcher.filling
+
+
+def test_a_batch_being_filled_does_not_count_against_max_enqueued_batches(monkeypatch):
+    # max_enqueued_batches=1 of 4 rows; the caller whose run ends leads the queued call
+    # (3 rows) and waits for its batch to fill. A call of 3 rows arrives: with no wait
+    # (batch_timeout_micros=0, the default before) the batch would have been taken and
+    # the call queued; the wait must not refuse it (before: QueueFullError while the
+    # leader sat waiting, one slot free). It is admitted, and the leader, its queue now
+    # holding a batch's worth, runs its batch at once.
+    monkeypatch.setattr(concurrent_batcher, '_FILL_MAX_S', 5.0)
+    settings.update(merge=True, num_batch_threads=1, max_batch_size=4,
+                    max_enqueued_batches=1)
+    entry = FakeEntry()
+    entry.fastest_run_s = 5.0
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    holder = holding(batcher, entry, tag=0.0)
+    second, = queue_in_order(batcher, entry, [rows_of(1, 2, 3)])
+    entry.gate.set()
+    wait_until(lambda: batcher.filling)
+    third = Caller(batcher, entry, rows_of(4, 5, 6))
+    wait_until(lambda: third.error is not None or entry.runs[1:])
+    assert third.error is None, third.error
+    wait_until(lambda: batcher.filling)             # the third leads its batch, waits
+    fourth = Caller(batcher, entry, rows_of(7))      # ... and it is full
+    finish(entry, [holder, second, third, fourth])
+    for c in (holder, second, third, fourth):
+        assert_own(c)
+    assert entry.runs == [[0.0], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+    assert entry.stats.rejected == 0
+    assert not batcher.running and not batcher.queue and not batcher.filling
+
+
+class DaemonCaller(Caller):
+    """A Caller whose thread does not keep the process alive (a test of a hang)."""
+
+    def start(self):
+        self.daemon = True
+        super(DaemonCaller, self).start()
+
+
+def test_a_caller_timing_out_while_its_batch_runs_lets_the_leader_finish():
+    # A queued call is taken into a batch another caller leads; its time-out passes while
+    # that run goes on: it waits for its rows (served within one run), without holding
+    # the batcher's lock, so the leader can hand them over when the run ends. (Before: it
+    # waited for them holding the lock the leader needs: every caller of the model hung.)
+    settings.update(merge=True, num_batch_threads=1, max_batch_size=2, timeout=0.3,
+                    batch_timeout_micros=0)
+    entry = FakeEntry()
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    entry.gate.clear()
+    holder = DaemonCaller(batcher, entry, rows_of(0))
+    assert entry.at_gate.acquire(timeout=30)
+    queued = DaemonCaller(batcher, entry, rows_of(1))
+    wait_until(lambda: len(batcher.queue) == 1)
+    first_gate, entry.gate = entry.gate, threading.Event()
+    first_gate.set()                        # the holder's run ends; it leads [1] ...
+    assert entry.at_gate.acquire(timeout=30)     # ... which waits at the new gate
+    time.sleep(0.6)                         # (past the queued call's time-out)
+    entry.gate.set()
+    for c in (holder, queued):
+        c.join(10)
+        assert not c.is_alive()
+    for c in (holder, queued):
+        assert_own(c)
+    assert entry.runs == [[0.0], [1.0]]
+    assert entry.stats.timeouts == 0
+    assert not batcher.running and not batcher.queue and batcher.waking is None

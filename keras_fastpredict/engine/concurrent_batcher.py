@@ -224,8 +224,11 @@ class Batcher(object):
         req.event.acquire()
         bound = settings.max_enqueued_batches
         with self.lock:
+            # (A batch a leader is filling is as good as taken: with no wait it would be
+            # out of the queue already; it does not count against the bound.)
             if (bound is not None and self.queue
-                    and self.queued_rows + rows > bound * settings.max_batch_size):
+                    and self.queued_rows + rows
+                    > (bound + self.filling) * settings.max_batch_size):
                 self.stats.rejected += 1
                 raise QueueFullError(
                     'keras_fastpredict: queue full for model %r: %d rows already wait '
@@ -277,17 +280,16 @@ class Batcher(object):
             req.event.acquire()
         elif not req.event.acquire(True, max(0.0, deadline - _clock())):
             with self.lock:
-                if req.lead or req.outputs is not None or req.error is not None:
-                    req.event.acquire()     # signalled meanwhile: released already
-                elif req in self.queue:
+                if (not req.lead and req.outputs is None and req.error is None
+                        and req in self.queue):
                     self.stats.timeouts += 1
                     raise PredictTimeoutError(
                         'keras_fastpredict: predict on model %r not served within %.3f s'
                         % (self.stats.name, settings.timeout))
-                else:
-                    # Taken by a leader, running now: served within one run. (Counted as
-                    # no time-out: the call is not given up.)
-                    req.event.acquire()
+            # Signalled meanwhile (released already), or taken by a leader, running now:
+            # served within one run (counted as no time-out: the call is not given up).
+            # Waited for outside the lock: the leader takes it to hand the rows over.
+            req.event.acquire()
         if req.released:
             # One hand-off measured: a level's first guess compares runs with it.
             self.handoff_s += 0.1 * (_clock() - req.released - self.handoff_s)
@@ -358,7 +360,14 @@ class Batcher(object):
         for this caller to run (None: the queue emptied while it gathered); wake another
         leader if a slot is still free."""
         timeout = settings.batch_timeout_micros
-        wait_s = _fill_s(self.queue[0].entry) if timeout is None else timeout / 1e6
+        if timeout is None:
+            wait_s = _fill_s(self.queue[0].entry)
+            if settings.timeout is not None:
+                # The automatic wait leaves the queued callers half their time-out: none
+                # gives up for a wait it did not ask for while a slot is free.
+                wait_s = min(wait_s, settings.timeout / 2)
+        else:
+            wait_s = timeout / 1e6
         self.waking = None
         if wait_s > 0 and self.queued_rows < settings.max_batch_size:
             try:
