@@ -310,7 +310,8 @@ class Batcher(object):
         (``own``; None: a caller whose own run is done) is served, then one more if calls
         wait. The caller whose run ends holds a slot and the GIL: it starts the next batch
         at once, where waking another caller for it costs a hand-off and a wait for the
-        GIL behind the callers just served. Its own return waits one run at most."""
+        GIL behind the callers just served. Its own return waits one run at most (and the
+        wait for that batch to fill)."""
         cond = self.cond
         with cond:
             if own is not None:
