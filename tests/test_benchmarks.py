@@ -54,6 +54,11 @@ def test_never_slower_fails_a_batcher_slower_beyond_chance(monkeypatch):
         (ok, line), = threads_ab.never_slower({'mlp64': 10}, (16,), say=lambda *a: None)
         assert ok is passed, line
         assert line.startswith('PASS' if passed else 'FAIL') and '16 thr' in line
+    # A count found slower once is measured again: it fails only if slower again.
+    runs = iter([list(0.8 * noise), list(noise / np.exp(np.mean(np.log(noise))))])
+    monkeypatch.setattr(threads_ab, 'compare', lambda *a, **k: {'ratio': next(runs)})
+    (ok, line), = threads_ab.never_slower({'mlp64': 10}, (16,), say=lambda *a: None)
+    assert ok and 'not so again' in line, line
 
 
 def test_quick_suite_runs_session_run_cases(tmp_path):
