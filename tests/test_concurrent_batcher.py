@@ -1040,16 +1040,18 @@ def test_first_guess_from_the_models_fastest_run():
     # Every level starts direct. Runs slower than a thread hand-off: checked after the
     # warm-up epoch. Faster: first checked GAP_MAX epochs later (nothing to gain from
     # merging: a run saved costs a wake). The hand-off is measured on the model's wakes
-    # (50 us until then).
+    # (50 us until then), times the callers a slot at the level (2**key): a woken caller
+    # waits for the GIL behind them.
     entry = FakeEntry()
     batcher = concurrent_batcher.Batcher(entry)
     entry.fastest_run_s = 200e-6
-    assert batcher.policy.prior() == (merge_policy.DIRECT, 0)
+    assert batcher.policy.prior(1) == (merge_policy.DIRECT, 0)              # 3-4 callers
+    assert batcher.policy.prior(3) == (merge_policy.DIRECT, merge_policy.GAP_MAX)  # 9-16
     entry.fastest_run_s = 10e-6
-    assert batcher.policy.prior() == (merge_policy.DIRECT, merge_policy.GAP_MAX)
+    assert batcher.policy.prior(1) == (merge_policy.DIRECT, merge_policy.GAP_MAX)
     batcher.handoff_s = 1e-3                 # a busy machine: wakes take a millisecond
     entry.fastest_run_s = 200e-6
-    assert batcher.policy.prior() == (merge_policy.DIRECT, merge_policy.GAP_MAX)
+    assert batcher.policy.prior(1) == (merge_policy.DIRECT, merge_policy.GAP_MAX)
 
 
 def test_the_automatic_fill_leaves_queued_callers_time_within_their_timeout(monkeypatch):

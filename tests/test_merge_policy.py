@@ -18,7 +18,7 @@ class Clock(object):
 
 
 def policy(first=DIRECT, slots=2, wait=0):
-    return merge_policy.Policy(slots, lambda: (first, wait), Clock())
+    return merge_policy.Policy(slots, lambda key: (first, wait), Clock())
 
 
 def opened(p, key):
@@ -394,7 +394,7 @@ def test_the_models_guess_is_read_after_a_first_epoch_run_direct():
     # than a thread hand-off (see concurrent_batcher) stays direct and is first checked
     # some epochs later; a slower one merges, checked after one epoch.
     guesses = []
-    p = merge_policy.Policy(2, lambda: guesses.pop(0), Clock())
+    p = merge_policy.Policy(2, lambda key: guesses.pop(0), Clock())
     key = p.level(16)
     guesses.append((DIRECT, 16))
     level = p._open(key)
@@ -403,7 +403,7 @@ def test_the_models_guess_is_read_after_a_first_epoch_run_direct():
     phase(p, key, {DIRECT: 1.0, MERGE: 1.0})           # the warm-up: the guess is read
     assert not guesses and level.current[:2] == (DIRECT, GAP)
     assert level.current[5] == 16 * level.calls and level.gap == GAP_FIRST
-    q = merge_policy.Policy(2, lambda: guesses.pop(0), Clock())
+    q = merge_policy.Policy(2, lambda key: guesses.pop(0), Clock())
     guesses.append((MERGE, 0))
     q._open(key)
     phase(q, key, {DIRECT: 1.0, MERGE: 1.0})

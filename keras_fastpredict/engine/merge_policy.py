@@ -106,9 +106,9 @@ class Level(object):
 
 
 class Policy(object):
-    """Per model. ``slots``: runs in flight before callers may queue; ``prior()``: (the
-    way a new level starts with when no level is measured yet, epochs before its first
-    check): a guess from the model's run time, see concurrent_batcher."""
+    """Per model. ``slots``: runs in flight before callers may queue; ``prior(key)``:
+    (the way a new level starts with when no level is measured yet, epochs before its
+    first check): a guess from the model's run time, see concurrent_batcher."""
 
     def __init__(self, slots, prior, clock=time.perf_counter):
         self.slots = slots
@@ -176,7 +176,7 @@ class Policy(object):
                 # The warm-up ran direct (as concurrent=False does); now that the model
                 # has run a while, its guess is worth reading.
                 level.guess = False
-                level.best, wait = self.prior()
+                level.best, wait = self.prior(level.key)
                 if wait:
                     level.gap = wait
                     self._begin(level, GAP, level.best, None)
