@@ -11,14 +11,15 @@ slot: a caller arriving to a queue when a slot is free leads at once, taking the
 (its own call included); else, when a run ends, the first queued caller is woken and
 leads. While the model merges, a caller finding a free slot and an empty queue, with
 more callers inside than slots, does not run alone at once: it queues and leads a batch
-that fills first (the callers just served are on their way back). The leader runs the batch in its own thread and hands each caller its own rows
-(leader/follower: there is no batch thread, so nothing to start, stop or leak, and a
-batch starts with at most one hand-off). Batches are taken in arrival order, up to
+that fills first (the callers just served are on their way back). The leader runs the
+batch in its own thread and hands each caller its own rows (leader/follower: there is
+no batch thread, so nothing to start, stop or leak, and a batch starts with at most one
+hand-off). Batches are taken in arrival order, up to
 ``max_batch_size`` rows; ``batch_timeout_micros`` lets a leader wait that long from the
 oldest queued call for a batch to fill (TF Serving's and Triton's queue delay). By
 default (None) that wait is the model's fastest run: waiting costs at most the lone run
-it saves (Dense(2048)x2 on 16 threads: 1.33x the throughput of the first caller back
-running alone, paired; 0: no wait). So a queued call's batch starts within that wait
+it saves (Dense(2048)x2 on 16 threads: 1.53x the throughput of no wait, paired; 0: no
+wait; at most half of ``timeout`` when that is set). So a queued call's batch starts within that wait
 plus one run of those in flight (while the queue holds at most ``max_batch_size`` rows
 per slot).
 
