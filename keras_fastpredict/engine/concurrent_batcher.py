@@ -19,9 +19,9 @@ hand-off). Batches are taken in arrival order, up to
 oldest queued call for a batch to fill (TF Serving's and Triton's queue delay). By
 default (None) that wait is the model's fastest run: waiting costs at most the lone run
 it saves (Dense(2048)x2 on 16 threads: 1.53x the throughput of no wait, paired; 0: no
-wait; at most half of ``timeout`` when that is set). So a queued call's batch starts within that wait
-plus one run of those in flight (while the queue holds at most ``max_batch_size`` rows
-per slot).
+wait; at most half of ``timeout`` when that is set). So a queued call's batch starts
+within that wait plus one run of those in flight (while the queue holds at most
+``max_batch_size`` rows per slot).
 
 Each caller gets exactly its own rows, or its own exception: a merged run that fails is
 retried one call at a time (engine/merge.py). A leader interrupted (KeyboardInterrupt...)
