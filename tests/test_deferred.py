@@ -877,3 +877,7 @@ def test_materialize_in_c_as_in_python(models):
             assert_same(a, e)
         assert_same(value[4], expected[4][0])
     assert pending.materialize(x) is x
+    # Other arguments are a TypeError, as for the Python function (the C one returned
+    # NULL with no error set: SystemError).
+    with pytest.raises(TypeError):
+        pending.materialize([1], k=2)

@@ -1029,7 +1029,11 @@ Materializer_call(Materializer *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_TypeError, "materializer is not initialised");
         return NULL;
     }
-    if ((kw != NULL && PyDict_GET_SIZE(kw)) || !PyArg_UnpackTuple(args, "materialize", 1, 1, &obj))
+    if (kw != NULL && PyDict_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "materialize() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "materialize", 1, 1, &obj))
         return NULL;
     return materialized(self, obj);
 }
