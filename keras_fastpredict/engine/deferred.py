@@ -229,21 +229,21 @@ def _settle(batch):
     # next few flushes, longer than any one operation lasts (it touches two proxies, so
     # two flushes, at most); their places in pending.calls as long.
     proxies, results = batch.proxies, batch.results
+    # In C where no result is an exception (None: it changed nothing).
     retired = None if _settle_c is None else _settle_c(proxies, results)
-    if retired is not None:         # (in C: no result an exception)
-        batch.retired = retired
-    elif any(map(isinstance, results, itertools.repeat(Exception))):
-        retired = batch.retired = list(map(_wrapped_of, proxies))
-        n_outputs = batch.n_outputs
-        for slot, (proxy, result) in enumerate(zip(proxies, results)):
-            if isinstance(result, Exception):
-                pending = retired[slot]
-                result = Known(batch, slot, (), pending._kfp_shape,
-                                batch.dtypes[slot % n_outputs])
-            set_wrapped(proxy, result)
-    else:
-        retired = batch.retired = list(map(_wrapped_of, proxies))
-        collections.deque(map(set_wrapped, proxies, results), 0)
+    if retired is None:
+        retired = list(map(_wrapped_of, proxies))
+        if any(map(isinstance, results, itertools.repeat(Exception))):
+            n_outputs = batch.n_outputs
+            for slot, (proxy, result) in enumerate(zip(proxies, results)):
+                if isinstance(result, Exception):
+                    pending = retired[slot]
+                    result = Known(batch, slot, (), pending._kfp_shape,
+                                    batch.dtypes[slot % n_outputs])
+                set_wrapped(proxy, result)
+        else:
+            collections.deque(map(set_wrapped, proxies, results), 0)
+    batch.retired = retired
     for proxy in batch.derived:
         pending = proxy.__wrapped__
         if not isinstance(results[pending._kfp_slot], Exception):

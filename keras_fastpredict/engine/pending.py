@@ -138,7 +138,6 @@ def materialize(obj):
     return map_nested(obj, resolve)
 
 
-
 def _shape_after(shape, key):
     # The shape of array[key] without the data: index a zero-stride array of that shape.
     return np.ndarray(shape, np.bool_, _ZERO, 0, (0,) * len(shape))[key].shape
