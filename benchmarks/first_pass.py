@@ -48,6 +48,10 @@ CASES = [
     # Under --auto-batch (the runner's flags are the fifth item); the table also gives the
     # loop's time against the hand-batched predict(X) of its rows, plain Keras (issue 25).
     ('collect rows: --auto-batch', 'collect_rows.py', [], (3000, 200), ['--auto-batch']),
+    # A short loop: its batches must not wait for TF's multi-row kernels (engine/warmup.py),
+    # which a 100-call loop's plain time barely exceeds.
+    ('collect rows: --auto-batch, 100 calls', 'collect_rows.py', [], (100, 100),
+     ['--auto-batch']),
     ('collect rows: runner alone', 'collect_rows.py', [], (3000, 200)),
     # The same rows hand-batched, as the loop of a script of its own: what the collect
     # loop's rewrite costs a script that runs it once (plain's first pass is the target's).

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from ..config import settings
+from . import warmup
 
 
 class Request(object):
@@ -40,6 +41,8 @@ def run_calls(entry, arrays, stops):
     start_time = time.perf_counter()
     if len(stops) == 1 or entry.batch_safe is not True or entry.excluded:
         return _each_alone(entry, arrays, stops)
+    if not warmup.ready():
+        return _alone_until_ready(entry, arrays, stops)
     try:
         outs = entry.run(arrays, batch_size=max(entry.large_batch, settings.max_batch_size))
     except Exception:
@@ -85,6 +88,23 @@ def _each_alone(entry, arrays, stops):
     results = []
     lo = 0
     for hi in stops:
+        result = _alone(entry, arrays, lo, hi)
+        results += [result] * entry.n_outputs if isinstance(result, Exception) else result
+        lo = hi
+    return results
+
+
+def _alone_until_ready(entry, arrays, stops):
+    # TF's multi-row kernels are being made on their thread (engine/warmup.py): a run of
+    # several rows would wait for them, up to 25-40 ms (more on a loaded machine). So calls
+    # run alone meanwhile, each as plain Keras runs it, and those left once the kernels
+    # are made run as one batch: a merge never waits longer than one call's own run.
+    results = []
+    lo = 0
+    for k, hi in enumerate(stops):
+        if k and warmup.done.is_set():
+            rest = run_calls(entry, [a[lo:] for a in arrays], [s - lo for s in stops[k:]])
+            return results + rest
         result = _alone(entry, arrays, lo, hi)
         results += [result] * entry.n_outputs if isinstance(result, Exception) else result
         lo = hi
