@@ -185,7 +185,7 @@ def test_patch_option_collect_loop_as_plain(flavour, name):
 
 @pytest.mark.parametrize('in_c', [True, False])
 def test_collect_loop_of_mixed_inputs_as_plain(models, monkeypatch, in_c):
-    # The site's usual call in C (engine/_alloc.c: AutoCall) and what it leaves to
+    # The site's usual call in C (engine/_native/auto_call.c) and what it leaves to
     # auto_caller's call (another dtype, rows not contiguous, several rows), with and
     # without it.
     from conftest import inputs_for

@@ -768,7 +768,7 @@ def test_a_deferred_result_initialised_again_wraps_its_new_value():
         DeferredArray()
 
 
-# -- The usual deferral in C (engine/_alloc.c: Deferrer, AutoCall) --------------------------
+# -- The usual deferral in C (engine/_native: Deferrer, AutoCall) ---------------------------
 # Scope.defer and auto_caller's call are its specification: the calls it leaves to them
 # (another dtype, rows not contiguous, a batch to begin or to run) and the C code give
 # the same results as plain Keras, with and without it.
