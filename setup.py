@@ -12,6 +12,6 @@ NATIVE = ['keras_fastpredict/engine/_native/%s.c' % name for name in (
 setup(ext_modules=[Extension('keras_fastpredict.report._steady',
                              ['keras_fastpredict/report/_steady.c'],
                              extra_compile_args=['-O2', '-std=c11'], optional=True),
-                   Extension('keras_fastpredict.engine._alloc', NATIVE,
+                   Extension('keras_fastpredict.engine._deferral', NATIVE,
                              depends=['keras_fastpredict/engine/_native/deferral.h'],
                              extra_compile_args=['-O2', '-std=c11'], optional=True)])

@@ -22,8 +22,8 @@ from ..config import settings
 
 try:    # a scope's usual deferral, an auto-batched site's usual call, in C (specified
     # by Scope.defer and auto_caller's call, which take every other call)
-    from ._alloc import AutoCall as _AutoCall, Deferrer as _Deferrer, forget as _forget
-    from ._alloc import settle as _settle_c
+    from ._deferral import AutoCall as _AutoCall, Deferrer as _Deferrer, forget as _forget
+    from ._deferral import settle as _settle_c
 except ImportError:
     _AutoCall = _Deferrer = _forget = _settle_c = None
 

@@ -213,7 +213,7 @@ AutoCall_dealloc(AutoCall *self)
 
 static PyTypeObject AutoCallType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "keras_fastpredict.engine._alloc.AutoCall",
+    .tp_name = "keras_fastpredict.engine._deferral.AutoCall",
     .tp_basicsize = sizeof(AutoCall),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "AutoCall(call, owner, entries, serves, settings, globals, local, ndarray): an "

@@ -250,7 +250,7 @@ Deferrer_dealloc(Deferrer *self)
 
 PyTypeObject kfp_DeferrerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "keras_fastpredict.engine._alloc.Deferrer",
+    .tp_name = "keras_fastpredict.engine._deferral.Deferrer",
     .tp_basicsize = sizeof(Deferrer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Deferrer(open, max_rows, Pending, DeferredArray, calls, dtypes, itemsizes, "

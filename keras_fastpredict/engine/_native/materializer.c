@@ -139,7 +139,7 @@ Materializer_dealloc(Materializer *self)
 
 static PyTypeObject MaterializerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "keras_fastpredict.engine._alloc.Materializer",
+    .tp_name = "keras_fastpredict.engine._deferral.Materializer",
     .tp_basicsize = sizeof(Materializer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Materializer(resolve, DeferredArray, PENDING): pending.materialize.",

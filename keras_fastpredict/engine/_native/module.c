@@ -1,7 +1,8 @@
-/* keras_fastpredict.engine._alloc: deferred results that do not bring garbage collections
- * on (uncounted.c); below it, a deferred call's usual path (Deferrer, AutoCall, Serves,
- * settle, forget, Materializer: the Python code of engine/deferred.py, engine/pending.py
- * and adapters/keras.py is their specification, and runs where this is not built).
+/* keras_fastpredict.engine._deferral: deferred results that do not bring garbage
+ * collections on (uncounted.c); below it, a deferred call's usual path (Deferrer,
+ * AutoCall, Serves, settle, forget, Materializer: the Python code of engine/deferred.py,
+ * engine/pending.py and adapters/keras.py is their specification, and runs where this is
+ * not built).
  *
  * One extension module of several files, one job each (deferral.h: what they share):
  * uncounted.c the proxies' allocator; deferrer.c a scope's usual deferral; auto_call.c an
@@ -20,13 +21,13 @@ kfp_add_type(PyObject *module, const char *name, PyTypeObject *type)
 }
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "keras_fastpredict.engine._alloc",
+    PyModuleDef_HEAD_INIT, "keras_fastpredict.engine._deferral",
     "Deferred results that do not bring garbage collections on; a deferred call's usual "
     "path.", -1, NULL,
 };
 
 PyMODINIT_FUNC
-PyInit__alloc(void)
+PyInit__deferral(void)
 {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -134,7 +134,7 @@ static PyMemberDef Serves_members[] = {
 
 static PyTypeObject ServesType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "keras_fastpredict.engine._alloc.Serves",
+    .tp_name = "keras_fastpredict.engine._deferral.Serves",
     .tp_basicsize = sizeof(Serves),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Serves(serves, stack_of, backend): the Keras adapter's serving check.",
