@@ -185,7 +185,7 @@ def test_patch_option_collect_loop_as_plain(flavour, name):
 
 @pytest.mark.parametrize('in_c', [True, False])
 def test_collect_loop_of_mixed_inputs_as_plain(models, monkeypatch, in_c):
-    # The site's usual call in C (engine/_alloc.c: AutoCall) and what it leaves to
+    # The site's usual call in C (engine/_native/auto_call.c) and what it leaves to
     # auto_caller's call (another dtype, rows not contiguous, several rows), with and
     # without it.
     from conftest import inputs_for
@@ -193,7 +193,7 @@ def test_collect_loop_of_mixed_inputs_as_plain(models, monkeypatch, in_c):
     from keras_fastpredict.engine import deferred
     import keras_fastpredict as kfp
     if in_c:
-        pytest.importorskip('keras_fastpredict.engine._alloc')
+        pytest.importorskip('keras_fastpredict.engine._deferral')
     else:
         monkeypatch.setattr(deferred, '_AutoCall', None)
         monkeypatch.setattr(deferred, '_Deferrer', None)
@@ -327,7 +327,7 @@ def test_serving_check_in_c_as_in_python():
     # The Keras adapter's serving check (asked on each auto-batched call) in C, against
     # the closure it stands for, as the session Keras would use and the model's predict
     # function change.
-    pytest.importorskip('keras_fastpredict.engine._alloc')
+    pytest.importorskip('keras_fastpredict.engine._deferral')
     import keras
     import tensorflow as tf
     import keras_fastpredict as kfp

@@ -726,7 +726,7 @@ def test_kept_results_bring_no_collection_on_as_plain_arrays(models):
     # (wrapt's proxy and the dict it makes), where plain Keras' ndarrays count for
     # nothing: a collect loop brought into itself the full collection (75-85 ms) that
     # TensorFlow's imports leave owed, which the runner's fast path never does.
-    pytest.importorskip('keras_fastpredict.engine._alloc')
+    pytest.importorskip('keras_fastpredict.engine._deferral')
     model = models['dense']
     x = inputs_for('dense', 1)
     plain = [unpatched_predict(model, x) for _ in range(300)]
@@ -768,7 +768,7 @@ def test_a_deferred_result_initialised_again_wraps_its_new_value():
         DeferredArray()
 
 
-# -- The usual deferral in C (engine/_alloc.c: Deferrer, AutoCall) --------------------------
+# -- The usual deferral in C (engine/_native: Deferrer, AutoCall) ---------------------------
 # Scope.defer and auto_caller's call are its specification: the calls it leaves to them
 # (another dtype, rows not contiguous, a batch to begin or to run) and the C code give
 # the same results as plain Keras, with and without it.
@@ -795,7 +795,7 @@ def _mixed_rows(x):
 def test_c_deferral_and_the_calls_it_leaves_as_plain(models, monkeypatch, in_c):
     from keras_fastpredict.engine import deferred
     if in_c:
-        pytest.importorskip('keras_fastpredict.engine._alloc')
+        pytest.importorskip('keras_fastpredict.engine._deferral')
     else:
         monkeypatch.setattr(deferred, '_Deferrer', None)
     model = models['dense']
@@ -856,7 +856,7 @@ def test_materialize_in_c_as_in_python(models):
     # numpy functions given results (np.concatenate of a loop's list) get the real arrays
     # from pending.materialize, in C where it is built; map_nested(obj, resolve) is it in
     # Python.
-    pytest.importorskip('keras_fastpredict.engine._alloc')
+    pytest.importorskip('keras_fastpredict.engine._deferral')
     from keras_fastpredict.engine import pending
     assert type(pending.materialize).__name__ == 'Materializer'
     model = models['dense']

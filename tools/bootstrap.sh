@@ -41,7 +41,7 @@ fi
 
 stamp="$VENV/.installed"
 want="$(cat setup.cfg setup.py constraints.txt keras_fastpredict/report/_steady.c \
-    keras_fastpredict/engine/_alloc.c | cksum) $EXTRAS"
+    keras_fastpredict/engine/_native/*.[ch] | cksum) $EXTRAS"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade 'pip<24' 'setuptools<68' wheel
     "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]"

@@ -89,7 +89,7 @@ class KerasAdapter(object):
                     and entry.function is model.__dict__.get('predict_function')
                     and not session._closed)
         try:        # the same in C, where it is built (serves takes what it cannot read)
-            from ..engine._alloc import Serves
+            from ..engine._deferral import Serves
         except ImportError:
             return serves
         return Serves(serves, stack_of, tfb)

@@ -22,8 +22,8 @@ from ..config import settings
 
 try:    # a scope's usual deferral, an auto-batched site's usual call, in C (specified
     # by Scope.defer and auto_caller's call, which take every other call)
-    from ._alloc import AutoCall as _AutoCall, Deferrer as _Deferrer, forget as _forget
-    from ._alloc import settle as _settle_c
+    from ._deferral import AutoCall as _AutoCall, Deferrer as _Deferrer, forget as _forget
+    from ._deferral import settle as _settle_c
 except ImportError:
     _AutoCall = _Deferrer = _forget = _settle_c = None
 
@@ -84,7 +84,7 @@ class Scope(object):
         rows of ``arrays`` (one per feed) are copied into the batch's buffers now, cast
         as Keras casts them (loops often refill one input buffer for the next call).
         ``owner``: the auto-batched site making the call (told how its batches ran)."""
-        fast = self._fast           # (the usual call, where it applies: see _alloc.c)
+        fast = self._fast           # (the usual call, where it applies: _native/deferrer.c)
         if fast is not None and len(arrays) == 1:
             proxy = fast(entry, arrays[0], rows, None)
             if proxy is not None:
@@ -140,7 +140,7 @@ class Scope(object):
         """Run ``batch`` and settle its proxies; returns it (to be retired)."""
         entry = batch.entry
         # First, before anything of the batch is read: the C deferral (which takes no
-        # lock) then adds no row to it (see _alloc.c's Deferrer).
+        # lock) then adds no row to it (see _native/deferrer.c).
         del self._open[entry]
         if not self._open:
             with _scopes_lock:

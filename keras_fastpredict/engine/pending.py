@@ -95,7 +95,7 @@ class DeferredArray(wrapt.ObjectProxy):
 _SHAPE_ONLY = frozenset((np.shape, np.ndim, np.size))
 
 try:    # Results that bring no garbage collection on, as the ndarrays they stand for.
-    from ._alloc import uncounted
+    from ._deferral import uncounted
     uncounted(DeferredArray)
 except ImportError:     # (not built: they count towards the next one as any object)
     pass
@@ -270,7 +270,7 @@ calls = {}
 batches = {}
 
 try:    # materialize in C (numpy functions given many results: 0.4 us a result in Python)
-    from ._alloc import Materializer
+    from ._deferral import Materializer
     materialize = Materializer(resolve, DeferredArray, PENDING)
 except ImportError:
     pass
