@@ -1,7 +1,7 @@
 """Without wrapt's C extension (``WRAPT_DISABLE_EXTENSIONS=1``: wrapt's proxies and
 function wrappers are its Python classes), the package imports and every way of using it
-gives plain Keras' results: the C code that assumes wrapt's C proxy is not used then
-(engine/_alloc.c's in-place proxy code).
+gives plain Keras' results: the C code that assumes wrapt's C proxy or wrappers is not
+used then (engine/_alloc.c's in-place proxy code, report/_steady.c's recorders).
 
 One subprocess (the variable is read when wrapt is imported). Its model's weights and
 inputs are small integers, so that every sum is exact in float32: batched or one by one,
@@ -90,5 +90,6 @@ def test_without_wrapts_c_extension_results_are_plain_kerass(tmp_path):
         assert got[kind].tobytes() == plain.tobytes(), kind
     assert got['patched_run'].tobytes() == got['plain_run'].tobytes()
     assert np.array_equal(got['plain_run'], plain[:20])
-    # Each way was taken: the fast path, deferral (two loops' calls).
+    # Each way was taken: the fast path, deferral (two loops' calls), auto-batch.
     assert got['fast_calls'] >= 150 * 3 and got['deferred'] == 150 * 2
+    assert got['auto_deferred'] > 0
