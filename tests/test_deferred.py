@@ -17,6 +17,14 @@ def loop_stats(model):
     return kfp.stats(model)
 
 
+def _skip_without_wrapts_c_proxy():
+    # (WRAPT_DISABLE_EXTENSIONS=1: the C code that reads proxies in place is not used;
+    # tests/test_pure_wrapt.py checks that case)
+    from keras_fastpredict.engine import pending
+    if not pending.C_PROXY:
+        pytest.skip("wrapt's C proxy is not in use")
+
+
 def test_deferred_value_behaves_as_ndarray(models):
     model = models['dense']
     x = inputs_for('dense', 3)
@@ -727,6 +735,7 @@ def test_kept_results_bring_no_collection_on_as_plain_arrays(models):
     # nothing: a collect loop brought into itself the full collection (75-85 ms) that
     # TensorFlow's imports leave owed, which the runner's fast path never does.
     pytest.importorskip('keras_fastpredict.engine._deferral')
+    _skip_without_wrapts_c_proxy()
     model = models['dense']
     x = inputs_for('dense', 1)
     plain = [unpatched_predict(model, x) for _ in range(300)]
@@ -857,6 +866,7 @@ def test_materialize_in_c_as_in_python(models):
     # from pending.materialize, in C where it is built; map_nested(obj, resolve) is it in
     # Python.
     pytest.importorskip('keras_fastpredict.engine._deferral')
+    _skip_without_wrapts_c_proxy()
     from keras_fastpredict.engine import pending
     assert type(pending.materialize).__name__ == 'Materializer'
     model = models['dense']

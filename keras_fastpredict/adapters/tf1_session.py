@@ -122,10 +122,14 @@ class Runner(object):
             tf.delete_buffer(buf)
 
     def __del__(self):
+        # Only names bound to the class: a runner can be dropped as the interpreter tears
+        # the modules down (a Session.run signature's, held by the session Keras' backend
+        # keeps to the end), after this module's globals were set to None ("Exception
+        # ignored in: Runner.__del__ ... 'NoneType' object is not callable").
         made = self.ways
         if made is not None:
-            _release(self.session_ref(), [h for h in made.handles if h is not None])
             self.ways = None
+            self.release(self.session_ref(), [h for h in made.handles if h is not None])
 
 
 def _maker(runner_ref):
@@ -136,7 +140,7 @@ def _maker(runner_ref):
 
 
 def _release(session, handles):
-    if not handles or session is None or _tf is None:
+    if not handles or session is None or _tf is None:    # (_tf: None at shutdown too)
         return
     try:
         if session._session is None or session._closed:
@@ -145,3 +149,6 @@ def _release(session, handles):
             _tf.release_callable(session._session, handle)
     except Exception:       # interpreter shutdown
         pass
+
+
+Runner.release = staticmethod(_release)

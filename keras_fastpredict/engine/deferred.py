@@ -16,7 +16,7 @@ import numpy as np
 import wrapt
 
 from . import hooks, merge
-from .pending import DeferredArray, Known, Pending, SLOT_BITS, set_wrapped
+from .pending import C_PROXY, DeferredArray, Known, Pending, SLOT_BITS, set_wrapped
 from .pending import batches as pending_batches, calls as pending_calls
 from ..config import settings
 
@@ -26,6 +26,8 @@ try:    # a scope's usual deferral, an auto-batched site's usual call, in C (spe
     from ._deferral import settle as _settle_c
 except ImportError:
     _AutoCall = _Deferrer = _forget = _settle_c = None
+if not C_PROXY:     # (settle writes at the C proxy's offset; the others make proxies by
+    _settle_c = None    # calling the type, and read none in place)
 
 _local = threading.local()          # .stack: the active scopes of this thread
 _scopes = set()                     # scopes with pending work, for hooks to flush

@@ -13,9 +13,25 @@ _ZERO = bytearray(1)
 # Points a proxy at another object, past DeferredArray.__setattr__ (and faster).
 set_wrapped = wrapt.ObjectProxy.__dict__['__wrapped__'].__set__
 
+try:    # wrapt's C proxy; with WRAPT_DISABLE_EXTENSIONS set wrapt's proxy is its Python one
+    from wrapt._wrappers import ObjectProxy as _CObjectProxy
+except ImportError:
+    _CObjectProxy = None
+# Whether DeferredArray is wrapt's C proxy: the C code (engine/_native) that reads or
+# makes proxies in place assumes its layout, and is used only then.
+C_PROXY = _CObjectProxy is not None and issubclass(wrapt.ObjectProxy, _CObjectProxy)
+
 
 class DeferredArray(wrapt.ObjectProxy):
     """Stands for the ndarray a deferred predict call will return."""
+
+    if not C_PROXY:
+        # wrapt's Python proxy copies the wrapped object's __qualname__ and
+        # __annotations__ at init: asked of a Pending, that ran its batch before the call
+        # was even in it (its result then read a batch retired since: KeyError). (Not on
+        # the C proxy: uncounted() takes a type with no __init__ of its own.)
+        def __init__(self, wrapped):
+            set_wrapped(self, wrapped)
 
     def __repr__(self):
         return repr(self.__wrapped__)
@@ -96,9 +112,11 @@ _SHAPE_ONLY = frozenset((np.shape, np.ndim, np.size))
 
 try:    # Results that bring no garbage collection on, as the ndarrays they stand for.
     from ._deferral import uncounted
-    uncounted(DeferredArray)
 except ImportError:     # (not built: they count towards the next one as any object)
     pass
+else:   # (wrapt's C proxy only: on its Python one, uncounted took object's init as
+    if C_PROXY:     # wrapt's, and raised TypeError at import, the type half changed)
+        uncounted(DeferredArray)
 
 
 def resolve(value):
@@ -271,9 +289,11 @@ batches = {}
 
 try:    # materialize in C (numpy functions given many results: 0.4 us a result in Python)
     from ._deferral import Materializer
-    materialize = Materializer(resolve, DeferredArray, PENDING)
 except ImportError:
     pass
+else:   # (it reads a proxy's wrapped object at the C proxy's offset)
+    if C_PROXY:
+        materialize = Materializer(resolve, DeferredArray, PENDING)
 
 
 def _simple_key(key):

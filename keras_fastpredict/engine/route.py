@@ -11,6 +11,7 @@ import sys
 import warnings
 
 import numpy as np
+import wrapt.wrappers
 
 from . import concurrent_batcher
 from ..config import settings
@@ -20,6 +21,8 @@ _ndarray = np.ndarray
 
 
 _PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '')
+# and wrapt's Python wrappers' (WRAPT_DISABLE_EXTENSIONS=1: its C ones add no frame)
+_NOT_CALLERS = (_PACKAGE, wrapt.wrappers.__file__)
 
 
 def _warn_not_batched(entry):
@@ -27,7 +30,7 @@ def _warn_not_batched(entry):
     # Shown at the caller's line: the first frame outside this package.
     entry.warned = True
     level, f = 2, sys._getframe(1)
-    while f is not None and f.f_code.co_filename.startswith(_PACKAGE):
+    while f is not None and f.f_code.co_filename.startswith(_NOT_CALLERS):
         level, f = level + 1, f.f_back
     warnings.warn('keras_fastpredict: model %r is not batched: %s'
                   % (entry.stats.name, entry.batching_reason), RuntimeWarning,

@@ -2,11 +2,26 @@
 Python where it is not, and a call's accounting once it returned."""
 import sys
 
+import wrapt
+import wrapt.wrappers
+
 from ..config import settings
 from . import auto, frames, passing, plain, sampling, sites
 
+try:
+    from wrapt._wrappers import FunctionWrapper as _CFunctionWrapper
+except ImportError:
+    _CFunctionWrapper = None
+# wrapt's C wrappers call a recorder from the caller's own frame, which the C recorders
+# take as the call's; its Python ones (WRAPT_DISABLE_EXTENSIONS=1) from their __call__ in
+# wrapt, a frame that is never a site's: no site's usual call was found, and auto-batch
+# deferred nothing. Then the recorder is in_python's, which steps out of wrapt's frames.
+WRAPT_IN_C = _CFunctionWrapper is not None and wrapt.FunctionWrapper is _CFunctionWrapper
+_WRAPT_FILE = wrapt.wrappers.__file__    # (the Python wrappers' code)
 
 try:                        # the usual call in C, where the extension is built
+    if not WRAPT_IN_C:
+        raise ImportError
     from ._steady import Announce, AnnouncedRecorder, Recorder
     from ._steady import Calls as CCalls
 except ImportError:         # (the same logic in Python: one call layer more)
@@ -28,6 +43,11 @@ def in_python(wrapper, rest):
             f = getframe(1)
         except ValueError:          # (a thread with no Python frame: no call site)
             return wrapper(wrapped, instance, args, kwargs)
+        if not WRAPT_IN_C:          # (see WRAPT_IN_C)
+            while f is not None and f.f_code.co_filename == _WRAPT_FILE:
+                f = f.f_back
+            if f is None:
+                return wrapper(wrapped, instance, args, kwargs)
         return rest(f, wrapped, instance, args, kwargs)
     recorded._kfp_recorder = wrapper
     return recorded
