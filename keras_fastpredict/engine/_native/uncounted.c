@@ -147,11 +147,13 @@ uncounted(PyObject *module, PyObject *arg)
     PyTypeObject *type = (PyTypeObject *)arg;
     if (type->tp_alloc == uncounted_alloc)
         Py_RETURN_TRUE;
-    PyTypeObject *base = type;                  /* the nearest static type: wrapt's proxy */
+    /* The nearest static type: wrapt's C proxy (object where wrapt's proxy is its Python
+     * class: its layout is not the one this code reads, so nothing is changed). */
+    PyTypeObject *base = type;
     while (base != NULL && (base->tp_flags & Py_TPFLAGS_HEAPTYPE))
         base = base->tp_base;
     if (base_init != NULL                       /* (one type only: its base's init kept) */
-            || base == NULL || base->tp_init == NULL
+            || base == NULL || base == &PyBaseObject_Type || base->tp_init == NULL
             || PyDict_GetItemString(type->tp_dict, "__init__") != NULL
             || !(type->tp_flags & Py_TPFLAGS_HEAPTYPE) || !PyType_IS_GC(type)
             || type->tp_itemsize != 0 || type->tp_alloc != PyType_GenericAlloc
