@@ -19,7 +19,10 @@ hand-off). Batches are taken in arrival order, up to
 oldest queued call for a batch to fill (TF Serving's and Triton's queue delay). By
 default (None) that wait is the model's fastest run: waiting costs at most the lone run
 it saves (Dense(2048)x2 on 16 threads: 1.53x the throughput of no wait, paired; 0: no
-wait; at most half of ``timeout`` when that is set). So a queued call's batch starts
+wait; at most half of ``timeout`` when that is set). The wait ends early once every
+caller inside the model is queued (more callers than slots inside): none is left to join
+(Dense(2048)x2, 16 threads, merge=True: 1.18x the throughput of waiting it out, paired).
+So a queued call's batch starts
 within that wait plus one run of those in flight (while the queue holds at most
 ``max_batch_size`` rows per slot).
 
@@ -248,8 +251,11 @@ class Batcher(object):
             if len(self.queue) > self.stats.max_queue_len:
                 self.stats.max_queue_len = len(self.queue)
             if self.filling:
-                if self.queued_rows >= settings.max_batch_size:
-                    self.cond.notify()      # (full: else the leader sleeps out its wait)
+                if (self.queued_rows >= settings.max_batch_size
+                        or len(self.queue) >= len(self.inside)):
+                    # (Full, or every caller inside waits here: else the leader sleeps
+                    # out its wait.)
+                    self.cond.notify()
             elif self.waking is None and len(self.running) < self.slots:
                 self.waking = req           # a free slot: lead now, nobody to wake
                 req.lead = True
@@ -394,10 +400,17 @@ class Batcher(object):
         return batch
 
     def _fill(self, end):
-        """(Under self.lock.) Wait until ``end`` or until max_batch_size rows queue."""
+        """(Under self.lock.) Wait until ``end``, or until max_batch_size rows queue, or
+        until every caller inside the model waits in the queue while more callers than
+        slots are inside: none of them is left to join, and nothing of this model runs
+        meanwhile (16 threads on Dense(2048)x2: the wait ended about 150 us to 1 ms
+        after the last caller had queued)."""
         self.filling = True
+        queue, inside, slots = self.queue, self.inside, self.slots
         try:
             while self.queued_rows < settings.max_batch_size:
+                if len(queue) >= len(inside) > slots:
+                    break
                 remaining = end - _clock()
                 if remaining <= 0:
                     break
