@@ -826,6 +826,28 @@ def test_a_batch_whose_callers_all_gave_up_while_it_filled_is_not_run(monkeypatc
     assert not batcher.running and not batcher.queue and not batcher.filling
 
 
+def test_a_merge_trial_waits_for_the_direct_runs_in_flight_at_the_switch():
+    # As a trial of merging begins, the batcher tells the policy which runs to wait for:
+    # those in flight at the switch, until each has been seen returned (a thread that
+    # runs again later, leading a batch say, is not waited for again), none after a
+    # reference of merging.
+    entry = FakeEntry()
+    batcher = concurrent_batcher.Batcher(entry)
+    assert batcher._pending(merge_policy.DIRECT) is None        # nothing in flight
+    batcher.running.update((1, 2))
+    assert batcher._pending(merge_policy.MERGE) is None
+    out = batcher._pending(merge_policy.DIRECT)
+    assert out()
+    batcher.running.discard(1)
+    batcher.running.add(3)                  # a run begun after the switch
+    assert out()                            # (2 is still out)
+    batcher.running.add(1)                  # 1, seen returned, runs again
+    assert out()
+    batcher.running.discard(2)
+    assert not out()
+    assert batcher.policy.pending == batcher._pending
+
+
 def test_automatic_fill_is_the_models_fastest_run_capped():
     class Timed(object):
         def __init__(self, s):
