@@ -64,8 +64,9 @@ MAX_CALLS = 512
 DRAIN = 3.0          # after a switch, the epoch starts after this many mean times
 # ... and a trial of merging, once the direct runs begun before the switch have returned
 # (``pending``), up to this many: 16 oversubscribed one-row runs of Dense(2048)x2 took
-# 10-57 ms where their mean time inside was 12.3 ms, and a trial begun after 3 of those
-# (37 ms) was judged on their stragglers: lost at 89 ms a call, where merging ran 4-8.
+# 10-57 ms where their mean time inside was 12.3 ms, and a trial begun 3 mean times
+# (37 ms) after the switch was judged on their stragglers: lost at 89 ms a call, where
+# merging ran at 4-8.
 DRAIN_MAX = 20.0
 # A trial's way is kept if its time is lower by this fraction: a reference is measured in
 # its way's steady state, a trial just after a switch (direct runs oversubscribing the
@@ -172,7 +173,8 @@ class Policy(object):
         hold = level.hold
         if hold is not None and now < level.hold_end and hold():
             return True
-        level.hold = None
+        if level.hold is hold:      # (not a later trial's, set meanwhile)
+            level.hold = None
         return False
 
     def _losing(self, level, loads):
