@@ -744,6 +744,36 @@ def test_while_merging_a_caller_at_a_free_slot_leads_a_batch_that_fills(monkeypa
     assert entry.runs == ([[1.0, 2.0]] if timeout is None else [[1.0], [2.0]])
 
 
+def test_a_batch_is_taken_once_every_caller_inside_waits_in_the_queue(monkeypatch):
+    # A leader filling its batch stops waiting once every caller inside the model is in
+    # the queue (more callers than slots inside): none of them is left to join, and
+    # nothing of the model runs meanwhile. Two stand-in idents are callers on their way
+    # back: while they are inside the leader waits (here up to a minute); once they have
+    # left, the next caller to queue completes the batch, taken at once.
+    monkeypatch.setattr(concurrent_batcher, '_FILL_MAX_S', 60.0)
+    settings.update(merge=True, num_batch_threads=2)
+    entry = FakeEntry()
+    entry.fastest_run_s = 60.0
+    batcher = entry.batcher = concurrent_batcher.Batcher(entry)
+    batcher.inside.update((-1, -2))
+    first = Caller(batcher, entry, rows_of(1))
+    wait_until(lambda: batcher.filling)
+    more = []
+    for x in (rows_of(2, 3), rows_of(4)):
+        more.append(Caller(batcher, entry, x))
+        wait_until(lambda: len(batcher.queue) == 1 + len(more))
+    assert batcher.filling and not entry.runs       # two callers inside are not queued
+    batcher.inside.difference_update((-1, -2))
+    last = Caller(batcher, entry, rows_of(5))
+    callers = [first] + more + [last]
+    for c in callers:
+        c.join(30)
+        assert not c.is_alive()
+        assert_own(c)
+    assert entry.runs == [[1.0, 2.0, 3.0, 4.0, 5.0]]
+    assert not batcher.running and not batcher.queue and not batcher.filling
+
+
 def test_a_leader_interrupted_while_its_batch_fills_hands_the_lead_on(monkeypatch):
     # The caller whose run ends leads the queue, and is interrupted while it waits for
     # the batch to fill: only it sees the interrupt; it holds no slot after it, and the
@@ -794,6 +824,28 @@ def test_a_batch_whose_callers_all_gave_up_while_it_filled_is_not_run(monkeypatc
     assert isinstance(second.error, concurrent_batcher.PredictTimeoutError)
     assert entry.runs == [[0.0]]
     assert not batcher.running and not batcher.queue and not batcher.filling
+
+
+def test_a_merge_trial_waits_for_the_direct_runs_in_flight_at_the_switch():
+    # As a trial of merging begins, the batcher tells the policy which runs to wait for:
+    # those in flight at the switch, until each has been seen returned (a thread that
+    # runs again later, leading a batch say, is not waited for again), none after a
+    # reference of merging.
+    entry = FakeEntry()
+    batcher = concurrent_batcher.Batcher(entry)
+    assert batcher._pending(merge_policy.DIRECT) is None        # nothing in flight
+    batcher.running.update((1, 2))
+    assert batcher._pending(merge_policy.MERGE) is None
+    out = batcher._pending(merge_policy.DIRECT)
+    assert out()
+    batcher.running.discard(1)
+    batcher.running.add(3)                  # a run begun after the switch
+    assert out()                            # (2 is still out)
+    batcher.running.add(1)                  # 1, seen returned, runs again
+    assert out()
+    batcher.running.discard(2)
+    assert not out()
+    assert batcher.policy.pending == batcher._pending
 
 
 def test_automatic_fill_is_the_models_fastest_run_capped():

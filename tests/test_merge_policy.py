@@ -5,7 +5,7 @@ import pytest
 from keras_fastpredict.engine import merge_policy
 from keras_fastpredict.engine.merge_policy import (DIRECT, MERGE, GAP, REFERENCE, TRIAL,
                                                    GAP_FIRST, GAP_MAX, GAP_PER_LOSS,
-                                                   GAP_LOSS_MAX, DRAIN,
+                                                   GAP_LOSS_MAX, DRAIN, DRAIN_MAX,
                                                    MARGIN, loss_gap)
 
 
@@ -226,6 +226,48 @@ def test_after_a_switch_arrivals_count_once_the_other_way_drained():
     p.clock.t = start
     p.way(key, 16)
     assert level.current[3] == [16] and level.began == start
+
+
+def test_a_merge_trial_counts_no_arrival_while_the_direct_runs_begun_before_it_are_out():
+    # 16 oversubscribed direct runs take up to several times their mean: a trial of
+    # merging begun after DRAIN mean times would be judged on their stragglers. Its drain
+    # lasts while ``pending`` says they are out (asked as the trial begins, with the way
+    # switched from), and DRAIN_MAX mean times at most.
+    out = [True]
+    asked = []
+
+    def pending(way):
+        asked.append(way)
+        return lambda: out[0]
+    for returned in (True, False):
+        out[0] = True
+        p = merge_policy.Policy(2, lambda key: (DIRECT, 0), Clock(), pending=pending)
+        key = p.level(16)
+        level = opened(p, key)
+        phase(p, key, {DIRECT: 1.0, MERGE: 1.0})
+        assert level.current[:2] == (MERGE, TRIAL) and asked[-1] == DIRECT
+        start, reference = level.current[4], level.times[DIRECT]
+        p.clock.t = start + reference
+        p.way(key, 16)
+        assert level.current[3] == []                   # the direct runs are out
+        if returned:
+            out[0] = False
+            p.clock.t += 1e-3
+        else:
+            assert level.hold_end == pytest.approx(start + (DRAIN_MAX - DRAIN) * reference)
+            p.clock.t = level.hold_end
+        p.way(key, 16)
+        assert level.current[3] == [16] and level.began == p.clock.t
+        out[0] = True                   # (over for good: a run begun since does not count)
+        p.way(key, 16)
+        assert level.current[3] == [16, 16]
+    # A trial of direct runs (after a reference of merging) is not asked about.
+    asked[:] = []
+    p = merge_policy.Policy(2, lambda key: (MERGE, 0), Clock(), pending=pending)
+    key = p.level(16)
+    opened(p, key)
+    phase(p, key, {DIRECT: 1.0, MERGE: 1.0})
+    assert asked == [MERGE] and p.levels[key].current[:2] == (DIRECT, TRIAL)
 
 
 def test_after_a_lost_trial_the_next_reference_waits_for_its_calls():

@@ -25,7 +25,10 @@ is less time per call.
 
 After a change of way the epoch starts once the other way's calls have had time to return
 (three of its mean times): just after a switch from merging, most callers still wait in
-the queue and leave the cores to the first direct runs, which would look fast. A way that
+the queue and leave the cores to the first direct runs, which would look fast. A trial of
+merging also waits until the direct runs in flight at the switch have returned
+(``pending``, up to DRAIN_MAX mean times): oversubscribed, their slowest take several
+times their mean. A way that
 keeps losing is checked less and less often (the gap between checks doubles, up to
 GAP_MAX epochs' worth of calls, or grows with how badly it lost). Between checks nothing
 is recorded: the usual call costs a dictionary lookup and a counter.
@@ -59,6 +62,12 @@ GAP_LOSS_MAX = 4096
 MIN_CALLS = 32       # arrivals per epoch, at least (more for higher levels)
 MAX_CALLS = 512
 DRAIN = 3.0          # after a switch, the epoch starts after this many mean times
+# ... and a trial of merging, once the direct runs begun before the switch have returned
+# (``pending``), up to this many: 16 oversubscribed one-row runs of Dense(2048)x2 took
+# 10-57 ms where their mean time inside was 12.3 ms, and a trial begun 3 mean times
+# (37 ms) after the switch was judged on their stragglers: lost at 89 ms a call, where
+# merging ran at 4-8.
+DRAIN_MAX = 20.0
 # A trial's way is kept if its time is lower by this fraction: a reference is measured in
 # its way's steady state, a trial just after a switch (direct runs oversubscribing the
 # cores take longer than a trial lasts to reach their slowest: a trial saw 9.5 ms where
@@ -80,7 +89,7 @@ class Level(object):
     """One load level's measurements and choice."""
     __slots__ = ('key', 'current', 'best', 'best_time', 'gap', 'calls', 'checks',
                  'switches', 'times', 'epochs', 'resume', 'began', 'last', 'touched',
-                 'guess')
+                 'guess', 'hold', 'hold_end')
 
     def __init__(self, key, slots, first):
         self.key = key
@@ -97,6 +106,8 @@ class Level(object):
         self.last = 0.0             # its last counted arrival
         self.touched = False        # a call arrived (cleared by whoever reads it)
         self.guess = False          # the model's guess is read at the warm-up's end
+        self.hold = None            # a trial's drain lasts while this says calls are out
+        self.hold_end = 0.0         # ... until then at most
         # (way, phase, arrivals, loads, start, end, drained): read by callers without a
         # lock, a new tuple for each phase. next() on a counter is atomic (each arrival
         # gets its own number), and so is list.append. ``start``: arrivals before it (a
@@ -110,10 +121,14 @@ class Policy(object):
     (the way a new level starts with when no level is measured yet, epochs before its
     first check): a guess from the model's run time, see concurrent_batcher."""
 
-    def __init__(self, slots, prior, clock=time.perf_counter):
+    def __init__(self, slots, prior, clock=time.perf_counter, pending=None):
         self.slots = slots
         self.prior = prior
         self.clock = clock
+        # pending(way), called (under the caller's lock) as a trial begins after the
+        # reference of ``way``: None, or a test that is true while the calls made that
+        # way before the switch are still out (the trial's drain then lasts while it is).
+        self.pending = pending
         self.levels = {}
 
     def level(self, callers):
@@ -133,7 +148,8 @@ class Policy(object):
                 return way, None
             return way, (key, current, None)
         now = self.clock()
-        if start is not None and now < start:
+        if start is not None and (now < start or (level.hold is not None and self._held(
+                level, now))):
             next(drained)
             return way, None        # the other way's calls may still be out
         i = next(arrivals)
@@ -150,6 +166,16 @@ class Policy(object):
                 return way, (key, current, _LOST)
             return way, None
         return way, ((key, current, None) if i == end else None)
+
+    def _held(self, level, now):
+        # (A trial's drain, past its DRAIN mean times.) Once the calls made the other
+        # way are back, or DRAIN_MAX has passed, it is over for good.
+        hold = level.hold
+        if hold is not None and now < level.hold_end and hold():
+            return True
+        if level.hold is hold:      # (not a later trial's, set meanwhile)
+            level.hold = None
+        return False
 
     def _losing(self, level, loads):
         # A trial whose mean time so far is well above the reference's will not win: it
@@ -202,6 +228,9 @@ class Policy(object):
         if phase is REFERENCE:
             level.best_time = w         # the latest: load changes over time
             level.checks += 1
+            # (Set before the trial is: callers read it without a lock.)
+            level.hold = self.pending(way) if self.pending is not None else None
+            level.hold_end = self.clock() + DRAIN_MAX * w
             self._begin(level, TRIAL, OTHER[way], resume)
             return
         if not lost and w < level.best_time * (1 - MARGIN):
@@ -249,6 +278,8 @@ class Policy(object):
         return level
 
     def _begin(self, level, phase, way, start):
+        if phase is not TRIAL:
+            level.hold = None           # (a trial's: set just before it begins)
         now = self.clock()
         if start is not None and start <= now:
             start = None
