@@ -308,14 +308,16 @@ def collect(folder, exclude_pid=None):
 
 
 def totals(records):
-    """Calls, fast calls and fallbacks summed over processes' reports."""
-    out = {'processes': 0, 'calls': 0, 'fast_calls': 0, 'fallbacks': 0, 'batches': 0}
+    """Calls, fast calls, fallbacks, batches and deferred calls summed over processes'
+    reports."""
+    out = {'processes': 0, 'calls': 0, 'fast_calls': 0, 'fallbacks': 0, 'batches': 0,
+           'deferred': 0}
     for record in records:
         models = record.get('models') or {}
         if models:
             out['processes'] += 1
         for counters in models.values():
-            for key in ('calls', 'fast_calls', 'fallbacks', 'batches'):
+            for key in ('calls', 'fast_calls', 'fallbacks', 'batches', 'deferred'):
                 out[key] += counters.get(key, 0)
     return out
 

@@ -891,3 +891,110 @@ def test_materialize_in_c_as_in_python(models):
     # NULL with no error set: SystemError).
     with pytest.raises(TypeError):
         pending.materialize([1], k=2)
+
+
+# -- A flush interrupted, a fork inside a scope ---------------------------------------------
+
+def test_a_flush_interrupted_by_ctrl_c_leaves_its_calls_pending(models, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) inside the run of a deferred batch reaches the caller
+    that started it, as it reaches a plain loop's call. The batch's calls are then still
+    pending, not lost: a later read runs them, and every result is plain Keras' (each
+    read raised TypeError: the batch had left the scope, with no results)."""
+    from keras_fastpredict.engine import merge
+    model = models['dense']
+    x = inputs_for('dense', 12)
+    expected = [unpatched_predict(model, x[i:i + 1]) for i in range(12)]
+    run_calls = merge.run_calls
+    interrupts = [KeyboardInterrupt()]
+
+    def interrupted_once(*args):
+        if interrupts:
+            raise interrupts.pop()
+        return run_calls(*args)
+
+    monkeypatch.setattr(merge, 'run_calls', interrupted_once)
+    kfp.patch(readahead=False)
+    with kfp.batching():
+        got = [model.predict(x[i:i + 1]) for i in range(8)]
+        with pytest.raises(KeyboardInterrupt):
+            np.array(got[0])                    # its read runs the batch: interrupted
+        got += [model.predict(x[i:i + 1]) for i in range(8, 12)]
+        got = [np.array(y) for y in got]
+    for y, e in zip(got, expected):
+        assert_same(y, e)
+    assert loop_stats(model)['deferred'] == 12
+
+
+FORK_SCRIPT = r'''
+import contextlib, os, pickle, sys
+import numpy as np
+from tensorflow.python import pywrap_tensorflow
+runs = [0]                  # session runs made through a callable, plain Keras' and ours
+_run = pywrap_tensorflow.TF_SessionRunCallable
+def counted(*args):
+    runs[0] += 1
+    return _run(*args)
+pywrap_tensorflow.TF_SessionRunCallable = counted
+import keras
+from keras import layers
+rng = np.random.RandomState(0)
+model = keras.models.Sequential([layers.Dense(5, activation='relu', input_shape=(4,)),
+                                 layers.Dense(3)])
+model.set_weights([rng.randint(-2, 3, w.shape).astype('float32') for w in model.get_weights()])
+rows = [np.array(r[None]) for r in rng.randint(0, 4, (20, 4)).astype('float32')]
+scope = contextlib.suppress
+if sys.argv[1] == 'batching':
+    import keras_fastpredict as kfp
+    kfp.patch(readahead=False)
+    scope = kfp.batching
+model.predict(rows[0])
+r, w = os.pipe()
+with scope():
+    out = [model.predict(x) for x in rows]
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        at_fork = runs[0]
+if pid == 0:                # the child: the block left, then its results read
+    got = np.concatenate(out)
+    os.write(w, pickle.dumps((runs[0] - at_fork, got)))
+    os._exit(0)
+os.close(w)
+data = b''
+while True:
+    chunk = os.read(r, 1 << 16)
+    if not chunk:
+        break
+    data += chunk
+_, status = os.waitpid(pid, 0)
+child_runs, child_got = pickle.loads(data)
+print('STATUS', status)
+print('CHILD_RUNS', child_runs)
+print('SAME', np.array_equal(child_got, np.concatenate(out)))
+np.save(sys.argv[2], np.concatenate(out))
+'''
+
+
+def test_a_fork_inside_a_batching_block_runs_nothing_in_the_child(tmp_path):
+    """A forked child cannot run its parent's session (TF's threads stay in the parent).
+    Calls deferred in a ``batching()`` block at the fork run in the parent first, as they
+    run before any other graph use: the child leaves the block and reads its results as
+    a plain child does, with no session run (it ran them as it left the block: on TF's
+    pool, its threads gone, it died of SIGSEGV)."""
+    import subprocess
+    import sys
+    script = tmp_path / 'fork.py'
+    script.write_text(FORK_SCRIPT)
+    outs = {}
+    for mode in ('plain', 'batching'):
+        proc = subprocess.run([sys.executable, str(script), mode, str(tmp_path / mode)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300,
+                              env=dict(__import__('os').environ, TF_CPP_MIN_LOG_LEVEL='3'))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[mode] = [line for line in proc.stdout.splitlines()
+                      if line.startswith(('STATUS', 'CHILD_RUNS', 'SAME'))]
+    assert outs['plain'] == ['STATUS 0', 'CHILD_RUNS 0', 'SAME True']
+    assert outs['batching'] == outs['plain']
+    assert np.array_equal(np.load(str(tmp_path / 'batching.npy')),
+                          np.load(str(tmp_path / 'plain.npy')))

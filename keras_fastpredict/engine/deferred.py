@@ -68,6 +68,9 @@ class Scope(object):
         self.readahead = readahead
         self.lock = threading.RLock()
         self._open = {}           # entry -> _Batch being filled
+        # Batches whose run an interrupt (Ctrl-C) cut short: pending still, run first by
+        # the next flush (the interrupt reached the caller, as it does a plain call).
+        self._interrupted = []
         # Per model, by id(entry) so that a long-lived scope keeps no dropped model's entry
         # (and session) alive: how many flushes in a row ran a lone call because its value
         # was read at once (a use-immediately loop); past a limit deferral only adds cost.
@@ -143,8 +146,11 @@ class Scope(object):
         entry = batch.entry
         # First, before anything of the batch is read: the C deferral (which takes no
         # lock) then adds no row to it (see _native/deferrer.c).
-        del self._open[entry]
-        if not self._open:
+        if self._open.get(entry) is batch:
+            del self._open[entry]
+        else:
+            self._interrupted.remove(batch)
+        if not self._open and not self._interrupted:
             with _scopes_lock:
                 _scopes.discard(self)
         n_calls = len(batch.stops)
@@ -159,6 +165,12 @@ class Scope(object):
             results = merge.run_calls(entry, arrays, batch.stops)
         except Exception as exc:      # a failure of the engine itself: every call gets it
             results = [exc] * len(batch.proxies)
+        except BaseException:
+            entry.stats.deferred_batches -= 1
+            self._interrupted.append(batch)
+            with _scopes_lock:
+                _scopes.add(self)
+            raise
         batch.results = results
         batch.buffers = batch.entry = batch.scope = None    # results are all it needs now
         _settle(batch)
@@ -167,7 +179,18 @@ class Scope(object):
     def flush(self, lone_read=True):
         """Run every pending call of this scope."""
         with self.lock:
-            ran = [self._run(batch, lone_read) for batch in list(self._open.values())]
+            self._run_all(self.pending(), lone_read)
+
+    def pending(self):
+        """The batches not run yet."""
+        return self._interrupted + list(self._open.values())
+
+    def _run_all(self, batches, lone_read):
+        ran = []
+        try:
+            for batch in batches:
+                ran.append(self._run(batch, lone_read))
+        finally:    # (those run before an interrupt too)
             if ran:
                 _retire(ran)
 
@@ -315,10 +338,8 @@ def settle_session(session):
         scopes = list(_scopes)
     for scope in scopes:
         with scope.lock:
-            ran = [scope._run(batch, lone_read=False) for batch in list(scope._open.values())
-                   if batch.entry.session is session]
-        if ran:
-            _retire(ran)
+            scope._run_all([batch for batch in scope.pending()
+                            if batch.entry.session is session], False)
 
 
 hooks.flush_all = flush_all
@@ -427,7 +448,7 @@ _auto_scopes = weakref.WeakSet()    # every live thread's AutoScope
 
 
 def flush_auto():
-    """Run every auto-batch scope's pending calls (at exit, before a fork)."""
+    """Run every auto-batch scope's pending calls (at exit)."""
     if not _auto_scopes:
         return
     with _scopes_lock:
@@ -453,7 +474,7 @@ def _after_fork_in_child():
     _active = len(getattr(_local, 'stack', None) or ())
 
 
-# A forked child must not run its parent's session: auto-deferred calls (which plain
-# Keras would have run at the call) run in the parent first. (Opt-in deferral's are the
-# caller's scope: left as they were.)
-os.register_at_fork(before=flush_auto, after_in_child=_after_fork_in_child)
+# A forked child must not run its parent's session (TF's threads stay in the parent: run
+# on its pool, the child died of SIGSEGV): the calls pending in every scope run in the
+# parent first, as before any other graph use, and the child inherits their results.
+os.register_at_fork(before=flush_all, after_in_child=_after_fork_in_child)
