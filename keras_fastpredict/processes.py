@@ -307,17 +307,19 @@ def collect(folder, exclude_pid=None):
     return sorted(found, key=lambda r: r['pid'])
 
 
+_TOTALLED = ('calls', 'fast_calls', 'fallbacks', 'batches', 'deferred')
+
+
 def totals(records):
-    """Calls, fast calls, fallbacks, batches and deferred calls summed over processes'
-    reports."""
-    out = {'processes': 0, 'calls': 0, 'fast_calls': 0, 'fallbacks': 0, 'batches': 0,
-           'deferred': 0}
+    """The processes that predicted, and their models' counters ``_TOTALLED`` summed over
+    processes' reports."""
+    out = dict.fromkeys(('processes',) + _TOTALLED, 0)
     for record in records:
         models = record.get('models') or {}
         if models:
             out['processes'] += 1
         for counters in models.values():
-            for key in ('calls', 'fast_calls', 'fallbacks', 'batches', 'deferred'):
+            for key in _TOTALLED:
                 out[key] += counters.get(key, 0)
     return out
 

@@ -3,11 +3,13 @@ warm-up runs once per process)."""
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 
-from conftest import assert_same
+import keras_fastpredict as kfp
+from conftest import assert_same, inputs_for, unpatched_predict
 
 SCRIPT = r'''
 import sys
@@ -121,6 +123,27 @@ def test_the_warm_up_session_never_sets_the_process_inter_op_pool(tmp_path):
     assert outs[1] == outs[0]
 
 
+def _kernels_being_made(monkeypatch, made_after=None):
+    """The warm-up as if still making TF's multi-row kernels (set made after
+    ``made_after`` model runs, if given); returns the list of each run's row count, kept
+    from the next call on."""
+    from keras_fastpredict.engine import compiled, warmup
+    kernels = threading.Event()
+    monkeypatch.setattr(warmup, 'done', kernels)
+    monkeypatch.setattr(warmup, '_started', True)
+    runs = []
+    run = compiled.CompiledModel.run
+
+    def counted(self, arrays, *args, **kwargs):
+        runs.append(arrays[0].shape[0])
+        if len(runs) == made_after:
+            kernels.set()
+        return run(self, arrays, *args, **kwargs)
+
+    monkeypatch.setattr(compiled.CompiledModel, 'run', counted)
+    return runs
+
+
 @pytest.mark.parametrize('name', ['dense', 'multi_out'])
 def test_a_merged_run_never_waits_for_the_kernels(models, monkeypatch, name):
     """While TF's multi-row kernels are still being made on their thread, a run of several
@@ -128,28 +151,12 @@ def test_a_merged_run_never_waits_for_the_kernels(models, monkeypatch, name):
     under auto-batch was slower than plain). A deferred batch's calls then run alone, as
     the fast path runs one row, and the calls left once the kernels are made run as one
     batch. Each result as plain Keras' for its own row, in call order."""
-    import threading
-    import keras_fastpredict as kfp
-    from conftest import inputs_for, unpatched_predict
-    from keras_fastpredict.engine import compiled, warmup
     model = models[name]
     x = inputs_for(name, 40)
     expected = [unpatched_predict(model, x[i:i + 1]) for i in range(40)]
-    kernels = threading.Event()
-    monkeypatch.setattr(warmup, 'done', kernels)        # being made, as far as we know
-    monkeypatch.setattr(warmup, '_started', True)
-    runs = []
-    run = compiled.CompiledModel.run
-
-    def counted(self, arrays, *args, **kwargs):
-        runs.append(arrays[0].shape[0])
-        if len(runs) == 10:
-            kernels.set()                               # made, after the tenth run
-        return run(self, arrays, *args, **kwargs)
-
     kfp.patch(readahead=False)
     model.predict(x[:1])                                # the model's entry made
-    monkeypatch.setattr(compiled.CompiledModel, 'run', counted)
+    runs = _kernels_being_made(monkeypatch, made_after=10)
     with kfp.batching():
         got = [model.predict(x[i:i + 1]) for i in range(40)]
         assert runs == []                               # deferred, nothing ran yet
@@ -163,25 +170,12 @@ def test_calls_of_several_rows_wait_for_the_kernels_as_plain_keras_does(models,
                                                                         monkeypatch):
     """Only our merging of calls is spared the wait: a call of several rows runs as one
     run, as plain Keras runs it (and waits for the kernels as plain Keras does)."""
-    import threading
-    import keras_fastpredict as kfp
-    from conftest import inputs_for, unpatched_predict
-    from keras_fastpredict.engine import compiled, warmup
     model = models['dense']
     x = inputs_for('dense', 12)
     expected = [unpatched_predict(model, x[i:i + 3]) for i in range(0, 12, 3)]
-    monkeypatch.setattr(warmup, 'done', threading.Event())
-    monkeypatch.setattr(warmup, '_started', True)
-    runs = []
-    run = compiled.CompiledModel.run
-
-    def counted(self, arrays, *args, **kwargs):
-        runs.append(arrays[0].shape[0])
-        return run(self, arrays, *args, **kwargs)
-
     kfp.patch(readahead=False)
     model.predict(x[:1])
-    monkeypatch.setattr(compiled.CompiledModel, 'run', counted)
+    runs = _kernels_being_made(monkeypatch)
     with kfp.batching():
         got = [model.predict(x[i:i + 3]) for i in range(0, 12, 3)]
         got = [np.array(y) for y in got]

@@ -42,7 +42,7 @@ def run_calls(entry, arrays, stops):
     if len(stops) == 1 or entry.batch_safe is not True or entry.excluded:
         return _each_alone(entry, arrays, stops)
     if not warmup.ready():
-        return _alone_until_ready(entry, arrays, stops)
+        return _each_alone(entry, arrays, stops, until_ready=True)
     try:
         outs = entry.run(arrays, batch_size=max(entry.large_batch, settings.max_batch_size))
     except Exception:
@@ -84,25 +84,16 @@ def _alone(entry, arrays, lo, hi):
     return result
 
 
-def _each_alone(entry, arrays, stops):
-    results = []
-    lo = 0
-    for hi in stops:
-        result = _alone(entry, arrays, lo, hi)
-        results += [result] * entry.n_outputs if isinstance(result, Exception) else result
-        lo = hi
-    return results
-
-
-def _alone_until_ready(entry, arrays, stops):
-    # TF's multi-row kernels are being made on their thread (engine/warmup.py): a run of
-    # several rows would wait for them, up to 25-40 ms (more on a loaded machine). So calls
-    # run alone meanwhile, each as plain Keras runs it, and those left once the kernels
-    # are made run as one batch: a merge never waits longer than one call's own run.
+def _each_alone(entry, arrays, stops, until_ready=False):
+    """Each call in a run of its own. ``until_ready``: TF's multi-row kernels are being
+    made on their thread (engine/warmup.py), and a run of several rows would wait for
+    them, up to 25-40 ms (more on a loaded machine): calls run alone meanwhile, each as
+    plain Keras runs it, and those left once the kernels are made run as one batch, so a
+    merge never waits longer than one call's own run."""
     results = []
     lo = 0
     for k, hi in enumerate(stops):
-        if k and warmup.done.is_set():
+        if until_ready and k and warmup.done.is_set():
             rest = run_calls(entry, [a[lo:] for a in arrays], [s - lo for s in stops[k:]])
             return results + rest
         result = _alone(entry, arrays, lo, hi)
