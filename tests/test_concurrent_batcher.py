@@ -17,7 +17,7 @@ from keras_fastpredict import counters
 from keras_fastpredict.engine import concurrent_batcher
 from keras_fastpredict.adapters import keras as keras_adapter
 from keras_fastpredict.config import settings
-from keras_fastpredict.engine import merge_policy
+from keras_fastpredict.engine import merge_policy, warmup
 from conftest import assert_same, raised, unpatched_predict
 
 
@@ -846,6 +846,27 @@ def test_a_merge_trial_waits_for_the_direct_runs_in_flight_at_the_switch():
     batcher.running.discard(2)
     assert not out()
     assert batcher.policy.pending == batcher._pending
+
+
+def test_merging_is_tried_once_the_kernels_are_made(monkeypatch):
+    # A merged run needs TF's multi-row kernels (until they are made, merged calls run
+    # alone): the policy asks warmup.ready() before a trial of merging, and a model
+    # slow enough to be checked at once begins making them as its guess is read.
+    begun = []
+    monkeypatch.setattr(warmup, 'done', threading.Event())
+    monkeypatch.setattr(warmup, '_started', False)
+    monkeypatch.setattr(warmup, 'start', lambda prepare_here=False: begun.append(1))
+    entry = FakeEntry()
+    batcher = concurrent_batcher.Batcher(entry)
+    entry.fastest_run_s = 10e-6                 # faster than a hand-off: checked late
+    assert batcher.policy.prior(3) == (merge_policy.DIRECT, merge_policy.GAP_MAX)
+    assert not begun
+    entry.fastest_run_s = 5e-3                  # checked at once
+    assert batcher.policy.prior(3) == (merge_policy.DIRECT, 0)
+    assert begun
+    assert batcher.policy.ready() is False
+    warmup.done.set()
+    assert batcher.policy.ready() is True
 
 
 def test_automatic_fill_is_the_models_fastest_run_capped():

@@ -1,10 +1,13 @@
 """The merge policy alone: made-up arrivals and a made-up clock in, the way per load level
 out (no threads, no TensorFlow)."""
+import math
+
 import pytest
 
 from keras_fastpredict.engine import merge_policy
 from keras_fastpredict.engine.merge_policy import (DIRECT, MERGE, GAP, REFERENCE, TRIAL,
                                                    GAP_FIRST, GAP_MAX, GAP_PER_LOSS,
+                                                   GAP_SWITCH_MAX,
                                                    GAP_LOSS_MAX, DRAIN, DRAIN_MAX,
                                                    MARGIN, loss_gap)
 
@@ -415,13 +418,15 @@ def test_restart_begins_every_measured_epoch_again():
     assert p.levels[high].current[3] == []
 
 
-def test_a_new_level_first_goes_one_epoch_unmeasured():
+def test_a_new_level_first_goes_half_an_epoch_unmeasured():
     # Its callers have just arrived (threads starting, first runs of new batch sizes):
-    # measured then, the way in use would look far slower than it is.
+    # measured then, the way in use would look far slower than it is. Half an epoch: two
+    # calls of each of the level's most callers.
     p = policy(first=DIRECT)
     key = p.level(16)
     level = p._open(key)
-    calls = level.calls
+    calls = level.calls // 2
+    assert calls == 2 * 16 and merge_policy.WARM_UP == 0.5
     assert level.current[:2] == (DIRECT, GAP)
     tickets = [p.way(key, 16)[1] for _ in range(calls + 1)]
     assert tickets[:calls] == [None] * calls and tickets[calls] is not None
@@ -440,7 +445,7 @@ def test_the_models_guess_is_read_after_a_first_epoch_run_direct():
     key = p.level(16)
     guesses.append((DIRECT, 16))
     level = p._open(key)
-    assert level.current[:2] == (DIRECT, GAP) and level.current[5] == level.calls
+    assert level.current[:2] == (DIRECT, GAP) and level.current[5] == level.calls // 2
     assert level.guess
     phase(p, key, {DIRECT: 1.0, MERGE: 1.0})           # the warm-up: the guess is read
     assert not guesses and level.current[:2] == (DIRECT, GAP)
@@ -450,3 +455,45 @@ def test_the_models_guess_is_read_after_a_first_epoch_run_direct():
     q._open(key)
     phase(q, key, {DIRECT: 1.0, MERGE: 1.0})
     assert q.levels[key].current[:2] == (MERGE, REFERENCE)
+
+
+def test_no_trial_of_merging_begins_before_merged_runs_are_real():
+    # ready() says whether a merged run would be one (TF's multi-row kernels made: until
+    # then merged calls run alone, one after another). While it says no, the reference
+    # epoch of direct is measured again; once it says yes, the trial begins.
+    made = []
+    p = merge_policy.Policy(2, lambda key: (DIRECT, 0), Clock(), ready=lambda: bool(made))
+    key = p.level(16)
+    seen = phases(p, key, {DIRECT: 2.0, MERGE: 1.0}, 3)
+    assert [s[:2] for s in seen] == [(DIRECT, REFERENCE)] * 3
+    assert p.levels[key].checks == 0 and p.levels[key].times[MERGE] is None
+    made.append(True)
+    seen = phases(p, key, {DIRECT: 2.0, MERGE: 1.0}, 2)
+    assert [s[:2] for s in seen] == [(DIRECT, REFERENCE), (MERGE, TRIAL)]
+    assert p.levels[key].best == MERGE
+    # A trial of direct (after a reference of merging) does not ask.
+    made.clear()
+    q = merge_policy.Policy(2, lambda key: (MERGE, 0), Clock(), ready=lambda: bool(made))
+    q.levels[key] = merge_policy.Level(key, 2, MERGE)
+    q._begin(q.levels[key], REFERENCE, MERGE, None)
+    seen = phases(q, key, {DIRECT: 1.0, MERGE: 2.0}, 2)
+    assert [s[:2] for s in seen] == [(MERGE, REFERENCE), (DIRECT, TRIAL)]
+
+
+@pytest.mark.parametrize('ratio', [1.15, 1.5, 2.5, 10.0])
+def test_after_a_switch_the_way_left_is_checked_as_after_a_lost_trial(ratio):
+    # A switch is a check the way left lost, by the ratio of the two epochs' times: the
+    # gap before its next check is a lost trial's (its reference epoch charged as the
+    # trial's calls), GAP_SWITCH_MAX epochs at most.
+    p = policy(first=DIRECT)
+    key = p.level(16)
+    calls = opened(p, key).calls
+    seen = phases(p, key, {DIRECT: ratio, MERGE: 1.0}, 4)
+    assert [s[:2] for s in seen] == [(DIRECT, REFERENCE), (MERGE, TRIAL), (MERGE, GAP),
+                                     (MERGE, REFERENCE)]
+    level = p.levels[key]
+    ratio_seen = level.times[DIRECT] / level.times[MERGE]
+    assert ratio_seen == pytest.approx(ratio, rel=0.05)
+    gap = max(GAP_FIRST, min(GAP_SWITCH_MAX, math.ceil(GAP_PER_LOSS * (ratio_seen - 1))))
+    assert seen[2][2] == gap * calls + 1
+    assert GAP_FIRST < gap <= GAP_SWITCH_MAX

@@ -118,7 +118,7 @@ class Batcher(object):
         self.slots = settings.num_batch_threads or cores()
         self.handoff_s = _HANDOFF_S
         self.policy = merge_policy.Policy(self.slots, self._prior(entry),
-                                          pending=self._pending)
+                                          pending=self._pending, ready=warmup.ready)
         # Calls so far (next() is atomic), and the call number up to which calls bypass.
         self.calls = itertools.count()
         self.bypass_end = 0
@@ -143,6 +143,10 @@ class Batcher(object):
             entry = entry_ref()
             fastest = entry.fastest_run_s if entry is not None else float('inf')
             slow = fastest > self.handoff_s * (1 << key)
+            if slow:
+                # Its check comes next: merged runs need TF's multi-row kernels, made
+                # meanwhile (a trial of merging waits for them, see merge_policy).
+                warmup.start()
             return DIRECT, _SLOW_MODEL_WAIT if slow else _FAST_MODEL_WAIT
         return prior
 

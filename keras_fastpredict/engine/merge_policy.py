@@ -59,8 +59,18 @@ GAP_MAX = 128        # the gap doubles each time the other way loses, up to this
 # calls).
 GAP_PER_LOSS = 32
 GAP_LOSS_MAX = 4096
+# A switch is a check the way left lost: it is checked again as after a lost trial (its
+# reference epoch charged as the trial's calls), GAP_SWITCH_MAX epochs later at most (the
+# switch rests on one epoch of each way). Checked again one epoch after a switch, the way
+# left cost a cold 1,000-call run of Dense(2048)x2 on 16 threads 10-30 ms, 5-14% of it:
+# its trial lost at 2-7 times merging's time.
+GAP_SWITCH_MAX = GAP_MAX
 MIN_CALLS = 32       # arrivals per epoch, at least (more for higher levels)
 MAX_CALLS = 512
+# A new level's first epoch, not measured (its callers are arriving), is this fraction of
+# an epoch's calls: two calls of each caller at the level's most. A whole epoch kept a
+# cold 1,000-call run of 16 threads direct 20-27 ms before its reference began.
+WARM_UP = 0.5
 DRAIN = 3.0          # after a switch, the epoch starts after this many mean times
 # ... and a trial of merging, once the direct runs begun before the switch have returned
 # (``pending``), up to this many: 16 oversubscribed one-row runs of Dense(2048)x2 took
@@ -121,10 +131,17 @@ class Policy(object):
     (the way a new level starts with when no level is measured yet, epochs before its
     first check): a guess from the model's run time, see concurrent_batcher."""
 
-    def __init__(self, slots, prior, clock=time.perf_counter, pending=None):
+    def __init__(self, slots, prior, clock=time.perf_counter, pending=None, ready=None):
         self.slots = slots
         self.prior = prior
         self.clock = clock
+        # ready(), asked as a trial of merging would begin: False while a merged run
+        # would not be one (TF's multi-row kernels still being made: merged calls run
+        # alone meanwhile, see engine/merge.py). The reference is measured again
+        # instead: a fresh process's first trial, judged on calls run alone in a queue
+        # beside the kernels' making, lost 3 times in 3 (25-71 ms a call against 4-5
+        # direct) and kept 16 threads direct for the rest of the run.
+        self.ready = ready
         # pending(way), called (under the caller's lock) as a trial begins after the
         # reference of ``way``: None, or a test that is true while the calls made that
         # way before the switch are still out (the trial's drain then lasts while it is).
@@ -204,9 +221,7 @@ class Policy(object):
                 level.guess = False
                 level.best, wait = self.prior(level.key)
                 if wait:
-                    level.gap = wait
-                    self._begin(level, GAP, level.best, None)
-                    level.gap = GAP_FIRST
+                    self._begin(level, GAP, level.best, None, wait * level.calls)
                     return
             self._begin(level, REFERENCE, level.best, level.resume)
             return
@@ -227,6 +242,9 @@ class Policy(object):
         resume = self.clock() + DRAIN * w
         if phase is REFERENCE:
             level.best_time = w         # the latest: load changes over time
+            if OTHER[way] is MERGE and self.ready is not None and not self.ready():
+                self._begin(level, REFERENCE, way, None)
+                return
             level.checks += 1
             # (Set before the trial is: callers read it without a lock.)
             level.hold = self.pending(way) if self.pending is not None else None
@@ -234,8 +252,9 @@ class Policy(object):
             self._begin(level, TRIAL, OTHER[way], resume)
             return
         if not lost and w < level.best_time * (1 - MARGIN):
+            level.gap = max(GAP_FIRST, min(GAP_SWITCH_MAX, loss_gap(
+                level.best_time / w, level.calls, level.calls)))
             level.best, level.best_time = way, w
-            level.gap = GAP_FIRST
             level.switches += 1
             level.resume = None
         else:
@@ -272,19 +291,18 @@ class Policy(object):
             # (threads starting, first runs of new batch sizes), and a reference taken
             # then (4 ms where the steady state is 0.3 ms) lets any trial win.
             level.guess = not known
-            level.gap = 1
-            self._begin(level, GAP, level.best, None)
-            level.gap = GAP_FIRST
+            self._begin(level, GAP, level.best, None, int(WARM_UP * level.calls))
         return level
 
-    def _begin(self, level, phase, way, start):
+    def _begin(self, level, phase, way, start, end=None):
         if phase is not TRIAL:
             level.hold = None           # (a trial's: set just before it begins)
         now = self.clock()
         if start is not None and start <= now:
             start = None
         level.began = level.last = now     # (the epoch's first arrival sets them again)
-        end = level.gap * level.calls if phase is GAP else level.calls
+        if end is None:
+            end = level.gap * level.calls if phase is GAP else level.calls
         level.current = (way, phase, itertools.count(), [], start, end, itertools.count())
 
     def describe(self):
