@@ -45,6 +45,9 @@ CASES = [
     ('array rows: predict', 'array_rows.py', [], (2000, 100)),
     ('array rows: predict, 100 calls', 'array_rows.py', [], (100, 100)),
     ('array rows: LSTM', 'array_rows.py', ['lstm'], (1000, 50)),
+    # A fresh server process's first burst of concurrent calls (issue 22): TF's multi-row
+    # kernels are not made yet when the first merge would be tried.
+    ('16 threads: Dense(2048)x2', 'threaded_rows.py', [], (1000, 64)),
     # Under --auto-batch (the runner's flags are the fifth item); the table also gives the
     # loop's time against the hand-batched predict(X) of its rows, plain Keras (issue 25).
     ('collect rows: --auto-batch', 'collect_rows.py', [], (3000, 200), ['--auto-batch']),
