@@ -9,9 +9,8 @@ on the load, so it is measured, per model and per load level: the number of call
 inside at once, in powers of two above the slots (3-4, 5-8, 9-16... on 2 slots).
 
 A level goes the way that measured faster (its first way is its nearest measured
-neighbour's, or a guess from the model, ``prior``, read after a first epoch run direct;
-a level's first epoch, while its callers arrive, is not measured), and now and then
-checks the other:
+neighbour's, or a guess from the model, ``prior``, read after half an epoch run direct,
+not measured while its callers arrive), and now and then checks the other:
 an epoch of the way in use (the reference), then an epoch of the other (the trial); the
 trial's way is kept if its calls took clearly less time (MARGIN). What an epoch measures
 is the mean time a call spends inside, by Little's law: W = L / lambda, with lambda the
@@ -28,10 +27,11 @@ After a change of way the epoch starts once the other way's calls have had time 
 the queue and leave the cores to the first direct runs, which would look fast. A trial of
 merging also waits until the direct runs in flight at the switch have returned
 (``pending``, up to DRAIN_MAX mean times): oversubscribed, their slowest take several
-times their mean. A way that
+times their mean; and it begins only once a merged run is one (``ready``). A way that
 keeps losing is checked less and less often (the gap between checks doubles, up to
-GAP_MAX epochs' worth of calls, or grows with how badly it lost). Between checks nothing
-is recorded: the usual call costs a dictionary lookup and a counter.
+GAP_MAX epochs' worth of calls, or grows with how badly it lost; a switch counts as a
+loss of the way left). Between checks nothing is recorded: the usual call costs a
+dictionary lookup and a counter.
 
 Pure bookkeeping: callers take the way without a lock (``way``), and the caller that ends
 a phase turns it under its lock (``turn``); the clock is a parameter, so it is tested
@@ -279,7 +279,7 @@ class Policy(object):
     def _open(self, key):
         # A new level starts the way its nearest measured neighbour goes (load levels
         # next to each other mostly agree, and callers cross between them). With none,
-        # it starts direct, and takes the model's guess at the end of its first epoch:
+        # it starts direct, and takes the model's guess at the end of its warm-up:
         # the guess rests on the model's fastest run, and when a level first opens the
         # model may have run once or twice, cold.
         known = [k for k, level in list(self.levels.items()) if level.epochs]
@@ -287,7 +287,7 @@ class Policy(object):
                  if known else DIRECT)
         level = self.levels.setdefault(key, Level(key, self.slots, first))
         if level.current is None:
-            # A load level's first epoch is not measured: its callers have just arrived
+            # A load level's warm-up is not measured: its callers have just arrived
             # (threads starting, first runs of new batch sizes), and a reference taken
             # then (4 ms where the steady state is 0.3 ms) lets any trial win.
             level.guess = not known
