@@ -84,13 +84,18 @@ def hot_tuple(site, counters):
     """What a site's usual call reads, in one tuple (unpacked at once, where each
     attribute read costs about as much as a lookup): the user's code, the instance (or
     state) weakly, the row count plain Keras was timed for, the counters whose fast_calls
-    tell a served call, the site's accumulators, the site; for an auto-batched site, then
-    its ``Auto.call`` (a deferred result, or None for the usual path); for a site auto-batch
-    alone (no report shown) decided not to batch, None: its calls pass on uncounted."""
+    tell a served call, the site's accumulators, the site; for an auto-batched site, or one
+    whose threads' calls are counted apart (``watch.counter``), then a call giving a
+    deferred result or None for the usual path (``Auto.call``, behind the count if both);
+    for a site auto-batch alone (no report shown) decided not to batch, None: its calls
+    pass on uncounted."""
     hot = (site.code, site.instance_ref if site.state is None else site.state,
            site.plain_rows, counters, site.acc, site)
-    if site.auto is not None:       # auto-batch: the site's calls go to its Auto first
-        hot += (site.auto.call,)
+    call = site.auto.call if site.auto is not None else None   # auto-batch: its Auto first
+    if settings.report and watch.counting(site):
+        call = watch.counter(site, call)    # each thread's calls: its unread results' count
+    if call is not None:
+        hot += (call,)
     elif site.auto_note is not None and not settings.report:
         hot += (None,)              # auto-batch alone, not batched: calls pass uncounted
     return hot
