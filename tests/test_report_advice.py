@@ -1,6 +1,8 @@
 """Advice measured on a site's sample (keras_fastpredict/report/advice.py), and following it
 gives plain Keras' values."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import keras
@@ -277,3 +279,46 @@ def test_advice_for_threads_reading_at_once_is_not_deferral(models):
     assert got == plain and per_batch == 1
     assert 'fast_predict' not in kinds(s), s['advice']
     assert s['results_read']['batch_it_would_reach'] == per_batch
+
+
+FIRST = 70      # calls of one thread first: the site's sample (64 results watched), and more
+
+
+def _first_then_threads(model, rows, scope=None, after_first=None):
+    """One thread's calls (a warm-up loop: the site's sample), then THREADS threads' at
+    the same site, all results read at the end."""
+    out = [None] * len(rows)
+
+    def call(i):
+        out[i] = model.predict(rows[i])
+    with (scope() if scope else contextlib.suppress()):
+        for i in range(FIRST):
+            call(i)
+    if after_first:
+        after_first()
+    in_turns(THREADS, EACH, lambda k, j: call(FIRST + j * THREADS + k), scope)
+    return np.concatenate(out)
+
+
+def test_advice_for_a_sample_one_thread_made_counts_later_threads_apart(models):
+    """The sample all one thread's, then other threads call the site (counted on the usual
+    path): that thread's results' batch is its own calls, not the site's."""
+    model = models['dense']
+    X = inputs_for('dense', FIRST + THREADS * EACH)
+    rows = [np.array(X[i:i + 1]) for i in range(len(X))]
+    plain = _first_then_threads(model, rows)
+    assert_same(plain, unpatched_predict(model, X))
+    kfp.patch(report=True)
+    assert_same(_first_then_threads(model, rows), plain)
+    s = sites(function='call')[0]
+    assert s['calls'] == len(rows)
+    advice = [a for a in s['advice'] if a['kind'] == 'fast_predict']
+    kfp.unpatch()
+    kfp.patch()
+    kfp.reset_stats()
+    first = []
+    got = _first_then_threads(model, rows, kfp.batching,
+                              lambda: first.append(dict(kfp.stats(model))))
+    assert_same(got, plain)
+    assert first[0]['deferred'] == FIRST and first[0]['deferred_batches'] == 1
+    assert advice and advice[0]['batch_size'] == FIRST, s['advice']
