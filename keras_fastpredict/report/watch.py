@@ -6,10 +6,10 @@ Deferral's scope is per thread, so the calls a result's first read would have ba
 its own thread's: each thread that called a site in its sample has its record (``Thread``),
 its calls counted on the report's Python path, and on the usual path too (``counter``)
 where several threads called it with results still unread. A site one thread called in
-its sample counts the site's calls (its usual calls are counted only site-wide, so a thread
-that first calls it after the sample counts as that one's). An announced site's usual
-path (Session.run, K.function) counts no thread's: there a thread's count may fall short,
-never above its own calls."""
+its sample counts the site's calls (its usual path counts none apart) until another thread
+calls it (``another_thread``). An announced site's usual path (Session.run, K.function)
+counts no thread's: there a thread's count may fall short, or take another thread's calls
+after a sample one thread made."""
 import threading
 
 import numpy as np
@@ -67,10 +67,25 @@ def counter(site, then):
 
 
 def counting(site):
-    """Whether the usual path counts each thread's calls: several threads called the site
-    in its sample, and some result is still unread."""
-    threads = list(site.threads.values())
-    return len(threads) > 1 and any(t.open for t in threads)
+    """What the usual path counts while some result is unread: each thread's calls (True)
+    where several threads called the site in its sample; else the id of the one thread that
+    did, whose calls are the site's until another thread calls (``another_thread``).
+    None: nothing."""
+    items = list(site.threads.items())
+    if not any(t.open for _, t in items):
+        return None
+    return True if len(items) > 1 else items[0][0]
+
+
+def another_thread(site):
+    """A thread other than the sample's one calls the site: every call so far was that
+    one's, so its count goes on from the site's, and this thread's calls count apart."""
+    items = list(site.threads.items())
+    if len(items) == 1:
+        t = items[0][1]
+        t.own_start = t.start
+        t.calls = site.calls
+    site.threads.setdefault(_ident(), Thread(site.calls))
 
 
 def pending(site, t):
