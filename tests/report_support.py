@@ -84,3 +84,40 @@ def helper(model, x):
 
 HELPER_FILE = helper.__code__.co_filename
 HELPER_LINE = helper.__code__.co_firstlineno + 1
+
+
+def in_turns(threads, steps, step, scope=None):
+    """``step(k, j)`` for j in range(steps) in thread k, the threads taking turns: thread
+    0's step j, thread 1's, ..., then thread 0's step j + 1 (an interleaving as concurrent
+    callers may make, fixed). Each thread runs in Keras' graph and in ``scope()`` if given
+    (a deferral scope is per thread). Returns nothing; a thread's exception is raised."""
+    import threading
+    from keras import backend as K
+    from conftest import run_in_threads
+    graph = K.get_session().graph
+    turn = [0]
+    cond = threading.Condition()
+
+    def work(k):
+        with graph.as_default(), (scope() if scope else _Nothing()):
+            for j in range(steps):
+                with cond:
+                    if not cond.wait_for(lambda: turn[0] == j * threads + k, timeout=120):
+                        raise RuntimeError('turn %d of thread %d never came' % (j, k))
+                try:
+                    step(k, j)
+                finally:
+                    with cond:
+                        turn[0] += 1
+                        cond.notify_all()
+    errors = run_in_threads(threads, work)
+    if errors:
+        raise errors[0]
+
+
+class _Nothing(object):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,6 +1,8 @@
 """Advice measured on a site's sample (keras_fastpredict/report/advice.py), and following it
 gives plain Keras' values."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import keras
@@ -8,8 +10,8 @@ from keras import layers
 
 import keras_fastpredict as kfp
 from conftest import assert_same, inputs_for, unpatched_predict
-from report_support import (HELPER_FILE, HELPER_LINE, helper, kinds, line, site_at,
-                            sites, recorder)  # noqa: F401 (autouse)
+from report_support import (HELPER_FILE, HELPER_LINE, helper, in_turns, kinds, line,
+                            site_at, sites, recorder)  # noqa: F401 (autouse)
 
 
 def test_advice_session_run_collect_loop(models):
@@ -197,3 +199,126 @@ def test_advice_collect_loop_of_indexed_results_is_not_given(models):
     assert_same(np.array(got), unpatched_predict(model, X))
     s = sites(function='score')[0]
     assert 'fast_predict' not in kinds(s), s['advice']
+
+
+THREADS, EACH = 4, 25       # threads taking turns (report_support.in_turns), calls each
+
+
+def _threads_collect(model, rows, scope=None):
+    """Each thread collects its rows' results, read only after the threads are joined."""
+    out = [[None] * EACH for _ in range(THREADS)]
+
+    def step(k, j):
+        out[k][j] = model.predict(rows[j * THREADS + k])
+    in_turns(THREADS, EACH, step, scope)
+    return np.concatenate([out[k][j] for j in range(EACH) for k in range(THREADS)])
+
+
+def _threads_at_once(model, rows, scope=None):
+    """Each thread reads its result before its next call (a server's handlers), while
+    the other threads' calls come between its call and its read."""
+    held, best = [None] * THREADS, [[] for _ in range(THREADS)]
+
+    def step(k, j):
+        if j % 2 == 0:
+            held[k] = model.predict(rows[j // 2 * THREADS + k])
+        else:
+            best[k].append(int(held[k].argmax()))
+    in_turns(THREADS, 2 * EACH, step, scope)
+    return [best[k][j] for j in range(EACH) for k in range(THREADS)]
+
+
+def _deferral_per_thread(model, run, rows):
+    """What deferral really does with a scope per thread: its results, its calls deferred
+    and their mean per deferred batch (a scope whose reads keep flushing lone calls stops
+    deferring them: engine/deferred.py). Patched first: batching() entered at once in
+    several threads of an unpatched process may run a few calls undeferred."""
+    kfp.unpatch()
+    kfp.patch()
+    kfp.reset_stats()
+    got = run(model, rows, kfp.batching)
+    st = kfp.stats(model)
+    assert st["deferred_batches"], st
+    return got, st['deferred'], st['deferred'] / st['deferred_batches']
+
+
+def test_advice_for_threads_collecting_counts_each_threads_calls(models):
+    """benchmarks/scripts/threaded_rows.py's shape: each thread collects its results, read
+    after join. The advice counted every thread's calls as one thread's ("batches of
+    1000" for 16 threads' 63 each): a scope in each thread batches that thread's only."""
+    model = models['dense']
+    X = inputs_for('dense', THREADS * EACH)
+    rows = [np.array(X[i:i + 1]) for i in range(len(X))]      # fresh arrays: no read-ahead
+    plain = _threads_collect(model, rows)                     # plain Keras, the same turns
+    assert_same(plain, unpatched_predict(model, X))
+    kfp.patch(report=True)
+    assert_same(_threads_collect(model, rows), plain)
+    s = sites(function='step')[0]
+    assert s['calls'] == len(rows)
+    advice = [a for a in s['advice'] if a['kind'] == 'fast_predict']
+    got, deferred, per_batch = _deferral_per_thread(model, _threads_collect, rows)
+    assert_same(got, plain)
+    assert deferred == len(rows) and per_batch == EACH, kfp.stats(model)
+    assert advice and advice[0]['batch_size'] == per_batch, s['advice']
+    assert advice[0]['text'].endswith('in batches of %d' % EACH)
+
+
+def test_advice_for_threads_reading_at_once_is_not_deferral(models):
+    """Handlers each reading their result before their next call, while other threads'
+    calls come between: per thread deferral batches nothing, so no deferral advice."""
+    model = models['dense']
+    X = inputs_for('dense', THREADS * EACH)
+    rows = [np.array(X[i:i + 1]) for i in range(len(X))]
+    plain = _threads_at_once(model, rows)
+    assert plain == list(unpatched_predict(model, X).argmax(axis=1))
+    kfp.patch(report=True)
+    assert _threads_at_once(model, rows) == plain
+    s = sites(function='step')[0]
+    assert s['calls'] == len(rows)
+    got, _, per_batch = _deferral_per_thread(model, _threads_at_once, rows)
+    assert got == plain and per_batch == 1
+    assert 'fast_predict' not in kinds(s), s['advice']
+    assert s['results_read']['batch_it_would_reach'] == per_batch
+
+
+FIRST = 70      # calls of one thread first: the site's sample (64 results watched), and more
+
+
+def _first_then_threads(model, rows, scope=None, after_first=None):
+    """One thread's calls (a warm-up loop: the site's sample), then THREADS threads' at
+    the same site, all results read at the end."""
+    out = [None] * len(rows)
+
+    def call(i):
+        out[i] = model.predict(rows[i])
+    with (scope() if scope else contextlib.suppress()):
+        for i in range(FIRST):
+            call(i)
+    if after_first:
+        after_first()
+    in_turns(THREADS, EACH, lambda k, j: call(FIRST + j * THREADS + k), scope)
+    return np.concatenate(out)
+
+
+def test_advice_for_a_sample_one_thread_made_counts_later_threads_apart(models):
+    """The sample all one thread's, then other threads call the site (counted on the usual
+    path): that thread's results' batch is its own calls, not the site's."""
+    model = models['dense']
+    X = inputs_for('dense', FIRST + THREADS * EACH)
+    rows = [np.array(X[i:i + 1]) for i in range(len(X))]
+    plain = _first_then_threads(model, rows)
+    assert_same(plain, unpatched_predict(model, X))
+    kfp.patch(report=True)
+    assert_same(_first_then_threads(model, rows), plain)
+    s = sites(function='call')[0]
+    assert s['calls'] == len(rows)
+    advice = [a for a in s['advice'] if a['kind'] == 'fast_predict']
+    kfp.unpatch()
+    kfp.patch()
+    kfp.reset_stats()
+    first = []
+    got = _first_then_threads(model, rows, kfp.batching,
+                              lambda: first.append(dict(kfp.stats(model))))
+    assert_same(got, plain)
+    assert first[0]['deferred'] == FIRST and first[0]['deferred_batches'] == 1
+    assert advice and advice[0]['batch_size'] == FIRST, s['advice']

@@ -5,7 +5,7 @@ import numpy as np
 
 import keras_fastpredict as kfp
 from conftest import assert_same, inputs_for, unpatched_predict
-from report_support import recorder  # noqa: F401 - the fixture: C and Python recorders
+from report_support import in_turns, recorder  # noqa: F401 - the fixture: C and Python recorders
 
 N = 100
 
@@ -58,3 +58,33 @@ def test_predict_on_batch_collect_site_deferred_as_plain(flavour):
     assert kfp.stats(model)['deferred'] == N - 17
     for i in range(2):
         assert_same(np.concatenate([g[i] for g in got]), np.concatenate([p[i] for p in plain]))
+
+
+def test_threads_reading_at_once_are_not_deferred(models):
+    """Threads each reading their result before their next call, the other threads'
+    calls coming between its call and its read (report_support.in_turns): per thread
+    deferral would batch nothing, so auto-batch must not defer them. Results as plain
+    Keras run the same way."""
+    model, x = models['dense'], inputs_for('dense', N)
+    rows = [np.array(r)[None] for r in x]
+    threads = 4
+
+    def at_once():
+        held, best = [None] * threads, [[] for _ in range(threads)]
+
+        def step(k, j):
+            if j % 2 == 0:
+                held[k] = model.predict(rows[j // 2 * threads + k])
+            else:
+                best[k].append(float(held[k][0, 0]))
+        in_turns(threads, 2 * N // threads, step)
+        return [best[k][j] for j in range(N // threads) for k in range(threads)]
+    plain = at_once()
+    kfp.patch(auto_batch=True)
+    got = at_once()
+    site = kfp.report()['sites']
+    assert len(site) == 1
+    assert site[0]['auto_batch'] == {'deferring': False,
+                                     'note': 'each result is read before the next call'}
+    assert kfp.stats(model)['deferred'] == 0
+    np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-6)

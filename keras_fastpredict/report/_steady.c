@@ -13,7 +13,9 @@
  *
  * Tables: a predict site's hot tuple (predict_calls.hot_tuple: code, instance weakly,
  * rows, stats, acc, site, and under auto-batch a seventh item: the site's Auto.call, or
- * None where its calls pass on uncounted); an announced site's steady tuple (announced._steady_at: code,
+ * None where its calls pass on uncounted; a site whose sample one thread made, with its
+ * results unread, has an eighth: that thread's id, another thread's calls go to ``rest``
+ * (watch.py), and its seventh is False where it has no call); an announced site's steady tuple (announced._steady_at: code,
  * instance weakly, rows, state weakly, acc, site, the state's stats, the stats its paths
  * are read from, the site table, entry name), whose call in flight is this thread's
  * ``_in_flight.current``: [steady, the state's fast_calls before (-1: not announced yet,
@@ -169,9 +171,9 @@ site_of(Recorder *self, PyFrameObject *f, PyObject *instance, PyObject *args,
         return NULL;
     PyObject *site = PyDict_GetItemWithError(self->table, key);
     Py_DECREF(key);
-    /* (a predict site's tuple has one item more where the site is auto-batched) */
+    /* (a predict site's tuple has one or two items more: see the top) */
     if (site == NULL || !PyTuple_CheckExact(site) || (PyTuple_GET_SIZE(site) != size
-            && !(size == 6 && PyTuple_GET_SIZE(site) == 7)))
+            && !(size == 6 && (PyTuple_GET_SIZE(site) == 7 || PyTuple_GET_SIZE(site) == 8))))
         return NULL;
     PyObject *ref = PyTuple_GET_ITEM(site, 1), *acc = PyTuple_GET_ITEM(site, 4);
     if (PyTuple_GET_ITEM(site, 0) != (PyObject *)f->f_code || !PyWeakref_CheckRef(ref)
@@ -285,8 +287,17 @@ Recorder_call(Recorder *self, PyObject *callargs, PyObject *callkw)
     if (PyTuple_GET_SIZE(args) == 0 || same_rows(PyTuple_GET_ITEM(args, 0), self->type,
                                                  rows) < 0)
         return rest(self, f, wrapped, instance, args, kwargs);
+    Py_ssize_t n = PyTuple_GET_SIZE(hot);
+    /* Another thread than the one of the sample, its results unread: watch.py counts
+     * each thread's calls from now on. */
+    if (n == 8 && PyLong_AsUnsignedLong(PyTuple_GET_ITEM(hot, 7))
+            != PyThread_get_thread_ident()) {
+        if (PyErr_Occurred())
+            return NULL;
+        return rest(self, f, wrapped, instance, args, kwargs);
+    }
     /* Auto-batch alone, a site it does not batch: nothing to count (no report is shown). */
-    if (PyTuple_GET_SIZE(hot) == 7 && PyTuple_GET_ITEM(hot, 6) == Py_None)
+    if (n == 7 && PyTuple_GET_ITEM(hot, 6) == Py_None)
         return PyObject_CallFunctionObjArgs(self->through, self->wrapper, wrapped, instance,
                                             args, kwargs, NULL);
     /* Held for the call (another thread may replace the site's tuple meanwhile). */
@@ -302,7 +313,7 @@ Recorder_call(Recorder *self, PyObject *callargs, PyObject *callkw)
             goto done;
         Py_DECREF(r);
     }
-    if (PyTuple_GET_SIZE(hot) == 7) {       /* (its item is not None: see above) */
+    if (n >= 7 && PyTuple_GET_ITEM(hot, 6) != Py_False) {   /* (not None: see above) */
         /* Auto-batched (predict_calls.hot_tuple): the site's Auto.call gives the call's
          * deferred result, counted as a usual call, or None for the usual path. */
         double t0 = now();

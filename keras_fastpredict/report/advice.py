@@ -3,7 +3,7 @@ read-ahead could serve them, or why only the fast path applies."""
 import numpy as np
 
 from ..config import settings
-from . import sites
+from . import sites, watch
 
 
 def advice(site, d):
@@ -20,9 +20,7 @@ def advice(site, d):
                 '%s (%d calls)' % kv for kv in site.reasons.most_common()))})
     if entry is None or entry.refused:
         return advice
-    batches = list(site.batches)
-    if site.open_watch:
-        batches.append(site.calls - site.epoch_start)
+    batches = watch.batches(site)
     if entry.batch_safe is False or entry.excluded:
         reason = 'excluded by keras_fastpredict.exclude()' if entry.excluded else \
             entry.batching_reason
@@ -39,10 +37,10 @@ def advice(site, d):
         if reach >= 2:
             where = _enclosing(site)
             if where is None:
-                text = ('results are first read %d calls later (median of %d measured): '
+                text = ('results are first read %d calls later (median of %d measured%s): '
                         'deferring the calls (with keras_fastpredict.batching() around the '
                         'loop) would run them in batches of %d' % (
-                            int(np.median(batches)), len(batches), reach))
+                            int(np.median(batches)), len(batches), _threads(site), reach))
                 advice.append({'kind': 'fast_predict', 'batch_size': reach,
                                'function': None, 'text': text})
             else:
@@ -53,9 +51,9 @@ def advice(site, d):
                 else:
                     how = '@keras_fastpredict.fast_predict on %s (%s:%d)' % (name, file, first)
                 text = ('results are not read before the next call (first read %d calls '
-                        'later, median of %d measured): %s would run these calls in '
-                        'batches of %d' % (int(np.median(batches)), len(batches), how,
-                                           reach))
+                        'later, median of %d measured%s): %s would run these calls in '
+                        'batches of %d' % (int(np.median(batches)), len(batches),
+                                           _threads(site), how, reach))
                 advice.append({'kind': 'fast_predict', 'batch_size': reach,
                                'function': None if name == '<module>' else name,
                                'file': file, 'line': first if name != '<module>' else line,
@@ -76,6 +74,12 @@ def advice(site, d):
             'for read-ahead; the fast path is what applies' % (
                 len(site.batches), site.watched))})
     return advice
+
+
+def _threads(site):
+    # Deferral's scope is per thread: so are the counts (watch.py).
+    n = len(site.threads)
+    return ', calls of each of %d threads counted apart' % n if n > 1 else ''
 
 
 def _enclosing(site):

@@ -6,6 +6,7 @@ import numpy as np
 
 from ..config import settings
 from ..engine import autobatch
+from . import watch
 
 
 def decide(site):
@@ -30,9 +31,7 @@ def _why_not(site):
         return 'deferred already (batching(), @fast_predict)'
     if site.readahead * 2 > site.calls:
         return 'read-ahead serves it'
-    batches = list(site.batches)
-    if site.open_watch:
-        batches.append(site.calls - site.epoch_start)
+    batches = watch.batches(site)
     if site.watched < 2 or not batches:
         return 'too few results watched'
     reach = int(min(np.median(batches), settings.max_batch_size))

@@ -6,7 +6,7 @@ import wrapt
 import wrapt.wrappers
 
 from ..config import settings
-from . import auto, frames, passing, plain, sampling, sites
+from . import auto, frames, passing, plain, sampling, sites, watch
 
 try:
     from wrapt._wrappers import FunctionWrapper as _CFunctionWrapper
@@ -64,6 +64,7 @@ frames.RECORDER_CODES.add(id(through.__code__))
 def after(site, s, fc, out, elapsed, f, x, rows, wrapped, instance, args, kwargs):
     """A call looked at whole, once it returned: which way it went, its plain cost, and
     its part of the site's sample."""
+    watch.counted(site)         # (before the site's counts: see watch.Thread's start)
     if s.fast_calls == fc:
         sites.passed_on(site, s, rows, elapsed)
         if site.sampling:

@@ -5,7 +5,7 @@ import os
 import sys
 
 from ..config import settings
-from . import advice, paid_back, plain, sites
+from . import advice, paid_back, plain, sites, watch
 
 
 def site_dict(site):
@@ -13,9 +13,7 @@ def site_dict(site):
     stats = site.stats
     if site.waiting:
         plain.count_waiting(site)
-    batches = list(site.batches)
-    if site.open_watch:
-        batches.append(site.calls - site.epoch_start)
+    batches = watch.batches(site)
     calls = site.calls
     measured = calls - site.unmeasured - site.errors
     usual = paid_back.usual(site)

@@ -1,5 +1,6 @@
 """The recorder of ``Model.predict`` and ``predict_on_batch`` calls (the model is the
 call's instance)."""
+import threading
 import time
 import types
 
@@ -22,7 +23,7 @@ def recorder(wrapper, table, by_line, entry_name):
     # rows, one counter read before and after, the clock. (Names used per call are bound
     # in this closure: a cell is read faster than a global or a builtin, and default
     # arguments would take a function call off CPython's fast path.)
-    ndarray, type_, len_ = _ndarray, type, len
+    ndarray, type_, len_, ident = _ndarray, type, len, threading.get_ident
 
     def rest(f, wrapped, instance, args, kwargs):
         """A call from frame ``f`` (the C recorder's calls other than its usual one)."""
@@ -31,12 +32,20 @@ def recorder(wrapper, table, by_line, entry_name):
         except KeyError:
             hot = None
         if hot is not None:
-            if len_(hot) == 6:
+            n, owner = len_(hot), None
+            if n == 6:
                 code, ref, rows, s, acc, site = hot
                 auto = False
-            else:                   # auto-batch: the site's Auto.call, or None (see below)
+            elif n == 7:            # auto-batch: the site's Auto.call, or None (see below)
                 code, ref, rows, s, acc, site, auto = hot
+            else:                   # the sample's one thread, its results unread (hot_tuple)
+                code, ref, rows, s, acc, site, auto, owner = hot
             if code is f.f_code and ref() is instance:
+                if owner is not None and owner != ident():
+                    watch.another_thread(site)
+                    out = _record(site, f, wrapper, wrapped, instance, args, kwargs)
+                    by_line[f.f_lasti] = hot_tuple(site, s)
+                    return out
                 x = args[0] if args else None
                 if type_(x) is ndarray and x.ndim and len_(x) == rows:
                     # _record's steps, fewer, for the usual call.
@@ -84,13 +93,23 @@ def hot_tuple(site, counters):
     """What a site's usual call reads, in one tuple (unpacked at once, where each
     attribute read costs about as much as a lookup): the user's code, the instance (or
     state) weakly, the row count plain Keras was timed for, the counters whose fast_calls
-    tell a served call, the site's accumulators, the site; for an auto-batched site, then
-    its ``Auto.call`` (a deferred result, or None for the usual path); for a site auto-batch
-    alone (no report shown) decided not to batch, None: its calls pass on uncounted."""
+    tell a served call, the site's accumulators, the site; for an auto-batched site, or one
+    whose threads' calls are counted apart (``watch.counter``), then a call giving a
+    deferred result or None for the usual path (``Auto.call``, behind the count if both);
+    for a site auto-batch alone (no report shown) decided not to batch, None: its calls
+    pass on uncounted; for a site whose sample one thread made, its results unread, that
+    call (False: none) and the thread's id: another thread's call is looked at whole, and
+    from then on each thread's calls are counted apart."""
     hot = (site.code, site.instance_ref if site.state is None else site.state,
            site.plain_rows, counters, site.acc, site)
-    if site.auto is not None:       # auto-batch: the site's calls go to its Auto first
-        hot += (site.auto.call,)
+    call = site.auto.call if site.auto is not None else None   # auto-batch: its Auto first
+    owner = watch.counting(site) if settings.report else None
+    if owner is True:
+        call = watch.counter(site, call)    # each thread's calls: its unread results' count
+    if owner not in (None, True):
+        hot += (False if call is None else call, owner)
+    elif call is not None:
+        hot += (call,)
     elif site.auto_note is not None and not settings.report:
         hot += (None,)              # auto-batch alone, not batched: calls pass uncounted
     return hot

@@ -35,13 +35,15 @@ def sample(site, f, out, x, rows, served_ahead):
                                                              for o in out)):
             from ..engine import deferred
             if not settings.defer and deferred.current() is None:
-                site.watch_left -= 1
-                site.watched += 1
-                rec = watch.Use(site, site.epoch)
-                site.open_watch = True
-                if kind is list:
-                    return [watch.watch(o, rec) for o in out]
-                return watch.watch(out, rec)
+                t = site.threads.get(threading.get_ident())
+                if t is not None:       # (counted by calls.after: its own thread's)
+                    site.watch_left -= 1
+                    site.watched += 1
+                    rec = watch.Use(site, t)
+                    t.open = True
+                    if kind is list:
+                        return [watch.watch(o, rec) for o in out]
+                    return watch.watch(out, rec)
     return out
 
 

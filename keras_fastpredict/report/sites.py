@@ -34,8 +34,8 @@ class Site(object):
                  'acc', 'served', 'readahead', 'deferred', 'merged', 'keras', 'reasons',
                  'plain_s', 'unmeasured', 'plain_note', 'plain_rows', 'plain_per_call',
                  'plain_waits', 'waiting', 'retime_left',
-                 'sampling', 'sample_left', 'watch_left', 'watched', 'epoch',
-                 'epoch_start', 'open_watch', 'batches', 'span_left', 'held', 'enclosing',
+                 'sampling', 'sample_left', 'watch_left', 'watched', 'threads',
+                 'batches', 'span_left', 'held', 'enclosing',
                  'fresh_left', 'fresh', 'last_shape', 'dataset', 'walk', 'errors', 'state',
                  'auto', 'auto_note', 'other_s')
 
@@ -76,10 +76,8 @@ class Site(object):
             note_reasons(stats)
         self.watch_left = WATCH_CALLS
         self.watched = 0
-        self.epoch = 0
-        self.epoch_start = 0
-        self.open_watch = False
-        self.batches = []
+        self.threads = {}          # thread id -> its watch.Thread (threads of the sample)
+        self.batches = []          # calls each first read would have batched (watch.py)
         self.span_left = SPAN_CALLS
         self.held = {}             # thread id -> frames of its previous sampled call
         self.enclosing = collections.Counter()

@@ -1,29 +1,118 @@
 """Watched results: a returned array handed back as a view of an ndarray subclass that
 records its first use (whether results are read before the next call, the evidence
-deferral advice rests on)."""
+deferral advice rests on).
+
+Deferral's scope is per thread, so the calls a result's first read would have batched are
+its own thread's: each thread that called a site in its sample has its record (``Thread``),
+its calls counted on the report's Python path, and on the usual path too (``counter``)
+where several threads called it with results still unread. A site one thread called in
+its sample counts the site's calls (its usual path counts none apart) until another thread
+calls it (``another_thread``). An announced site's usual path (Session.run, K.function)
+counts no thread's: there a thread's count may fall short, or take another thread's calls
+after a sample one thread made."""
+import threading
+
 import numpy as np
 
 from ..engine.pending import map_nested
 
 _ndarray = np.ndarray
+_ident = threading.get_ident
+
+
+class Thread(object):
+    """One thread's calls at a site and its open epoch (the calls deferral would batch
+    until one of its results is read): ``start`` the site's calls, ``own_start`` its own
+    when the epoch began."""
+    __slots__ = ('calls', 'epoch', 'start', 'own_start', 'open')
+
+    def __init__(self, start):
+        self.calls = self.epoch = self.own_start = 0
+        self.start = start
+        self.open = False
 
 
 class Use(object):
-    __slots__ = ('site', 'epoch')
+    __slots__ = ('site', 'thread', 'epoch')
 
-    def __init__(self, site, epoch):
+    def __init__(self, site, thread):
         self.site = site
-        self.epoch = epoch
+        self.thread = thread
+        self.epoch = thread.epoch
+
+
+def counted(site):
+    """A call of this thread at the site, looked at in Python: counted in its thread's
+    record, made while the site samples (later threads' results are not watched)."""
+    t = site.threads.get(_ident())
+    if t is not None:
+        t.calls += 1
+    elif site.sampling:
+        t = site.threads[_ident()] = Thread(site.calls)
+        t.calls = 1
+    return t
+
+
+def counter(site, then):
+    """The usual path's count of each thread's calls (as the hot tuple's call: None for
+    the usual path), then ``then`` (auto-batch's call) if any."""
+    threads = site.threads
+
+    def count(instance, args, kwargs):
+        t = threads.get(_ident())
+        if t is not None:
+            t.calls += 1
+        return None if then is None else then(instance, args, kwargs)
+    return count
+
+
+def counting(site):
+    """What the usual path counts while some result is unread: each thread's calls (True)
+    where several threads called the site in its sample; else the id of the one thread that
+    did, whose calls are the site's until another thread calls (``another_thread``).
+    None: nothing."""
+    items = list(site.threads.items())
+    if not any(t.open for _, t in items):
+        return None
+    return True if len(items) > 1 else items[0][0]
+
+
+def another_thread(site):
+    """A thread other than the sample's one calls the site: every call so far was that
+    one's, so its count goes on from the site's, and this thread's calls count apart."""
+    items = list(site.threads.items())
+    if len(items) == 1:
+        t = items[0][1]
+        t.own_start = t.start
+        t.calls = site.calls
+    site.threads.setdefault(_ident(), Thread(site.calls))
+
+
+def pending(site, t):
+    """The calls deferral would have run in ``t``'s open batch, so far."""
+    if len(site.threads) == 1:
+        return site.calls - t.start
+    return t.calls - t.own_start
+
+
+def batches(site):
+    """Each batch deferral would have run (its results' first read), and each thread's
+    open one."""
+    out = list(site.batches)
+    out.extend(pending(site, t) for t in list(site.threads.values()) if t.open)
+    return out
 
 
 def _used(rec):
-    site = rec.site
-    if rec.epoch == site.epoch:
-        # Deferral would have flushed here: every call since the last flush in one batch.
-        site.batches.append(site.calls - site.epoch_start)
-        site.epoch += 1
-        site.epoch_start = site.calls
-        site.open_watch = False
+    site, t = rec.site, rec.thread
+    if rec.epoch == t.epoch:
+        # Deferral would have flushed here: the thread's calls since its last flush in one
+        # batch.
+        site.batches.append(pending(site, t))
+        t.epoch += 1
+        t.start = site.calls
+        t.own_start = t.calls
+        t.open = False
     rec.epoch = -1
 
 
