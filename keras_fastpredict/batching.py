@@ -26,9 +26,10 @@ def batching(max_batch_size=None, models=None, readahead=None):
 
 @contextlib.contextmanager
 def _patched_if_needed():
-    if patching.is_patched():
+    if patching.is_patched() and patching.explicit():
         yield
     else:
+        # (A hold: scopes in other threads keep the patch until the last one leaves.)
         with patching.patched():
             yield
 

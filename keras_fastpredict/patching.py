@@ -183,6 +183,11 @@ def hold():
         return _unpatches
 
 
+def explicit():
+    """Whether the user patched (``patch()`` or a ``patched()`` block)."""
+    return _explicit
+
+
 def holding(ticket):
     """Whether ``ticket`` still holds the patch (not released, no ``unpatch()`` since)."""
     return ticket is not None and ticket == _unpatches and _holds > 0
@@ -269,33 +274,42 @@ def unpatch():
 @contextlib.contextmanager
 def patched(**options):
     """``with patched(): ...`` patches for the block (leaves an outer patch in place, and a
-    ``FastPredict`` callback's that still holds)."""
-    global _explicit
+    ``FastPredict`` callback's that still holds). The block holds the patch as a callback
+    does: blocks in several threads each keep it until the last one leaves."""
+    global _explicit, _holds
     with _lock:
         was_active, was_explicit, unpatches = _active, _explicit, _unpatches
         old = {name: getattr(settings, name, None) for name in options}
         chosen = {name: _chosen.get(name) for name in options}
-        _explicit = True        # first: see _claimed
+        _holds += 1             # first: see _claimed
         try:
             _patch(**options)   # (re-wraps where the report is turned on or off)
         except BaseException:
-            _explicit = was_explicit
+            _holds -= 1
             raise
     try:
         yield
     finally:
         with _lock:
-            # As before the block, unless the user's unpatch() in it ended the holds it
-            # found (an outer patch of the user's is put back, as it always was).
-            if (was_explicit or _holds) and (was_explicit or unpatches == _unpatches):
-                _explicit = True            # while the options go back: see _claimed
+            # (The user's unpatch() in the block ended every hold, this one's too.)
+            mine = unpatches == _unpatches
+            if mine:
+                _explicit = was_explicit    # (a patch() inside an outermost block ends
+                                            # with it, as it always did)
+            # As before the block while the patch stays (the user's, another holder's);
+            # an outer patch of the user's that an unpatch() in the block ended is put
+            # back, as it always was.
+            if (mine and (_explicit or _holds > 1)) or (was_explicit and not mine):
+                if not mine:
+                    _explicit = True        # (first: see _claimed)
                 _patch(**old)
                 for name, number in chosen.items():
                     if number is None:
                         _chosen.pop(name, None)
                     else:
                         _chosen[name] = number
-            _explicit = was_explicit
+            if mine:
+                _holds -= 1
             if not (_explicit or _holds):
                 unpatch()
                 if not was_active:

@@ -218,3 +218,41 @@ def test_patched_block_puts_back_an_outer_patch_the_block_unpatched():
     with kfp.patched():
         kfp.patch()
     assert not kfp.is_patched()
+
+
+def test_patched_blocks_in_two_threads_each_keep_the_patch_until_the_last_leaves():
+    # Thread a's block patched; b's began inside it. a's leaves first: b's block is still
+    # patched; once b's leaves too, Keras is as it was (was: unpatched under b, then patched
+    # for good by b's exit).
+    import threading
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen, errors = {}, []
+
+    def a():
+        try:
+            with kfp.patched():
+                a_in.set()
+                assert b_in.wait(10)
+        except BaseException as exc:
+            errors.append(exc)
+        a_out.set()
+
+    def b():
+        try:
+            assert a_in.wait(10)
+            with kfp.patched():
+                b_in.set()
+                assert a_out.wait(10)
+                seen['inside'] = (kfp.is_patched(),
+                                  training.Model.__dict__['predict'] is not ORIGINAL['predict'])
+        except BaseException as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert seen['inside'] == (True, True)
+    assert not kfp.is_patched()
+    assert training.Model.__dict__['predict'] is ORIGINAL['predict']
