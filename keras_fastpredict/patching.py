@@ -287,23 +287,26 @@ def patched(**options):
         except BaseException:
             _holds -= 1
             raise
+        ours = {name: getattr(settings, name, None) for name in options}
     try:
         yield
     finally:
         with _lock:
             # (The user's unpatch() in the block ended every hold, this one's too.)
             mine = unpatches == _unpatches
-            if mine:
-                _explicit = was_explicit    # (a patch() inside an outermost block ends
-                                            # with it, as it always did)
             # As before the block while the patch stays (the user's, another holder's);
             # an outer patch of the user's that an unpatch() in the block ended is put
             # back, as it always was.
             if (mine and (_explicit or _holds > 1)) or (was_explicit and not mine):
                 if not mine:
                     _explicit = True        # (first: see _claimed)
+                else:
+                    # Options are the process's: one another block (another thread's)
+                    # set since is its until it ends, not put back under it.
+                    old = {name: value for name, value in old.items()
+                           if getattr(settings, name, None) == ours[name]}
                 _patch(**old)
-                for name, number in chosen.items():
+                for name, number in ((n, chosen[n]) for n in old):
                     if number is None:
                         _chosen.pop(name, None)
                     else:

@@ -182,3 +182,22 @@ def test_calls_of_several_rows_wait_for_the_kernels_as_plain_keras_does(models,
     assert runs == [3] * 4
     for y, e in zip(got, expected):
         assert_same(y, e)
+
+
+def test_a_warm_up_thread_that_cannot_start_leaves_nothing_waiting(monkeypatch):
+    # RuntimeError("can't start new thread") (a thread limit): start() raises nothing, and
+    # the kernels count as made (merged runs pay them inline, 25-40 ms once), so neither a
+    # merge trial nor read-ahead waits for them for good.
+    from keras_fastpredict.engine import warmup
+    monkeypatch.setattr(warmup, 'done', threading.Event())
+    monkeypatch.setattr(warmup, '_started', False)
+
+    class NoThread(object):
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self):
+            raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(warmup, '_Thread', NoThread)
+    warmup.start()
+    assert warmup.ready() and warmup.done.is_set()

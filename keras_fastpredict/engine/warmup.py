@@ -11,6 +11,8 @@ import threading
 
 from ..config import settings
 
+_Thread = threading.Thread
+
 _started = False
 _lock = threading.Lock()
 done = threading.Event()
@@ -59,8 +61,17 @@ def start(prepare_here=False):
             prepared.append(_prepare())
         except Exception:   # (the thread tries again, and gives up as it does)
             pass
-    threading.Thread(target=_warm, args=(prepared,), name='keras_fastpredict-warmup',
-                     daemon=True).start()
+    try:
+        _Thread(target=_warm, args=(prepared,), name='keras_fastpredict-warmup',
+                daemon=True).start()
+    except Exception:
+        # (No thread to be had, a thread limit say: nothing waits for the kernels, merged
+        # runs pay them inline once, 25-40 ms.)
+        if prepared:
+            session, fn, _ = prepared.pop()
+            del fn                      # (released before its session closes)
+            session.close()
+        done.set()
 
 
 def _prepare():
