@@ -60,11 +60,13 @@ GAP_MAX = 128        # the gap doubles each time the other way loses, up to this
 GAP_PER_LOSS = 32
 GAP_LOSS_MAX = 4096
 # A switch is a check the way left lost: it is checked again as after a lost trial (its
-# reference epoch charged as the trial's calls), GAP_SWITCH_MAX epochs later at most (the
-# switch rests on one epoch of each way). Checked again one epoch after a switch, the way
-# left cost a cold 1,000-call run of Dense(2048)x2 on 16 threads 10-30 ms, 5-14% of it:
-# its trial lost at 2-7 times merging's time.
-GAP_SWITCH_MAX = GAP_MAX
+# reference epoch charged as the trial's calls), GAP_SWITCH_MAX epochs later at most: the
+# switch rests on one epoch of each way, and one reference inflated by a spike of load
+# would otherwise keep the slower way up to GAP_MAX epochs (8,000 calls at 16 threads).
+# Checked again one epoch after a switch, the way left cost a cold 1,000-call run of
+# Dense(2048)x2 on 16 threads 10-30 ms, 5-14% of it: its trial lost at 2-7 times
+# merging's time.
+GAP_SWITCH_MAX = 16
 MIN_CALLS = 32       # arrivals per epoch, at least (more for higher levels)
 MAX_CALLS = 512
 # A new level's first epoch, not measured (its callers are arriving), is this fraction of
