@@ -1,5 +1,6 @@
 """The fast path against plain Keras: same outputs, same exceptions, fallbacks untouched."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -298,3 +299,36 @@ def test_first_call_in_a_new_thread_with_no_session_yet():
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=300,
                           cwd='/')
     assert done.returncode == 0 and done.stdout.strip() == 'ok 1', done.stderr[-3000:]
+
+
+@pytest.mark.parametrize('flavour', ['keras', 'tf.keras'], indirect=True)
+def test_first_calls_from_many_threads_at_once_build_one_entry(flavour, monkeypatch):
+    # A server's first burst: 16 threads' first patched calls of one model arrive
+    # together. Each found no entry and built its own (a session callable each, 16 for
+    # one model: a first burst slower than plain Keras' once, in review); one is built
+    # and the others use it. Results as plain Keras'.
+    from keras_fastpredict.engine import compiled
+    model = flavour.keras.Sequential([flavour.layers.Dense(8, input_shape=(4,)),
+                                      flavour.layers.Dense(3)])
+    X = np.random.RandomState(0).standard_normal((16, 4)).astype('float32')
+    expected = flavour.unpatched_predict(model, X, batch_size=1)
+    built = []
+    init = compiled.CompiledModel.__init__
+
+    def slow_init(self, *args, **kwargs):
+        built.append(1)
+        if len(built) == 1:
+            time.sleep(0.3)         # the others reach the build meanwhile
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(compiled.CompiledModel, '__init__', slow_init)
+    kfp.patch()
+    graph = tf.compat.v1.get_default_graph()
+    session = flavour.keras.backend.get_session()
+    got = [None] * 16
+
+    def call(i):
+        with graph.as_default(), session.as_default():
+            got[i] = model.predict(X[i:i + 1])
+    assert run_in_threads(16, call) == []
+    assert len(built) == 1
+    assert_same(np.concatenate(got), expected)

@@ -334,6 +334,11 @@ class KerasAdapter(object):
         """The model's entry (cached) on ``session``, the one Keras uses: a
         ``CompiledModel`` fed and fetched as Keras' predict function, or a ``Refusal``."""
         with compiled.build_lock:
+            # Built meanwhile by another thread's first call (a server's first burst:
+            # 16 threads built 16 callables of one model): theirs is this one's.
+            entry = self._cached(model, session)
+            if entry is not None:
+                return entry
             if self.tfb is None:
                 self.bind()
             reason = self.unsupported_reason(model)
