@@ -1212,3 +1212,21 @@ def test_a_caller_timing_out_while_its_batch_runs_lets_the_leader_finish():
     assert entry.runs == [[0.0], [1.0]]
     assert entry.stats.timeouts == 0
     assert not batcher.running and not batcher.queue and batcher.waking is None
+
+
+def test_first_calls_from_many_threads_at_once_make_one_batcher(monkeypatch):
+    # The first calls of a server's first burst arrive together: each made a batcher of
+    # its own (the last one kept), whose callers would not see each other's.
+    made = []
+    init = concurrent_batcher.Batcher.__init__
+
+    def slow_init(self, entry):
+        made.append(self)
+        time.sleep(0.2)
+        init(self, entry)
+    monkeypatch.setattr(concurrent_batcher.Batcher, '__init__', slow_init)
+    entry = FakeEntry()
+    x = np.ones((1, 1), 'float32')
+    join(run_threads(8, lambda t: concurrent_batcher.submit(entry, [x], 1, None)))
+    assert len(made) == 1 and entry.batcher is made[0]
+    assert sum(len(r) for r in entry.runs) == 8     # (each call run once)

@@ -485,7 +485,7 @@ def submit(entry, arrays, rows, batch_size, i=None):
     call's number, taken already by a caller that checked the bypass (engine.route)."""
     batcher = entry.batcher
     if batcher is None:
-        batcher = entry.batcher = Batcher(entry)
+        batcher = _made(entry)
     if i is None:
         i = next(batcher.calls)
         if i < batcher.bypass_end:
@@ -514,6 +514,18 @@ def submit(entry, arrays, rows, batch_size, i=None):
         return batcher.submit(entry, arrays, rows, batch_size, me)
     finally:
         inside.discard(me)
+
+
+_making = threading.Lock()
+
+
+def _made(entry):
+    """The entry's batcher, made once: the first calls of a server's first burst arrive
+    together, and callers of two batchers would not see each other."""
+    with _making:
+        if entry.batcher is None:
+            entry.batcher = Batcher(entry)
+        return entry.batcher
 
 
 def describe(entry):
