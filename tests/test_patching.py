@@ -16,7 +16,7 @@ from tensorflow.python.keras import backend as tf_backend
 from tensorflow.python.keras.engine import sequential as tf_sequential
 from tensorflow.python.keras.engine import training as tf_training
 
-from conftest import ORIGINAL, TF_ORIGINAL, assert_same, inputs_for
+from conftest import ORIGINAL, TF_ORIGINAL, assert_same, inputs_for, raised
 
 PYTHON = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -323,3 +323,28 @@ def test_a_block_leaving_puts_back_no_option_another_threads_block_set_since():
     assert not errors, errors
     assert seen['b'] == 64
     assert not kfp.is_patched() and settings.max_batch_size == default
+
+
+@pytest.mark.parametrize('options', [{}, {'report': True}, {'auto_batch': True}])
+def test_a_method_called_through_its_class_dict_runs_as_unpatched(options):
+    # Model.__dict__['predict'](model, x) has no instance bound: it raised TypeError
+    # (predict) and AttributeError (K.function's __call__) where plain Keras returns.
+    from tensorflow.python.client import session as tf_session
+    model = keras.Sequential([keras.layers.Dense(4, input_shape=(3,))])
+    X = np.arange(6, dtype='float32').reshape(2, 3)
+    function = keras.backend.function([model.input], [model.output])
+    session = keras.backend.get_session()
+    calls = [lambda: training.Model.__dict__['predict'](model, X),
+             lambda: training.Model.__dict__['predict_on_batch'](model, X),
+             lambda: sequential.Sequential.__dict__['predict_classes'](model, X),
+             lambda: type(function).__dict__['__call__'](function, [X])[0],
+             lambda: tf_session.BaseSession.__dict__['run'](session, model.output,
+                                                            {model.input: X})]
+    plain = [np.array(call()) for call in calls]
+    kfp.patch(**options)
+    assert training.Model.__dict__['predict'] is not ORIGINAL['predict']
+    for call, expected in zip(calls, plain):
+        assert_same(np.asarray(call()), expected)
+    # Without the instance, as plain Keras: its own TypeError.
+    assert raised(lambda: training.Model.__dict__['predict'](model)) == raised(
+        lambda: ORIGINAL['predict'](model))

@@ -143,8 +143,12 @@ class KerasAdapter(object):
 
     def predict(self, wrapped, instance, args, kwargs):
         """Wrapper of ``Model.predict``."""
-        if len(args) == 1 and not kwargs:
+        if len(args) == 1 and not kwargs and instance is not None:
             return self._predict(wrapped, instance, args, kwargs, args[0], None)
+        if instance is None:
+            # Called through the class's __dict__ (``Model.__dict__['predict'](model,
+            # x)``): no instance bound, the original runs as unpatched.
+            return wrapped(*args, **kwargs)
         try:
             x, batch_size, verbose, steps, callbacks = _bind_predict(*args, **kwargs)
         except TypeError:
@@ -161,7 +165,7 @@ class KerasAdapter(object):
 
     def predict_on_batch(self, wrapped, instance, args, kwargs):
         """Wrapper of ``Model.predict_on_batch``: the whole input in one run, as Keras."""
-        if len(args) != 1 or kwargs:
+        if len(args) != 1 or kwargs or instance is None:    # (None: see predict)
             return wrapped(*args, **kwargs)
         return self._predict(wrapped, instance, args, kwargs, args[0], 0)
 
@@ -195,7 +199,10 @@ class KerasAdapter(object):
         """Keras backend functions (train, test, predict, K.function): a predict function
         that updates nothing changes no weights, so a fallback model leaves read-ahead
         alone. Decided once per function: this runs on every call Keras serves itself."""
-        quiet = instance.__dict__.get('_kfp_quiet')
+        try:
+            quiet = instance.__dict__.get('_kfp_quiet')
+        except AttributeError:      # (no instance bound: see predict)
+            return wrapped(*args, **kwargs)
         if quiet is None:
             quiet = instance._kfp_quiet = (getattr(instance, 'name', None) == 'predict_function'
                                            and not has_updates(instance))

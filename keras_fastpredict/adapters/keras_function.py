@@ -163,7 +163,12 @@ class KerasFunctionAdapter(object):
 
     @announcing
     def call(self, wrapped, fn, args, kwargs):
-        st = fn.__dict__.get(_ATTR)
+        try:
+            st = fn.__dict__.get(_ATTR)
+        except AttributeError:
+            # Called through the class's __dict__ (``Function.__dict__['__call__'](f,
+            # inputs)``): no instance bound, the original runs as unpatched.
+            return wrapped(*args, **kwargs)
         if st is None:
             st = self._state(fn)
             if st is None:

@@ -66,8 +66,8 @@ def find_site(table, f, instance, entry_name):
     """The site of a call (slow path: a site still sampling, a new site, or a call from a
     skipped frame), and whether its user frame is ``f`` itself."""
     user = user_frame(f)
-    if user is NESTED:
-        return None, False
+    if user is NESTED or instance is None:    # (None: a method called through its
+        return None, False                    # class's __dict__, served unrecorded)
     code = user.f_code if user is not None else None
     line = user.f_lineno if user is not None else 0
     user_key = (id(code), line, id(instance))
