@@ -119,6 +119,44 @@ def assert_same(actual, expected):
         np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
 
 
+def overlapping_blocks(block_a, block_b, in_a=None, in_b=None):
+    """Thread a enters ``block_a()`` (a context manager); thread b enters ``block_b()``
+    while a is inside; a runs ``in_a()`` and leaves first, then b runs ``in_b()`` still
+    inside its block, and leaves. Returns (in_a's result, in_b's result); raises the first
+    exception either thread raised."""
+    import threading
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    got, errors = [None, None], []
+
+    def a():
+        try:
+            with block_a():
+                a_in.set()
+                assert b_in.wait(10)
+                got[0] = in_a() if in_a is not None else None
+        except BaseException as exc:
+            errors.append(exc)
+        a_out.set()
+
+    def b():
+        try:
+            assert a_in.wait(10)
+            with block_b():
+                b_in.set()
+                assert a_out.wait(10)
+                got[1] = in_b() if in_b is not None else None
+        except BaseException as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    if errors:
+        raise errors[0]
+    return got
+
+
 def run_in_threads(n, work):
     """``work(t)`` for t in range(n), each in its own thread, all started before any is
     joined; returns the exceptions they raised."""

@@ -5,7 +5,8 @@ import pytest
 
 import keras_fastpredict as kfp
 from keras_fastpredict import DeferredArray
-from conftest import ORIGINAL, assert_same, inputs_for, raised, unpatched_predict
+from conftest import (ORIGINAL, assert_same, inputs_for, overlapping_blocks, raised,
+                      unpatched_predict)
 
 
 def _plain(value):
@@ -181,42 +182,21 @@ def test_a_block_left_in_one_thread_leaves_another_threads_block_deferring(model
     # Two threads in batching() blocks of an unpatched process: the block that patched
     # leaves first while the other is still inside. The other's calls are still deferred,
     # and Keras is unpatched once both have left.
-    import threading
     import keras
     from keras_fastpredict import patching
     model = models['dense']
     X = inputs_for('dense', 8)
-    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
-    got, errors = {}, []
 
-    def a():
-        try:
-            with kfp.batching(readahead=False):
-                a_in.set()
-                assert b_in.wait(10)
-                got['a'] = [model.predict(X[i:i + 1].copy()) for i in range(4)]
-        except BaseException as exc:
-            errors.append(exc)
-        a_out.set()
+    def predict(lo):
+        return [model.predict(X[i:i + 1].copy()) for i in range(lo, lo + 4)]
 
-    def b():
-        try:
-            assert a_in.wait(10)
-            with kfp.batching(readahead=False):
-                b_in.set()
-                assert a_out.wait(10)
-                got['b'] = [model.predict(X[i:i + 1].copy()) for i in range(4, 8)]
-                got['b deferred'] = [type(p) is DeferredArray for p in got['b']]
-        except BaseException as exc:
-            errors.append(exc)
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors
-    assert got['b deferred'] == [True] * 4
-    assert_same(np.array([np.asarray(p) for p in got['a'] + got['b']]),
+    def block():
+        return kfp.batching(readahead=False)
+    a, b = overlapping_blocks(block, block, lambda: predict(0),
+                              lambda: (predict(4), kfp.is_patched()))
+    b, patched_in_b = b
+    assert patched_in_b and [type(p) is DeferredArray for p in b] == [True] * 4
+    assert_same(np.array([np.asarray(p) for p in a + b]),
                 unpatched_predict(model, X)[:, None])
     assert not patching.is_patched()
     assert keras.Model.predict is ORIGINAL['predict']

@@ -16,7 +16,8 @@ from tensorflow.python.keras import backend as tf_backend
 from tensorflow.python.keras.engine import sequential as tf_sequential
 from tensorflow.python.keras.engine import training as tf_training
 
-from conftest import ORIGINAL, TF_ORIGINAL, assert_same, inputs_for, raised
+from conftest import (ORIGINAL, TF_ORIGINAL, assert_same, inputs_for, overlapping_blocks,
+                      raised)
 
 PYTHON = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,62 +227,25 @@ def test_patched_blocks_in_two_threads_each_keep_the_patch_until_the_last_leaves
     # Thread a's block patched; b's began inside it. a's leaves first: b's block is still
     # patched; once b's leaves too, Keras is as it was (was: unpatched under b, then patched
     # for good by b's exit).
-    import threading
-    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
-    seen, errors = {}, []
-
-    def a():
-        try:
-            with kfp.patched():
-                a_in.set()
-                assert b_in.wait(10)
-        except BaseException as exc:
-            errors.append(exc)
-        a_out.set()
-
-    def b():
-        try:
-            assert a_in.wait(10)
-            with kfp.patched():
-                b_in.set()
-                assert a_out.wait(10)
-                seen['inside'] = (kfp.is_patched(),
-                                  training.Model.__dict__['predict'] is not ORIGINAL['predict'])
-        except BaseException as exc:
-            errors.append(exc)
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors
-    assert seen['inside'] == (True, True)
+    _, inside = overlapping_blocks(kfp.patched, kfp.patched, None, lambda: (
+        kfp.is_patched(), training.Model.__dict__['predict'] is not ORIGINAL['predict']))
+    assert inside == (True, True)
     assert not kfp.is_patched()
     assert training.Model.__dict__['predict'] is ORIGINAL['predict']
 
 
 def test_the_users_patch_stays_when_a_block_begun_before_it_ends():
     # Thread a's batching() block patched an unpatched process; the user's patch() came
-    # next (a server's start-up); a's block leaving must not take the user's patch away
-    # (it did: the block put the user's mark back as it found it, and unpatched).
-    import threading
-    a_in, a_go = threading.Event(), threading.Event()
-    errors = []
+    # next, in another thread (a server's start-up); a's block leaving must not take the
+    # user's patch away (it did: the block put the user's mark back as it found it, and
+    # unpatched).
+    import contextlib
 
-    def a():
-        try:
-            with kfp.batching():
-                a_in.set()
-                assert a_go.wait(10)
-        except BaseException as exc:
-            errors.append(exc)
-    t = threading.Thread(target=a)
-    t.start()
-    assert a_in.wait(10)
-    kfp.patch()
-    a_go.set()
-    t.join(30)
-    assert not errors, errors
+    @contextlib.contextmanager
+    def users_patch():
+        kfp.patch()
+        yield
+    overlapping_blocks(kfp.batching, users_patch)
     assert kfp.is_patched()
     assert training.Model.__dict__['predict'] is not ORIGINAL['predict']
     kfp.unpatch()
@@ -291,37 +255,12 @@ def test_the_users_patch_stays_when_a_block_begun_before_it_ends():
 def test_a_block_leaving_puts_back_no_option_another_threads_block_set_since():
     # Options are the process's: thread b's block set max_batch_size over a's; a's block
     # leaving first left b's value in place under b's block (it put back its own old one).
-    import threading
     from keras_fastpredict.config import settings
     default = settings.max_batch_size
-    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
-    seen, errors = {}, []
-
-    def a():
-        try:
-            with kfp.patched(max_batch_size=8):
-                a_in.set()
-                assert b_in.wait(10)
-        except BaseException as exc:
-            errors.append(exc)
-        a_out.set()
-
-    def b():
-        try:
-            assert a_in.wait(10)
-            with kfp.patched(max_batch_size=64):
-                b_in.set()
-                assert a_out.wait(10)
-                seen['b'] = settings.max_batch_size
-        except BaseException as exc:
-            errors.append(exc)
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors
-    assert seen['b'] == 64
+    _, in_b = overlapping_blocks(lambda: kfp.patched(max_batch_size=8),
+                                 lambda: kfp.patched(max_batch_size=64),
+                                 None, lambda: settings.max_batch_size)
+    assert in_b == 64
     assert not kfp.is_patched() and settings.max_batch_size == default
 
 
