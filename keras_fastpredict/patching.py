@@ -36,9 +36,9 @@ _lock = threading.RLock()
 _active = False
 _hooks_registered = set()
 
-# Who asked for the patch. The user's patch() (or a patched() block) is explicit; implicit
-# holders (FastPredict callbacks) hold() it while they may train and release() it after: the
-# last release unpatches unless the user asked. The user's unpatch() ends every hold (their
+# Who asked for the patch. The user's patch() is explicit, until unpatch(); holders
+# (FastPredict callbacks, patched() and batching() blocks) hold it while they may need it
+# and release it after, in any thread: the last release unpatches unless the user asked. The user's unpatch() ends every hold (their
 # tickets, the count of unpatch() calls when taken, go stale: releasing one does nothing).
 _explicit = False
 _holds = 0
@@ -184,7 +184,7 @@ def hold():
 
 
 def explicit():
-    """Whether the user patched (``patch()`` or a ``patched()`` block)."""
+    """Whether the user patched with ``patch()`` (blocks and callbacks only hold it)."""
     return _explicit
 
 
