@@ -231,8 +231,8 @@ def _threads_at_once(model, rows, scope=None):
 def _deferral_per_thread(model, run, rows):
     """What deferral really does with a scope per thread: its results, its calls deferred
     and their mean per deferred batch (a scope whose reads keep flushing lone calls stops
-    deferring them: engine/deferred.py). Patched first: batching() entered at once in
-    several threads of an unpatched process may run a few calls undeferred."""
+    deferring them: engine/deferred.py). Patched afresh, the report off and the counters
+    reset, so the counts are deferral's alone."""
     kfp.unpatch()
     kfp.patch()
     kfp.reset_stats()
